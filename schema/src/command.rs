@@ -1,0 +1,597 @@
+//! Volume commands (CONTRACT §3) and their validation.
+//!
+//! [`Command::parse`] is the only way into the system for a message: it checks every field
+//! and says which field is wrong and why. Everything downstream trusts a [`Command`].
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use crate::ids::{CommandId, DiskOfferingId, IdError, VmId, VolumeId, ZoneId};
+use crate::size::ByteSize;
+
+/// Largest accepted command body (CONTRACT §3).
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// The four kinds of volume operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationType {
+    Create,
+    Attach,
+    Detach,
+    Delete,
+}
+
+impl OperationType {
+    pub const ALL: [OperationType; 4] = [Self::Create, Self::Attach, Self::Detach, Self::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Attach => "attach",
+            Self::Detach => "detach",
+            Self::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for OperationType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The AMQP properties a command may carry next to its body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProps {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// A validated command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub command_id: CommandId,
+    /// The caller's correlation id (body field, else the AMQP property).
+    pub correlation_id: Option<String>,
+    /// Queue that also receives the terminal event, through the default exchange.
+    pub reply_to: Option<String>,
+    /// Free-form labels, stored and echoed in the events.
+    pub metadata: BTreeMap<String, String>,
+    pub action: Action,
+}
+
+/// What the command asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Create(CreateVolume),
+    Attach(AttachVolume),
+    Detach { volume_id: VolumeId },
+    Delete { volume_id: VolumeId },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateVolume {
+    /// The CloudStack volume name.
+    pub name: String,
+    pub size: ByteSize,
+    /// When absent the daemon uses the zone's first customized disk offering.
+    pub disk_offering_id: Option<DiskOfferingId>,
+    /// When absent the daemon's configured zone.
+    pub zone_id: Option<ZoneId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachVolume {
+    pub volume_id: VolumeId,
+    pub vm_id: VmId,
+    /// CloudStack's `deviceid` (0 = root disk; 3 is never valid).
+    pub device_id: Option<u32>,
+}
+
+/// A message that is not a valid command. `command_id` is set when one could be read, so the
+/// producer can be told through a failed event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid command{}: {reason}", command_id.as_ref().map(|id| format!(" {id}")).unwrap_or_default())]
+pub struct InvalidCommand {
+    pub command_id: Option<CommandId>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub reason: String,
+}
+
+impl Action {
+    pub fn operation_type(&self) -> OperationType {
+        match self {
+            Self::Create(_) => OperationType::Create,
+            Self::Attach(_) => OperationType::Attach,
+            Self::Detach { .. } => OperationType::Detach,
+            Self::Delete { .. } => OperationType::Delete,
+        }
+    }
+
+    /// The volume the command is about, when it names one (a create does not yet).
+    pub fn volume_id(&self) -> Option<VolumeId> {
+        match self {
+            Self::Create(_) => None,
+            Self::Attach(a) => Some(a.volume_id),
+            Self::Detach { volume_id } | Self::Delete { volume_id } => Some(*volume_id),
+        }
+    }
+
+    pub fn vm_id(&self) -> Option<VmId> {
+        match self {
+            Self::Attach(a) => Some(a.vm_id),
+            _ => None,
+        }
+    }
+}
+
+impl Command {
+    pub fn new(action: Action) -> Self {
+        Self {
+            command_id: CommandId::random(),
+            correlation_id: None,
+            reply_to: None,
+            metadata: BTreeMap::new(),
+            action,
+        }
+    }
+
+    pub fn operation_type(&self) -> OperationType {
+        self.action.operation_type()
+    }
+
+    /// Validates a message body and its AMQP properties.
+    pub fn parse(body: &[u8], props: &MessageProps) -> Result<Self, InvalidCommand> {
+        let mut invalid = InvalidCommand {
+            command_id: props
+                .message_id
+                .as_deref()
+                .and_then(|m| CommandId::parse(m).ok()),
+            correlation_id: props.correlation_id.clone(),
+            reply_to: props.reply_to.clone(),
+            reason: String::new(),
+        };
+        let fail = |mut inv: InvalidCommand, reason: String| {
+            inv.reason = reason;
+            Err(inv)
+        };
+        if body.len() > MAX_COMMAND_BYTES {
+            return fail(
+                invalid,
+                format!(
+                    "body is {} bytes; the limit is {MAX_COMMAND_BYTES}",
+                    body.len()
+                ),
+            );
+        }
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return fail(invalid, format!("body is not JSON: {e}")),
+        };
+        let Value::Object(obj) = value else {
+            return fail(
+                invalid,
+                format!("body must be a JSON object, got {}", kind(&value)),
+            );
+        };
+
+        // The command id comes first: once known, every later error can be reported to the
+        // producer as a failed event.
+        match obj.get("command_id") {
+            Some(Value::String(s)) => match CommandId::parse(s) {
+                Ok(id) => invalid.command_id = Some(id),
+                Err(e) => {
+                    invalid.command_id = None;
+                    return fail(invalid, format!("field `command_id`: {e}"));
+                }
+            },
+            Some(Value::Null) | None => {}
+            Some(other) => {
+                invalid.command_id = None;
+                return fail(
+                    invalid,
+                    format!("field `command_id` must be a string, got {}", kind(other)),
+                );
+            }
+        }
+        let Some(command_id) = invalid.command_id.clone() else {
+            let reason = match &props.message_id {
+                Some(m) => format!(
+                    "field `command_id` is missing and message_id {m:?} is not a valid id: {}",
+                    CommandId::parse(m)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                ),
+                None => "field `command_id` is missing (and the message has no message_id)".into(),
+            };
+            return fail(invalid, reason);
+        };
+        match opt_string(&obj, "correlation_id") {
+            Ok(Some(c)) => invalid.correlation_id = Some(c),
+            Ok(None) => {}
+            Err(reason) => return fail(invalid, reason),
+        }
+
+        match parse_body(&obj) {
+            Ok((action, metadata)) => Ok(Command {
+                command_id,
+                correlation_id: invalid.correlation_id,
+                reply_to: invalid.reply_to,
+                metadata,
+                action,
+            }),
+            Err(reason) => fail(invalid, reason),
+        }
+    }
+
+    /// The JSON body a producer publishes for this command.
+    pub fn to_body(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("command_id".into(), json!(self.command_id));
+        body.insert("type".into(), json!(self.operation_type()));
+        match &self.action {
+            Action::Create(c) => {
+                body.insert("name".into(), json!(c.name));
+                body.insert("size".into(), json!(c.size.bytes()));
+                if let Some(d) = c.disk_offering_id {
+                    body.insert("disk_offering_id".into(), json!(d));
+                }
+                if let Some(z) = c.zone_id {
+                    body.insert("zone_id".into(), json!(z));
+                }
+            }
+            Action::Attach(a) => {
+                body.insert("volume_id".into(), json!(a.volume_id));
+                body.insert("vm_id".into(), json!(a.vm_id));
+                if let Some(d) = a.device_id {
+                    body.insert("device_id".into(), json!(d));
+                }
+            }
+            Action::Detach { volume_id } | Action::Delete { volume_id } => {
+                body.insert("volume_id".into(), json!(volume_id));
+            }
+        }
+        if let Some(c) = &self.correlation_id {
+            body.insert("correlation_id".into(), json!(c));
+        }
+        if !self.metadata.is_empty() {
+            body.insert("metadata".into(), json!(self.metadata));
+        }
+        Value::Object(body)
+    }
+}
+
+type Metadata = BTreeMap<String, String>;
+
+fn parse_body(obj: &Map<String, Value>) -> Result<(Action, Metadata), String> {
+    let ty = match obj.get("type") {
+        Some(Value::String(t)) => OperationType::parse(t).ok_or_else(|| {
+            format!("field `type`: unknown type {t:?}; expected create, attach, detach or delete")
+        })?,
+        Some(other) => {
+            return Err(format!(
+                "field `type` must be a string, got {}",
+                kind(other)
+            ));
+        }
+        None => return Err("field `type` is missing".into()),
+    };
+    let action = match ty {
+        OperationType::Create => Action::Create(CreateVolume {
+            name: req_name(obj)?,
+            size: req_size(obj)?,
+            disk_offering_id: opt_id(obj, "disk_offering_id", DiskOfferingId::parse)?,
+            zone_id: opt_id(obj, "zone_id", ZoneId::parse)?,
+        }),
+        OperationType::Attach => Action::Attach(AttachVolume {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+            vm_id: req_id(obj, "vm_id", VmId::parse)?,
+            device_id: opt_device_id(obj)?,
+        }),
+        OperationType::Detach => Action::Detach {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+        },
+        OperationType::Delete => Action::Delete {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+        },
+    };
+    Ok((action, metadata(obj)?))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!(
+            "field `{field}` must be a string, got {}",
+            kind(other)
+        )),
+    }
+}
+
+fn req_id<T>(
+    obj: &Map<String, Value>,
+    field: &str,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<T, String> {
+    opt_id(obj, field, parse)?.ok_or_else(|| format!("field `{field}` is missing"))
+}
+
+fn opt_id<T>(
+    obj: &Map<String, Value>,
+    field: &str,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<Option<T>, String> {
+    opt_string(obj, field)?
+        .map(|s| parse(&s).map_err(|e| format!("field `{field}`: {e}")))
+        .transpose()
+}
+
+fn req_name(obj: &Map<String, Value>) -> Result<String, String> {
+    let name = opt_string(obj, "name")?.ok_or("field `name` is missing")?;
+    let len = name.chars().count();
+    if name.trim().is_empty() {
+        Err("field `name` must not be empty".into())
+    } else if len > 255 {
+        Err(format!("field `name` is {len} characters; at most 255"))
+    } else {
+        Ok(name)
+    }
+}
+
+fn req_size(obj: &Map<String, Value>) -> Result<ByteSize, String> {
+    match obj.get("size") {
+        None | Some(Value::Null) => Err("field `size` is missing".into()),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(b) => ByteSize::new(b).map_err(|e| format!("field `size`: {e}")),
+            None if n.as_i64().is_some() || n.as_f64().is_some_and(|f| f <= 0.0) => {
+                Err(format!("field `size`: must be greater than 0, got {n}"))
+            }
+            None => Err(format!(
+                "field `size` must be a whole number of bytes, got {n}"
+            )),
+        },
+        Some(other) => Err(format!(
+            "field `size` must be a whole number of bytes, got {}",
+            kind(other)
+        )),
+    }
+}
+
+fn opt_device_id(obj: &Map<String, Value>) -> Result<Option<u32>, String> {
+    match obj.get("device_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64().and_then(|d| u32::try_from(d).ok()) {
+            Some(3) => Err("field `device_id`: 3 is the CD-ROM and never valid".into()),
+            Some(d) => Ok(Some(d)),
+            None => Err(format!(
+                "field `device_id` must be a non-negative whole number, got {n}"
+            )),
+        },
+        Some(other) => Err(format!(
+            "field `device_id` must be a number, got {}",
+            kind(other)
+        )),
+    }
+}
+
+fn metadata(obj: &Map<String, Value>) -> Result<Metadata, String> {
+    match obj.get("metadata") {
+        None | Some(Value::Null) => Ok(Metadata::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(format!(
+                    "field `metadata.{k}` must be a string, got {}",
+                    kind(other)
+                )),
+            })
+            .collect(),
+        Some(other) => Err(format!(
+            "field `metadata` must be an object of strings, got {}",
+            kind(other)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOL: &str = "3106013a-e175-423e-a090-1234567890ab";
+    const VM: &str = "9a8b7c6d-0000-4000-8000-000000000001";
+
+    fn parse(v: Value) -> Result<Command, InvalidCommand> {
+        Command::parse(v.to_string().as_bytes(), &MessageProps::default())
+    }
+
+    fn reason(v: Value) -> String {
+        parse(v).expect_err("should be invalid").reason
+    }
+
+    #[test]
+    fn parses_each_command_type() {
+        let c = parse(
+            json!({"command_id": "c1", "type": "create", "name": "disk0",
+            "size": 10737418240u64, "metadata": {"purpose": "migration"}, "extra": 1}),
+        )
+        .expect("create");
+        assert_eq!(c.command_id.as_str(), "c1");
+        assert_eq!(c.metadata["purpose"], "migration");
+        let Action::Create(create) = &c.action else {
+            panic!("not a create: {c:?}")
+        };
+        assert_eq!(create.size.gib_rounded_up(), 10);
+
+        let a = parse(json!({"command_id": "c2", "type": "attach", "volume_id": VOL, "vm_id": VM, "device_id": 0}))
+            .expect("attach");
+        assert_eq!(
+            a.action.volume_id().map(|v| v.to_string()).as_deref(),
+            Some(VOL)
+        );
+        assert_eq!(a.action.vm_id().map(|v| v.to_string()).as_deref(), Some(VM));
+
+        for ty in ["detach", "delete"] {
+            let c = parse(json!({"command_id": "c3", "type": ty, "volume_id": VOL})).expect(ty);
+            assert_eq!(c.operation_type().as_str(), ty);
+        }
+    }
+
+    #[test]
+    fn message_id_stands_in_for_a_missing_command_id() {
+        let props = MessageProps {
+            message_id: Some("from-props".into()),
+            correlation_id: Some("corr".into()),
+            reply_to: None,
+        };
+        let body = json!({"type": "delete", "volume_id": VOL}).to_string();
+        let c = Command::parse(body.as_bytes(), &props).expect("valid");
+        assert_eq!(c.command_id.as_str(), "from-props");
+        assert_eq!(c.correlation_id.as_deref(), Some("corr"));
+    }
+
+    #[test]
+    fn to_body_round_trips() {
+        let original = parse(
+            json!({"command_id": "c1", "type": "attach", "volume_id": VOL,
+            "vm_id": VM, "device_id": 5, "correlation_id": "x", "metadata": {"a": "b"}}),
+        )
+        .expect("valid");
+        let again = parse(original.to_body()).expect("round trip");
+        assert_eq!(original, again);
+    }
+
+    #[test]
+    fn invalid_messages_name_the_field_and_problem() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!([1, 2]), "JSON object, got an array"),
+            (json!({"type": "create"}), "`command_id` is missing"),
+            (
+                json!({"command_id": 7, "type": "create"}),
+                "`command_id` must be a string",
+            ),
+            (
+                json!({"command_id": "bad id", "type": "create"}),
+                "`command_id`: contains ' '",
+            ),
+            (json!({"command_id": "c"}), "`type` is missing"),
+            (
+                json!({"command_id": "c", "type": "resize"}),
+                "unknown type \"resize\"",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n"}),
+                "`size` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n", "size": 0}),
+                "`size`: size must be greater than 0",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n", "size": -5}),
+                "greater than 0, got -5",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n", "size": "10GiB"}),
+                "`size` must be a whole number of bytes, got a string",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n", "size": 1.5}),
+                "whole number of bytes, got 1.5",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "size": 1}),
+                "`name` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "", "size": 1}),
+                "`name` must not be empty",
+            ),
+            (
+                json!({"command_id": "c", "type": "create", "name": "n", "size": 1, "zone_id": "z1"}),
+                "`zone_id`: \"z1\" is not a UUID",
+            ),
+            (
+                json!({"command_id": "c", "type": "attach", "vm_id": VM}),
+                "`volume_id` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "attach", "volume_id": VOL}),
+                "`vm_id` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "attach", "volume_id": VOL, "vm_id": 12}),
+                "`vm_id` must be a string, got a number",
+            ),
+            (
+                json!({"command_id": "c", "type": "attach", "volume_id": VOL, "vm_id": VM, "device_id": 3}),
+                "3 is the CD-ROM",
+            ),
+            (
+                json!({"command_id": "c", "type": "attach", "volume_id": VOL, "vm_id": VM, "device_id": -1}),
+                "non-negative",
+            ),
+            (
+                json!({"command_id": "c", "type": "detach", "volume_id": "vol-1"}),
+                "\"vol-1\" is not a UUID",
+            ),
+            (
+                json!({"command_id": "c", "type": "delete", "volume_id": VOL, "metadata": {"k": 1}}),
+                "`metadata.k` must be a string",
+            ),
+            (
+                json!({"command_id": "c", "type": "delete", "volume_id": VOL, "metadata": []}),
+                "`metadata` must be an object",
+            ),
+        ];
+        for (input, expected) in cases {
+            let got = reason(input.clone());
+            assert!(
+                got.contains(expected),
+                "{input}: got {got:?}, expected {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_messages_keep_a_readable_command_id() {
+        let err =
+            parse(json!({"command_id": "c9", "type": "create", "size": 0})).expect_err("invalid");
+        assert_eq!(err.command_id.map(|c| c.to_string()).as_deref(), Some("c9"));
+        let err = parse(json!({"command_id": "no good", "type": "create"})).expect_err("invalid");
+        assert_eq!(err.command_id, None);
+    }
+
+    #[test]
+    fn rejects_non_json_and_oversize_bodies() {
+        let props = MessageProps::default();
+        let err = Command::parse(b"not json", &props).expect_err("invalid");
+        assert!(err.reason.starts_with("body is not JSON"), "{}", err.reason);
+        let big = vec![b' '; MAX_COMMAND_BYTES + 1];
+        let err = Command::parse(&big, &props).expect_err("invalid");
+        assert!(err.reason.contains("the limit is 65536"), "{}", err.reason);
+        let err = Command::parse(&[0xff, 0xfe], &props).expect_err("invalid");
+        assert!(err.reason.starts_with("body is not JSON"), "{}", err.reason);
+    }
+}

@@ -1,0 +1,223 @@
+//! Completion events (CONTRACT §4): CloudEvents 1.0 in structured mode.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::command::OperationType;
+use crate::error::EventError;
+use crate::ids::{CommandId, EventId, VmId, VolumeId, ZoneId};
+use crate::topology::Topology;
+
+/// `content_type` of every event message.
+pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// The CloudEvents `source` attribute.
+pub const EVENT_SOURCE: &str = "volume-daemon";
+
+/// Where an operation stands. `pending` and `executing` are in flight; the rest are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationStatus {
+    Pending,
+    Executing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl OperationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Executing => "executing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Executing,
+            Self::Completed,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Pending | Self::Executing)
+    }
+}
+
+/// How an attached volume is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Attached to the VM the daemon runs on: the guest device is correlated.
+    Host,
+    /// Attached to another VM: no device path.
+    Remote,
+}
+
+/// The `volume` object of a create event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    pub zone_id: ZoneId,
+    /// CloudStack's state (`Allocated`, `Ready`, ...).
+    pub state: String,
+}
+
+/// Serializes timestamps as RFC 3339 UTC with milliseconds (`2026-11-22T10:00:00.123Z`).
+pub mod millis {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+}
+
+/// The `data` of an event: the operation's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventData {
+    pub operation_id: CommandId,
+    pub command_id: CommandId,
+    pub correlation_id: Option<String>,
+    #[serde(rename = "type")]
+    pub op_type: OperationType,
+    pub status: OperationStatus,
+    pub volume_id: Option<VolumeId>,
+    pub vm_id: Option<VmId>,
+    pub device_path: Option<String>,
+    pub by_id_path: Option<String>,
+    pub mode: Option<AttachMode>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub error: Option<EventError>,
+    #[serde(with = "millis")]
+    pub created_at: DateTime<Utc>,
+    #[serde(with = "millis")]
+    pub completed_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// Create only: the new volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeInfo>,
+    /// Detach only: the volume was not attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub already_detached: Option<bool>,
+    /// Delete only: the volume did not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub already_absent: Option<bool>,
+}
+
+/// A CloudEvents 1.0 structured event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    pub specversion: String,
+    pub id: EventId,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The volume id, when known.
+    pub subject: Option<String>,
+    #[serde(with = "millis")]
+    pub time: DateTime<Utc>,
+    pub datacontenttype: String,
+    pub data: EventData,
+}
+
+impl CloudEvent {
+    /// Wraps an operation outcome; the event type follows from its type and status.
+    pub fn new(id: EventId, time: DateTime<Utc>, data: EventData) -> Self {
+        Self {
+            specversion: "1.0".into(),
+            id,
+            source: EVENT_SOURCE.into(),
+            event_type: Topology::event_type(data.op_type, data.status),
+            subject: data.volume_id.map(|v| v.to_string()),
+            time,
+            datacontenttype: "application/json".into(),
+            data,
+        }
+    }
+
+    /// The AMQP `correlation_id` of the event: the command's correlation id, else its id.
+    pub fn amqp_correlation_id(&self) -> &str {
+        self.data
+            .correlation_id
+            .as_deref()
+            .unwrap_or(self.data.command_id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn sample() -> CloudEvent {
+        let t = DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let id = CommandId::parse("cmd-1").expect("id");
+        CloudEvent::new(
+            EventId::new_random(),
+            t,
+            EventData {
+                operation_id: id.clone(),
+                command_id: id,
+                correlation_id: None,
+                op_type: OperationType::Create,
+                status: OperationStatus::Failed,
+                volume_id: None,
+                vm_id: None,
+                device_path: None,
+                by_id_path: None,
+                mode: None,
+                metadata: BTreeMap::new(),
+                error: Some(
+                    EventError::new(ErrorCode::CloudstackInvalidParameter, "bad offering")
+                        .with_cloudstack_code(Some(431)),
+                ),
+                created_at: t,
+                completed_at: t,
+                duration_ms: 0,
+                volume: None,
+                already_detached: None,
+                already_absent: None,
+            },
+        )
+    }
+
+    #[test]
+    fn serializes_with_contract_field_names() {
+        let ev = sample();
+        let v = serde_json::to_value(&ev).expect("json");
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], "volume.create.failed");
+        assert_eq!(v["source"], "volume-daemon");
+        assert_eq!(v["time"], "2026-11-22T10:00:00.123Z");
+        assert_eq!(v["data"]["type"], "create");
+        assert_eq!(v["data"]["status"], "failed");
+        assert_eq!(v["data"]["error"]["code"], "CLOUDSTACK_INVALID_PARAMETER");
+        assert_eq!(v["data"]["error"]["cloudstack_error_code"], 431);
+        assert_eq!(v["data"]["error"]["retryable"], false);
+        assert!(v["data"]["device_path"].is_null());
+        assert!(v["data"].get("volume").is_none());
+        assert_eq!(ev.amqp_correlation_id(), "cmd-1");
+        let back: CloudEvent = serde_json::from_value(v).expect("parse back");
+        assert_eq!(back, ev);
+    }
+}

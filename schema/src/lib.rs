@@ -1,0 +1,28 @@
+//! Wire and domain types shared by every volume-daemon crate.
+//!
+//! This crate is the **API boundary** of the project: it alone owns the JSON shapes of
+//! commands (CONTRACT §3) and events (CONTRACT §4), the error codes, and the broker names
+//! (CONTRACT §2). It knows nothing of RabbitMQ clients, databases or CloudStack: the worker
+//! and the publisher convert at their edges.
+//!
+//! # Layout
+//! - [`ids`]: validated identifiers (`CommandId`, `VolumeId`, `VmId`, ...).
+//! - [`command`]: the four commands and [`command::Command::parse`], the one place where an
+//!   incoming message is validated.
+//! - [`event`]: CloudEvents 1.0 completion events.
+//! - [`error`]: [`ErrorCode`] and the structured error carried by failed events.
+//! - [`topology`]: exchange, queue and routing-key names for a given `AMQP_PREFIX`.
+
+pub mod command;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod size;
+pub mod topology;
+
+pub use command::{Action, Command, InvalidCommand, MessageProps, OperationType};
+pub use error::{ErrorCode, EventError};
+pub use event::{CloudEvent, EventData, OperationStatus, VolumeInfo};
+pub use ids::{CommandId, DiskOfferingId, EventId, VmId, VolumeId, ZoneId};
+pub use size::ByteSize;
+pub use topology::Topology;
