@@ -1,1 +1,17 @@
+//! A client for the slice of Apache CloudStack's API that volume-daemon uses.
+//!
+//! - [`signing`]: request signatures exactly as CloudStack's `ApiServer` verifies them
+//!   (shared/CLOUDSTACK.md §1). The simulator verifies with the same code; the public test
+//!   vectors pin it down.
+//! - [`response`]: CloudStack's JSON shapes, parsed into typed values.
+//! - [`error`]: [`CloudStackError`], classified into retryable and final failures.
+//! - [`client`]: [`Client`], signed calls with retries, and async-job polling.
 
+pub mod client;
+pub mod error;
+pub mod response;
+pub mod signing;
+
+pub use client::{Client, Credentials, JobPolling, RetryPolicy};
+pub use error::CloudStackError;
+pub use response::{AsyncJob, DiskOffering, JobStatus, Volume, Zone};

@@ -1,0 +1,297 @@
+//! Signed calls to the CloudStack API, with retries and async-job polling.
+
+use std::fmt;
+use std::sync::Once;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use serde_json::Value;
+
+use schema::{DiskOfferingId, VolumeId, ZoneId};
+
+use crate::error::CloudStackError;
+use crate::response::{self, AsyncJob, DiskOffering, JobId, JobStatus, Volume, Zone};
+use crate::signing;
+
+/// Where and as whom to call CloudStack. Re-read for every operation, so a rotated key
+/// applies at once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// e.g. `http://cloudstack:8080/client/api`
+    pub api_url: String,
+    pub api_key: String,
+    pub secret_key: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("api_url", &self.api_url)
+            .field("api_key", &self.api_key)
+            .field("secret_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How transient errors are retried: exponential backoff with jitter, bounded by a deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// No retry starts after this much time has passed since the first attempt.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How an async job is polled: fast at first, then backing off.
+#[derive(Debug, Clone, Copy)]
+pub struct JobPolling {
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    pub deadline: Duration,
+}
+
+impl Default for JobPolling {
+    fn default() -> Self {
+        Self {
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            deadline: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A CloudStack API client bound to one set of credentials. Cheap to build: the HTTP
+/// connection pool is shared through the `reqwest::Client` passed in.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    creds: Credentials,
+    retry: RetryPolicy,
+}
+
+static CRYPTO: Once = Once::new();
+
+impl Client {
+    /// The shared HTTP client: rustls with the ring provider, bounded timeouts.
+    pub fn http() -> Result<reqwest::Client, CloudStackError> {
+        CRYPTO.call_once(|| {
+            // Fails only if another provider was installed first, which is fine too.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| CloudStackError::Transport {
+                command: "(building the HTTP client)".into(),
+                source: e,
+            })
+    }
+
+    pub fn new(http: reqwest::Client, creds: Credentials, retry: RetryPolicy) -> Self {
+        Self { http, creds, retry }
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// The signed query string for `command` with `params` (lowercase names, so the sort order
+    /// cannot depend on casing), expiring in 10 minutes.
+    pub fn signed_query(&self, command: &str, params: &[(&str, String)]) -> String {
+        let expires = (Utc::now() + chrono::Duration::minutes(10))
+            .format("%Y-%m-%dT%H:%M:%S+0000")
+            .to_string();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("apikey", self.creds.api_key.as_str()),
+            ("command", command),
+            ("response", "json"),
+            ("signatureversion", "3"),
+            ("expires", expires.as_str()),
+        ];
+        all.extend(params.iter().map(|(k, v)| (*k, v.as_str())));
+        let signature = signing::sign(&self.creds.secret_key, all.iter().copied());
+        all.iter()
+            .map(|(k, v)| format!("{k}={}", signing::encode_value(v)))
+            .chain(std::iter::once(format!(
+                "signature={}",
+                signing::encode_value(&signature)
+            )))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// One signed request, no retry. Returns the inner object of `<command>response`.
+    pub async fn request_once(
+        &self,
+        command: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, CloudStackError> {
+        let url = format!(
+            "{}?{}",
+            self.creds.api_url,
+            self.signed_query(command, params)
+        );
+        let transport = |e: reqwest::Error| CloudStackError::Transport {
+            command: command.to_owned(),
+            // The URL carries the api key and signature: keep it out of messages.
+            source: e.without_url(),
+        };
+        let resp = self.http.get(&url).send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.map_err(transport)?;
+        if status == 200 {
+            response::unwrap_success(command, &body)
+        } else {
+            Err(response::parse_error(command, status, &body))
+        }
+    }
+
+    /// A request retried on transient errors. `answered_only` limits retries to errors that
+    /// CloudStack answered (it rejected the request, so re-sending cannot act twice); mutating
+    /// calls use it, read-only calls retry connection errors too.
+    async fn request(
+        &self,
+        command: &str,
+        params: &[(&str, String)],
+        answered_only: bool,
+    ) -> Result<Value, CloudStackError> {
+        let started = tokio::time::Instant::now();
+        let deadline = self.retry.deadline;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_jitter()
+            .without_max_times();
+        (|| self.request_once(command, params))
+            .retry(backoff)
+            .when(|e: &CloudStackError| {
+                e.is_transient() && (!answered_only || e.was_answered()) && started.elapsed() < deadline
+            })
+            // A 429 names the delay it wants: wait at least that long.
+            .adjust(|e, delay| match (e.retry_after(), delay) {
+                (Some(wanted), Some(d)) => Some(d.max(wanted)),
+                (_, d) => d,
+            })
+            .notify(|e, delay| {
+                tracing::warn!(command, error = %e, retry_in_ms = delay.as_millis() as u64, "CloudStack call failed; retrying");
+            })
+            .await
+    }
+
+    /// `createVolume` (async): the new volume's id and the job to wait for.
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        zone: ZoneId,
+        offering: DiskOfferingId,
+        size_gib: Option<u64>,
+    ) -> Result<(VolumeId, JobId), CloudStackError> {
+        let mut params = vec![
+            ("name", name.to_owned()),
+            ("zoneid", zone.to_string()),
+            ("diskofferingid", offering.to_string()),
+        ];
+        if let Some(gib) = size_gib {
+            params.push(("size", gib.to_string()));
+        }
+        let inner = self.request("createVolume", &params, true).await?;
+        response::parse_create_volume(&inner)
+    }
+
+    /// `queryAsyncJobResult`, retried on transient errors (it is read-only).
+    pub async fn query_job(&self, job: &JobId) -> Result<AsyncJob, CloudStackError> {
+        let inner = self
+            .request("queryAsyncJobResult", &[("jobid", job.0.clone())], false)
+            .await?;
+        response::parse_async_job(&inner)
+    }
+
+    /// Polls a job until it ends: its `jobresult` on success, `JobFailed` / `JobCancelled`
+    /// otherwise, `Deadline` when it is still running after `polling.deadline`.
+    pub async fn wait_for_job(
+        &self,
+        job: &JobId,
+        polling: JobPolling,
+    ) -> Result<Value, CloudStackError> {
+        let started = tokio::time::Instant::now();
+        let mut delay = polling.first_delay;
+        loop {
+            match self.query_job(job).await?.status {
+                JobStatus::Pending => {}
+                JobStatus::Succeeded(result) => return Ok(result),
+                JobStatus::Failed { code, text } => {
+                    return Err(CloudStackError::JobFailed {
+                        job_id: job.0.clone(),
+                        code,
+                        text,
+                    });
+                }
+                JobStatus::Cancelled => {
+                    return Err(CloudStackError::JobCancelled {
+                        job_id: job.0.clone(),
+                    });
+                }
+            }
+            if started.elapsed() + delay > polling.deadline {
+                return Err(CloudStackError::Deadline {
+                    what: format!("job {job}"),
+                    after: polling.deadline,
+                    last: "still in progress (jobstatus 0)".into(),
+                });
+            }
+            tracing::debug!(job = %job, delay_ms = delay.as_millis() as u64, "job in progress");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 3 / 2).min(polling.max_delay);
+        }
+    }
+
+    /// Waits for a volume job and returns the volume it reports.
+    pub async fn wait_for_volume_job(
+        &self,
+        job: &JobId,
+        polling: JobPolling,
+    ) -> Result<Volume, CloudStackError> {
+        let result = self.wait_for_job(job, polling).await?;
+        response::parse_job_volume(job, &result)
+    }
+
+    /// `listVolumes` with the given filters (e.g. `("id", ...)`, `("name", ...)`).
+    pub async fn list_volumes(
+        &self,
+        filters: &[(&str, String)],
+    ) -> Result<Vec<Volume>, CloudStackError> {
+        let mut params = vec![("listall", "true".to_owned())];
+        params.extend(filters.iter().cloned());
+        let inner = self.request("listVolumes", &params, false).await?;
+        response::parse_list("listVolumes", "volume", &inner)
+    }
+
+    pub async fn list_zones(&self) -> Result<Vec<Zone>, CloudStackError> {
+        let inner = self.request("listZones", &[], false).await?;
+        response::parse_list("listZones", "zone", &inner)
+    }
+
+    pub async fn list_disk_offerings(
+        &self,
+        zone: Option<ZoneId>,
+    ) -> Result<Vec<DiskOffering>, CloudStackError> {
+        let params: Vec<(&str, String)> = zone
+            .map(|z| ("zoneid", z.to_string()))
+            .into_iter()
+            .collect();
+        let inner = self.request("listDiskOfferings", &params, false).await?;
+        response::parse_list("listDiskOfferings", "diskoffering", &inner)
+    }
+}
