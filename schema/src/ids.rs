@@ -89,6 +89,9 @@ macro_rules! uuid_id {
                     .map(Self)
                     .map_err(|_| IdError::NotUuid(s.chars().take(80).collect()))
             }
+            pub const fn from_uuid(u: Uuid) -> Self {
+                Self(u)
+            }
             pub fn new_random() -> Self {
                 Self(Uuid::new_v4())
             }
