@@ -1,1 +1,60 @@
+//! The AMQP side of volume-daemon's contract, for producers and subscribers written in Rust.
+//!
+//! - [`topology`]: declares the exchanges and queues of CONTRACT §2 (idempotent; the daemon
+//!   uses the same code).
+//! - [`client`]: [`VolumeClient`] publishes commands with publisher confirms and returns a
+//!   [`PendingCommand`] whose [`wait`](PendingCommand::wait) resolves to the terminal event.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), publisher::Error> {
+//! use publisher::VolumeClient;
+//! use schema::command::{Action, Command, CreateVolume};
+//!
+//! let client = VolumeClient::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "volume").await?;
+//! let cmd = Command::new(Action::Create(CreateVolume {
+//!     name: "migration-vm1-disk0".into(),
+//!     size: "10GiB".parse().expect("size"),
+//!     disk_offering_id: None,
+//!     zone_id: None,
+//! }));
+//! let event = client.publish(&cmd).await?.wait(std::time::Duration::from_secs(60)).await?;
+//! println!("{} {}", event.event_type, event.data.volume_id.map(|v| v.to_string()).unwrap_or_default());
+//! # Ok(()) }
+//! ```
 
+pub mod client;
+pub mod topology;
+
+pub use client::{Error, PendingCommand, VolumeClient};
+
+/// `amqp://user:password@host/vhost` with the password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            super::redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(super::redact_url("mysql://root@db/x"), "mysql://root@db/x");
+        assert_eq!(super::redact_url("amqp://host"), "amqp://host");
+    }
+}

@@ -101,6 +101,8 @@ pub struct AttachVolume {
 #[error("invalid command{}: {reason}", command_id.as_ref().map(|id| format!(" {id}")).unwrap_or_default())]
 pub struct InvalidCommand {
     pub command_id: Option<CommandId>,
+    /// The `type` the message claimed, when it is one of the four.
+    pub op_type: Option<OperationType>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
     pub reason: String,
@@ -155,6 +157,7 @@ impl Command {
                 .message_id
                 .as_deref()
                 .and_then(|m| CommandId::parse(m).ok()),
+            op_type: None,
             correlation_id: props.correlation_id.clone(),
             reply_to: props.reply_to.clone(),
             reason: String::new(),
@@ -182,6 +185,10 @@ impl Command {
                 format!("body must be a JSON object, got {}", kind(&value)),
             );
         };
+        invalid.op_type = obj
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(OperationType::parse);
 
         // The command id comes first: once known, every later error can be reported to the
         // producer as a failed event.
@@ -216,6 +223,12 @@ impl Command {
             return fail(invalid, reason);
         };
         match opt_string(&obj, "correlation_id") {
+            Ok(Some(c)) if c.len() > 255 => {
+                return fail(
+                    invalid,
+                    format!("field `correlation_id` is {} bytes; at most 255", c.len()),
+                );
+            }
             Ok(Some(c)) => invalid.correlation_id = Some(c),
             Ok(None) => {}
             Err(reason) => return fail(invalid, reason),

@@ -1,1 +1,28 @@
+//! volume-daemon: the single place where volume operations happen.
+//!
+//! Commands arrive from RabbitMQ ([`intake`]), are committed as operations ([`store`]),
+//! executed against CloudStack with bounded concurrency ([`executor`], [`operation`],
+//! [`cloud`]), and end with their result and an outbox row in one transaction; the
+//! [`relay`] publishes the outbox as CloudEvents with publisher confirms. [`http`] serves
+//! health, readiness and metrics. [`app`] wires it all; `main` only parses settings.
+//! See ARCHITECTURE.md for the path of one command and the invariants.
 
+pub mod app;
+pub mod broker;
+pub mod cloud;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod executor;
+pub mod http;
+pub mod intake;
+pub mod metrics;
+pub mod operation;
+pub mod outbox;
+pub mod relay;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Settings;

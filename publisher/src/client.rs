@@ -1,0 +1,237 @@
+//! Publishing commands and waiting for their terminal events.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use schema::{CloudEvent, Command, CommandId, Topology};
+
+/// What can go wrong publishing a command or waiting for its event.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker error while {doing}: {source}")]
+    Amqp {
+        doing: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "command {command_id} was not routed: exchange {exchange:?} has no queue bound for {routing_key:?} (is volume-daemon's topology declared?)"
+    )]
+    Unroutable {
+        command_id: CommandId,
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("the broker refused command {command_id} (publisher confirm nack)")]
+    Nacked { command_id: CommandId },
+    #[error("no terminal event for command {command_id} within {waited:?}")]
+    Timeout {
+        command_id: CommandId,
+        waited: Duration,
+    },
+    #[error("the event stream for command {command_id} ended before its event arrived")]
+    StreamEnded { command_id: CommandId },
+}
+
+fn amqp(doing: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
+    let doing = doing.into();
+    move |source| Error::Amqp { doing, source }
+}
+
+/// A connection to the broker for publishing volume commands.
+pub struct VolumeClient {
+    _conn: Connection,
+    channel: Channel,
+    topology: Topology,
+}
+
+impl std::fmt::Debug for VolumeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeClient").field("topology", &self.topology).finish()
+    }
+}
+
+impl VolumeClient {
+    /// Connects and opens a channel in publisher-confirm mode. The topology is not declared:
+    /// call [`declare_topology`](Self::declare_topology) if this client may be first.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(|source| Error::Connect {
+                url: crate::redact_url(url),
+                source,
+            })?;
+        let channel = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("enabling publisher confirms"))?;
+        Ok(Self {
+            _conn: conn,
+            channel,
+            topology: Topology::new(prefix),
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Declares the exchanges and queues of CONTRACT §2 (idempotent).
+    pub async fn declare_topology(&self) -> Result<(), Error> {
+        crate::topology::declare(&self.channel, &self.topology)
+            .await
+            .map_err(amqp(format!("declaring the topology for prefix {:?}", self.topology.prefix())))
+    }
+
+    /// Publishes `command` (persistent, mandatory, confirmed) and returns a handle that waits
+    /// for its terminal event. The event listener is bound *before* publishing, so an event
+    /// that arrives before [`PendingCommand::wait`] is called is not missed.
+    pub async fn publish(&self, command: &Command) -> Result<PendingCommand, Error> {
+        let events = self.listen(command).await?;
+        self.publish_only(command).await?;
+        Ok(events)
+    }
+
+    /// Publishes without listening for the event.
+    pub async fn publish_only(&self, command: &Command) -> Result<(), Error> {
+        let id = &command.command_id;
+        let body = serde_json::to_vec(&command.to_body()).unwrap_or_default();
+        let routing_key = Topology::command_routing_key(command.operation_type());
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.as_str().into())
+            .with_delivery_mode(2);
+        if let Some(c) = &command.correlation_id {
+            props = props.with_correlation_id(c.as_str().into());
+        }
+        if let Some(r) = &command.reply_to {
+            props = props.with_reply_to(r.as_str().into());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.commands_exchange().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                props,
+            )
+            .await
+            .map_err(amqp(format!("publishing command {id}")))?
+            .await
+            .map_err(amqp(format!("waiting for the broker to confirm command {id}")))?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
+                command_id: id.clone(),
+                exchange: self.topology.commands_exchange(),
+                routing_key,
+            }),
+            Confirmation::Nack(None) => Err(Error::Nacked {
+                command_id: id.clone(),
+            }),
+        }
+    }
+
+    /// Binds a private queue to the command's completed and failed events.
+    async fn listen(&self, command: &Command) -> Result<PendingCommand, Error> {
+        let id = &command.command_id;
+        let queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!("declaring the event queue for command {id}")))?;
+        let pattern = format!("volume.{}.*", command.operation_type());
+        self.channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.events_exchange().into(),
+                pattern.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!(
+                "binding to {} (is volume-daemon's topology declared?)",
+                self.topology.events_exchange()
+            )))?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!("consuming events for command {id}")))?;
+        Ok(PendingCommand {
+            command_id: id.clone(),
+            consumer,
+        })
+    }
+}
+
+/// A published command whose terminal event can be awaited.
+#[derive(Debug)]
+pub struct PendingCommand {
+    command_id: CommandId,
+    consumer: Consumer,
+}
+
+impl PendingCommand {
+    pub fn command_id(&self) -> &CommandId {
+        &self.command_id
+    }
+
+    /// The command's terminal event (`completed` or `failed`). Events of other commands and
+    /// messages that are not events are skipped.
+    pub async fn wait(mut self, timeout: Duration) -> Result<CloudEvent, Error> {
+        let id = self.command_id.clone();
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(delivery) = self.consumer.next().await {
+                let delivery = delivery.map_err(amqp(format!("receiving events for command {id}")))?;
+                match serde_json::from_slice::<CloudEvent>(&delivery.data) {
+                    Ok(event) if event.data.command_id == id => return Ok(event),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "skipping a message that is not a volume event"),
+                }
+            }
+            Err(Error::StreamEnded { command_id: id.clone() })
+        })
+        .await;
+        found.unwrap_or(Err(Error::Timeout {
+            command_id: self.command_id,
+            waited: timeout,
+        }))
+    }
+}

@@ -1,0 +1,73 @@
+//! Declares the broker topology of CONTRACT §2. Every declaration is idempotent, so the daemon,
+//! `volumectl` and tests may all call [`declare`].
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+use schema::Topology;
+
+/// Poison messages go to the dead-letter queue after this many deliveries.
+pub const DELIVERY_LIMIT: i32 = 5;
+
+/// The commands queue's arguments: quorum, single active consumer, dead-lettering.
+pub fn commands_queue_arguments(topology: &Topology) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(topology.dead_letter_exchange())),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+    args
+}
+
+/// Declares both exchanges, the commands queue and the dead-letter pair.
+pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(topology.commands_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(topology.events_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(topology.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await?;
+
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    channel
+        .queue_declare(topology.dead_letter_queue().into(), durable_queue, quorum)
+        .await?;
+    channel
+        .queue_bind(
+            topology.dead_letter_queue().into(),
+            topology.dead_letter_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .queue_declare(topology.commands_queue().into(), durable_queue, commands_queue_arguments(topology))
+        .await?;
+    channel
+        .queue_bind(
+            topology.commands_queue().into(),
+            topology.commands_exchange().into(),
+            Topology::COMMANDS_BINDING.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Broker connections. Each long-running task (intake, relay) owns its own connection and
+//! reconnects it with backoff; nothing from an old connection (channels, delivery tags) is
+//! used after it broke, because acknowledgements on a dead channel fail.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+/// Opens a connection named `name` (visible in the management UI).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await
+}
+
+/// Reconnection delays: 200 ms growing to 5 s, with jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    delays: ExponentialBackoff,
+}
+
+fn delays() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { delays: delays() }
+    }
+}
+
+impl Backoff {
+    /// Sleeps for the next delay; `false` when shutdown came first.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.delays.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Starts again from the shortest delay (after a success).
+    pub fn reset(&mut self) {
+        self.delays = delays();
+    }
+}

@@ -1,0 +1,150 @@
+//! The daemon's settings (CONTRACT §1), read once at start from the environment.
+//! `volume-daemon --help` lists every variable with its default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use schema::{Topology, VmId, ZoneId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// volume-daemon executes volume commands from RabbitMQ against CloudStack, records each in
+/// MySQL with an outbox, and publishes completion events.
+#[derive(Clone, Parser)]
+#[command(name = "volume-daemon", version, about, long_about = None)]
+pub struct Settings {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "AMQP_PREFIX", default_value = "volume")]
+    pub amqp_prefix: String,
+    /// MySQL 8 / MariaDB 10.6+; the database is created if missing and migrated at start.
+    #[arg(long, env = "DATABASE_URL", default_value = "mysql://root@127.0.0.1:3306/volume_daemon", hide_env_values = true)]
+    pub database_url: String,
+    /// Address of the health, readiness and metrics server.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8090")]
+    pub http_addr: SocketAddr,
+    /// CloudStack API endpoint; when unset the active `ossea_configs` row is used.
+    #[arg(long, env = "CLOUDSTACK_API_URL")]
+    pub cloudstack_api_url: Option<String>,
+    #[arg(long, env = "CLOUDSTACK_API_KEY", hide_env_values = true)]
+    pub cloudstack_api_key: Option<String>,
+    #[arg(long, env = "CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
+    pub cloudstack_secret_key: Option<String>,
+    /// Zone used when a create names none (else `ossea_configs.zone`, else the first zone).
+    #[arg(long, env = "CLOUDSTACK_ZONE_ID")]
+    pub cloudstack_zone_id: Option<ZoneId>,
+    /// The CloudStack VM this daemon runs on (else `ossea_configs.oma_vm_id`).
+    #[arg(long, env = "HOST_VM_ID")]
+    pub host_vm_id: Option<VmId>,
+    /// The device monitor reads `$SYSFS_ROOT/block`.
+    #[arg(long, env = "SYSFS_ROOT", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Device scan period.
+    #[arg(long, env = "DEVICE_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+    pub device_poll_interval_ms: u64,
+    /// How long an attach to the host VM waits for its device.
+    #[arg(long, env = "CORRELATION_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub correlation_timeout_s: u64,
+    /// Operations in flight at once.
+    #[arg(long, env = "MAX_CONCURRENT_OPERATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_operations: u16,
+    /// How long a CloudStack async job may run before the operation fails with TIMEOUT.
+    #[arg(long, env = "JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_timeout_s: u64,
+    /// How long transient CloudStack errors are retried before the operation fails.
+    #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cloudstack_retry_deadline_s: u64,
+    /// How long in-flight operations get to reach a safe point after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 8)]
+    pub shutdown_grace_s: u64,
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Settings from the environment alone (no command-line flags), as tests use them.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        Self::try_parse_from(["volume-daemon"])
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.amqp_prefix.clone())
+    }
+
+    pub fn job_timeout(&self) -> Duration {
+        Duration::from_secs(self.job_timeout_s)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_s)
+    }
+}
+
+/// Secrets stay out of `Debug`: URLs lose their passwords, keys are hidden.
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("amqp_url", &publisher::redact_url(&self.amqp_url))
+            .field("amqp_prefix", &self.amqp_prefix)
+            .field("database_url", &publisher::redact_url(&self.database_url))
+            .field("http_addr", &self.http_addr)
+            .field("cloudstack_api_url", &self.cloudstack_api_url)
+            .field("cloudstack_api_key", &self.cloudstack_api_key.as_ref().map(|_| "<set>"))
+            .field("cloudstack_secret_key", &self.cloudstack_secret_key.as_ref().map(|_| "<redacted>"))
+            .field("cloudstack_zone_id", &self.cloudstack_zone_id)
+            .field("host_vm_id", &self.host_vm_id)
+            .field("sysfs_root", &self.sysfs_root)
+            .field("device_poll_interval_ms", &self.device_poll_interval_ms)
+            .field("correlation_timeout_s", &self.correlation_timeout_s)
+            .field("max_concurrent_operations", &self.max_concurrent_operations)
+            .field("job_timeout_s", &self.job_timeout_s)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::try_parse_from(["volume-daemon"]).expect("defaults parse");
+        assert_eq!(s.amqp_prefix, "volume");
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8090");
+        assert_eq!(s.device_poll_interval_ms, 250);
+        assert_eq!(s.correlation_timeout_s, 30);
+        assert_eq!(s.max_concurrent_operations, 16);
+        assert_eq!(s.sysfs_root, PathBuf::from("/sys"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_variable_named() {
+        let err = Settings::try_parse_from(["volume-daemon", "--host-vm-id", "vm-1"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("host-vm-id") && err.contains("not a UUID"), "{err}");
+        let err = Settings::try_parse_from(["volume-daemon", "--max-concurrent-operations", "0"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("max-concurrent-operations"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let s = Settings::try_parse_from([
+            "volume-daemon",
+            "--amqp-url", "amqp://u:topsecret@h/%2f",
+            "--cloudstack-secret-key", "hush",
+        ])
+        .expect("parse");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("topsecret") && !shown.contains("hush"), "{shown}");
+    }
+}

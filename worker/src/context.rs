@@ -1,0 +1,77 @@
+//! What every operation needs, built once at start and shared.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use cloudstack::response::JobId;
+use schema::VolumeId;
+
+use crate::cloud::Cloud;
+use crate::metrics::Metrics;
+use crate::operation::{Halt, Operation, Outcome};
+use crate::store::Store;
+
+#[derive(Debug)]
+pub struct Context {
+    pub store: Store,
+    pub cloud: Cloud,
+    pub metrics: Arc<Metrics>,
+    /// Wakes the relay when an outbox row was committed.
+    pub relay_wakeup: Arc<Notify>,
+    /// Fires on SIGTERM.
+    pub shutdown: CancellationToken,
+}
+
+/// How long to wait between attempts to write to an unreachable database.
+const DB_RETRY: Duration = Duration::from_millis(500);
+
+impl Context {
+    /// Stores the job id of `op` before it is polled, retrying while the database is down.
+    /// Fails only when shutting down first (the operation then resumes at the next start).
+    pub async fn record_job(&self, op: &mut Operation, volume: Option<VolumeId>, job: &JobId) -> Result<(), Halt> {
+        loop {
+            match self.store.record_job(op.id(), volume, job).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, job = %job, "cannot record the job id; retrying");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => {
+                            return Err(Halt::Interrupted(format!("shut down before job {job} was recorded")));
+                        }
+                        () = tokio::time::sleep(DB_RETRY) => {}
+                    }
+                }
+            }
+        }
+        op.job_id = Some(job.clone());
+        op.volume_id = volume.or(op.volume_id);
+        Ok(())
+    }
+
+    /// Commits the outcome of `op` and its event, retrying while the database is down, then
+    /// wakes the relay. Nothing is lost when shutdown comes first: the row is still pending or
+    /// executing and resumes at the next start.
+    pub async fn finish(&self, op: &Operation, outcome: Outcome) {
+        loop {
+            match self.store.finish(op, &outcome).await {
+                Ok(()) => {
+                    self.relay_wakeup.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the outcome; retrying");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => {
+                            tracing::warn!("shutting down before the outcome was recorded; it resumes at the next start");
+                            return;
+                        }
+                        () = tokio::time::sleep(DB_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+}

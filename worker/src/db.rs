@@ -1,0 +1,62 @@
+//! The database: created when missing, migrated at start (migrations are embedded from the
+//! workspace's `migrations/`).
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::MySql;
+
+/// The embedded migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot reach the database at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create the database at {url}: {source}")]
+    Create {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating the database at {url} failed: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// Connects to `url`, creating the database if it does not exist, and applies migrations.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySqlPool, DbError> {
+    let shown = publisher::redact_url(url);
+    let exists = MySql::database_exists(url).await.map_err(|source| DbError::Connect {
+        url: shown.clone(),
+        source,
+    })?;
+    if !exists {
+        tracing::info!(url = %shown, "creating the database");
+        if let Err(source) = MySql::create_database(url).await {
+            // Another instance may have created it meanwhile.
+            if !MySql::database_exists(url).await.unwrap_or(false) {
+                return Err(DbError::Create { url: shown, source });
+            }
+        }
+    }
+    let pool = MySqlPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+    MIGRATOR.run(&pool).await.map_err(|source| DbError::Migrate { url: shown, source })?;
+    Ok(pool)
+}

@@ -1,0 +1,86 @@
+//! Health, readiness and metrics (CONTRACT §6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde_json::json;
+use sqlx::MySqlPool;
+
+use crate::metrics::Metrics;
+use crate::outbox;
+use crate::status::Status;
+
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub pool: MySqlPool,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Liveness: the process runs.
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the database answers and the broker connections are up.
+async fn ready(State(s): State<HttpState>) -> Response {
+    let db = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await;
+    let (db_ok, backlog) = match db {
+        Ok(Ok(b)) => (true, Some(b)),
+        _ => (false, None),
+    };
+    let intake = s.status.intake_connected();
+    let relay = s.status.relay_connected();
+    let ready = db_ok && intake && relay;
+    let oldest_age_s = backlog
+        .and_then(|b| b.oldest)
+        .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+    if let Some(b) = backlog {
+        s.metrics.set_outbox(b.count, oldest_age_s.unwrap_or(0.0));
+    }
+    let up = |ok: bool| if ok { "up" } else { "down" };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "role": "active",
+        "components": {
+            "database": up(db_ok),
+            "broker_intake": up(intake),
+            "broker_relay": up(relay),
+            "device_monitor": "not_configured",
+        },
+        "outbox": {
+            "backlog": backlog.map(|b| b.count),
+            "oldest_unpublished_age_s": oldest_age_s,
+        },
+    });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await {
+        let age = b
+            .oldest
+            .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        s.metrics.set_outbox(b.count, age);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,235 @@
+//! The intake: consumes the commands queue, validates each message, commits it as a `pending`
+//! operation, acknowledges it, and hands it to the executor.
+//!
+//! A message is acknowledged only after its operation row is committed (CONTRACT §3 rule 1).
+//! An invalid message is dead-lettered with its reason and, when its command id could be read,
+//! answered with a failed `INVALID_COMMAND` event (rule 3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Confirmation};
+use tokio::sync::mpsc;
+
+use schema::{CloudEvent, Command, EventData, EventError, EventId, InvalidCommand, MessageProps, OperationStatus, OperationType, Topology};
+use schema::ErrorCode;
+
+use crate::broker::{self, Backoff};
+use crate::context::Context;
+use crate::operation::Operation;
+use crate::status::Status;
+use crate::store::{self, Accepted};
+
+/// Header naming why a message was dead-lettered.
+pub const REJECTION_REASON_HEADER: &str = "x-rejection-reason";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker cancelled our consumer")]
+    ConsumerEnded,
+}
+
+/// The intake's configuration and handles.
+#[derive(Debug)]
+pub struct Intake {
+    pub ctx: Arc<Context>,
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Unacknowledged deliveries the broker may send ahead (per consumer: quorum queues reject
+    /// a global prefetch).
+    pub prefetch: u16,
+    pub ops: mpsc::Sender<Operation>,
+    pub status: Arc<Status>,
+}
+
+impl Intake {
+    /// Consumes until shutdown, reconnecting with backoff whenever the broker goes away.
+    pub async fn run(self) {
+        let mut backoff = Backoff::default();
+        while !self.ctx.shutdown.is_cancelled() {
+            match self.session(&mut backoff).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.status.set_intake_connected(false);
+                    tracing::warn!(error = %e, "intake lost the broker; reconnecting");
+                    if !backoff.wait(&self.ctx.shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.status.set_intake_connected(false);
+    }
+
+    /// One connection's life: declare, consume, handle deliveries one at a time.
+    async fn session(&self, backoff: &mut Backoff) -> Result<(), IntakeError> {
+        let conn = broker::connect(&self.amqp_url, "volume-daemon intake").await?;
+        let channel = conn.create_channel().await?;
+        publisher::topology::declare(&channel, &self.topology).await?;
+        channel.basic_qos(self.prefetch, BasicQosOptions { global: false }).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.commands_queue().into(),
+                format!("volume-daemon-{}", std::process::id()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.status.set_intake_connected(true);
+        backoff.reset();
+        tracing::info!(queue = %self.topology.commands_queue(), "consuming commands");
+        loop {
+            tokio::select! {
+                () = self.ctx.shutdown.cancelled() => {
+                    // Unacknowledged deliveries go back to the queue with the connection.
+                    if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
+                        tracing::debug!(error = %e, "closing the intake connection");
+                    }
+                    return Ok(());
+                }
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => self.handle(&channel, delivery).await?,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(IntakeError::ConsumerEnded),
+                },
+            }
+        }
+    }
+
+    async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), IntakeError> {
+        let p = &delivery.properties;
+        let props = MessageProps {
+            message_id: p.message_id().as_ref().map(|s| s.to_string()),
+            correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+            reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
+        };
+        match Command::parse(&delivery.data, &props) {
+            Ok(command) => self.accept(command, delivery).await,
+            Err(invalid) => self.reject(channel, delivery, invalid).await,
+        }
+    }
+
+    /// Commits the command, then acknowledges it. While the database is unreachable the
+    /// delivery stays unacknowledged and is retried; at shutdown it returns to the queue.
+    async fn accept(&self, command: Command, delivery: Delivery) -> Result<(), IntakeError> {
+        let id = command.command_id.clone();
+        let accepted = loop {
+            match self.ctx.store.accept(command.clone()).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    tracing::warn!(operation_id = %id, error = %e, "cannot record the command; retrying");
+                    tokio::select! {
+                        () = self.ctx.shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        match accepted {
+            Accepted::New(op) => {
+                self.ctx.metrics.command_received("accepted");
+                tracing::info!(operation_id = %id, r#type = %op.command.operation_type(), "command accepted");
+                // If the executor is gone we are shutting down: the row is pending and resumes.
+                let _ = self.ops.send(op).await;
+            }
+            Accepted::InFlight => {
+                self.ctx.metrics.command_received("duplicate");
+                tracing::info!(operation_id = %id, "duplicate of an operation in flight; ignored");
+            }
+            Accepted::Ended => {
+                self.ctx.metrics.command_received("duplicate");
+                tracing::info!(operation_id = %id, "duplicate of an ended operation; its event is published again");
+                self.ctx.relay_wakeup.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead-letters an invalid message with its reason, and tells the producer when possible.
+    async fn reject(&self, channel: &Channel, delivery: Delivery, invalid: InvalidCommand) -> Result<(), IntakeError> {
+        self.ctx.metrics.command_received("invalid");
+        tracing::warn!(
+            operation_id = invalid.command_id.as_ref().map(|c| c.to_string()),
+            routing_key = %delivery.routing_key,
+            reason = %invalid.reason,
+            "invalid command; dead-lettering it"
+        );
+        if let Some(event) = rejection_event(&invalid, delivery.routing_key.as_str()) {
+            match self.ctx.store.queue_rejection_event(&event, invalid.reply_to.as_deref()).await {
+                Ok(()) => self.ctx.relay_wakeup.notify_one(),
+                Err(e) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
+            }
+        }
+
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(REJECTION_REASON_HEADER.into(), AMQPValue::LongString(LongString::from(invalid.reason.as_str())));
+        headers.insert("x-original-routing-key".into(), AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())));
+        let props = delivery.properties.clone().with_headers(headers);
+        let published = async {
+            channel
+                .basic_publish(
+                    self.topology.dead_letter_exchange().into(),
+                    delivery.routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match published {
+            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            other => {
+                // Let the broker dead-letter it instead (without our reason header).
+                tracing::warn!(result = ?other.map(|c| c.is_ack()), "publishing to the dead-letter exchange failed; rejecting");
+                delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The failed event telling a producer its command was invalid, when the message carried a
+/// valid command id and a known type (from its body, else its routing key).
+fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudEvent> {
+    let command_id = invalid.command_id.clone()?;
+    let op_type = invalid
+        .op_type
+        .or_else(|| routing_key.strip_prefix("volume.").and_then(OperationType::parse))?;
+    let now = store::now();
+    Some(CloudEvent::new(
+        EventId::new_random(),
+        now,
+        EventData {
+            operation_id: command_id.clone(),
+            command_id,
+            correlation_id: invalid.correlation_id.clone(),
+            op_type,
+            status: OperationStatus::Failed,
+            volume_id: None,
+            vm_id: None,
+            device_path: None,
+            by_id_path: None,
+            mode: None,
+            metadata: Default::default(),
+            error: Some(EventError::new(ErrorCode::InvalidCommand, invalid.reason.clone())),
+            created_at: now,
+            completed_at: now,
+            duration_ms: 0,
+            volume: None,
+            already_detached: None,
+            already_absent: None,
+        },
+    ))
+}

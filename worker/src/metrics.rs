@@ -1,0 +1,122 @@
+//! Prometheus metrics (CONTRACT §6), served at `GET /metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::operation::{Operation, Outcome};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    r#type: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The daemon's metrics. Handles are cheap atomics; the registry is only locked to encode.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    operations: Family<OperationLabels, Counter>,
+    duration: Family<TypeLabels, Histogram>,
+    commands: Family<ResultLabels, Counter>,
+    events_published: Counter,
+    outbox_backlog: Gauge,
+    outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("volume_daemon");
+        let operations = Family::<OperationLabels, Counter>::default();
+        registry.register("operations", "Operations ended, by type and outcome", operations.clone());
+        let duration = Family::<TypeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 14))
+        });
+        registry.register(
+            "operation_duration_seconds",
+            "Time from acceptance to the end of an operation",
+            duration.clone(),
+        );
+        let commands = Family::<ResultLabels, Counter>::default();
+        registry.register("commands_received", "Command messages received, by result", commands.clone());
+        let events_published = Counter::default();
+        registry.register("events_published", "Events confirmed by the broker", events_published.clone());
+        let outbox_backlog = Gauge::default();
+        registry.register("outbox_backlog", "Events not yet confirmed by the broker", outbox_backlog.clone());
+        let outbox_oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished event (publish lag)",
+            outbox_oldest_age.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            operations,
+            duration,
+            commands,
+            events_published,
+            outbox_backlog,
+            outbox_oldest_age,
+        }
+    }
+
+    pub fn operation_ended(&self, op: &Operation, outcome: &Outcome) {
+        let r#type = op.command.operation_type().as_str().to_owned();
+        let outcome = match outcome {
+            Ok(_) => "completed".to_owned(),
+            Err(e) => e.code.as_str().to_owned(),
+        };
+        self.operations
+            .get_or_create(&OperationLabels { r#type: r#type.clone(), outcome })
+            .inc();
+        let seconds = (crate::store::now() - op.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+        self.duration.get_or_create(&TypeLabels { r#type }).observe(seconds);
+    }
+
+    /// `accepted`, `duplicate` or `invalid`.
+    pub fn command_received(&self, result: &str) {
+        self.commands
+            .get_or_create(&ResultLabels { result: result.to_owned() })
+            .inc();
+    }
+
+    pub fn event_published(&self) {
+        self.events_published.inc();
+    }
+
+    pub fn set_outbox(&self, backlog: u64, oldest_age_seconds: f64) {
+        self.outbox_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        self.outbox_oldest_age.set(oldest_age_seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

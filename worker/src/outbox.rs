@@ -1,0 +1,97 @@
+//! The outbox table: events waiting to be published.
+//!
+//! Rows are written in the same transaction as the result they announce ([`insert`]) and
+//! claimed by the relay with `FOR UPDATE SKIP LOCKED` ([`claim`]). There is no "highest id
+//! seen" cursor: auto-increment ids commit out of order, so every claim looks at all rows whose
+//! `published_at` is still NULL.
+
+use chrono::{DateTime, Utc};
+use sqlx::{MySqlConnection, MySqlPool, Row};
+
+use schema::CloudEvent;
+
+/// An event to publish, as stored.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: u64,
+    pub event_id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: String,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// Adds `event` to the outbox, inside the caller's transaction.
+pub async fn insert(
+    conn: &mut MySqlConnection,
+    event: &CloudEvent,
+    exchange: &str,
+    reply_to: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let payload = serde_json::to_string(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(event.id.to_string())
+    .bind(exchange)
+    .bind(&event.event_type)
+    .bind(payload)
+    .bind(event.amqp_correlation_id())
+    .bind(reply_to)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks up to `limit` unpublished rows, oldest first, skipping rows another transaction holds.
+pub async fn claim(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, exchange, routing_key, payload, correlation_id, reply_to \
+         FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                exchange: r.try_get("exchange")?,
+                routing_key: r.try_get("routing_key")?,
+                payload: r.try_get("payload")?,
+                correlation_id: r.try_get("correlation_id")?,
+                reply_to: r.try_get("reply_to")?,
+            })
+        })
+        .collect()
+}
+
+/// Marks a claimed row published (the broker has confirmed it).
+pub async fn mark_published(conn: &mut MySqlConnection, id: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id = ?")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How many events wait, and since when the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub count: u64,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
+    let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await?;
+    let count: i64 = row.try_get("n")?;
+    Ok(Backlog {
+        count: u64::try_from(count).unwrap_or(0),
+        oldest: row.try_get("oldest")?,
+    })
+}

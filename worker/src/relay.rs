@@ -1,0 +1,173 @@
+//! The outbox relay: publishes committed events with publisher confirms and marks each row
+//! published only after the broker confirmed it. Delivery is at least once: a crash between
+//! the confirm and the commit publishes the event again, with the same id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use sqlx::MySqlPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use schema::event::EVENT_CONTENT_TYPE;
+
+use crate::broker::{self, Backoff};
+use crate::metrics::Metrics;
+use crate::outbox::{self, OutboxRow};
+use crate::status::Status;
+
+/// Rows claimed per transaction.
+const BATCH: u32 = 100;
+/// Without a wake-up the outbox is still checked this often (rows written by another instance,
+/// rows left by a failed attempt).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused event {0} (nack)")]
+    Nacked(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+#[derive(Debug)]
+pub struct Relay {
+    pub pool: MySqlPool,
+    pub amqp_url: String,
+    pub wakeup: Arc<Notify>,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+    /// Stops the relay; the application fires it after the executor has drained.
+    pub stop: CancellationToken,
+}
+
+impl Relay {
+    pub async fn run(self) {
+        let mut backoff = Backoff::default();
+        'connect: while !self.stop.is_cancelled() {
+            let (_conn, channel) = match self.open().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay cannot reach the broker; retrying");
+                    if !backoff.wait(&self.stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            self.status.set_relay_connected(true);
+            backoff.reset();
+            loop {
+                match self.publish_batch(&channel).await {
+                    Ok(n) if n == BATCH as usize => continue,
+                    Ok(_) => {
+                        tokio::select! {
+                            () = self.stop.cancelled() => break 'connect,
+                            () = self.wakeup.notified() => {}
+                            () = tokio::time::sleep(IDLE_POLL) => {}
+                        }
+                    }
+                    Err(RelayError::Db(e)) => {
+                        tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
+                        tokio::select! {
+                            () = self.stop.cancelled() => break 'connect,
+                            () = tokio::time::sleep(IDLE_POLL) => {}
+                        }
+                    }
+                    Err(e) => {
+                        self.status.set_relay_connected(false);
+                        tracing::warn!(error = %e, "relay lost the broker; events stay in the outbox");
+                        if !backoff.wait(&self.stop).await {
+                            break 'connect;
+                        }
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+        self.status.set_relay_connected(false);
+    }
+
+    /// A fresh connection with a confirm-mode channel.
+    async fn open(&self) -> Result<(Connection, Channel), lapin::Error> {
+        let conn = broker::connect(&self.amqp_url, "volume-daemon relay").await?;
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok((conn, channel))
+    }
+
+    /// Claims a batch, publishes every row, waits for all confirms, then marks the rows
+    /// published in the same transaction. Returns how many rows were published.
+    async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = outbox::claim(&mut tx, BATCH).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let props = properties(row);
+            let confirm = channel
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    row.payload.as_bytes(),
+                    props.clone(),
+                )
+                .await?;
+            confirms.push((row.event_id.clone(), confirm));
+            // The command asked for a direct answer too: through the default exchange.
+            if let Some(queue) = row.reply_to.as_deref().and_then(short) {
+                let confirm = channel
+                    .basic_publish("".into(), queue, BasicPublishOptions::default(), row.payload.as_bytes(), props)
+                    .await?;
+                confirms.push((row.event_id.clone(), confirm));
+            }
+        }
+        for (event_id, confirm) in confirms {
+            match confirm.await? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
+            }
+        }
+        for row in &rows {
+            outbox::mark_published(&mut tx, row.id).await?;
+        }
+        tx.commit().await?;
+        for row in &rows {
+            self.metrics.event_published();
+            tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
+        }
+        Ok(rows.len())
+    }
+}
+
+/// A short string, or nothing if it is too long for AMQP (never panics on stored data).
+fn short(s: &str) -> Option<ShortString> {
+    ShortString::try_new(s).ok()
+}
+
+/// AMQP properties of an event (CONTRACT §4).
+fn properties(row: &OutboxRow) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_content_type(EVENT_CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+    if let Some(id) = short(&row.event_id) {
+        props = props.with_message_id(id);
+    }
+    if let Some(t) = short(&row.routing_key) {
+        props = props.with_type(t);
+    }
+    if let Some(c) = row.correlation_id.as_deref().and_then(short) {
+        props = props.with_correlation_id(c);
+    }
+    props
+}
