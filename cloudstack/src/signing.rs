@@ -66,10 +66,13 @@ pub fn verify<'a>(
 mod tests {
     use super::*;
 
+    /// (secret, parameters as sent, expected signature)
+    type Vector<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
     /// Every row of shared/CLOUDSTACK.md §1's table of public test vectors.
     #[test]
     fn reproduces_the_public_test_vectors() {
-        let vectors: &[(&str, &[(&str, &str)], &str)] = &[
+        let vectors: &[Vector] = &[
             (
                 "VDaACYb0LV9eNjTetIOElcVQkvJck_J_QljX_FcHRj87ZKiy0z0ty0ZsYBkoXkY9b7eq1EhwJaw7FF3akA3KBQ",
                 &[

@@ -60,7 +60,9 @@ pub struct VolumeClient {
 
 impl std::fmt::Debug for VolumeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeClient").field("topology", &self.topology).finish()
+        f.debug_struct("VolumeClient")
+            .field("topology", &self.topology)
+            .finish()
     }
 }
 
@@ -74,7 +76,10 @@ impl VolumeClient {
                 url: crate::redact_url(url),
                 source,
             })?;
-        let channel = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -94,7 +99,10 @@ impl VolumeClient {
     pub async fn declare_topology(&self) -> Result<(), Error> {
         crate::topology::declare(&self.channel, &self.topology)
             .await
-            .map_err(amqp(format!("declaring the topology for prefix {:?}", self.topology.prefix())))
+            .map_err(amqp(format!(
+                "declaring the topology for prefix {:?}",
+                self.topology.prefix()
+            )))
     }
 
     /// Publishes `command` (persistent, mandatory, confirmed) and returns a handle that waits
@@ -136,7 +144,9 @@ impl VolumeClient {
             .await
             .map_err(amqp(format!("publishing command {id}")))?
             .await
-            .map_err(amqp(format!("waiting for the broker to confirm command {id}")))?;
+            .map_err(amqp(format!(
+                "waiting for the broker to confirm command {id}"
+            )))?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
@@ -219,14 +229,19 @@ impl PendingCommand {
         let id = self.command_id.clone();
         let found = tokio::time::timeout(timeout, async {
             while let Some(delivery) = self.consumer.next().await {
-                let delivery = delivery.map_err(amqp(format!("receiving events for command {id}")))?;
+                let delivery =
+                    delivery.map_err(amqp(format!("receiving events for command {id}")))?;
                 match serde_json::from_slice::<CloudEvent>(&delivery.data) {
                     Ok(event) if event.data.command_id == id => return Ok(event),
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "skipping a message that is not a volume event"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping a message that is not a volume event")
+                    }
                 }
             }
-            Err(Error::StreamEnded { command_id: id.clone() })
+            Err(Error::StreamEnded {
+                command_id: id.clone(),
+            })
         })
         .await;
         found.unwrap_or(Err(Error::Timeout {

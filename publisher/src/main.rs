@@ -9,13 +9,26 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use publisher::{Error, VolumeClient};
 use schema::command::{Action, AttachVolume, CreateVolume};
-use schema::{ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId, ZoneId};
+use schema::{
+    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId,
+    ZoneId,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "volumectl", version, about = "Publish volume commands to volume-daemon and wait for their events")]
+#[command(
+    name = "volumectl",
+    version,
+    about = "Publish volume commands to volume-daemon and wait for their events"
+)]
 struct Cli {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        global = true
+    )]
     amqp_url: String,
     /// Prefix of the daemon's exchanges and queues.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", global = true)]
@@ -94,7 +107,13 @@ struct Common {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (action, common) = match cli.command {
-        Cmd::Create { size, name, disk_offering, zone, common } => (
+        Cmd::Create {
+            size,
+            name,
+            disk_offering,
+            zone,
+            common,
+        } => (
             Action::Create(CreateVolume {
                 name: name.unwrap_or_default(),
                 size,
@@ -103,12 +122,24 @@ async fn main() -> ExitCode {
             }),
             common,
         ),
-        Cmd::Attach { volume, vm, device_id, common } => {
+        Cmd::Attach {
+            volume,
+            vm,
+            device_id,
+            common,
+        } => {
             if device_id == Some(3) {
                 eprintln!("error: --device-id 3 is the CD-ROM and never valid");
                 return ExitCode::from(2);
             }
-            (Action::Attach(AttachVolume { volume_id: volume, vm_id: vm, device_id }), common)
+            (
+                Action::Attach(AttachVolume {
+                    volume_id: volume,
+                    vm_id: vm,
+                    device_id,
+                }),
+                common,
+            )
         }
         Cmd::Detach { volume, common } => (Action::Detach { volume_id: volume }, common),
         Cmd::Delete { volume, common } => (Action::Delete { volume_id: volume }, common),
@@ -135,7 +166,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(url: &str, prefix: &str, command: &Command, common: &Common) -> Result<ExitCode, Error> {
+async fn run(
+    url: &str,
+    prefix: &str,
+    command: &Command,
+    common: &Common,
+) -> Result<ExitCode, Error> {
     let client = VolumeClient::connect(url, prefix).await?;
     client.declare_topology().await?;
     if !common.wait {
@@ -144,7 +180,11 @@ async fn run(url: &str, prefix: &str, command: &Command, common: &Common) -> Res
         return Ok(ExitCode::SUCCESS);
     }
     let pending = client.publish(command).await?;
-    eprintln!("published {} {}; waiting for its event…", command.operation_type(), command.command_id);
+    eprintln!(
+        "published {} {}; waiting for its event…",
+        command.operation_type(),
+        command.command_id
+    );
     let event = pending.wait(Duration::from_secs(common.timeout)).await?;
     print_event(&event, common.json);
     Ok(if event.data.status == OperationStatus::Completed {
@@ -156,13 +196,19 @@ async fn run(url: &str, prefix: &str, command: &Command, common: &Common) -> Res
 
 fn print_event(event: &CloudEvent, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(event).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(event).unwrap_or_default()
+        );
         return;
     }
     let d = &event.data;
     let mut line = format!("{}  operation {}", event.event_type, d.operation_id);
     if let Some(v) = &d.volume {
-        line.push_str(&format!("  volume {} ({}, {}, {} bytes)", v.id, v.name, v.state, v.size));
+        line.push_str(&format!(
+            "  volume {} ({}, {}, {} bytes)",
+            v.id, v.name, v.state, v.size
+        ));
     } else if let Some(v) = d.volume_id {
         line.push_str(&format!("  volume {v}"));
     }

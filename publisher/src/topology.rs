@@ -12,13 +12,19 @@ pub const DELIVERY_LIMIT: i32 = 5;
 /// The commands queue's arguments: quorum, single active consumer, dead-lettering.
 pub fn commands_queue_arguments(topology: &Topology) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(topology.dead_letter_exchange())),
     );
-    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(DELIVERY_LIMIT),
+    );
     args
 }
 
@@ -33,17 +39,35 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
         ..QueueDeclareOptions::default()
     };
     channel
-        .exchange_declare(topology.commands_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            topology.commands_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(topology.events_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            topology.events_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(topology.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .exchange_declare(
+            topology.dead_letter_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
 
     let mut quorum = FieldTable::default();
-    quorum.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     channel
         .queue_declare(topology.dead_letter_queue().into(), durable_queue, quorum)
         .await?;
@@ -58,7 +82,11 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
         .await?;
 
     channel
-        .queue_declare(topology.commands_queue().into(), durable_queue, commands_queue_arguments(topology))
+        .queue_declare(
+            topology.commands_queue().into(),
+            durable_queue,
+            commands_queue_arguments(topology),
+        )
         .await?;
     channel
         .queue_bind(

@@ -84,7 +84,7 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % GIB == 0 {
+        if self.0.is_multiple_of(GIB) {
             write!(f, "{}GiB", self.0 / GIB)
         } else {
             write!(f, "{}B", self.0)

@@ -153,6 +153,15 @@ impl Sim {
             .count()
     }
 
+    /// Every volume: id and name.
+    pub fn volumes(&self) -> Vec<(VolumeId, String)> {
+        self.lock()
+            .volumes
+            .values()
+            .map(|v| (v.id, v.name.clone()))
+            .collect()
+    }
+
     pub fn volume_count(&self) -> usize {
         self.lock().volumes.len()
     }

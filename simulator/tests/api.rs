@@ -46,7 +46,10 @@ async fn send_signed(
         .map(|(k, v)| format!("{k}={}", encode_value(v)))
         .chain([format!("signature={}", encode_value(signature))])
         .collect();
-    let resp = reqwest::get(format!("{}?{}", sim.api_url(), query.join("&")))
+    let resp = cloudstack::Client::http()
+        .expect("http")
+        .get(format!("{}?{}", sim.api_url(), query.join("&")))
+        .send()
         .await
         .expect("request");
     let status = resp.status().as_u16();
@@ -154,12 +157,15 @@ async fn rejects_wrong_secret_missing_signature_expired_and_unknown_command() {
 
     assert_eq!(send(&sim, &base, "wrong-secret").await.0, 401);
 
-    let resp = reqwest::get(format!(
-        "{}?apikey=sim-api-key&command=listZones&response=json",
-        sim.api_url()
-    ))
-    .await
-    .expect("request");
+    let resp = cloudstack::Client::http()
+        .expect("http")
+        .get(format!(
+            "{}?apikey=sim-api-key&command=listZones&response=json",
+            sim.api_url()
+        ))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(resp.status().as_u16(), 401, "no signature");
 
     let expired = (chrono::Utc::now() - chrono::Duration::minutes(1))

@@ -1,1 +1,12 @@
+//! End-to-end tests: the real `volume-daemon` binary against the real RabbitMQ and MariaDB of
+//! this machine, with the CloudStack simulator on a real port.
+//!
+//! Every test builds its own [`helpers::TestEnv`]: its own `AMQP_PREFIX`, its own database and
+//! its own simulator, so tests run in parallel and leave nothing behind. A missing broker or
+//! database fails the test loudly; nothing is skipped.
 
+mod helpers;
+
+mod create;
+mod outages;
+mod rejections;

@@ -18,13 +18,13 @@ use crate::cloud::Cloud;
 use crate::config::Settings;
 use crate::context::Context;
 use crate::db::{self, DbError};
+use crate::executor;
 use crate::http::{self, HttpState};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::status::Status;
 use crate::store::Store;
-use crate::executor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -86,7 +86,14 @@ impl Application {
             deadline: settings.job_timeout(),
             ..JobPolling::default()
         };
-        let cloud = Cloud::new(Client::http()?, pool.clone(), env_creds, settings.cloudstack_zone_id, retry, polling);
+        let cloud = Cloud::new(
+            Client::http()?,
+            pool.clone(),
+            env_creds,
+            settings.cloudstack_zone_id,
+            retry,
+            polling,
+        );
         Ok(Self {
             settings,
             pool,
@@ -97,12 +104,17 @@ impl Application {
 
     /// The bound HTTP address (useful when `HTTP_ADDR` asked for port 0).
     pub fn http_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.settings.http_addr)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.http_addr)
     }
 
     /// Runs until `shutdown` resolves, then: stop consuming, give in-flight operations
     /// `SHUTDOWN_GRACE_S` to reach a safe point, publish what the outbox holds, stop serving.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
         let Self {
             settings,
             pool,
@@ -128,7 +140,11 @@ impl Application {
                 metrics: metrics.clone(),
             });
             let stop = http_stop.clone();
-            async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await }
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            }
         });
 
         let relay_stop = CancellationToken::new();
@@ -146,7 +162,12 @@ impl Application {
 
         let max = usize::from(settings.max_concurrent_operations);
         let (ops_tx, ops_rx) = mpsc::channel(max);
-        let executor = tokio::spawn(executor::run(ctx.clone(), ops_rx, max, settings.shutdown_grace()));
+        let executor = tokio::spawn(executor::run(
+            ctx.clone(),
+            ops_rx,
+            max,
+            settings.shutdown_grace(),
+        ));
 
         // Operations accepted before a restart go first.
         let resumed = match ctx.store.resumable().await {

@@ -77,8 +77,9 @@ impl Cloud {
             )
         })?;
         let get = |col: &str| -> Result<Option<String>, EventError> {
-            row.try_get(col)
-                .map_err(|e| EventError::new(ErrorCode::Internal, format!("ossea_configs.{col}: {e}")))
+            row.try_get(col).map_err(|e| {
+                EventError::new(ErrorCode::Internal, format!("ossea_configs.{col}: {e}"))
+            })
         };
         let name = get("name")?.unwrap_or_default();
         let creds = Credentials {
@@ -105,13 +106,15 @@ pub fn classify(e: &CloudStackError) -> EventError {
         CloudStackError::Api { code, .. } => match code {
             401 | 531 => ErrorCode::CloudstackUnauthorized,
             429 | 532 => ErrorCode::CloudstackLimit,
-            430 | 431 | 432 => ErrorCode::CloudstackInvalidParameter,
+            430..=432 => ErrorCode::CloudstackInvalidParameter,
             536 => ErrorCode::VolumeInUse,
             503 | 530 | 533 | 534 => ErrorCode::CloudstackUnavailable,
             _ => ErrorCode::Internal,
         },
         CloudStackError::Transport { .. } => ErrorCode::CloudstackUnavailable,
-        CloudStackError::JobFailed { .. } | CloudStackError::JobCancelled { .. } => ErrorCode::CloudstackJobFailed,
+        CloudStackError::JobFailed { .. } | CloudStackError::JobCancelled { .. } => {
+            ErrorCode::CloudstackJobFailed
+        }
         CloudStackError::Deadline { .. } => ErrorCode::Timeout,
         CloudStackError::Decode { .. } => ErrorCode::Internal,
     };
@@ -133,7 +136,10 @@ mod tests {
 
     #[test]
     fn maps_cloudstack_codes_to_contract_codes() {
-        assert_eq!(classify(&api(431)).code, ErrorCode::CloudstackInvalidParameter);
+        assert_eq!(
+            classify(&api(431)).code,
+            ErrorCode::CloudstackInvalidParameter
+        );
         assert_eq!(classify(&api(431)).cloudstack_error_code, Some(431));
         assert_eq!(classify(&api(401)).code, ErrorCode::CloudstackUnauthorized);
         assert_eq!(classify(&api(429)).code, ErrorCode::CloudstackLimit);

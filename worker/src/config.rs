@@ -21,13 +21,23 @@ pub enum LogFormat {
 #[command(name = "volume-daemon", version, about, long_about = None)]
 pub struct Settings {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume")]
     pub amqp_prefix: String,
     /// MySQL 8 / MariaDB 10.6+; the database is created if missing and migrated at start.
-    #[arg(long, env = "DATABASE_URL", default_value = "mysql://root@127.0.0.1:3306/volume_daemon", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/volume_daemon",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// Address of the health, readiness and metrics server.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8090")]
@@ -99,8 +109,14 @@ impl fmt::Debug for Settings {
             .field("database_url", &publisher::redact_url(&self.database_url))
             .field("http_addr", &self.http_addr)
             .field("cloudstack_api_url", &self.cloudstack_api_url)
-            .field("cloudstack_api_key", &self.cloudstack_api_key.as_ref().map(|_| "<set>"))
-            .field("cloudstack_secret_key", &self.cloudstack_secret_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "cloudstack_api_key",
+                &self.cloudstack_api_key.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "cloudstack_secret_key",
+                &self.cloudstack_secret_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("cloudstack_zone_id", &self.cloudstack_zone_id)
             .field("host_vm_id", &self.host_vm_id)
             .field("sysfs_root", &self.sysfs_root)
@@ -130,9 +146,18 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_the_variable_named() {
-        let err = Settings::try_parse_from(["volume-daemon", "--host-vm-id", "vm-1"]).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("host-vm-id") && err.contains("not a UUID"), "{err}");
-        let err = Settings::try_parse_from(["volume-daemon", "--max-concurrent-operations", "0"]).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Settings::try_parse_from(["volume-daemon", "--host-vm-id", "vm-1"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("host-vm-id") && err.contains("not a UUID"),
+            "{err}"
+        );
+        let err = Settings::try_parse_from(["volume-daemon", "--max-concurrent-operations", "0"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("max-concurrent-operations"), "{err}");
     }
 
@@ -140,11 +165,16 @@ mod tests {
     fn debug_hides_secrets() {
         let s = Settings::try_parse_from([
             "volume-daemon",
-            "--amqp-url", "amqp://u:topsecret@h/%2f",
-            "--cloudstack-secret-key", "hush",
+            "--amqp-url",
+            "amqp://u:topsecret@h/%2f",
+            "--cloudstack-secret-key",
+            "hush",
         ])
         .expect("parse");
         let shown = format!("{s:?}");
-        assert!(!shown.contains("topsecret") && !shown.contains("hush"), "{shown}");
+        assert!(
+            !shown.contains("topsecret") && !shown.contains("hush"),
+            "{shown}"
+        );
     }
 }

@@ -31,7 +31,12 @@ const DB_RETRY: Duration = Duration::from_millis(500);
 impl Context {
     /// Stores the job id of `op` before it is polled, retrying while the database is down.
     /// Fails only when shutting down first (the operation then resumes at the next start).
-    pub async fn record_job(&self, op: &mut Operation, volume: Option<VolumeId>, job: &JobId) -> Result<(), Halt> {
+    pub async fn record_job(
+        &self,
+        op: &mut Operation,
+        volume: Option<VolumeId>,
+        job: &JobId,
+    ) -> Result<(), Halt> {
         loop {
             match self.store.record_job(op.id(), volume, job).await {
                 Ok(()) => break,
@@ -49,6 +54,19 @@ impl Context {
         op.job_id = Some(job.clone());
         op.volume_id = volume.or(op.volume_id);
         Ok(())
+    }
+
+    /// Runs `work` unless shutdown comes first. Waiting on CloudStack is interrupted this way
+    /// once the job id is stored: that is a safe point to resume from.
+    pub async fn until_shutdown<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Halt> {
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(Halt::Interrupted(format!("shut down while {what}"))),
+            out = work => Ok(out),
+        }
     }
 
     /// Commits the outcome of `op` and its event, retrying while the database is down, then

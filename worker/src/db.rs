@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use sqlx::MySql;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
-use sqlx::MySql;
 
 /// The embedded migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -35,10 +35,12 @@ pub enum DbError {
 /// Connects to `url`, creating the database if it does not exist, and applies migrations.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySqlPool, DbError> {
     let shown = publisher::redact_url(url);
-    let exists = MySql::database_exists(url).await.map_err(|source| DbError::Connect {
-        url: shown.clone(),
-        source,
-    })?;
+    let exists = MySql::database_exists(url)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
     if !exists {
         tracing::info!(url = %shown, "creating the database");
         if let Err(source) = MySql::create_database(url).await {
@@ -57,6 +59,9 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySq
             url: shown.clone(),
             source,
         })?;
-    MIGRATOR.run(&pool).await.map_err(|source| DbError::Migrate { url: shown, source })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| DbError::Migrate { url: shown, source })?;
     Ok(pool)
 }

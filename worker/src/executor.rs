@@ -16,7 +16,12 @@ use crate::operation::{self, Operation};
 /// Receives operations until the channel closes or shutdown fires, then gives in-flight
 /// operations `grace` to reach a safe point before aborting them (they resume at the next
 /// start: their rows are still pending or executing).
-pub async fn run(ctx: Arc<Context>, mut ops: mpsc::Receiver<Operation>, max_concurrent: usize, grace: Duration) {
+pub async fn run(
+    ctx: Arc<Context>,
+    mut ops: mpsc::Receiver<Operation>,
+    max_concurrent: usize,
+    grace: Duration,
+) {
     let permits = Arc::new(Semaphore::new(max_concurrent));
     let mut tasks = JoinSet::new();
     loop {
@@ -44,7 +49,11 @@ pub async fn run(ctx: Arc<Context>, mut ops: mpsc::Receiver<Operation>, max_conc
         });
     }
     if !tasks.is_empty() {
-        tracing::info!(in_flight = tasks.len(), grace_s = grace.as_secs(), "waiting for in-flight operations");
+        tracing::info!(
+            in_flight = tasks.len(),
+            grace_s = grace.as_secs(),
+            "waiting for in-flight operations"
+        );
     }
     let drained = tokio::time::timeout(grace, async {
         while let Some(done) = tasks.join_next().await {
@@ -53,7 +62,10 @@ pub async fn run(ctx: Arc<Context>, mut ops: mpsc::Receiver<Operation>, max_conc
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(aborted = tasks.len(), "grace period over; aborting operations (they resume at the next start)");
+        tracing::warn!(
+            aborted = tasks.len(),
+            "grace period over; aborting operations (they resume at the next start)"
+        );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

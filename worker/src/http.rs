@@ -66,12 +66,17 @@ async fn ready(State(s): State<HttpState>) -> Response {
             "oldest_unpublished_age_s": oldest_age_s,
         },
     });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await {
+    if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await
+    {
         let age = b
             .oldest
             .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
@@ -79,7 +84,10 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         s.metrics.set_outbox(b.count, age);
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
         .into_response()

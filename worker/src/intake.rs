@@ -10,13 +10,19 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Confirmation};
 use tokio::sync::mpsc;
 
-use schema::{CloudEvent, Command, EventData, EventError, EventId, InvalidCommand, MessageProps, OperationStatus, OperationType, Topology};
 use schema::ErrorCode;
+use schema::{
+    CloudEvent, Command, EventData, EventError, EventId, InvalidCommand, MessageProps,
+    OperationStatus, OperationType, Topology,
+};
 
 use crate::broker::{self, Backoff};
 use crate::context::Context;
@@ -72,8 +78,12 @@ impl Intake {
         let conn = broker::connect(&self.amqp_url, "volume-daemon intake").await?;
         let channel = conn.create_channel().await?;
         publisher::topology::declare(&channel, &self.topology).await?;
-        channel.basic_qos(self.prefetch, BasicQosOptions { global: false }).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 self.topology.commands_queue().into(),
@@ -138,7 +148,7 @@ impl Intake {
                 self.ctx.metrics.command_received("accepted");
                 tracing::info!(operation_id = %id, r#type = %op.command.operation_type(), "command accepted");
                 // If the executor is gone we are shutting down: the row is pending and resumes.
-                let _ = self.ops.send(op).await;
+                let _ = self.ops.send(*op).await;
             }
             Accepted::InFlight => {
                 self.ctx.metrics.command_received("duplicate");
@@ -154,7 +164,12 @@ impl Intake {
     }
 
     /// Dead-letters an invalid message with its reason, and tells the producer when possible.
-    async fn reject(&self, channel: &Channel, delivery: Delivery, invalid: InvalidCommand) -> Result<(), IntakeError> {
+    async fn reject(
+        &self,
+        channel: &Channel,
+        delivery: Delivery,
+        invalid: InvalidCommand,
+    ) -> Result<(), IntakeError> {
         self.ctx.metrics.command_received("invalid");
         tracing::warn!(
             operation_id = invalid.command_id.as_ref().map(|c| c.to_string()),
@@ -163,15 +178,26 @@ impl Intake {
             "invalid command; dead-lettering it"
         );
         if let Some(event) = rejection_event(&invalid, delivery.routing_key.as_str()) {
-            match self.ctx.store.queue_rejection_event(&event, invalid.reply_to.as_deref()).await {
+            match self
+                .ctx
+                .store
+                .queue_rejection_event(&event, invalid.reply_to.as_deref())
+                .await
+            {
                 Ok(()) => self.ctx.relay_wakeup.notify_one(),
                 Err(e) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
             }
         }
 
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(REJECTION_REASON_HEADER.into(), AMQPValue::LongString(LongString::from(invalid.reason.as_str())));
-        headers.insert("x-original-routing-key".into(), AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())));
+        headers.insert(
+            REJECTION_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(invalid.reason.as_str())),
+        );
+        headers.insert(
+            "x-original-routing-key".into(),
+            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+        );
         let props = delivery.properties.clone().with_headers(headers);
         let published = async {
             channel
@@ -193,7 +219,10 @@ impl Intake {
             other => {
                 // Let the broker dead-letter it instead (without our reason header).
                 tracing::warn!(result = ?other.map(|c| c.is_ack()), "publishing to the dead-letter exchange failed; rejecting");
-                delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
             }
         }
         Ok(())
@@ -204,9 +233,11 @@ impl Intake {
 /// valid command id and a known type (from its body, else its routing key).
 fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudEvent> {
     let command_id = invalid.command_id.clone()?;
-    let op_type = invalid
-        .op_type
-        .or_else(|| routing_key.strip_prefix("volume.").and_then(OperationType::parse))?;
+    let op_type = invalid.op_type.or_else(|| {
+        routing_key
+            .strip_prefix("volume.")
+            .and_then(OperationType::parse)
+    })?;
     let now = store::now();
     Some(CloudEvent::new(
         EventId::new_random(),
@@ -223,7 +254,10 @@ fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudE
             by_id_path: None,
             mode: None,
             metadata: Default::default(),
-            error: Some(EventError::new(ErrorCode::InvalidCommand, invalid.reason.clone())),
+            error: Some(EventError::new(
+                ErrorCode::InvalidCommand,
+                invalid.reason.clone(),
+            )),
             created_at: now,
             completed_at: now,
             duration_ms: 0,

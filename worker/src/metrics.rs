@@ -49,7 +49,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("volume_daemon");
         let operations = Family::<OperationLabels, Counter>::default();
-        registry.register("operations", "Operations ended, by type and outcome", operations.clone());
+        registry.register(
+            "operations",
+            "Operations ended, by type and outcome",
+            operations.clone(),
+        );
         let duration = Family::<TypeLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.05, 2.0, 14))
         });
@@ -59,11 +63,23 @@ impl Metrics {
             duration.clone(),
         );
         let commands = Family::<ResultLabels, Counter>::default();
-        registry.register("commands_received", "Command messages received, by result", commands.clone());
+        registry.register(
+            "commands_received",
+            "Command messages received, by result",
+            commands.clone(),
+        );
         let events_published = Counter::default();
-        registry.register("events_published", "Events confirmed by the broker", events_published.clone());
+        registry.register(
+            "events_published",
+            "Events confirmed by the broker",
+            events_published.clone(),
+        );
         let outbox_backlog = Gauge::default();
-        registry.register("outbox_backlog", "Events not yet confirmed by the broker", outbox_backlog.clone());
+        registry.register(
+            "outbox_backlog",
+            "Events not yet confirmed by the broker",
+            outbox_backlog.clone(),
+        );
         let outbox_oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "outbox_oldest_age_seconds",
@@ -88,16 +104,26 @@ impl Metrics {
             Err(e) => e.code.as_str().to_owned(),
         };
         self.operations
-            .get_or_create(&OperationLabels { r#type: r#type.clone(), outcome })
+            .get_or_create(&OperationLabels {
+                r#type: r#type.clone(),
+                outcome,
+            })
             .inc();
-        let seconds = (crate::store::now() - op.created_at).num_milliseconds().max(0) as f64 / 1000.0;
-        self.duration.get_or_create(&TypeLabels { r#type }).observe(seconds);
+        let seconds = (crate::store::now() - op.created_at)
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0;
+        self.duration
+            .get_or_create(&TypeLabels { r#type })
+            .observe(seconds);
     }
 
     /// `accepted`, `duplicate` or `invalid`.
     pub fn command_received(&self, result: &str) {
         self.commands
-            .get_or_create(&ResultLabels { result: result.to_owned() })
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
             .inc();
     }
 
@@ -106,7 +132,8 @@ impl Metrics {
     }
 
     pub fn set_outbox(&self, backlog: u64, oldest_age_seconds: f64) {
-        self.outbox_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        self.outbox_backlog
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
         self.outbox_oldest_age.set(oldest_age_seconds);
     }
 

@@ -86,9 +86,11 @@ pub struct Backlog {
 }
 
 pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
-    let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL")
-        .fetch_one(pool)
-        .await?;
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
     let count: i64 = row.try_get("n")?;
     Ok(Backlog {
         count: u64::try_from(count).unwrap_or(0),

@@ -97,7 +97,9 @@ impl Relay {
     async fn open(&self) -> Result<(Connection, Channel), lapin::Error> {
         let conn = broker::connect(&self.amqp_url, "volume-daemon relay").await?;
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok((conn, channel))
     }
 
@@ -126,7 +128,13 @@ impl Relay {
             // The command asked for a direct answer too: through the default exchange.
             if let Some(queue) = row.reply_to.as_deref().and_then(short) {
                 let confirm = channel
-                    .basic_publish("".into(), queue, BasicPublishOptions::default(), row.payload.as_bytes(), props)
+                    .basic_publish(
+                        "".into(),
+                        queue,
+                        BasicPublishOptions::default(),
+                        row.payload.as_bytes(),
+                        props,
+                    )
                     .await?;
                 confirms.push((row.event_id.clone(), confirm));
             }

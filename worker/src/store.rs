@@ -5,7 +5,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::{MySqlPool, Row};
 
 use cloudstack::response::JobId;
-use schema::{CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId};
+use schema::{
+    CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId,
+};
 
 use crate::operation::{Operation, Outcome, event_for};
 use crate::outbox;
@@ -14,7 +16,7 @@ use crate::outbox;
 #[derive(Debug)]
 pub enum Accepted {
     /// A new operation, committed as `pending`.
-    New(Operation),
+    New(Box<Operation>),
     /// The same command id is already pending or executing: nothing to do.
     InFlight,
     /// The same command id already ended; its terminal event was queued again.
@@ -63,17 +65,21 @@ impl Store {
         .execute(&self.pool)
         .await;
         match inserted {
-            Ok(_) => Ok(Accepted::New(Operation::new(command, created_at))),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => self.duplicate(&command.command_id).await,
+            Ok(_) => Ok(Accepted::New(Box::new(Operation::new(command, created_at)))),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                self.duplicate(&command.command_id).await
+            }
             Err(e) => Err(e),
         }
     }
 
     async fn duplicate(&self, id: &CommandId) -> Result<Accepted, sqlx::Error> {
-        let row = sqlx::query("SELECT CAST(status AS CHAR) AS status, event_id FROM volume_operations WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT CAST(status AS CHAR) AS status, event_id FROM volume_operations WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
         let status: String = row.try_get("status")?;
         let event_id: Option<String> = row.try_get("event_id")?;
         match (OperationStatus::parse(&status), event_id) {
@@ -94,7 +100,11 @@ impl Store {
 
     /// Queues the failed event of a message that was not a valid command, unless an operation
     /// with that command id exists (its own event must stay the only terminal one).
-    pub async fn queue_rejection_event(&self, event: &CloudEvent, reply_to: Option<&str>) -> Result<(), sqlx::Error> {
+    pub async fn queue_rejection_event(
+        &self,
+        event: &CloudEvent,
+        reply_to: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let exists = sqlx::query("SELECT 1 FROM volume_operations WHERE id = ?")
             .bind(event.data.command_id.as_str())
@@ -121,7 +131,12 @@ impl Store {
 
     /// Records the CloudStack job (and, for a create, the new volume) before polling it, so a
     /// restart resumes from the job instead of starting a second one.
-    pub async fn record_job(&self, id: &CommandId, volume: Option<VolumeId>, job: &JobId) -> Result<(), sqlx::Error> {
+    pub async fn record_job(
+        &self,
+        id: &CommandId,
+        volume: Option<VolumeId>,
+        job: &JobId,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE volume_operations SET cloudstack_job_id = ?, volume_id = COALESCE(?, volume_id) WHERE id = ?",
         )
@@ -162,7 +177,13 @@ impl Store {
             tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
             return tx.rollback().await;
         }
-        outbox::insert(&mut tx, &event, &self.topology.events_exchange(), op.command.reply_to.as_deref()).await?;
+        outbox::insert(
+            &mut tx,
+            &event,
+            &self.topology.events_exchange(),
+            op.command.reply_to.as_deref(),
+        )
+        .await?;
         tx.commit().await
     }
 
@@ -194,7 +215,9 @@ impl Store {
                 }
             };
             let mut op = Operation::new(command, row.try_get("created_at")?);
-            op.job_id = row.try_get::<Option<String>, _>("cloudstack_job_id")?.map(JobId);
+            op.job_id = row
+                .try_get::<Option<String>, _>("cloudstack_job_id")?
+                .map(JobId);
             if let Some(v) = row.try_get::<Option<String>, _>("volume_id")? {
                 op.volume_id = VolumeId::parse(&v).ok().or(op.volume_id);
             }

@@ -9,7 +9,11 @@ use super::{Completion, Halt, Operation};
 use crate::cloud::classify;
 use crate::context::Context;
 
-pub async fn run(ctx: &Context, op: &mut Operation, create: &CreateVolume) -> Result<Completion, Halt> {
+pub async fn run(
+    ctx: &Context,
+    op: &mut Operation,
+    create: &CreateVolume,
+) -> Result<Completion, Halt> {
     let cs = ctx.cloud.session().await?;
     let client = &cs.client;
 
@@ -25,7 +29,12 @@ pub async fn run(ctx: &Context, op: &mut Operation, create: &CreateVolume) -> Re
                     .map_err(|e| classify(&e))?
                     .first()
                     .map(|z| z.id)
-                    .ok_or_else(|| EventError::new(ErrorCode::CloudstackInvalidParameter, "CloudStack lists no zone"))?,
+                    .ok_or_else(|| {
+                        EventError::new(
+                            ErrorCode::CloudstackInvalidParameter,
+                            "CloudStack lists no zone",
+                        )
+                    })?,
             };
             let offering = match create.disk_offering_id {
                 Some(o) => o,
@@ -44,7 +53,12 @@ pub async fn run(ctx: &Context, op: &mut Operation, create: &CreateVolume) -> Re
                     })?,
             };
             let (volume_id, job) = client
-                .create_volume(&create.name, zone, offering, Some(create.size.gib_rounded_up()))
+                .create_volume(
+                    &create.name,
+                    zone,
+                    offering,
+                    Some(create.size.gib_rounded_up()),
+                )
                 .await
                 .map_err(|e| classify(&e))?;
             tracing::info!(%volume_id, job = %job, "createVolume accepted");
@@ -53,13 +67,23 @@ pub async fn run(ctx: &Context, op: &mut Operation, create: &CreateVolume) -> Re
         }
     };
 
-    let volume = client
-        .wait_for_volume_job(&job, cs.polling)
-        .await
+    let volume = ctx
+        .until_shutdown(
+            &format!("waiting for job {job}"),
+            client.wait_for_volume_job(&job, cs.polling),
+        )
+        .await?
         .map_err(|e| classify(&e))?;
-    let zone_id = volume.zoneid.or(create.zone_id).or(cs.zone).ok_or_else(|| {
-        EventError::new(ErrorCode::Internal, format!("CloudStack reported volume {volume_id} without a zone"))
-    })?;
+    let zone_id = volume
+        .zoneid
+        .or(create.zone_id)
+        .or(cs.zone)
+        .ok_or_else(|| {
+            EventError::new(
+                ErrorCode::Internal,
+                format!("CloudStack reported volume {volume_id} without a zone"),
+            )
+        })?;
     let info = VolumeInfo {
         id: volume_id,
         name: volume.name.clone(),

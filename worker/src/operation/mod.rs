@@ -84,7 +84,12 @@ impl From<EventError> for Halt {
 }
 
 /// The terminal event of `op` with `outcome`.
-pub fn event_for(op: &Operation, outcome: &Outcome, id: EventId, completed_at: DateTime<Utc>) -> CloudEvent {
+pub fn event_for(
+    op: &Operation,
+    outcome: &Outcome,
+    id: EventId,
+    completed_at: DateTime<Utc>,
+) -> CloudEvent {
     let cmd = &op.command;
     let duration_ms = (completed_at - op.created_at).num_milliseconds().max(0) as u64;
     let empty = Completion::default();

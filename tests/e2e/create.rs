@@ -1,0 +1,281 @@
+//! The walking skeleton's path: a create command through the broker, CloudStack (simulated),
+//! MySQL and the outbox, back out as one event.
+
+use std::time::Duration;
+
+use schema::command::{Action, CreateVolume};
+use schema::{Command, ErrorCode, OperationStatus};
+
+use crate::helpers::{EventTap, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn create(name: &str, size: &str) -> Command {
+    Command::new(Action::Create(CreateVolume {
+        name: name.into(),
+        size: size.parse().expect("size"),
+        disk_offering_id: None,
+        zone_id: None,
+    }))
+}
+
+#[tokio::test]
+async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {
+    // Arrange
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let mut tap = EventTap::new(&env.prefix).await;
+    let client = env.client().await;
+    let mut cmd = create("migration-vm1-disk0", "10GiB");
+    cmd.correlation_id = Some("corr-42".into());
+    cmd.metadata.insert("purpose".into(), "migration".into());
+    let id = cmd.command_id.to_string();
+
+    // Act
+    client.publish_only(&cmd).await.expect("published");
+    let (props, event) = tap.expect("volume.create.completed", WAIT).await;
+
+    // Assert: the event
+    assert_eq!(event.event_type, "volume.create.completed");
+    assert_eq!(event.specversion, "1.0");
+    assert_eq!(event.source, "volume-daemon");
+    assert_eq!(event.data.command_id.as_str(), id);
+    assert_eq!(event.data.operation_id.as_str(), id);
+    assert_eq!(event.data.status, OperationStatus::Completed);
+    assert_eq!(event.data.correlation_id.as_deref(), Some("corr-42"));
+    assert_eq!(
+        event.data.metadata.get("purpose").map(String::as_str),
+        Some("migration")
+    );
+    assert!(event.data.error.is_none());
+    let volume = event
+        .data
+        .volume
+        .clone()
+        .expect("create events carry the volume");
+    let sim_volumes = env.sim.sim.volumes();
+    assert_eq!(sim_volumes.len(), 1, "exactly one volume was created");
+    assert_eq!(
+        volume.id, sim_volumes[0].0,
+        "the event carries the simulator's new volume id"
+    );
+    assert_eq!(event.data.volume_id, Some(volume.id));
+    assert_eq!(
+        event.subject.as_deref(),
+        Some(volume.id.to_string().as_str())
+    );
+    assert_eq!(volume.name, "migration-vm1-disk0");
+    assert_eq!(volume.size, 10 << 30);
+    assert_eq!(volume.zone_id, cloudstack_sim::ZONE_ID);
+    assert!(event.data.completed_at >= event.data.created_at);
+
+    // Assert: AMQP properties of CONTRACT §4
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.as_str()),
+        Some(event.id.to_string().as_str())
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("corr-42")
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/cloudevents+json")
+    );
+    assert_eq!(
+        props.kind().as_ref().map(|s| s.as_str()),
+        Some("volume.create.completed")
+    );
+    assert_eq!(*props.delivery_mode(), Some(2));
+
+    // Assert: the operation row and its outbox row
+    let row = env
+        .wait_for_operation(&id, WAIT, |r| r.status == "completed")
+        .await;
+    assert_eq!(
+        row.volume_id.as_deref(),
+        Some(volume.id.to_string().as_str())
+    );
+    assert_eq!(
+        row.request.as_ref().and_then(|r| r["name"].as_str()),
+        Some("migration-vm1-disk0")
+    );
+    assert_eq!(
+        row.request.as_ref().and_then(|r| r["size"].as_u64()),
+        Some(10 << 30)
+    );
+    assert_eq!(
+        row.response
+            .as_ref()
+            .and_then(|r| r["volume"]["id"].as_str()),
+        Some(volume.id.to_string().as_str())
+    );
+    assert!(row.cloudstack_job_id.is_some(), "the job id was stored");
+    assert_eq!(row.event_id.as_deref(), Some(event.id.to_string().as_str()));
+    let outbox = env.outbox().await;
+    assert_eq!(outbox.len(), 1, "{outbox:?}");
+    assert_eq!(outbox[0].0, event.id.to_string());
+    assert!(outbox[0].2, "the outbox row is marked published");
+
+    // Exactly one event, one createVolume.
+    assert!(
+        tap.next(Duration::from_secs(1)).await.is_none(),
+        "a second event arrived"
+    );
+    assert_eq!(env.sim.sim.call_count("createVolume"), 1);
+}
+
+#[tokio::test]
+async fn a_command_published_while_the_daemon_is_down_runs_when_it_starts() {
+    let mut env = TestEnv::new().await;
+    let client = env.client().await;
+    let pending = client
+        .publish(&create("queued-before-start", "1GiB"))
+        .await
+        .expect("published");
+
+    env.start_daemon().await;
+    let event = pending
+        .wait(WAIT)
+        .await
+        .expect("event once the daemon runs");
+
+    assert_eq!(event.event_type, "volume.create.completed");
+    assert_eq!(env.sim.sim.volume_count(), 1);
+}
+
+#[tokio::test]
+async fn a_bad_disk_offering_fails_with_cloudstack_invalid_parameter_after_one_call() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let client = env.client().await;
+    let mut cmd = create("bad-offering", "1GiB");
+    let bogus = schema::DiskOfferingId::new_random();
+    if let Action::Create(c) = &mut cmd.action {
+        c.disk_offering_id = Some(bogus);
+    }
+
+    let event = client
+        .publish(&cmd)
+        .await
+        .expect("published")
+        .wait(WAIT)
+        .await
+        .expect("event");
+
+    assert_eq!(event.event_type, "volume.create.failed");
+    let error = event.data.error.expect("failed events carry an error");
+    assert_eq!(error.code, ErrorCode::CloudstackInvalidParameter);
+    assert_eq!(error.cloudstack_error_code, Some(431));
+    assert!(!error.retryable);
+    assert!(
+        error.message.contains(&bogus.to_string()),
+        "{}",
+        error.message
+    );
+    assert!(!error.hint.is_empty());
+    assert_eq!(env.sim.sim.call_count("createVolume"), 1, "a 431 is final");
+    let row = env
+        .wait_for_operation(cmd.command_id.as_str(), WAIT, |r| r.status == "failed")
+        .await;
+    assert_eq!(
+        row.error_code.as_deref(),
+        Some("CLOUDSTACK_INVALID_PARAMETER")
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_completed_command_republishes_the_same_event() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let mut tap = EventTap::new(&env.prefix).await;
+    let client = env.client().await;
+    let cmd = create("dup", "1GiB");
+
+    client.publish_only(&cmd).await.expect("published");
+    let (_, first) = tap.expect("the first event", WAIT).await;
+    client.publish_only(&cmd).await.expect("published again");
+    let (_, second) = tap.expect("the re-published event", WAIT).await;
+
+    assert_eq!(first.id, second.id, "same event id");
+    assert_eq!(first, second);
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        1,
+        "no second execution"
+    );
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics_answer() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let client = env.client().await;
+    client
+        .publish(&create("m", "1GiB"))
+        .await
+        .expect("published")
+        .wait(WAIT)
+        .await
+        .expect("event");
+
+    let (status, health) = env.get_json("/health").await;
+    assert_eq!((status, health), (200, serde_json::json!({"status": "ok"})));
+    let (status, ready) = env.get_json("/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["role"], "active");
+    assert_eq!(ready["components"]["database"], "up");
+    assert_eq!(ready["outbox"]["backlog"], 0);
+
+    let metrics = crate::helpers::http()
+        .get(format!("http://{}/metrics", env.http_addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"volume_daemon_operations_total{type="create",outcome="completed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("volume_daemon_operation_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_daemon_promptly_and_an_interrupted_create_finishes_after_restart() {
+    let config = cloudstack_sim::SimConfig {
+        job_latency: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let mut env = TestEnv::with_sim(config).await;
+    env.start_daemon().await;
+    let client = env.client().await;
+    let cmd = create("interrupted", "1GiB");
+    let pending = client.publish(&cmd).await.expect("published");
+    let id = cmd.command_id.to_string();
+    env.wait_for_operation(&id, WAIT, |r| r.cloudstack_job_id.is_some())
+        .await;
+
+    let took = env.stop_daemon().await;
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    let row = env.operation(&id).await.expect("row");
+    assert_eq!(
+        row.status, "executing",
+        "left at a safe point: job id stored, not ended"
+    );
+
+    env.start_daemon().await;
+    let event = pending.wait(WAIT).await.expect("event after restart");
+    assert_eq!(event.event_type, "volume.create.completed");
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        1,
+        "resumed from the stored job, not re-created"
+    );
+    let row = env.operation(&id).await.expect("row");
+    assert_eq!(row.attempts, 2, "one attempt before the restart, one after");
+}

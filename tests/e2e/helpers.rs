@@ -1,0 +1,521 @@
+//! The test harness: [`TestEnv`] (isolated services + the daemon as a child process),
+//! [`EventTap`] (a subscriber on the events exchange) and [`TcpProxy`] (a link the test cuts).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Once;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, Consumer};
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::{MySqlPool, Row};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use cloudstack_sim::{RunningSim, SimConfig};
+use publisher::VolumeClient;
+use schema::CloudEvent;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+static TRACING: Once = Once::new();
+
+/// `TEST_LOG=1` shows the harness's own logs.
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
+        }
+    });
+}
+
+/// One test's world.
+pub struct TestEnv {
+    pub prefix: String,
+    pub db_name: String,
+    pub sim: RunningSim,
+    /// The broker URL the daemon uses (a [`TcpProxy`] in outage tests).
+    pub daemon_amqp_url: String,
+    pub http_addr: SocketAddr,
+    daemon: Option<Child>,
+    log_path: PathBuf,
+    pool: Option<MySqlPool>,
+    /// Extra environment for the daemon.
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with_sim(SimConfig::default()).await
+    }
+
+    pub async fn with_sim(config: SimConfig) -> Self {
+        init_tracing();
+        require_services().await;
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
+            .await
+            .expect("the simulator binds a port");
+        let log_dir = std::env::temp_dir().join("volume-daemon-e2e");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        Self {
+            prefix: format!("t{tag}"),
+            db_name: format!("vd_test_{tag}"),
+            sim,
+            daemon_amqp_url: AMQP_URL.into(),
+            http_addr: free_addr(),
+            daemon: None,
+            log_path: log_dir.join(format!("daemon-{tag}.log")),
+            pool: None,
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{MYSQL_SERVER}/{}", self.db_name)
+    }
+
+    /// Starts `volume-daemon` and waits until `/ready` answers 200.
+    pub async fn start_daemon(&mut self) {
+        self.spawn_daemon();
+        self.wait_ready(Duration::from_secs(30)).await;
+    }
+
+    /// Starts `volume-daemon` without waiting.
+    pub fn spawn_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("daemon log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AMQP_URL", &self.daemon_amqp_url)
+            .env("AMQP_PREFIX", &self.prefix)
+            .env("DATABASE_URL", self.database_url())
+            .env("HTTP_ADDR", self.http_addr.to_string())
+            .env("CLOUDSTACK_API_URL", self.sim.api_url())
+            .env("CLOUDSTACK_API_KEY", &self.sim.sim.config.api_key)
+            .env("CLOUDSTACK_SECRET_KEY", &self.sim.sim.config.secret_key)
+            .env("SHUTDOWN_GRACE_S", "5")
+            .env("RUST_LOG", "info,worker=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .kill_on_drop(true);
+        self.daemon = Some(cmd.spawn().expect("volume-daemon starts"));
+    }
+
+    pub async fn wait_ready(&mut self, within: Duration) {
+        let url = format!("http://{}/ready", self.http_addr);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(r) = http().get(&url).send().await
+                && r.status().as_u16() == 200
+            {
+                return;
+            }
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "volume-daemon exited with {status} before it was ready:\n{}",
+                    self.daemon_log()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "volume-daemon not ready within {within:?}:\n{}",
+                self.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long it took.
+    pub async fn stop_daemon(&mut self) -> Duration {
+        let mut child = self.daemon.take().expect("daemon running");
+        let started = tokio::time::Instant::now();
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("volume-daemon exits after SIGTERM")
+            .expect("wait");
+        assert!(
+            status.success(),
+            "volume-daemon exited with {status}:\n{}",
+            self.daemon_log()
+        );
+        started.elapsed()
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A publishing client on this test's prefix, topology declared.
+    pub async fn client(&self) -> VolumeClient {
+        let client = VolumeClient::connect(AMQP_URL, &self.prefix)
+            .await
+            .expect("broker reachable");
+        client.declare_topology().await.expect("topology declared");
+        client
+    }
+
+    /// A pool on the test database (which the daemon created).
+    pub async fn db(&mut self) -> MySqlPool {
+        if let Some(p) = &self.pool {
+            return p.clone();
+        }
+        let pool = MySqlPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.database_url())
+            .await
+            .expect("the test database exists (the daemon creates it)");
+        self.pool = Some(pool.clone());
+        pool
+    }
+
+    pub async fn operation(&mut self, id: &str) -> Option<OperationRow> {
+        let pool = self.db().await;
+        let row = sqlx::query(
+            "SELECT CAST(status AS CHAR) AS status, volume_id, CAST(request AS CHAR) AS request, \
+             CAST(response AS CHAR) AS response, error_code, cloudstack_job_id, event_id, attempts \
+             FROM volume_operations WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .expect("query volume_operations")?;
+        let json = |col: &str| -> Option<serde_json::Value> {
+            row.try_get::<Option<String>, _>(col)
+                .expect("column")
+                .map(|s| serde_json::from_str(&s).expect("valid JSON column"))
+        };
+        Some(OperationRow {
+            status: row.try_get("status").expect("status"),
+            volume_id: row.try_get("volume_id").expect("volume_id"),
+            request: json("request"),
+            response: json("response"),
+            error_code: row.try_get("error_code").expect("error_code"),
+            cloudstack_job_id: row.try_get("cloudstack_job_id").expect("job"),
+            event_id: row.try_get("event_id").expect("event_id"),
+            attempts: row.try_get("attempts").expect("attempts"),
+        })
+    }
+
+    /// Polls until `check` holds for the operation row.
+    pub async fn wait_for_operation(
+        &mut self,
+        id: &str,
+        within: Duration,
+        check: impl Fn(&OperationRow) -> bool,
+    ) -> OperationRow {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(row) = self.operation(id).await
+                && check(&row)
+            {
+                return row;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operation {id} did not reach the expected state within {within:?}; now {:?}\n{}",
+                self.operation(id).await,
+                self.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Outbox rows: (event_id, routing_key, published?).
+    pub async fn outbox(&mut self) -> Vec<(String, String, bool)> {
+        let pool = self.db().await;
+        sqlx::query("SELECT event_id, routing_key, published_at IS NOT NULL AS published FROM outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("query outbox")
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>("event_id"),
+                    r.get::<String, _>("routing_key"),
+                    r.get::<i64, _>("published") == 1,
+                )
+            })
+            .collect()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = http()
+            .get(format!("http://{}{path}", self.http_addr))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- volume-daemon log ({}) ---\n{}",
+                self.log_path.display(),
+                self.daemon_log()
+            );
+        }
+        let prefix = self.prefix.clone();
+        let db = self.db_name.clone();
+        let log = self.log_path.clone();
+        // Async clean-up on a thread of its own: Drop cannot await, and this runtime may be
+        // shutting down.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(cleanup(&prefix, &db));
+            let _ = std::fs::remove_file(log);
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("clean-up of {} failed", self.prefix);
+        }
+    }
+}
+
+async fn cleanup(prefix: &str, db: &str) {
+    let topology = schema::Topology::new(prefix);
+    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+        for q in [topology.commands_queue(), topology.dead_letter_queue()] {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+        }
+        for x in [
+            topology.commands_exchange(),
+            topology.events_exchange(),
+            topology.dead_letter_exchange(),
+        ] {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .exchange_delete(x.as_str().into(), Default::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "".into()).await;
+    }
+    if let Ok(pool) = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(MYSQL_SERVER)
+        .await
+    {
+        let drop = format!("DROP DATABASE IF EXISTS `{db}`");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+        pool.close().await;
+    }
+}
+
+/// Fails loudly, naming the fix, when the broker or the database is not running.
+async fn require_services() {
+    if let Err(e) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+        panic!(
+            "RabbitMQ is not reachable at 127.0.0.1:5672 ({e}); start it with `rabbitmq-server -detached`"
+        );
+    }
+    if let Err(e) = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(MYSQL_SERVER)
+        .await
+    {
+        panic!(
+            "MariaDB is not reachable at 127.0.0.1:3306 ({e}); start it with \
+             `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`"
+        );
+    }
+}
+
+/// An HTTP client (rustls needs its crypto provider installed first, which this does).
+pub fn http() -> reqwest::Client {
+    cloudstack::Client::http().expect("HTTP client")
+}
+
+/// A free local port (bound then released).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+#[derive(Debug, Clone)]
+pub struct OperationRow {
+    pub status: String,
+    pub volume_id: Option<String>,
+    pub request: Option<serde_json::Value>,
+    pub response: Option<serde_json::Value>,
+    pub error_code: Option<String>,
+    pub cloudstack_job_id: Option<String>,
+    pub event_id: Option<String>,
+    pub attempts: u32,
+}
+
+/// A subscriber bound to every event of a prefix, from the moment it is created.
+pub struct EventTap {
+    _conn: Connection,
+    consumer: Consumer,
+}
+
+impl EventTap {
+    pub async fn new(prefix: &str) -> Self {
+        Self::bound(
+            prefix,
+            &schema::Topology::new(prefix).events_exchange(),
+            "#",
+        )
+        .await
+    }
+
+    /// Bound to `exchange` with `key` (for the dead-letter exchange, too).
+    pub async fn bound(prefix: &str, exchange: &str, key: &str) -> Self {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        publisher::topology::declare(&ch, &schema::Topology::new(prefix))
+            .await
+            .expect("topology");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("tap queue");
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind tap");
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume tap");
+        Self {
+            _conn: conn,
+            consumer,
+        }
+    }
+
+    /// The next raw message within `within`.
+    pub async fn next_raw(&mut self, within: Duration) -> Option<(BasicProperties, Vec<u8>)> {
+        match tokio::time::timeout(within, self.consumer.next()).await {
+            Ok(Some(Ok(d))) => Some((d.properties, d.data)),
+            Ok(Some(Err(e))) => panic!("tap failed: {e}"),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// The next event within `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<(BasicProperties, CloudEvent)> {
+        let (props, body) = self.next_raw(within).await?;
+        let event = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!("not a CloudEvent ({e}): {}", String::from_utf8_lossy(&body))
+        });
+        Some((props, event))
+    }
+
+    /// The next event, or a panic naming what was awaited.
+    pub async fn expect(&mut self, what: &str, within: Duration) -> (BasicProperties, CloudEvent) {
+        self.next(within)
+            .await
+            .unwrap_or_else(|| panic!("no event within {within:?}: expected {what}"))
+    }
+}
+
+/// A TCP link between the daemon and a service that the test can cut and restore.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (up, _) = watch::channel(true);
+        let up_rx = up.subscribe();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut state = up_rx.clone();
+                if !*state.borrow() {
+                    drop(inbound); // refused while cut
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = state.wait_for(|up| !*up) => {} // cut: both sockets drop
+                    }
+                });
+            }
+        });
+        Self { addr, up, task }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,69 @@
+//! Outages the test causes itself, through a TCP proxy between the daemon and the broker.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use schema::Command;
+use schema::command::{Action, CreateVolume};
+
+use crate::helpers::{EventTap, TcpProxy, TestEnv};
+
+#[tokio::test]
+async fn events_written_while_the_broker_is_unreachable_are_published_when_it_returns() {
+    // Arrange: the daemon reaches the broker only through a proxy; jobs take 1.5 s.
+    let config = cloudstack_sim::SimConfig {
+        job_latency: Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let mut env = TestEnv::with_sim(config).await;
+    let broker: SocketAddr = "127.0.0.1:5672".parse().expect("addr");
+    let proxy = TcpProxy::start(broker).await;
+    env.daemon_amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    env.start_daemon().await;
+    let mut tap = EventTap::new(&env.prefix).await;
+    let client = env.client().await;
+    let cmd = Command::new(Action::Create(CreateVolume {
+        name: "during-outage".into(),
+        size: "1GiB".parse().expect("size"),
+        disk_offering_id: None,
+        zone_id: None,
+    }));
+    let id = cmd.command_id.to_string();
+
+    // Act: cut the broker while the job runs; the operation ends during the outage.
+    client.publish_only(&cmd).await.expect("published");
+    env.wait_for_operation(&id, Duration::from_secs(20), |r| {
+        r.cloudstack_job_id.is_some()
+    })
+    .await;
+    proxy.cut();
+    env.wait_for_operation(&id, Duration::from_secs(20), |r| r.status == "completed")
+        .await;
+    let outbox = env.outbox().await;
+    assert_eq!(outbox.len(), 1);
+    assert!(
+        !outbox[0].2,
+        "not published while the broker is unreachable"
+    );
+    let (status, ready) = env.get_json("/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["outbox"]["backlog"], 1, "{ready}");
+    assert!(
+        tap.next(Duration::from_millis(500)).await.is_none(),
+        "nothing can leave yet"
+    );
+
+    proxy.restore();
+
+    // Assert: the event leaves once the broker is back, and the daemon is ready again.
+    let (_, event) = tap
+        .expect("the event held in the outbox", Duration::from_secs(20))
+        .await;
+    assert_eq!(event.data.command_id.as_str(), id);
+    assert_eq!(event.event_type, "volume.create.completed");
+    env.wait_ready(Duration::from_secs(20)).await;
+    assert!(
+        env.outbox().await[0].2,
+        "marked published after the confirm"
+    );
+}
