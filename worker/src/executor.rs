@@ -48,6 +48,9 @@ pub async fn run(
             drop(permit);
         });
     }
+    while let Some(done) = tasks.try_join_next() {
+        report(done);
+    }
     if !tasks.is_empty() {
         tracing::info!(
             in_flight = tasks.len(),

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Makes sure RabbitMQ (127.0.0.1:5672, guest/guest) and MariaDB/MySQL (127.0.0.1:3306) are
+# running, installing them with apt-get on a fresh Debian/Ubuntu machine if they are missing,
+# and that root can log in over TCP without a password (what DATABASE_URL's default expects).
+# Sourced by scripts/run-daemon and scripts/test; safe to run again.
+set -euo pipefail
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port name seconds
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    port_open "$1" && return 0
+    sleep 0.1
+  done
+  log "$2 did not open port $1 within $3 s"
+  return 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  command -v apt-get >/dev/null || { log "cannot install $*: no apt-get; install it yourself"; exit 1; }
+  log "installing $* with apt-get"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_rabbitmq() {
+  port_open 5672 && return 0
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port 5672 RabbitMQ 60
+}
+
+ensure_mariadb() {
+  if ! port_open 3306; then
+    command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || apt_install mariadb-server
+    log "starting MariaDB"
+    as_root mkdir -p /run/mysqld
+    as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    wait_port 3306 MariaDB 60
+  fi
+  # Debian's root authenticates by unix socket only; the daemon connects over TCP with no
+  # password. Add plain mysql_native_password for root@127.0.0.1 when that is missing.
+  if ! mariadb -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
+    log "allowing root@127.0.0.1 over TCP without a password (local development only)"
+    as_root mariadb -u root -e "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED VIA mysql_native_password USING PASSWORD('');
+      GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES;"
+  fi
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    log "cargo not found: install Rust 1.94 or newer with rustup (https://rustup.rs), then run this again"
+    exit 1
+  fi
+}
+
+ensure_rust
+ensure_rabbitmq
+ensure_mariadb
+log "RabbitMQ and MariaDB are up"
