@@ -8,10 +8,12 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use serde_json::Value;
 
-use schema::{DiskOfferingId, VolumeId, ZoneId};
+use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
 
 use crate::error::CloudStackError;
-use crate::response::{self, AsyncJob, DiskOffering, JobId, JobStatus, Volume, Zone};
+use crate::response::{
+    self, AsyncJob, DiskOffering, JobId, JobStatus, VirtualMachine, Volume, Zone,
+};
 use crate::signing;
 
 /// Where and as whom to call CloudStack. Re-read for every operation, so a rotated key
@@ -210,6 +212,51 @@ impl Client {
         response::parse_create_volume(&inner)
     }
 
+    /// `attachVolume` (async). `device_id` 0 attaches as the root disk; `None` lets CloudStack
+    /// pick the next free slot.
+    pub async fn attach_volume(
+        &self,
+        volume: VolumeId,
+        vm: VmId,
+        device_id: Option<u32>,
+    ) -> Result<JobId, CloudStackError> {
+        let mut params = vec![
+            ("id", volume.to_string()),
+            ("virtualmachineid", vm.to_string()),
+        ];
+        if let Some(d) = device_id {
+            params.push(("deviceid", d.to_string()));
+        }
+        let inner = self.request("attachVolume", &params, true).await?;
+        response::parse_job_id("attachVolume", &inner)
+    }
+
+    /// `detachVolume` (async).
+    pub async fn detach_volume(&self, volume: VolumeId) -> Result<JobId, CloudStackError> {
+        let inner = self
+            .request("detachVolume", &[("id", volume.to_string())], true)
+            .await?;
+        response::parse_job_id("detachVolume", &inner)
+    }
+
+    /// `deleteVolume` (synchronous).
+    pub async fn delete_volume(&self, volume: VolumeId) -> Result<(), CloudStackError> {
+        let inner = self
+            .request("deleteVolume", &[("id", volume.to_string())], true)
+            .await?;
+        response::parse_success("deleteVolume", &inner)
+    }
+
+    /// One volume, or `None` when CloudStack does not know it (an empty list, or the 431
+    /// CloudStack answers for an id that does not exist).
+    pub async fn get_volume(&self, volume: VolumeId) -> Result<Option<Volume>, CloudStackError> {
+        match self.list_volumes(&[("id", volume.to_string())]).await {
+            Ok(mut found) => Ok(found.pop()),
+            Err(CloudStackError::Api { code: 431, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `queryAsyncJobResult`, retried on transient errors (it is read-only).
     pub async fn query_job(&self, job: &JobId) -> Result<AsyncJob, CloudStackError> {
         let inner = self
@@ -276,6 +323,16 @@ impl Client {
         params.extend(filters.iter().cloned());
         let inner = self.request("listVolumes", &params, false).await?;
         response::parse_list("listVolumes", "volume", &inner)
+    }
+
+    pub async fn list_virtual_machines(
+        &self,
+        filters: &[(&str, String)],
+    ) -> Result<Vec<VirtualMachine>, CloudStackError> {
+        let mut params = vec![("listall", "true".to_owned())];
+        params.extend(filters.iter().cloned());
+        let inner = self.request("listVirtualMachines", &params, false).await?;
+        response::parse_list("listVirtualMachines", "virtualmachine", &inner)
     }
 
     pub async fn list_zones(&self) -> Result<Vec<Zone>, CloudStackError> {

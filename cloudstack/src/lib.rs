@@ -14,4 +14,4 @@ pub mod signing;
 
 pub use client::{Client, Credentials, JobPolling, RetryPolicy};
 pub use error::CloudStackError;
-pub use response::{AsyncJob, DiskOffering, JobStatus, Volume, Zone};
+pub use response::{AsyncJob, DiskOffering, JobId, JobStatus, VirtualMachine, Volume, Zone};

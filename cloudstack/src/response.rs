@@ -45,6 +45,17 @@ pub struct Volume {
     pub created: Option<String>,
     #[serde(default)]
     pub jobid: Option<String>,
+    /// Status of the latest async job on the volume (0 while it runs).
+    #[serde(default)]
+    pub jobstatus: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VirtualMachine {
+    pub id: VmId,
+    pub name: String,
+    #[serde(default)]
+    pub state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

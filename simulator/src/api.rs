@@ -3,27 +3,66 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use chrono::{NaiveDateTime, Utc};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
+use schema::VmId;
+
+use crate::faults::Faults;
 use crate::state::{ApiError, CallRecord, Sim};
 
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/client/api", get(api).post(api))
         .route("/sim/calls", get(calls))
+        .route("/sim/faults", get(get_faults).post(set_faults))
+        .route("/sim/keys", post(set_keys))
+        .route("/sim/vms", post(add_vm))
         .with_state(sim)
 }
 
 async fn calls(State(sim): State<Arc<Sim>>) -> Json<Vec<CallRecord>> {
     Json(sim.calls())
+}
+
+async fn get_faults(State(sim): State<Arc<Sim>>) -> Json<Faults> {
+    Json(sim.faults())
+}
+
+async fn set_faults(State(sim): State<Arc<Sim>>, Json(faults): Json<Faults>) -> Json<Faults> {
+    sim.set_faults(faults);
+    Json(sim.faults())
+}
+
+#[derive(Deserialize)]
+struct Keys {
+    api_key: String,
+    secret_key: String,
+}
+
+async fn set_keys(State(sim): State<Arc<Sim>>, Json(keys): Json<Keys>) -> StatusCode {
+    sim.set_keys(&keys.api_key, &keys.secret_key);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct NewVm {
+    id: VmId,
+    name: String,
+}
+
+async fn add_vm(State(sim): State<Arc<Sim>>, Json(vm): Json<NewVm>) -> StatusCode {
+    sim.add_vm(vm.id, &vm.name);
+    StatusCode::NO_CONTENT
 }
 
 /// What CloudStack answers to any authentication failure, and to an unknown command.
@@ -44,24 +83,54 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
     let command = params.get("command").cloned().unwrap_or_default();
+    let lower = command.to_ascii_lowercase();
 
-    let result =
-        authenticate(&sim, &pairs, &params).and_then(|()| dispatch(&sim, &command, &params));
-    let (status, body) = match result {
-        Ok(inner) => (200, json!({ response_key(&command): inner })),
+    let mut faults = sim.faults();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    let result = authenticate(&sim, &pairs, &params)
+        .and_then(|()| faults.injected_error(&lower).map_or(Ok(()), Err))
+        .and_then(|()| dispatch(&sim, &lower, &params));
+    let dropped = result.is_ok() && {
+        // `take_drop` counts down `drop_next`; write the change back.
+        let dropped = faults.take_drop(&lower);
+        if dropped {
+            let mut now = sim.faults();
+            now.drop_next = faults.drop_next.clone();
+            sim.set_faults(now);
+        }
+        dropped
+    };
+    let (status, body, error_text) = match result {
+        Ok(inner) => (200, json!({ response_key(&command): inner }), None),
         Err(e) => (
             e.code,
             json!({ response_key(&command): {
                 "uuidList": [], "errorcode": e.code, "cserrorcode": e.cserrorcode, "errortext": e.text,
             }}),
+            Some(e.text),
         ),
     };
     sim.record_call(CallRecord {
         command: command.clone(),
         params,
         at,
+        answered_at: Utc::now(),
         status,
+        error_text,
+        dropped,
     });
+    if dropped {
+        // The call took effect; the client sees the connection break mid-answer.
+        let broken = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("dropped by fault injection"))
+        });
+        return Response::builder()
+            .status(StatusCode::OK)
+            .body(Body::from_stream(broken))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(body)).into_response()
 }
@@ -94,23 +163,22 @@ fn authenticate(
         .find(|(k, _)| k.eq_ignore_ascii_case("signature"))
         .map(|(_, v)| v.as_str())
         .ok_or_else(unauthorized)?;
-    if params.get("apikey") != Some(&sim.config.api_key) {
+    let (api_key, secret_key) = sim.keys();
+    if params.get("apikey") != Some(&api_key) {
         return Err(unauthorized());
     }
     if params.get("signatureversion").map(String::as_str) == Some("3") {
         let expires = params.get("expires").ok_or_else(unauthorized)?;
-        let expires = NaiveDateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S%z")
-            .or_else(|_| {
-                chrono::DateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S%z")
-                    .map(|d| d.naive_utc())
-            })
+        let expires = chrono::DateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S%z")
+            .map(|d| d.naive_utc())
+            .or_else(|_| NaiveDateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S"))
             .map_err(|_| unauthorized())?;
         if expires < Utc::now().naive_utc() {
             return Err(unauthorized());
         }
     }
     let signed = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    if cloudstack::signing::verify(&sim.config.secret_key, signed, signature) {
+    if cloudstack::signing::verify(&secret_key, signed, signature) {
         Ok(())
     } else {
         Err(unauthorized())
@@ -118,10 +186,14 @@ fn authenticate(
 }
 
 fn dispatch(sim: &Arc<Sim>, command: &str, p: &HashMap<String, String>) -> Result<Value, ApiError> {
-    match command.to_ascii_lowercase().as_str() {
+    match command {
         "listzones" => Ok(sim.list_zones()),
         "listdiskofferings" => Ok(sim.list_disk_offerings()),
+        "listvirtualmachines" => sim.list_virtual_machines(p),
         "createvolume" => sim.create_volume(p),
+        "attachvolume" => sim.attach_volume(p),
+        "detachvolume" => sim.detach_volume(p),
+        "deletevolume" => sim.delete_volume(p),
         "queryasyncjobresult" => sim.query_async_job(p),
         "listvolumes" => sim.list_volumes(p),
         // CloudStack answers an unknown command like a bad signature.

@@ -4,24 +4,31 @@
 //! CloudStack does (shared/CLOUDSTACK.md §1), answering with CloudStack's JSON shapes, running
 //! async jobs that finish after `job_latency`, and returning CloudStack's error codes.
 //!
-//! Beside the API, `/sim/calls` lists every API call received (command, parameters, time,
-//! HTTP status), so tests can count side effects.
+//! Beside the API, `/sim/*` serves the test controls: `GET /sim/calls` lists every API call
+//! received (command, parameters, times, status), `GET|POST /sim/faults` reads or replaces the
+//! fault injection, `POST /sim/keys` rotates the keys, `POST /sim/vms` adds a VM.
 //!
 //! # Layout
-//! - [`api`]: the HTTP surface: parameter parsing, signature checks, dispatch.
-//! - [`state`]: zones, disk offerings, volumes and jobs, held in memory.
+//! - [`api`]: the HTTP surface: parameter parsing, signature checks, faults, dispatch.
+//! - [`state`]: zones, disk offerings, VMs, volumes and jobs, held in memory.
+//! - [`faults`]: injected latency, errors, job failures and dropped connections.
+//! - [`sysfs`]: the guest devices of volumes attached to the host VM.
 
 pub mod api;
+pub mod faults;
 pub mod state;
+pub mod sysfs;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use schema::{DiskOfferingId, ZoneId};
+use schema::{DiskOfferingId, VmId, ZoneId};
 use uuid::uuid;
 
-pub use state::{CallRecord, Sim};
+pub use faults::Faults;
+pub use state::{CallRecord, DeviceBehaviour, Sim};
 
 /// The zone every simulator serves.
 pub const ZONE_ID: ZoneId = ZoneId::from_uuid(uuid!("5f0a3c1e-7d2b-4e8a-9c61-2b7f4d9e0a11"));
@@ -39,7 +46,21 @@ pub struct SimConfig {
     pub secret_key: String,
     /// How long an async job stays in progress.
     pub job_latency: Duration,
+    /// The VM the daemon runs on: attaching to it creates a guest device under `sysfs_root`.
+    pub host_vm_id: Option<VmId>,
+    /// Where guest devices of the host VM appear (`block/vdX`).
+    pub sysfs_root: Option<PathBuf>,
+    /// Other VMs that exist.
+    pub vms: Vec<VmId>,
+    /// Faults in force at start.
+    pub faults: Faults,
 }
+
+/// Two VMs every simulator knows unless told otherwise, so the demo can attach something.
+pub const DEMO_VMS: [VmId; 2] = [
+    VmId::from_uuid(uuid!("7e3f0c52-1a4b-4c8d-9e2f-000000000001")),
+    VmId::from_uuid(uuid!("7e3f0c52-1a4b-4c8d-9e2f-000000000002")),
+];
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -47,6 +68,10 @@ impl Default for SimConfig {
             api_key: "sim-api-key".into(),
             secret_key: "sim-secret-key".into(),
             job_latency: Duration::from_millis(200),
+            host_vm_id: None,
+            sysfs_root: None,
+            vms: DEMO_VMS.to_vec(),
+            faults: Faults::default(),
         }
     }
 }

@@ -1,11 +1,16 @@
 //! `cloudstack-sim`: serve the CloudStack API simulator on a port.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use cloudstack_sim::faults::parse_rate;
+use cloudstack_sim::{Faults, SimConfig};
+use schema::VmId;
 
-/// A CloudStack API simulator: signed requests, async jobs and CloudStack's JSON shapes.
+/// A CloudStack API simulator: signed requests, async jobs, CloudStack's JSON shapes and
+/// errors, fault injection, and guest devices for the host VM.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -26,6 +31,30 @@ struct Args {
     /// How long async jobs stay in progress, in milliseconds.
     #[arg(long, env = "SIM_JOB_LATENCY_MS", default_value_t = 200)]
     job_latency_ms: u64,
+    /// The VM the daemon runs on: attaching to it creates `block/vdX` under --sysfs-root.
+    #[arg(long, env = "SIM_HOST_VM_ID")]
+    host_vm_id: Option<VmId>,
+    /// Where guest devices of the host VM appear.
+    #[arg(long, env = "SIM_SYSFS_ROOT")]
+    sysfs_root: Option<PathBuf>,
+    /// Another VM that exists (repeatable; default: two demo VMs).
+    #[arg(long = "vm")]
+    vms: Vec<VmId>,
+    /// Latency added to every call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// CODE=RATE: answer this error code to that share of calls (repeatable), e.g. 429=0.3.
+    #[arg(long = "error-rate", value_parser = parse_rate)]
+    error_rates: Vec<(u16, f64)>,
+    /// The delay a 429 asks for, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    retry_after_ms: u64,
+    /// Share of async jobs that fail.
+    #[arg(long, default_value_t = 0.0)]
+    job_failure_rate: f64,
+    /// Share of mutating calls whose connection drops after they were processed.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
 }
 
 #[tokio::main]
@@ -36,11 +65,27 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let config = cloudstack_sim::SimConfig {
+    let config = SimConfig {
         api_key: args.api_key,
         secret_key: args.secret_key,
         job_latency: Duration::from_millis(args.job_latency_ms),
+        host_vm_id: args.host_vm_id,
+        sysfs_root: args.sysfs_root,
+        vms: if args.vms.is_empty() {
+            cloudstack_sim::DEMO_VMS.to_vec()
+        } else {
+            args.vms
+        },
+        faults: Faults {
+            latency_ms: args.latency_ms,
+            error_rates: args.error_rates.into_iter().collect(),
+            retry_after_ms: args.retry_after_ms,
+            job_failure_rate: args.job_failure_rate,
+            drop_after_processing_rate: args.drop_rate,
+            ..Faults::default()
+        },
     };
+    let vms = config.vms.clone();
     let running = cloudstack_sim::spawn(args.listen, config).await?;
     println!("cloudstack-sim listening on {}", running.api_url());
     println!(
@@ -48,6 +93,17 @@ async fn main() -> anyhow::Result<()> {
         cloudstack_sim::ZONE_ID,
         cloudstack_sim::CUSTOM_OFFERING_ID
     );
-    tokio::signal::ctrl_c().await?;
+    for vm in vms {
+        println!("vm {vm}");
+    }
+    shutdown().await;
     Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
 }

@@ -1,20 +1,22 @@
-//! The simulated cloud: zones, disk offerings, volumes and async jobs, in memory.
+//! The simulated cloud: zones, disk offerings, VMs, volumes and async jobs, in memory.
 //!
 //! One `std::sync::Mutex` guards it all: every operation is a few map look-ups and no lock is
-//! held across an `.await`.
+//! held across an `.await`. Rules follow shared/CLOUDSTACK.md §2–3.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rand::Rng;
 use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use schema::{DiskOfferingId, VolumeId, ZoneId};
+use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
 
-use crate::{CUSTOM_OFFERING_ID, FIXED_OFFERING_ID, SimConfig, ZONE_ID};
+use crate::faults::Faults;
+use crate::{CUSTOM_OFFERING_ID, FIXED_OFFERING_ID, SimConfig, ZONE_ID, sysfs};
 
 /// One API call the simulator received.
 #[derive(Debug, Clone, Serialize)]
@@ -24,8 +26,14 @@ pub struct CallRecord {
     pub params: HashMap<String, String>,
     /// When the request arrived.
     pub at: DateTime<Utc>,
-    /// The HTTP status answered.
+    /// When the answer was sent.
+    pub answered_at: DateTime<Utc>,
+    /// The HTTP status answered (200 also for a dropped answer).
     pub status: u16,
+    /// The `errortext` of an error answer.
+    pub error_text: Option<String>,
+    /// The connection was dropped after the call was processed.
+    pub dropped: bool,
 }
 
 /// An error answered to a call: HTTP status = `errorcode`.
@@ -54,6 +62,9 @@ impl ApiError {
     }
 }
 
+/// CloudStack allows at most this many data disks per VM.
+pub const MAX_DATA_DISKS: usize = 6;
+
 #[derive(Debug, Clone)]
 struct SimVolume {
     id: VolumeId,
@@ -63,20 +74,16 @@ struct SimVolume {
     size_bytes: u64,
     state: &'static str,
     created: DateTime<Utc>,
+    vm: Option<VmId>,
+    device_id: Option<u32>,
+    attached: Option<DateTime<Utc>>,
     last_job: Option<String>,
 }
 
-impl SimVolume {
-    fn to_json(&self) -> Value {
-        json!({
-            "id": self.id, "name": self.name, "zoneid": self.zone, "zonename": "sim-zone-1",
-            "type": "DATADISK", "size": self.size_bytes, "state": self.state,
-            "diskofferingid": self.offering, "diskofferingname": offering_name(self.offering),
-            "storagetype": "shared", "provisioningtype": "thin", "hypervisor": "KVM",
-            "created": cs_time(self.created), "attached": Value::Null, "tags": [],
-            "jobid": self.last_job, "jobstatus": 0,
-        })
-    }
+#[derive(Debug, Clone)]
+struct SimVm {
+    id: VmId,
+    name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -89,15 +96,35 @@ enum JobState {
 #[derive(Debug, Clone)]
 struct Job {
     command: &'static str,
+    instance: Option<VolumeId>,
     created: DateTime<Utc>,
     state: JobState,
 }
 
-#[derive(Debug, Default)]
+/// How hot-plugged devices appear on the host VM (issue: device correlation tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceBehaviour {
+    /// Time from the attach request to the device appearing; `None`: when the job succeeds.
+    pub delay: Option<Duration>,
+    /// A random extra delay up to this, per device (shuffles the order of several attaches).
+    pub jitter: Duration,
+    /// Never create devices (a guest that does not see the disk).
+    pub missing: bool,
+}
+
+#[derive(Debug)]
 struct Inner {
+    api_key: String,
+    secret_key: String,
+    faults: Faults,
+    devices: DeviceBehaviour,
     volumes: HashMap<VolumeId, SimVolume>,
+    vms: HashMap<VmId, SimVm>,
     jobs: HashMap<String, Job>,
     calls: Vec<CallRecord>,
+    /// Guest device names of volumes attached to the host VM.
+    device_names: HashMap<VolumeId, String>,
+    next_controller: u32,
 }
 
 /// The simulator's state and behaviour.
@@ -107,16 +134,8 @@ pub struct Sim {
     inner: Mutex<Inner>,
 }
 
-fn offering_name(id: DiskOfferingId) -> &'static str {
-    if id == CUSTOM_OFFERING_ID {
-        "Custom"
-    } else {
-        "Small"
-    }
-}
-
 /// CloudStack's timestamp format: `2026-11-22T10:00:00+0000`.
-fn cs_time(t: DateTime<Utc>) -> String {
+pub fn cs_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%z").to_string()
 }
 
@@ -124,15 +143,79 @@ const GIB: u64 = 1 << 30;
 
 impl Sim {
     pub fn new(config: SimConfig) -> Self {
+        let mut vms = HashMap::new();
+        for (i, id) in config
+            .vms
+            .iter()
+            .chain(config.host_vm_id.iter())
+            .enumerate()
+        {
+            vms.insert(
+                *id,
+                SimVm {
+                    id: *id,
+                    name: format!("sim-vm-{}", i + 1),
+                },
+            );
+        }
         Self {
+            inner: Mutex::new(Inner {
+                api_key: config.api_key.clone(),
+                secret_key: config.secret_key.clone(),
+                faults: config.faults.clone(),
+                devices: DeviceBehaviour::default(),
+                volumes: HashMap::new(),
+                vms,
+                jobs: HashMap::new(),
+                calls: Vec::new(),
+                device_names: HashMap::new(),
+                next_controller: 4,
+            }),
             config,
-            inner: Mutex::new(Inner::default()),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- test and operator controls -------------------------------------------------------
+
+    /// The (api key, secret key) pair requests must be signed with now.
+    pub fn keys(&self) -> (String, String) {
+        let i = self.lock();
+        (i.api_key.clone(), i.secret_key.clone())
+    }
+
+    /// Rotates the keys: requests signed with the old pair fail with 401 from now on.
+    pub fn set_keys(&self, api_key: &str, secret_key: &str) {
+        let mut i = self.lock();
+        i.api_key = api_key.to_owned();
+        i.secret_key = secret_key.to_owned();
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    pub fn set_device_behaviour(&self, devices: DeviceBehaviour) {
+        self.lock().devices = devices;
+    }
+
+    /// Registers a VM (CloudStack would have it already).
+    pub fn add_vm(&self, id: VmId, name: &str) {
+        self.lock().vms.insert(
+            id,
+            SimVm {
+                id,
+                name: name.to_owned(),
+            },
+        );
     }
 
     pub fn record_call(&self, call: CallRecord) {
@@ -166,6 +249,40 @@ impl Sim {
         self.lock().volumes.len()
     }
 
+    /// The VM and device id a volume is attached to, if any.
+    pub fn attachment(&self, id: VolumeId) -> Option<(VmId, u32)> {
+        let i = self.lock();
+        let v = i.volumes.get(&id)?;
+        Some((v.vm?, v.device_id?))
+    }
+
+    /// The guest device name of a volume attached to the host VM.
+    pub fn device_name(&self, id: VolumeId) -> Option<String> {
+        self.lock().device_names.get(&id).cloned()
+    }
+
+    /// Creates a volume directly (as if created earlier), for tests that start from one.
+    pub fn seed_volume(&self, name: &str, size_bytes: u64) -> VolumeId {
+        let id = VolumeId::new_random();
+        let vol = SimVolume {
+            id,
+            name: name.to_owned(),
+            zone: ZONE_ID,
+            offering: CUSTOM_OFFERING_ID,
+            size_bytes,
+            state: "Allocated",
+            created: Utc::now(),
+            vm: None,
+            device_id: None,
+            attached: None,
+            last_job: None,
+        };
+        self.lock().volumes.insert(id, vol);
+        id
+    }
+
+    // ---- the API --------------------------------------------------------------------------
+
     pub fn list_zones(&self) -> Value {
         json!({"count": 1, "zone": [{
             "id": ZONE_ID, "name": "sim-zone-1", "networktype": "Advanced",
@@ -180,6 +297,29 @@ impl Sim {
             {"id": FIXED_OFFERING_ID, "name": "Small", "displaytext": "Small Disk, 5 GB",
              "disksize": 5, "iscustomized": false, "storagetype": "shared", "provisioningtype": "thin"},
         ]})
+    }
+
+    pub fn list_virtual_machines(&self, p: &HashMap<String, String>) -> Result<Value, ApiError> {
+        let id = p
+            .get("id")
+            .map(|s| parse_id(s, "id", VmId::parse))
+            .transpose()?;
+        let i = self.lock();
+        let mut vms: Vec<&SimVm> = i
+            .vms
+            .values()
+            .filter(|v| id.is_none_or(|id| v.id == id))
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        if vms.is_empty() {
+            return Ok(json!({}));
+        }
+        let items: Vec<Value> = vms
+            .iter()
+            .map(|v| json!({"id": v.id, "name": v.name, "displayname": v.name, "instancename": format!("i-2-{}-VM", v.name),
+                 "state": "Running", "zoneid": ZONE_ID, "zonename": "sim-zone-1", "hypervisor": "KVM"}))
+            .collect();
+        Ok(json!({"count": items.len(), "virtualmachine": items}))
     }
 
     /// `createVolume`: validates synchronously, records the volume (`Allocated`) at once and
@@ -218,56 +358,224 @@ impl Sim {
         };
 
         let id = VolumeId::new_random();
-        let job_id = Uuid::new_v4().to_string();
-        let volume = SimVolume {
-            id,
-            name: name.to_owned(),
-            zone,
-            offering,
-            size_bytes,
-            state: "Allocated",
-            created: Utc::now(),
-            last_job: Some(job_id.clone()),
-        };
         let mut inner = self.lock();
-        inner.volumes.insert(id, volume);
-        inner.jobs.insert(
-            job_id.clone(),
-            Job {
-                command: "org.apache.cloudstack.api.command.user.volume.CreateVolumeCmd",
+        let job_id = new_job(
+            &mut inner,
+            "org.apache.cloudstack.api.command.user.volume.CreateVolumeCmd",
+            Some(id),
+        );
+        inner.volumes.insert(
+            id,
+            SimVolume {
+                id,
+                name: name.to_owned(),
+                zone,
+                offering,
+                size_bytes,
+                state: "Allocated",
                 created: Utc::now(),
-                state: JobState::Pending,
+                vm: None,
+                device_id: None,
+                attached: None,
+                last_job: Some(job_id.clone()),
             },
         );
+        let fails = inner.faults.job_fails();
         drop(inner);
         self.finish_job_later(job_id.clone(), move |inner| {
-            inner
+            if fails {
+                return Err((
+                    530,
+                    format!("Failed to create volume {id}: injected job failure"),
+                ));
+            }
+            let vol = inner
                 .volumes
                 .get(&id)
-                .map(|v| json!({"volume": v.to_json()}))
-                .ok_or((530, format!("volume {id} vanished")))
+                .ok_or((530, format!("volume {id} vanished")))?;
+            Ok(json!({"volume": volume_json(vol, inner)}))
         });
         Ok(json!({"id": id, "jobid": job_id}))
     }
 
-    /// Completes `job_id` after the job latency with what `finish` computes then.
-    fn finish_job_later<F>(self: &Arc<Self>, job_id: String, finish: F)
-    where
-        F: FnOnce(&mut Inner) -> Result<Value, (u16, String)> + Send + 'static,
-    {
+    /// `attachVolume`: checks the volume, the VM, the device id and the data-disk limit, then
+    /// attaches when the job ends. Attaching to the host VM also creates its guest device.
+    pub fn attach_volume(self: &Arc<Self>, p: &HashMap<String, String>) -> Result<Value, ApiError> {
+        let id = parse_id(required(p, "id", "attachvolume")?, "id", VolumeId::parse)?;
+        let vm = parse_id(
+            required(p, "virtualmachineid", "attachvolume")?,
+            "virtualmachineid",
+            VmId::parse,
+        )?;
+        let device_id = match p.get("deviceid") {
+            None => None,
+            Some(d) => match d.parse::<u32>() {
+                Ok(3) => return Err(ApiError::param("deviceId 3 is reserved for the CD-ROM")),
+                Ok(d) if d <= 25 => Some(d),
+                _ => {
+                    return Err(ApiError::param(format!(
+                        "Invalid deviceId {d}: must be between 0 and 25"
+                    )));
+                }
+            },
+        };
+        let mut inner = self.lock();
+        let vol = inner
+            .volumes
+            .get(&id)
+            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        if !inner.vms.contains_key(&vm) {
+            return Err(ApiError::unknown_id(format!(
+                "Unable to find virtual machine by id {vm}"
+            )));
+        }
+        if vol.vm.is_some() {
+            return Err(ApiError::param(format!(
+                "Volume {id} is already attached to a VM; please specify a volume that is not attached to any VM."
+            )));
+        }
+        let size_bytes = vol.size_bytes;
+        let on_vm: Vec<u32> = inner
+            .volumes
+            .values()
+            .filter(|v| v.vm == Some(vm))
+            .filter_map(|v| v.device_id)
+            .collect();
+        if let Some(d) = device_id
+            && on_vm.contains(&d)
+        {
+            return Err(ApiError::param(format!(
+                "deviceId {d} is already used by another volume of VM {vm}"
+            )));
+        }
+        if on_vm.iter().filter(|d| **d != 0).count() >= MAX_DATA_DISKS && device_id != Some(0) {
+            return Err(ApiError::param(format!(
+                "The specified VM already has the maximum number of data disks ({MAX_DATA_DISKS}). Please specify another VM."
+            )));
+        }
+        let job_id = new_job(
+            &mut inner,
+            "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd",
+            Some(id),
+        );
+        if let Some(v) = inner.volumes.get_mut(&id) {
+            v.last_job = Some(job_id.clone());
+        }
+        let fails = inner.faults.job_fails();
+        let devices = inner.devices.clone();
+        drop(inner);
+
+        let to_host = self.config.host_vm_id == Some(vm) && !fails && !devices.missing;
+        if to_host && let Some(delay) = devices.delay {
+            self.create_device_later(id, size_bytes, delay, devices.jitter);
+        }
         let sim = Arc::clone(self);
-        let latency: Duration = self.config.job_latency;
-        tokio::spawn(async move {
-            tokio::time::sleep(latency).await;
-            let mut inner = sim.lock();
-            let state = match finish(&mut inner) {
-                Ok(result) => JobState::Succeeded(result),
-                Err((code, text)) => JobState::Failed { code, text },
-            };
-            if let Some(job) = inner.jobs.get_mut(&job_id) {
-                job.state = state;
+        self.finish_job_later(job_id.clone(), move |inner| {
+            if fails {
+                return Err((
+                    530,
+                    format!("Failed to attach volume {id} to VM {vm}: injected job failure"),
+                ));
             }
+            let used: Vec<u32> = inner
+                .volumes
+                .values()
+                .filter(|v| v.vm == Some(vm))
+                .filter_map(|v| v.device_id)
+                .collect();
+            let chosen = match device_id {
+                Some(d) if used.contains(&d) => {
+                    return Err((530, format!("deviceId {d} was taken meanwhile")));
+                }
+                Some(d) => d,
+                None => (1..=25)
+                    .find(|d| *d != 3 && !used.contains(d))
+                    .ok_or((530, "no free device id".to_owned()))?,
+            };
+            let vol = inner
+                .volumes
+                .get_mut(&id)
+                .ok_or((530, format!("volume {id} vanished")))?;
+            if vol.vm.is_some() {
+                return Err((530, format!("volume {id} was attached meanwhile")));
+            }
+            vol.vm = Some(vm);
+            vol.device_id = Some(chosen);
+            vol.state = "Ready";
+            vol.attached = Some(Utc::now());
+            let out = volume_json_by_id(id, inner);
+            if to_host && devices.delay.is_none() {
+                sim.create_device_later(id, size_bytes, Duration::ZERO, devices.jitter);
+            }
+            Ok(out)
         });
+        Ok(json!({"jobid": job_id}))
+    }
+
+    /// `detachVolume`: detaches when the job ends and removes the guest device of the host VM.
+    pub fn detach_volume(self: &Arc<Self>, p: &HashMap<String, String>) -> Result<Value, ApiError> {
+        let id = parse_id(required(p, "id", "detachvolume")?, "id", VolumeId::parse)?;
+        let mut inner = self.lock();
+        let vol = inner
+            .volumes
+            .get(&id)
+            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        if vol.vm.is_none() {
+            return Err(ApiError::param(format!(
+                "Please specify a volume that is attached to a VM: volume {id} is not attached"
+            )));
+        }
+        let job_id = new_job(
+            &mut inner,
+            "org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd",
+            Some(id),
+        );
+        if let Some(v) = inner.volumes.get_mut(&id) {
+            v.last_job = Some(job_id.clone());
+        }
+        let fails = inner.faults.job_fails();
+        drop(inner);
+        let root = self.config.sysfs_root.clone();
+        self.finish_job_later(job_id.clone(), move |inner| {
+            if fails {
+                return Err((
+                    530,
+                    format!("Failed to detach volume {id}: injected job failure"),
+                ));
+            }
+            let vol = inner
+                .volumes
+                .get_mut(&id)
+                .ok_or((530, format!("volume {id} vanished")))?;
+            vol.vm = None;
+            vol.device_id = None;
+            vol.attached = None;
+            let out = volume_json_by_id(id, inner);
+            if let (Some(root), Some(name)) = (root, inner.device_names.remove(&id))
+                && let Err(e) = sysfs::remove_device(&root, &name)
+            {
+                tracing::warn!(error = %e, device = name, "cannot remove the simulated device");
+            }
+            Ok(out)
+        });
+        Ok(json!({"jobid": job_id}))
+    }
+
+    /// `deleteVolume` (synchronous): an attached volume cannot be deleted.
+    pub fn delete_volume(&self, p: &HashMap<String, String>) -> Result<Value, ApiError> {
+        let id = parse_id(required(p, "id", "deletevolume")?, "id", VolumeId::parse)?;
+        let mut inner = self.lock();
+        let vol = inner
+            .volumes
+            .get(&id)
+            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        if vol.vm.is_some() {
+            return Err(ApiError::param(
+                "Please specify a volume that is not attached to any VM.",
+            ));
+        }
+        inner.volumes.remove(&id);
+        Ok(json!({"success": true}))
     }
 
     pub fn query_async_job(&self, p: &HashMap<String, String>) -> Result<Value, ApiError> {
@@ -279,7 +587,8 @@ impl Sim {
             .ok_or_else(|| ApiError::unknown_id(format!("Unable to find job by id {job_id}")))?;
         let mut out = json!({
             "jobid": job_id, "cmd": job.command, "userid": "sim-user", "accountid": "sim-account",
-            "jobprocstatus": 0, "jobinstancetype": "Volume", "created": cs_time(job.created),
+            "jobprocstatus": 0, "jobinstancetype": "Volume", "jobinstanceid": job.instance,
+            "created": cs_time(job.created),
         });
         let fields = match &job.state {
             JobState::Pending => json!({"jobstatus": 0, "jobresultcode": 0}),
@@ -303,11 +612,16 @@ impl Sim {
             .get("id")
             .map(|s| parse_id(s, "id", VolumeId::parse))
             .transpose()?;
+        let vm = p
+            .get("virtualmachineid")
+            .map(|s| parse_id(s, "virtualmachineid", VmId::parse))
+            .transpose()?;
         let inner = self.lock();
         let mut found: Vec<&SimVolume> = inner
             .volumes
             .values()
             .filter(|v| id.is_none_or(|id| v.id == id))
+            .filter(|v| vm.is_none_or(|vm| v.vm == Some(vm)))
             .filter(|v| p.get("name").is_none_or(|n| &v.name == n))
             .filter(|v| p.get("zoneid").is_none_or(|z| v.zone.to_string() == *z))
             .collect();
@@ -316,9 +630,128 @@ impl Sim {
             // CloudStack's empty list: no count, no array.
             return Ok(json!({}));
         }
-        let items: Vec<Value> = found.iter().map(|v| v.to_json()).collect();
+        let items: Vec<Value> = found.iter().map(|v| volume_json(v, &inner)).collect();
         Ok(json!({"count": items.len(), "volume": items}))
     }
+
+    // ---- jobs and devices -----------------------------------------------------------------
+
+    /// Completes `job_id` after the job latency with what `finish` computes then.
+    fn finish_job_later<F>(self: &Arc<Self>, job_id: String, finish: F)
+    where
+        F: FnOnce(&mut Inner) -> Result<Value, (u16, String)> + Send + 'static,
+    {
+        let sim = Arc::clone(self);
+        let latency = self.config.job_latency;
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            let mut inner = sim.lock();
+            let state = match finish(&mut inner) {
+                Ok(result) => JobState::Succeeded(result),
+                Err((code, text)) => JobState::Failed { code, text },
+            };
+            if let Some(job) = inner.jobs.get_mut(&job_id) {
+                job.state = state;
+            }
+        });
+    }
+
+    /// Creates the guest device of `volume` under the sysfs root after `delay` (+ jitter).
+    fn create_device_later(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        size_bytes: u64,
+        delay: Duration,
+        jitter: Duration,
+    ) {
+        let Some(root) = self.config.sysfs_root.clone() else {
+            return;
+        };
+        let extra = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            jitter.mul_f64(rand::rng().random::<f64>())
+        };
+        let sim = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay + extra).await;
+            let mut inner = sim.lock();
+            if !inner.volumes.contains_key(&volume) || inner.device_names.contains_key(&volume) {
+                return;
+            }
+            let taken: Vec<String> = inner.device_names.values().cloned().collect();
+            let name = sysfs::next_free_name(&root, &taken);
+            let controller = inner.next_controller;
+            inner.next_controller += 1;
+            match sysfs::create_device(&root, &name, &volume.disk_serial(), size_bytes, controller)
+            {
+                Ok(_) => {
+                    inner.device_names.insert(volume, name);
+                }
+                Err(e) => tracing::warn!(error = %e, %volume, "cannot create the simulated device"),
+            }
+        });
+    }
+}
+
+fn new_job(inner: &mut Inner, command: &'static str, instance: Option<VolumeId>) -> String {
+    let job_id = Uuid::new_v4().to_string();
+    inner.jobs.insert(
+        job_id.clone(),
+        Job {
+            command,
+            instance,
+            created: Utc::now(),
+            state: JobState::Pending,
+        },
+    );
+    job_id
+}
+
+/// `{"volume": {...}}` of a volume that exists.
+fn volume_json_by_id(id: VolumeId, inner: &Inner) -> Value {
+    match inner.volumes.get(&id) {
+        Some(v) => json!({"volume": volume_json(v, inner)}),
+        None => json!({}),
+    }
+}
+
+fn volume_json(v: &SimVolume, inner: &Inner) -> Value {
+    let job_status = v
+        .last_job
+        .as_ref()
+        .and_then(|j| inner.jobs.get(j))
+        .map(|j| match j.state {
+            JobState::Pending => 0,
+            JobState::Succeeded(_) => 1,
+            JobState::Failed { .. } => 2,
+        });
+    let mut out = json!({
+        "id": v.id, "name": v.name, "zoneid": v.zone, "zonename": "sim-zone-1",
+        "type": "DATADISK", "size": v.size_bytes, "state": v.state,
+        "diskofferingid": v.offering, "diskofferingname": if v.offering == CUSTOM_OFFERING_ID { "Custom" } else { "Small" },
+        "storagetype": "shared", "provisioningtype": "thin", "hypervisor": "KVM",
+        "created": cs_time(v.created), "tags": [],
+    });
+    if let Some(obj) = out.as_object_mut() {
+        if let (Some(vm), Some(dev)) = (v.vm, v.device_id) {
+            let vm_name = inner
+                .vms
+                .get(&vm)
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            obj.insert("virtualmachineid".into(), json!(vm));
+            obj.insert("vmname".into(), json!(vm_name));
+            obj.insert("vmstate".into(), json!("Running"));
+            obj.insert("deviceid".into(), json!(dev));
+            obj.insert("attached".into(), json!(v.attached.map(cs_time)));
+        }
+        if let (Some(job), Some(status)) = (&v.last_job, job_status) {
+            obj.insert("jobid".into(), json!(job));
+            obj.insert("jobstatus".into(), json!(status));
+        }
+    }
+    out
 }
 
 fn required<'a>(
@@ -334,5 +767,9 @@ fn required<'a>(
 }
 
 fn parse_id<T, E>(s: &str, name: &str, parse: fn(&str) -> Result<T, E>) -> Result<T, ApiError> {
-    parse(s).map_err(|_| ApiError::param(format!("Unable to execute API command due to invalid value. Invalid parameter {name} value={s} due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class.")))
+    parse(s).map_err(|_| {
+        ApiError::param(format!(
+            "Unable to execute API command due to invalid value. Invalid parameter {name} value={s} due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class."
+        ))
+    })
 }

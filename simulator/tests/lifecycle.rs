@@ -1,0 +1,274 @@
+//! The simulator's volume lifecycle rules (CLOUDSTACK.md §2–3), fault injection and guest
+//! devices, driven through the project's client over real HTTP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cloudstack::{Client, CloudStackError, Credentials, JobPolling, RetryPolicy};
+use cloudstack_sim::{CUSTOM_OFFERING_ID, DEMO_VMS, Faults, RunningSim, SimConfig, ZONE_ID};
+use schema::{VmId, VolumeId};
+
+async fn start(config: SimConfig) -> RunningSim {
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    cloudstack_sim::spawn(addr, config)
+        .await
+        .expect("simulator starts")
+}
+
+fn fast() -> SimConfig {
+    SimConfig {
+        job_latency: Duration::from_millis(20),
+        ..SimConfig::default()
+    }
+}
+
+fn client(sim: &RunningSim) -> Client {
+    let (api_key, secret_key) = sim.sim.keys();
+    Client::new(
+        Client::http().expect("http"),
+        Credentials {
+            api_url: sim.api_url(),
+            api_key,
+            secret_key,
+        },
+        RetryPolicy {
+            deadline: Duration::from_secs(2),
+            ..RetryPolicy::default()
+        },
+    )
+}
+
+async fn new_volume(cs: &Client, name: &str) -> VolumeId {
+    let (id, job) = cs
+        .create_volume(name, ZONE_ID, CUSTOM_OFFERING_ID, Some(1))
+        .await
+        .expect("create");
+    cs.wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("created");
+    id
+}
+
+fn code(e: &CloudStackError) -> (Option<u16>, Option<u32>) {
+    match e {
+        CloudStackError::Api {
+            code, cserrorcode, ..
+        } => (Some(*code), *cserrorcode),
+        _ => (None, None),
+    }
+}
+
+#[tokio::test]
+async fn attach_detach_delete_follow_cloudstack_rules() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let vm = DEMO_VMS[0];
+    let vol = new_volume(&cs, "d1").await;
+
+    let job = cs.attach_volume(vol, vm, None).await.expect("attach");
+    let attached = cs
+        .wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("attached");
+    assert_eq!(attached.virtualmachineid, Some(vm));
+    assert_eq!(attached.deviceid, Some(1));
+    let listed = cs.get_volume(vol).await.expect("list").expect("exists");
+    assert_eq!(
+        (listed.virtualmachineid, listed.deviceid),
+        (Some(vm), Some(1))
+    );
+    assert_eq!(
+        cs.list_volumes(&[("virtualmachineid", vm.to_string())])
+            .await
+            .expect("by vm")
+            .len(),
+        1
+    );
+
+    // An attached volume can be neither attached again nor deleted.
+    let again = cs
+        .attach_volume(vol, DEMO_VMS[1], None)
+        .await
+        .expect_err("already attached");
+    assert_eq!(code(&again).0, Some(431));
+    let del = cs.delete_volume(vol).await.expect_err("attached");
+    assert_eq!(code(&del), (Some(431), Some(4350)));
+    assert!(
+        del.to_string()
+            .contains("Please specify a volume that is not attached to any VM."),
+        "{del}"
+    );
+
+    let job = cs.detach_volume(vol).await.expect("detach");
+    let detached = cs
+        .wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("detached");
+    assert_eq!((detached.virtualmachineid, detached.deviceid), (None, None));
+    let twice = cs.detach_volume(vol).await.expect_err("not attached");
+    assert_eq!(code(&twice).0, Some(431));
+
+    cs.delete_volume(vol).await.expect("delete");
+    assert_eq!(cs.get_volume(vol).await.expect("list"), None);
+    assert_eq!(sim.sim.volume_count(), 0);
+}
+
+#[tokio::test]
+async fn unknown_ids_give_431_with_cserrorcode_9999() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let ghost = VolumeId::new_random();
+    assert_eq!(
+        code(&cs.delete_volume(ghost).await.expect_err("unknown")),
+        (Some(431), Some(9999))
+    );
+    assert_eq!(
+        code(&cs.detach_volume(ghost).await.expect_err("unknown")),
+        (Some(431), Some(9999))
+    );
+    let vol = new_volume(&cs, "d").await;
+    let no_vm = cs
+        .attach_volume(vol, VmId::new_random(), None)
+        .await
+        .expect_err("unknown vm");
+    assert_eq!(code(&no_vm), (Some(431), Some(9999)));
+    let cdrom = cs
+        .attach_volume(vol, DEMO_VMS[0], Some(3))
+        .await
+        .expect_err("device 3");
+    assert_eq!(code(&cdrom).0, Some(431));
+}
+
+#[tokio::test]
+async fn a_vm_takes_at_most_six_data_disks() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let vm = DEMO_VMS[1];
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let vol = new_volume(&cs, &format!("d{i}")).await;
+        let job = cs.attach_volume(vol, vm, None).await.expect("attach");
+        devices.push(
+            cs.wait_for_volume_job(&job, JobPolling::default())
+                .await
+                .expect("attached")
+                .deviceid,
+        );
+    }
+    assert_eq!(devices, [1, 2, 4, 5, 6, 7].map(Some), "device ids skip 3");
+    let seventh = new_volume(&cs, "d6").await;
+    let err = cs
+        .attach_volume(seventh, vm, None)
+        .await
+        .expect_err("limit");
+    assert_eq!(code(&err).0, Some(431));
+    assert!(
+        err.to_string().contains("maximum number of data disks (6)"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn attaching_to_the_host_vm_creates_a_guest_device_and_detaching_removes_it() {
+    let root =
+        std::env::temp_dir().join(format!("sim-lifecycle-{}", uuid::Uuid::new_v4().simple()));
+    let host = VmId::new_random();
+    let sim = start(SimConfig {
+        host_vm_id: Some(host),
+        sysfs_root: Some(root.clone()),
+        ..fast()
+    })
+    .await;
+    let cs = client(&sim);
+    let vol = new_volume(&cs, "host-disk").await;
+
+    let job = cs.attach_volume(vol, host, None).await.expect("attach");
+    cs.wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("attached");
+    let mut name = None;
+    for _ in 0..50 {
+        name = sim.sim.device_name(vol);
+        if name.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = name.expect("a device appeared");
+    let dev = root.join("block").join(&name);
+    assert_eq!(
+        std::fs::read_to_string(dev.join("serial"))
+            .expect("serial")
+            .trim(),
+        vol.disk_serial()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dev.join("size"))
+            .expect("size")
+            .trim(),
+        "2097152"
+    );
+
+    let job = cs.detach_volume(vol).await.expect("detach");
+    cs.wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("detached");
+    assert!(!dev.exists(), "detach removes the device");
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[tokio::test]
+async fn injected_faults_errors_job_failures_and_dropped_connections() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+
+    // A certain 429 names its delay.
+    let mut faults = Faults {
+        retry_after_ms: 150,
+        ..Faults::default()
+    };
+    faults.error_rates.insert(429, 1.0);
+    sim.sim.set_faults(faults);
+    let err = cs.request_once("listZones", &[]).await.expect_err("429");
+    assert_eq!(err.retry_after(), Some(Duration::from_millis(150)));
+
+    // A failed job carries its errortext.
+    sim.sim.set_faults(Faults {
+        job_failure_rate: 1.0,
+        ..Faults::default()
+    });
+    let (_, job) = cs
+        .create_volume("doomed", ZONE_ID, CUSTOM_OFFERING_ID, Some(1))
+        .await
+        .expect("accepted");
+    let err = cs
+        .wait_for_job(&job, JobPolling::default())
+        .await
+        .expect_err("job fails");
+    assert!(
+        matches!(&err, CloudStackError::JobFailed { code: Some(530), text, .. } if text.contains("injected job failure")),
+        "{err:?}"
+    );
+
+    // A dropped answer: the call took effect but the client cannot tell.
+    let mut faults = Faults::default();
+    faults.drop_next.insert("createvolume".into(), 1);
+    sim.sim.set_faults(faults);
+    let before = sim.sim.volume_count();
+    let err = cs
+        .create_volume("dropped", ZONE_ID, CUSTOM_OFFERING_ID, Some(1))
+        .await
+        .expect_err("dropped");
+    assert!(!err.was_answered(), "{err:?}");
+    assert_eq!(
+        sim.sim.volume_count(),
+        before + 1,
+        "the volume exists anyway"
+    );
+    assert_eq!(
+        sim.sim.call_count("createVolume"),
+        2,
+        "a dropped mutating call is not retried blindly"
+    );
+    assert!(sim.sim.calls().iter().any(|c| c.dropped));
+}
