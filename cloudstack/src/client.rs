@@ -41,7 +41,7 @@ impl fmt::Debug for Credentials {
 pub struct RetryPolicy {
     pub min_delay: Duration,
     pub max_delay: Duration,
-    /// No retry starts after this much time has passed since the first attempt.
+    /// No retry starts after this much time has passed since the client was built.
     pub deadline: Duration,
 }
 
@@ -80,6 +80,9 @@ pub struct Client {
     http: reqwest::Client,
     creds: Credentials,
     retry: RetryPolicy,
+    /// No retry starts after this instant: the deadline counts from the client's creation,
+    /// so a client built per operation bounds the whole operation's retries.
+    retry_until: tokio::time::Instant,
 }
 
 static CRYPTO: Once = Once::new();
@@ -102,7 +105,12 @@ impl Client {
     }
 
     pub fn new(http: reqwest::Client, creds: Credentials, retry: RetryPolicy) -> Self {
-        Self { http, creds, retry }
+        Self {
+            http,
+            creds,
+            retry,
+            retry_until: tokio::time::Instant::now() + retry.deadline,
+        }
     }
 
     pub fn credentials(&self) -> &Credentials {
@@ -169,8 +177,7 @@ impl Client {
         params: &[(&str, String)],
         answered_only: bool,
     ) -> Result<Value, CloudStackError> {
-        let started = tokio::time::Instant::now();
-        let deadline = self.retry.deadline;
+        let retry_until = self.retry_until;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
@@ -179,7 +186,7 @@ impl Client {
         (|| self.request_once(command, params))
             .retry(backoff)
             .when(|e: &CloudStackError| {
-                e.is_transient() && (!answered_only || e.was_answered()) && started.elapsed() < deadline
+                e.is_transient() && (!answered_only || e.was_answered()) && tokio::time::Instant::now() < retry_until
             })
             // A 429 names the delay it wants: wait at least that long.
             .adjust(|e, delay| match (e.retry_after(), delay) {

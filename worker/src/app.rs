@@ -12,12 +12,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use cloudstack::{Client, Credentials, JobPolling, RetryPolicy};
+use cloudstack::{Client, Credentials, RetryPolicy};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, CloudEnv};
 use crate::config::Settings;
 use crate::context::Context;
 use crate::db::{self, DbError};
+use crate::devices::{self, Devices, Monitor};
 use crate::executor;
 use crate::http::{self, HttpState};
 use crate::intake::Intake;
@@ -82,17 +83,17 @@ impl Application {
             deadline: Duration::from_secs(settings.cloudstack_retry_deadline_s),
             ..RetryPolicy::default()
         };
-        let polling = JobPolling {
-            deadline: settings.job_timeout(),
-            ..JobPolling::default()
+        let env = CloudEnv {
+            credentials: env_creds,
+            zone: settings.cloudstack_zone_id,
+            host_vm: settings.host_vm_id,
         };
         let cloud = Cloud::new(
             Client::http()?,
             pool.clone(),
-            env_creds,
-            settings.cloudstack_zone_id,
+            env,
             retry,
-            polling,
+            settings.job_deadlines(),
         );
         Ok(Self {
             settings,
@@ -124,10 +125,30 @@ impl Application {
         let topology = settings.topology();
         let status = Arc::new(Status::default());
         let metrics = Arc::new(Metrics::new());
+
+        // The device monitor runs from the start: correlation reads its table.
+        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval());
+        let devices = Devices::new(
+            monitor.table(),
+            monitor.events(),
+            settings.device_by_id_dir.clone(),
+            settings.device_poll_interval(),
+        );
+        let monitor_stop = CancellationToken::new();
+        let monitor_task = tokio::spawn(monitor.run(monitor_stop.clone()));
+        let sync_task = tokio::spawn(devices::sync::run(
+            pool.clone(),
+            devices.clone(),
+            metrics.clone(),
+            monitor_stop.clone(),
+        ));
+
         let ctx = Arc::new(Context {
             store: Store::new(pool.clone(), topology.clone()),
             cloud,
             metrics: metrics.clone(),
+            devices: devices.clone(),
+            correlation_timeout: settings.correlation_timeout(),
             relay_wakeup: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
         });
@@ -138,6 +159,7 @@ impl Application {
                 pool: pool.clone(),
                 status: status.clone(),
                 metrics: metrics.clone(),
+                devices: devices.clone(),
             });
             let stop = http_stop.clone();
             async move {
@@ -214,6 +236,9 @@ impl Application {
         tokio::time::sleep(Duration::from_millis(300)).await;
         relay_stop.cancel();
         report("relay", relay.await);
+        monitor_stop.cancel();
+        report("device monitor", monitor_task.await);
+        report("mapping sync", sync_task.await);
         http_stop.cancel();
         match http.await {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),

@@ -1,25 +1,42 @@
-//! Access to CloudStack for one operation: whose credentials, which zone, and how its errors
-//! become the error codes of CONTRACT §4.
+//! Access to CloudStack for one operation: whose credentials, which zone, which VM is ours,
+//! and how CloudStack's errors become the error codes of CONTRACT §4.
 //!
 //! Credentials come from `CLOUDSTACK_*` when `CLOUDSTACK_API_URL` is set, else from the
-//! active `ossea_configs` row, read again for every operation so a rotated key applies at
-//! once.
+//! active `ossea_configs` row. The row is read again for every operation (a [`Session`]), so a
+//! rotated key applies at once, without a restart.
+
+use std::time::Duration;
 
 use sqlx::{MySqlPool, Row};
 
 use cloudstack::{Client, CloudStackError, Credentials, JobPolling, RetryPolicy};
-use schema::{ErrorCode, EventError, ZoneId};
+use schema::{ErrorCode, EventError, OperationType, VmId, ZoneId};
+
+/// How long each kind of async job may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobDeadlines {
+    pub create: Duration,
+    pub attach: Duration,
+    pub detach: Duration,
+}
+
+/// Static CloudStack settings from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct CloudEnv {
+    /// `None` means "read `ossea_configs`".
+    pub credentials: Option<Credentials>,
+    pub zone: Option<ZoneId>,
+    pub host_vm: Option<VmId>,
+}
 
 /// Builds a [`Session`] per operation.
 #[derive(Debug, Clone)]
 pub struct Cloud {
     http: reqwest::Client,
     pool: MySqlPool,
-    /// From the environment; `None` means "read `ossea_configs`".
-    env: Option<Credentials>,
-    env_zone: Option<ZoneId>,
-    pub retry: RetryPolicy,
-    pub polling: JobPolling,
+    env: CloudEnv,
+    retry: RetryPolicy,
+    deadlines: JobDeadlines,
 }
 
 /// A client with the credentials in force when the operation started.
@@ -28,75 +45,126 @@ pub struct Session {
     pub client: Client,
     /// The configured default zone, if any.
     pub zone: Option<ZoneId>,
-    pub polling: JobPolling,
+    /// The VM this daemon runs on, if known: attachments to it are `host` mode.
+    pub host_vm: Option<VmId>,
+    deadlines: JobDeadlines,
+}
+
+impl Session {
+    /// Job polling for one kind of job: fast at first, then backing off, up to its deadline.
+    pub fn polling(&self, job: OperationType) -> JobPolling {
+        let deadline = match job {
+            OperationType::Create => self.deadlines.create,
+            OperationType::Attach => self.deadlines.attach,
+            OperationType::Detach | OperationType::Delete => self.deadlines.detach,
+        };
+        JobPolling {
+            deadline,
+            ..JobPolling::default()
+        }
+    }
+}
+
+/// The active `ossea_configs` row.
+struct OsseaConfig {
+    name: String,
+    credentials: Credentials,
+    zone: Option<String>,
+    host_vm: Option<String>,
+}
+
+fn internal(what: impl std::fmt::Display) -> EventError {
+    EventError::new(ErrorCode::Internal, what.to_string())
 }
 
 impl Cloud {
     pub fn new(
         http: reqwest::Client,
         pool: MySqlPool,
-        env: Option<Credentials>,
-        env_zone: Option<ZoneId>,
+        env: CloudEnv,
         retry: RetryPolicy,
-        polling: JobPolling,
+        deadlines: JobDeadlines,
     ) -> Self {
         Self {
             http,
             pool,
             env,
-            env_zone,
             retry,
-            polling,
+            deadlines,
         }
     }
 
+    /// The CloudStack access in force now.
     pub async fn session(&self) -> Result<Session, EventError> {
-        let (creds, zone) = match &self.env {
-            Some(creds) => (creds.clone(), self.env_zone),
-            None => self.active_config().await?,
+        let row = self.active_config().await?;
+        let credentials = match (&self.env.credentials, &row) {
+            (Some(c), _) => c.clone(),
+            (None, Some(r)) => r.credentials.clone(),
+            (None, None) => {
+                return Err(EventError::new(
+                    ErrorCode::CloudstackUnauthorized,
+                    "no CloudStack configured: set CLOUDSTACK_API_URL, CLOUDSTACK_API_KEY and CLOUDSTACK_SECRET_KEY, or add an active ossea_configs row",
+                ));
+            }
+        };
+        let zone = match (self.env.zone, &row) {
+            (Some(z), _) => Some(z),
+            (None, Some(r)) => parse_column(r, "zone", r.zone.as_deref(), ZoneId::parse)?,
+            (None, None) => None,
+        };
+        let host_vm = match (self.env.host_vm, &row) {
+            (Some(v), _) => Some(v),
+            (None, Some(r)) => parse_column(r, "oma_vm_id", r.host_vm.as_deref(), VmId::parse)?,
+            (None, None) => None,
         };
         Ok(Session {
-            client: Client::new(self.http.clone(), creds, self.retry),
+            client: Client::new(self.http.clone(), credentials, self.retry),
             zone,
-            polling: self.polling,
+            host_vm,
+            deadlines: self.deadlines,
         })
     }
 
-    async fn active_config(&self) -> Result<(Credentials, Option<ZoneId>), EventError> {
+    async fn active_config(&self) -> Result<Option<OsseaConfig>, EventError> {
         let row = sqlx::query(
-            "SELECT name, api_url, api_key, secret_key, zone FROM ossea_configs \
+            "SELECT name, api_url, api_key, secret_key, zone, oma_vm_id FROM ossea_configs \
              WHERE is_active = TRUE ORDER BY updated_at DESC, id DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| EventError::new(ErrorCode::Internal, format!("reading ossea_configs failed: {e}")))?
-        .ok_or_else(|| {
-            EventError::new(
-                ErrorCode::CloudstackUnauthorized,
-                "no CloudStack configured: set CLOUDSTACK_API_URL, CLOUDSTACK_API_KEY and CLOUDSTACK_SECRET_KEY, or add an active ossea_configs row",
-            )
-        })?;
+        .map_err(|e| internal(format!("reading ossea_configs failed: {e}")))?;
+        let Some(row) = row else { return Ok(None) };
         let get = |col: &str| -> Result<Option<String>, EventError> {
-            row.try_get(col).map_err(|e| {
-                EventError::new(ErrorCode::Internal, format!("ossea_configs.{col}: {e}"))
-            })
+            row.try_get(col)
+                .map_err(|e| internal(format!("ossea_configs.{col}: {e}")))
         };
-        let name = get("name")?.unwrap_or_default();
-        let creds = Credentials {
-            api_url: get("api_url")?.unwrap_or_default(),
-            api_key: get("api_key")?.unwrap_or_default(),
-            secret_key: get("secret_key")?.unwrap_or_default(),
-        };
-        let zone = match get("zone")?.filter(|z| !z.trim().is_empty()) {
-            None => None,
-            Some(z) => Some(ZoneId::parse(z.trim()).map_err(|e| {
-                EventError::new(
-                    ErrorCode::CloudstackInvalidParameter,
-                    format!("ossea_configs {name:?}: zone {e}"),
-                )
-            })?),
-        };
-        Ok((creds, zone))
+        Ok(Some(OsseaConfig {
+            name: get("name")?.unwrap_or_default(),
+            credentials: Credentials {
+                api_url: get("api_url")?.unwrap_or_default(),
+                api_key: get("api_key")?.unwrap_or_default(),
+                secret_key: get("secret_key")?.unwrap_or_default(),
+            },
+            zone: get("zone")?,
+            host_vm: get("oma_vm_id")?,
+        }))
+    }
+}
+
+fn parse_column<T, E: std::fmt::Display>(
+    row: &OsseaConfig,
+    column: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Result<T, E>,
+) -> Result<Option<T>, EventError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => parse(v).map(Some).map_err(|e| {
+            EventError::new(
+                ErrorCode::CloudstackInvalidParameter,
+                format!("ossea_configs {:?}: {column}: {e}", row.name),
+            )
+        }),
     }
 }
 
@@ -144,6 +212,7 @@ mod tests {
         assert_eq!(classify(&api(401)).code, ErrorCode::CloudstackUnauthorized);
         assert_eq!(classify(&api(429)).code, ErrorCode::CloudstackLimit);
         assert_eq!(classify(&api(530)).code, ErrorCode::CloudstackUnavailable);
+        assert_eq!(classify(&api(536)).code, ErrorCode::VolumeInUse);
         let job = CloudStackError::JobFailed {
             job_id: "j".into(),
             code: Some(530),
@@ -153,5 +222,11 @@ mod tests {
         assert_eq!(e.code, ErrorCode::CloudstackJobFailed);
         assert!(e.message.contains("out of space"));
         assert_eq!(e.cloudstack_error_code, Some(530));
+        let deadline = CloudStackError::Deadline {
+            what: "job j".into(),
+            after: Duration::from_secs(1),
+            last: "still in progress".into(),
+        };
+        assert_eq!(classify(&deadline).code, ErrorCode::Timeout);
     }
 }

@@ -58,6 +58,9 @@ pub struct Settings {
     /// The device monitor reads `$SYSFS_ROOT/block`.
     #[arg(long, env = "SYSFS_ROOT", default_value = "/sys")]
     pub sysfs_root: PathBuf,
+    /// Where `/dev/disk/by-id` links are looked up (fallback for devices without a serial).
+    #[arg(long, env = "DEVICE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
+    pub device_by_id_dir: PathBuf,
     /// Device scan period.
     #[arg(long, env = "DEVICE_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
     pub device_poll_interval_ms: u64,
@@ -67,9 +70,15 @@ pub struct Settings {
     /// Operations in flight at once.
     #[arg(long, env = "MAX_CONCURRENT_OPERATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_operations: u16,
-    /// How long a CloudStack async job may run before the operation fails with TIMEOUT.
-    #[arg(long, env = "JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
-    pub job_timeout_s: u64,
+    /// How long a createVolume job may run before the operation fails with TIMEOUT.
+    #[arg(long, env = "CREATE_JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub create_job_timeout_s: u64,
+    /// How long an attachVolume job may run.
+    #[arg(long, env = "ATTACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub attach_job_timeout_s: u64,
+    /// How long a detachVolume job may run (also the detach before a delete).
+    #[arg(long, env = "DETACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub detach_job_timeout_s: u64,
     /// How long transient CloudStack errors are retried before the operation fails.
     #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub cloudstack_retry_deadline_s: u64,
@@ -91,8 +100,21 @@ impl Settings {
         Topology::new(self.amqp_prefix.clone())
     }
 
-    pub fn job_timeout(&self) -> Duration {
-        Duration::from_secs(self.job_timeout_s)
+    /// The job deadline of each operation type.
+    pub fn job_deadlines(&self) -> crate::cloud::JobDeadlines {
+        crate::cloud::JobDeadlines {
+            create: Duration::from_secs(self.create_job_timeout_s),
+            attach: Duration::from_secs(self.attach_job_timeout_s),
+            detach: Duration::from_secs(self.detach_job_timeout_s),
+        }
+    }
+
+    pub fn device_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.device_poll_interval_ms)
+    }
+
+    pub fn correlation_timeout(&self) -> Duration {
+        Duration::from_secs(self.correlation_timeout_s)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -123,7 +145,9 @@ impl fmt::Debug for Settings {
             .field("device_poll_interval_ms", &self.device_poll_interval_ms)
             .field("correlation_timeout_s", &self.correlation_timeout_s)
             .field("max_concurrent_operations", &self.max_concurrent_operations)
-            .field("job_timeout_s", &self.job_timeout_s)
+            .field("create_job_timeout_s", &self.create_job_timeout_s)
+            .field("attach_job_timeout_s", &self.attach_job_timeout_s)
+            .field("detach_job_timeout_s", &self.detach_job_timeout_s)
             .field("log_format", &self.log_format)
             .finish()
     }

@@ -10,6 +10,8 @@ use cloudstack::response::JobId;
 use schema::VolumeId;
 
 use crate::cloud::Cloud;
+use crate::devices::Devices;
+use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
 use crate::operation::{Halt, Operation, Outcome};
 use crate::store::Store;
@@ -19,6 +21,10 @@ pub struct Context {
     pub store: Store,
     pub cloud: Cloud,
     pub metrics: Arc<Metrics>,
+    /// The device monitor's output, for attachments to the host VM.
+    pub devices: Devices,
+    /// How long an attach to the host VM waits for its device.
+    pub correlation_timeout: Duration,
     /// Wakes the relay when an outbox row was committed.
     pub relay_wakeup: Arc<Notify>,
     /// Fires on SIGTERM.
@@ -56,6 +62,11 @@ impl Context {
         Ok(())
     }
 
+    /// The device scan period.
+    pub fn devices_period(&self) -> Duration {
+        self.devices.period()
+    }
+
     /// Runs `work` unless shutdown comes first. Waiting on CloudStack is interrupted this way
     /// once the job id is stored: that is a safe point to resume from.
     pub async fn until_shutdown<T>(
@@ -72,9 +83,9 @@ impl Context {
     /// Commits the outcome of `op` and its event, retrying while the database is down, then
     /// wakes the relay. Nothing is lost when shutdown comes first: the row is still pending or
     /// executing and resumes at the next start.
-    pub async fn finish(&self, op: &Operation, outcome: Outcome) {
+    pub async fn finish(&self, op: &Operation, outcome: Outcome, mapping: Option<MappingChange>) {
         loop {
-            match self.store.finish(op, &outcome).await {
+            match self.store.finish(op, &outcome, mapping.as_ref()).await {
                 Ok(()) => {
                     self.relay_wakeup.notify_one();
                     return;

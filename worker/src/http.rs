@@ -11,6 +11,7 @@ use axum::routing::get;
 use serde_json::json;
 use sqlx::MySqlPool;
 
+use crate::devices::Devices;
 use crate::metrics::Metrics;
 use crate::outbox;
 use crate::status::Status;
@@ -20,6 +21,7 @@ pub struct HttpState {
     pub pool: MySqlPool,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
+    pub devices: Devices,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -35,7 +37,7 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the database answers and the broker connections are up.
+/// Readiness: the database answers, the broker connections are up, the device monitor scans.
 async fn ready(State(s): State<HttpState>) -> Response {
     let db = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await;
     let (db_ok, backlog) = match db {
@@ -44,7 +46,8 @@ async fn ready(State(s): State<HttpState>) -> Response {
     };
     let intake = s.status.intake_connected();
     let relay = s.status.relay_connected();
-    let ready = db_ok && intake && relay;
+    let monitor = s.devices.running();
+    let ready = db_ok && intake && relay && monitor;
     let oldest_age_s = backlog
         .and_then(|b| b.oldest)
         .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
@@ -59,7 +62,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
             "database": up(db_ok),
             "broker_intake": up(intake),
             "broker_relay": up(relay),
-            "device_monitor": "not_configured",
+            "device_monitor": if monitor { "running" } else { "stalled" },
         },
         "outbox": {
             "backlog": backlog.map(|b| b.count),

@@ -37,6 +37,8 @@ pub struct Metrics {
     events_published: Counter,
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    device_events: Family<ResultLabels, Counter>,
+    correlation: Histogram,
 }
 
 impl Default for Metrics {
@@ -86,8 +88,22 @@ impl Metrics {
             "Age of the oldest unpublished event (publish lag)",
             outbox_oldest_age.clone(),
         );
+        let device_events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "device_events",
+            "Device changes seen by the monitor, by kind",
+            device_events.clone(),
+        );
+        let correlation = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "correlation_latency_seconds",
+            "Time from registering a device expectation to finding the device",
+            correlation.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            device_events,
+            correlation,
             operations,
             duration,
             commands,
@@ -125,6 +141,19 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+    }
+
+    /// `added`, `removed` or `resized`.
+    pub fn device_event(&self, kind: &str) {
+        self.device_events
+            .get_or_create(&ResultLabels {
+                result: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn correlated(&self, after: std::time::Duration) {
+        self.correlation.observe(after.as_secs_f64());
     }
 
     pub fn event_published(&self) {

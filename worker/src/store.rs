@@ -9,6 +9,7 @@ use schema::{
     CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId,
 };
 
+use crate::mappings::{self, MappingChange};
 use crate::operation::{Operation, Outcome, event_for};
 use crate::outbox;
 
@@ -117,6 +118,21 @@ impl Store {
         tx.commit().await
     }
 
+    /// Whether another create operation already owns `volume` (reconciliation must not take
+    /// another command's volume).
+    pub async fn volume_claimed_by_other(
+        &self,
+        volume: VolumeId,
+        id: &CommandId,
+    ) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query("SELECT 1 FROM volume_operations WHERE volume_id = ? AND id <> ? AND type = 'create' LIMIT 1")
+            .bind(volume.to_string())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn mark_executing(&self, id: &CommandId) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE volume_operations SET status = 'executing', attempts = attempts + 1, \
@@ -148,9 +164,15 @@ impl Store {
         Ok(())
     }
 
-    /// Ends `op` with `outcome`: the row's terminal state and the outbox row of its event, in
-    /// one transaction. An operation that already ended is left as it is.
-    pub async fn finish(&self, op: &Operation, outcome: &Outcome) -> Result<(), sqlx::Error> {
+    /// Ends `op` with `outcome`: the row's terminal state, the change to `device_mappings` and
+    /// the outbox row of its event, in one transaction. An operation that already ended is left
+    /// as it is.
+    pub async fn finish(
+        &self,
+        op: &Operation,
+        outcome: &Outcome,
+        mapping: Option<&MappingChange>,
+    ) -> Result<(), sqlx::Error> {
         let completed_at = now();
         let event = event_for(op, outcome, EventId::new_random(), completed_at);
         let (response, error, error_code) = match outcome {
@@ -176,6 +198,9 @@ impl Store {
         if updated.rows_affected() == 0 {
             tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
             return tx.rollback().await;
+        }
+        if let Some(change) = mapping {
+            mappings::apply(&mut tx, change).await?;
         }
         outbox::insert(
             &mut tx,

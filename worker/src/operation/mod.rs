@@ -4,7 +4,11 @@
 //! executing, run the command's own module against CloudStack, and record the outcome together
 //! with its event. Each command type has its own file.
 
+mod attach;
 mod create;
+mod delete;
+mod detach;
+pub mod jobs;
 
 use std::sync::Arc;
 
@@ -15,11 +19,12 @@ use tracing::Instrument;
 use cloudstack::response::JobId;
 use schema::event::AttachMode;
 use schema::{
-    Action, CloudEvent, Command, CommandId, ErrorCode, EventData, EventError, EventId,
-    OperationStatus, VmId, VolumeId, VolumeInfo,
+    Action, CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
+    VolumeId, VolumeInfo,
 };
 
 use crate::context::Context;
+use crate::mappings::MappingChange;
 
 /// An accepted command and what is known of its progress.
 #[derive(Debug, Clone)]
@@ -62,6 +67,8 @@ pub struct Completion {
     pub mode: Option<AttachMode>,
     pub already_detached: Option<bool>,
     pub already_absent: Option<bool>,
+    /// What the operation does to `device_mappings`, in the transaction that ends it.
+    pub mapping: Option<MappingChange>,
 }
 
 /// How an operation ended: the result stored and announced.
@@ -70,8 +77,9 @@ pub type Outcome = Result<Completion, EventError>;
 /// Why a command module stopped before its end.
 #[derive(Debug)]
 pub enum Halt {
-    /// The operation failed: this is its outcome.
-    Fail(EventError),
+    /// The operation failed: this is its outcome, and what it leaves in `device_mappings`
+    /// (an attach whose device never appeared still records the attachment).
+    Fail(EventError, Option<MappingChange>),
     /// Shutdown came first; the operation is left pending or executing and resumes at the
     /// next start.
     Interrupted(String),
@@ -79,7 +87,7 @@ pub enum Halt {
 
 impl From<EventError> for Halt {
     fn from(e: EventError) -> Self {
-        Self::Fail(e)
+        Self::Fail(e, None)
     }
 }
 
@@ -138,16 +146,22 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
             tracing::error!(error = %e, "cannot mark the operation executing; leaving it pending");
             return;
         }
-        let result = match op.command.action.clone() {
-            Action::Create(create) => create::run(&ctx, &mut op, &create).await,
-            other => Err(Halt::Fail(EventError::new(
-                ErrorCode::Internal,
-                format!("{} is not supported yet", other.operation_type()),
-            ))),
-        };
-        let outcome = match result {
-            Ok(done) => Ok(done),
-            Err(Halt::Fail(e)) => Err(e),
+        let mut result = run(&ctx, &mut op).await;
+        if let Err(Halt::Fail(e, _)) = &result
+            && e.cloudstack_error_code == Some(401)
+        {
+            // Keys may have been rotated since this operation read them: read them again, once.
+            tracing::warn!(
+                "CloudStack refused the credentials; reading them again and retrying once"
+            );
+            result = run(&ctx, &mut op).await;
+        }
+        let (outcome, mapping) = match result {
+            Ok(mut done) => {
+                let mapping = done.mapping.take();
+                (Ok(done), mapping)
+            }
+            Err(Halt::Fail(e, mapping)) => (Err(e), mapping),
             Err(Halt::Interrupted(why)) => {
                 tracing::info!(why, "operation interrupted; it resumes at the next start");
                 return;
@@ -163,8 +177,18 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
             Err(e) => tracing::warn!(code = %e.code, error = %e.message, "operation failed"),
         }
         ctx.metrics.operation_ended(&op, &outcome);
-        ctx.finish(&op, outcome).await;
+        ctx.finish(&op, outcome, mapping).await;
     }
     .instrument(span)
     .await
+}
+
+/// The command's own module.
+async fn run(ctx: &Context, op: &mut Operation) -> Result<Completion, Halt> {
+    match op.command.action.clone() {
+        Action::Create(create) => create::run(ctx, op, &create).await,
+        Action::Attach(attach) => attach::run(ctx, op, &attach).await,
+        Action::Detach { volume_id } => detach::run(ctx, op, volume_id).await,
+        Action::Delete { volume_id } => delete::run(ctx, op, volume_id).await,
+    }
 }

@@ -1,0 +1,401 @@
+//! Finding the guest device of a volume attached to the host VM.
+//!
+//! The expected serial (CLOUDSTACK.md §5: the volume id without dashes, first 20 characters)
+//! is known before the attach is sent, so the expectation is registered first and the device
+//! table is checked, on every scan, until the device is there: a device that appeared before
+//! the job result was read is found like any other. Without a serial, the fallbacks are, in
+//! order: a `/dev/disk/by-id/{virtio-,scsi-0QEMU_QEMU_HARDDISK_}<serial>` link, then size — but
+//! only when exactly one new, unclaimed, serial-less device fits. Never a guess between two.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use schema::VolumeId;
+
+use super::monitor::{DeviceEvent, DeviceTable};
+
+/// The prefixes of `/dev/disk/by-id` links to a disk with a given serial.
+const BY_ID_PREFIXES: [&str; 3] = ["virtio-", "scsi-0QEMU_QEMU_HARDDISK_", "scsi-"];
+
+/// A registered wait for one volume's device.
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    pub volume: VolumeId,
+    pub serial: String,
+    /// Bytes, as CloudStack reports the volume: only a cross-check or the last fallback.
+    pub size: Option<u64>,
+    pub registered: Instant,
+}
+
+/// How the device was recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchedBy {
+    Serial,
+    ByIdLink,
+    Size,
+}
+
+/// The device of a volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub name: String,
+    /// `/dev/vdX`.
+    pub device_path: String,
+    /// `/dev/disk/by-id/...` when the serial is known.
+    pub by_id_path: Option<String>,
+    pub serial: Option<String>,
+    pub size: Option<u64>,
+    pub matched_by: MatchedBy,
+}
+
+/// A handle on the monitor's output, shared by every operation.
+#[derive(Debug, Clone)]
+pub struct Devices {
+    table: watch::Receiver<Arc<DeviceTable>>,
+    events: broadcast::Sender<DeviceEvent>,
+    by_id_dir: PathBuf,
+    period: Duration,
+    /// Device name → the volume that owns it. Two volumes never get one device.
+    claims: Arc<Mutex<HashMap<String, VolumeId>>>,
+}
+
+impl Devices {
+    pub fn new(
+        table: watch::Receiver<Arc<DeviceTable>>,
+        events: broadcast::Sender<DeviceEvent>,
+        by_id_dir: PathBuf,
+        period: Duration,
+    ) -> Self {
+        Self {
+            table,
+            events,
+            by_id_dir,
+            period,
+            claims: Arc::default(),
+        }
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn table(&self) -> Arc<DeviceTable> {
+        self.table.borrow().clone()
+    }
+
+    /// Whether the monitor scanned recently (for `/ready`).
+    pub fn running(&self) -> bool {
+        let limit = (self.period * 5).max(Duration::from_secs(2));
+        self.table
+            .borrow()
+            .scanned_at
+            .is_some_and(|t| t.elapsed() < limit)
+    }
+
+    /// Registers the wait for `volume`'s device. Call before the attach is sent.
+    pub fn expect(&self, volume: VolumeId, size: Option<u64>) -> Expectation {
+        Expectation {
+            volume,
+            serial: volume.disk_serial(),
+            size,
+            registered: Instant::now(),
+        }
+    }
+
+    /// Waits up to `timeout` for the device. `Err` names the candidates that were seen.
+    pub async fn correlate(
+        &self,
+        exp: &Expectation,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Found, Vec<String>> {
+        let deadline = exp.registered + timeout;
+        let mut table = self.table.clone();
+        loop {
+            let snapshot = table.borrow_and_update().clone();
+            if let Some(found) = self.try_match(&snapshot, exp) {
+                return Ok(found);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(candidates(&snapshot, exp)),
+                () = tokio::time::sleep_until(deadline) => {
+                    let last = table.borrow().clone();
+                    return self.try_match(&last, exp).ok_or_else(|| candidates(&last, exp));
+                }
+                changed = table.changed() => {
+                    if changed.is_err() {
+                        // The monitor stopped: nothing new will come.
+                        return Err(candidates(&snapshot, exp));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up `volume`'s device (after a detach).
+    pub fn release(&self, volume: VolumeId) {
+        self.lock_claims().retain(|_, v| *v != volume);
+    }
+
+    /// Gives up a device that disappeared.
+    pub fn release_device(&self, name: &str) {
+        self.lock_claims().remove(name);
+    }
+
+    fn lock_claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, VolumeId>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One look at the table; claims the device when found.
+    pub fn try_match(&self, table: &DeviceTable, exp: &Expectation) -> Option<Found> {
+        let mut claims = self.lock_claims();
+        let free = |name: &str| claims.get(name).is_none_or(|v| *v == exp.volume);
+        let by_id = |prefix: &str| self.by_id_dir.join(format!("{prefix}{}", exp.serial));
+
+        let found = if let Some(p) = table
+            .devices
+            .values()
+            .find(|p| p.device.serial.as_deref() == Some(&exp.serial) && free(&p.device.name))
+        {
+            Some((p, MatchedBy::Serial, Some(by_id(BY_ID_PREFIXES[0]))))
+        } else if let Some((p, link)) = BY_ID_PREFIXES.iter().find_map(|prefix| {
+            let link = by_id(prefix);
+            let name = link_target_name(&link)?;
+            let p = table.devices.get(&name).filter(|p| free(&p.device.name))?;
+            Some((p, link))
+        }) {
+            Some((p, MatchedBy::ByIdLink, Some(link)))
+        } else {
+            let fits: Vec<_> = table
+                .devices
+                .values()
+                .filter(|p| {
+                    p.device.serial.is_none()
+                        && p.first_seen >= exp.registered
+                        && free(&p.device.name)
+                })
+                .filter(|p| exp.size.is_some() && p.device.size == exp.size)
+                .collect();
+            match fits.as_slice() {
+                [only] => Some((*only, MatchedBy::Size, None)),
+                [] => None,
+                several => {
+                    tracing::warn!(volume = %exp.volume, candidates = several.len(), "several serial-less devices fit by size; not guessing");
+                    None
+                }
+            }
+        };
+        let (p, matched_by, by_id_path) = found?;
+        if matched_by == MatchedBy::Serial
+            && let (Some(want), Some(got)) = (exp.size, p.device.size)
+            && want != got
+        {
+            tracing::warn!(volume = %exp.volume, device = %p.device.name, want, got, "serial matches but size differs");
+        }
+        claims.insert(p.device.name.clone(), exp.volume);
+        Some(Found {
+            name: p.device.name.clone(),
+            device_path: format!("/dev/{}", p.device.name),
+            by_id_path: by_id_path.map(|b| b.display().to_string()),
+            serial: p
+                .device
+                .serial
+                .clone()
+                .or_else(|| (matched_by == MatchedBy::ByIdLink).then(|| exp.serial.clone())),
+            size: p.device.size,
+            matched_by,
+        })
+    }
+}
+
+/// `vdb` for a link `.../virtio-<serial> -> ../../vdb`.
+fn link_target_name(link: &Path) -> Option<String> {
+    let target = std::fs::read_link(link).ok()?;
+    target.file_name()?.to_str().map(str::to_owned)
+}
+
+/// Devices that appeared after the expectation was registered, for the timeout message.
+fn candidates(table: &DeviceTable, exp: &Expectation) -> Vec<String> {
+    table
+        .devices
+        .values()
+        .filter(|p| p.first_seen >= exp.registered)
+        .map(|p| {
+            format!(
+                "{} (serial {}, {} bytes)",
+                p.device.name,
+                p.device.serial.as_deref().unwrap_or("none"),
+                p.device
+                    .size
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into())
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::monitor::Monitor;
+    use crate::devices::test_tree::Tree;
+
+    fn setup(t: &Tree) -> (Monitor, Devices, PathBuf) {
+        let m = Monitor::new(t.0.clone(), Duration::from_millis(10));
+        let by_id = t.0.join("by-id");
+        std::fs::create_dir_all(&by_id).expect("by-id");
+        let d = Devices::new(
+            m.table(),
+            m.events(),
+            by_id.clone(),
+            Duration::from_millis(10),
+        );
+        (m, d, by_id)
+    }
+
+    const GIB_SECTORS: &str = "2097152";
+
+    #[test]
+    fn matches_by_serial_even_among_devices_of_the_same_size() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let a = VolumeId::new_random();
+        let b = VolumeId::new_random();
+        let (ea, eb) = (d.expect(a, Some(1 << 30)), d.expect(b, Some(1 << 30)));
+        t.add_dir("vdb", GIB_SECTORS, Some(&b.disk_serial()), "virtio4");
+        t.add_dir("vdc", GIB_SECTORS, Some(&a.disk_serial()), "virtio5");
+        m.step();
+        let table = d.table();
+        let fa = d.try_match(&table, &ea).expect("a found");
+        let fb = d.try_match(&table, &eb).expect("b found");
+        assert_eq!(
+            (fa.device_path.as_str(), fa.matched_by),
+            ("/dev/vdc", MatchedBy::Serial)
+        );
+        assert_eq!(fb.device_path, "/dev/vdb");
+        assert!(
+            fa.by_id_path
+                .as_deref()
+                .is_some_and(|p| p.ends_with(&format!("virtio-{}", a.disk_serial())))
+        );
+    }
+
+    #[test]
+    fn falls_back_to_the_by_id_link_then_to_a_unique_size() {
+        let t = Tree::new();
+        let (mut m, d, by_id) = setup(&t);
+        let v = VolumeId::new_random();
+        let e = d.expect(v, Some(1 << 30));
+        t.add_dir("vdd", "4194304", None, "virtio6");
+        std::os::unix::fs::symlink(
+            "../../vdd",
+            by_id.join(format!("scsi-0QEMU_QEMU_HARDDISK_{}", v.disk_serial())),
+        )
+        .expect("link");
+        m.step();
+        let f = d.try_match(&d.table(), &e).expect("via by-id");
+        assert_eq!(
+            (f.name.as_str(), f.matched_by),
+            ("vdd", MatchedBy::ByIdLink)
+        );
+
+        let w = VolumeId::new_random();
+        let e = d.expect(w, Some(1 << 30));
+        t.add_dir("vde", GIB_SECTORS, None, "virtio7");
+        m.step();
+        let f = d.try_match(&d.table(), &e).expect("via size");
+        assert_eq!((f.name.as_str(), f.matched_by), ("vde", MatchedBy::Size));
+    }
+
+    #[test]
+    fn never_guesses_between_two_devices_of_the_right_size() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let e = d.expect(VolumeId::new_random(), Some(1 << 30));
+        t.add_dir("vdb", GIB_SECTORS, None, "virtio4");
+        t.add_dir("vdc", GIB_SECTORS, None, "virtio5");
+        m.step();
+        assert_eq!(d.try_match(&d.table(), &e), None);
+    }
+
+    #[test]
+    fn a_device_present_before_the_expectation_is_matched_by_serial_but_not_by_size() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let v = VolumeId::new_random();
+        t.add_dir("vdb", GIB_SECTORS, Some(&v.disk_serial()), "virtio4");
+        t.add_dir("vdc", GIB_SECTORS, None, "virtio5");
+        m.step();
+        let e = d.expect(v, Some(1 << 30));
+        assert_eq!(
+            d.try_match(&d.table(), &e).map(|f| f.name),
+            Some("vdb".into())
+        );
+        let other = d.expect(VolumeId::new_random(), Some(1 << 30));
+        assert_eq!(
+            d.try_match(&d.table(), &other),
+            None,
+            "vdc was there before: not new"
+        );
+    }
+
+    #[test]
+    fn a_claimed_device_is_not_given_to_another_volume() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let e1 = d.expect(VolumeId::new_random(), Some(1 << 30));
+        let e2 = d.expect(VolumeId::new_random(), Some(1 << 30));
+        t.add_dir("vdb", GIB_SECTORS, None, "virtio4");
+        m.step();
+        assert!(d.try_match(&d.table(), &e1).is_some());
+        assert_eq!(d.try_match(&d.table(), &e2), None);
+        d.release(e1.volume);
+        assert!(d.try_match(&d.table(), &e2).is_some());
+    }
+
+    #[tokio::test]
+    async fn correlate_waits_for_the_device_and_times_out_naming_candidates() {
+        let t = Tree::new();
+        let (m, d, _) = setup(&t);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(m.run(shutdown.clone()));
+        let v = VolumeId::new_random();
+        let e = d.expect(v, Some(1 << 30));
+        let root = t.0.clone();
+        let serial = v.disk_serial();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Tree::add_dir_at(&root, "vdf", GIB_SECTORS, Some(&serial), "virtio9");
+        });
+        let f = d
+            .correlate(&e, Duration::from_secs(5), &shutdown)
+            .await
+            .expect("found");
+        assert_eq!(f.device_path, "/dev/vdf");
+
+        let e = d.expect(VolumeId::new_random(), Some(1 << 30));
+        t.add_dir("vdg", "8", Some("someone-else"), "virtio10");
+        let started = Instant::now();
+        let err = d
+            .correlate(&e, Duration::from_millis(200), &shutdown)
+            .await
+            .expect_err("timeout");
+        assert!(started.elapsed() < Duration::from_millis(600));
+        assert!(
+            err.iter()
+                .any(|c| c.starts_with("vdg (serial someone-else")),
+            "{err:?}"
+        );
+        shutdown.cancel();
+    }
+}

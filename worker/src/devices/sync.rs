@@ -1,0 +1,136 @@
+//! Keeps the `device_mappings` of host attachments true to the guest: a mapped device that
+//! vanishes becomes `linux_state = missing` (no device path), one that reappears becomes
+//! `present` again with its (possibly new) path. Driven by the monitor's events; after a lag,
+//! and at start, every host mapping is recomputed from the device table.
+
+use sqlx::{MySqlPool, Row};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
+use crate::metrics::Metrics;
+use crate::store::now;
+
+pub async fn run(
+    pool: MySqlPool,
+    devices: Devices,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut events = devices.subscribe();
+    resync(&pool, &devices.table()).await;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(e) => {
+                metrics.device_event(match e.change {
+                    DeviceChange::Added => "added",
+                    DeviceChange::Removed => "removed",
+                    DeviceChange::Resized { .. } => "resized",
+                });
+                if let DeviceChange::Removed = e.change {
+                    devices.release_device(&e.device.name);
+                }
+                if let Err(err) = apply(&pool, &e).await {
+                    tracing::warn!(error = %err, device = %e.device.name, "cannot update device_mappings");
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "device events lagged; resynchronising mappings from the device table"
+                );
+                resync(&pool, &devices.table()).await;
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn apply(pool: &MySqlPool, e: &DeviceEvent) -> Result<(), sqlx::Error> {
+    let path = format!("/dev/{}", e.device.name);
+    match (&e.change, &e.device.serial) {
+        (DeviceChange::Removed, _) => {
+            sqlx::query(
+                "UPDATE device_mappings SET linux_state = 'missing', device_path = NULL, last_sync = ? \
+                 WHERE operation_mode = 'oma' AND device_path = ?",
+            )
+            .bind(now())
+            .bind(path)
+            .execute(pool)
+            .await?;
+        }
+        (DeviceChange::Added, Some(serial)) => {
+            sqlx::query(
+                "UPDATE device_mappings SET linux_state = 'present', device_path = ?, size = COALESCE(?, size), last_sync = ? \
+                 WHERE operation_mode = 'oma' AND serial = ? AND (device_path IS NULL OR device_path <> ? OR linux_state <> 'present')",
+            )
+            .bind(&path)
+            .bind(e.device.size)
+            .bind(now())
+            .bind(serial)
+            .bind(&path)
+            .execute(pool)
+            .await?;
+        }
+        (DeviceChange::Resized { .. }, _) => {
+            sqlx::query("UPDATE device_mappings SET size = ?, last_sync = ? WHERE operation_mode = 'oma' AND device_path = ?")
+                .bind(e.device.size)
+                .bind(now())
+                .bind(path)
+                .execute(pool)
+                .await?;
+        }
+        (DeviceChange::Added, None) => {}
+    }
+    Ok(())
+}
+
+/// Recomputes every host mapping from the table.
+async fn resync(pool: &MySqlPool, table: &DeviceTable) {
+    let rows = match sqlx::query("SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = 'oma'")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read device_mappings to resynchronise");
+            return;
+        }
+    };
+    for row in rows {
+        let volume: String = row.try_get("volume_id").unwrap_or_default();
+        let serial: Option<String> = row.try_get("serial").unwrap_or_default();
+        let path: Option<String> = row.try_get("device_path").unwrap_or_default();
+        let state: String = row.try_get("linux_state").unwrap_or_default();
+        let found = serial
+            .as_deref()
+            .and_then(|s| {
+                table
+                    .devices
+                    .values()
+                    .find(|p| p.device.serial.as_deref() == Some(s))
+            })
+            .map(|p| format!("/dev/{}", p.device.name));
+        let (want_path, want_state) = match &found {
+            Some(p) => (Some(p.clone()), "present"),
+            None => (None, "missing"),
+        };
+        if want_path == path && want_state == state {
+            continue;
+        }
+        let updated = sqlx::query("UPDATE device_mappings SET device_path = ?, linux_state = ?, last_sync = ? WHERE volume_id = ?")
+            .bind(want_path)
+            .bind(want_state)
+            .bind(now())
+            .bind(&volume)
+            .execute(pool)
+            .await;
+        if let Err(e) = updated {
+            tracing::warn!(error = %e, volume, "cannot resynchronise device mapping");
+        }
+    }
+}

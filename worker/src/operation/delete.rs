@@ -1,0 +1,84 @@
+//! `delete`: the volume ends absent. An attached volume is detached first; deleting a volume
+//! that does not exist completes with `already_absent: true`.
+
+use serde_json::json;
+
+use cloudstack::CloudStackError;
+use schema::{OperationType, VolumeId};
+
+use super::{Completion, Halt, Operation, detach, jobs};
+use crate::cloud::classify;
+use crate::context::Context;
+use crate::mappings::MappingChange;
+
+/// How many times a deleteVolume whose answer was lost is tried in all.
+const ATTEMPTS: usize = 3;
+
+pub async fn run(
+    ctx: &Context,
+    op: &mut Operation,
+    volume_id: VolumeId,
+) -> Result<Completion, Halt> {
+    let cs = ctx.cloud.session().await?;
+    let client = &cs.client;
+    let polling = cs.polling(OperationType::Delete);
+    if let Some(job) = op.job_id.clone() {
+        // The detach started before a restart.
+        jobs::wait(ctx, client, &job, polling).await?;
+    }
+    let absent = |vm| Completion {
+        volume_id: Some(volume_id),
+        vm_id: vm,
+        already_absent: Some(true),
+        response: json!({"volume": {"id": volume_id}, "already_absent": true}),
+        mapping: Some(MappingChange::Remove(volume_id)),
+        ..Completion::default()
+    };
+    let Some(listed) = client
+        .get_volume(volume_id)
+        .await
+        .map_err(|e| classify(&e))?
+    else {
+        tracing::info!("volume does not exist; nothing to delete");
+        return Ok(absent(None));
+    };
+    let detached_from = listed.virtualmachineid;
+    if let Some(vm) = detached_from {
+        tracing::info!(%vm, "volume is attached; detaching it first");
+        detach::detach_now(ctx, op, client, polling, volume_id).await?;
+    }
+
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.delete_volume(volume_id).await {
+            Ok(()) => break,
+            // Gone meanwhile (CloudStack's answer for an id it does not know).
+            Err(CloudStackError::Api {
+                code: 431,
+                cserrorcode: Some(9999),
+                ..
+            }) => return Ok(absent(detached_from)),
+            Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "no answer to deleteVolume; checking whether it took effect");
+                if client
+                    .get_volume(volume_id)
+                    .await
+                    .map_err(|e| classify(&e))?
+                    .is_none()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Completion {
+        volume_id: Some(volume_id),
+        vm_id: detached_from,
+        already_absent: Some(false),
+        response: json!({"volume": {"id": volume_id}, "deleted": true, "detached_from": detached_from}),
+        mapping: Some(MappingChange::Remove(volume_id)),
+        ..Completion::default()
+    })
+}

@@ -1,0 +1,94 @@
+//! Starting a CloudStack volume job without doing it twice, and waiting for it.
+//!
+//! After a transport error on a mutating call CloudStack may or may not have acted. Blindly
+//! re-sending could attach twice or create two volumes, so [`start_and_wait`] first asks
+//! `listVolumes` whether the desired state was reached, or whether a job is running on the
+//! volume, and only re-issues the call when neither (CLOUDSTACK.md §4).
+
+use std::future::Future;
+
+use cloudstack::{Client, CloudStackError, JobId, JobPolling, Volume};
+use schema::{ErrorCode, EventError, VolumeId};
+
+use super::{Halt, Operation};
+use crate::cloud::classify;
+use crate::context::Context;
+
+/// How many times a call whose answer was lost is tried in all.
+const ATTEMPTS: usize = 3;
+
+pub fn not_found(volume: VolumeId) -> EventError {
+    EventError::new(
+        ErrorCode::VolumeNotFound,
+        format!("CloudStack does not know volume {volume}"),
+    )
+}
+
+/// The volume as CloudStack lists it now.
+pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> {
+    client
+        .get_volume(volume)
+        .await
+        .map_err(|e| classify(&e))?
+        .ok_or_else(|| not_found(volume).into())
+}
+
+/// Waits for `job` (interrupted by shutdown: the job id is stored, so that is a safe point).
+pub async fn wait(
+    ctx: &Context,
+    client: &Client,
+    job: &JobId,
+    polling: JobPolling,
+) -> Result<Volume, Halt> {
+    ctx.until_shutdown(
+        &format!("waiting for job {job}"),
+        client.wait_for_volume_job(job, polling),
+    )
+    .await?
+    .map_err(|e| classify(&e).into())
+}
+
+/// Starts a job on `volume` with `start`, records its id, and waits for it. `reached` says
+/// whether a listed volume already is in the state the job would produce.
+pub async fn start_and_wait<S, Fut>(
+    ctx: &Context,
+    op: &mut Operation,
+    client: &Client,
+    polling: JobPolling,
+    volume: VolumeId,
+    start: S,
+    reached: impl Fn(&Volume) -> bool,
+) -> Result<Volume, Halt>
+where
+    S: Fn() -> Fut,
+    Fut: Future<Output = Result<JobId, CloudStackError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let lost = match start().await {
+            Ok(job) => {
+                ctx.record_job(op, Some(volume), &job).await?;
+                return wait(ctx, client, &job, polling).await;
+            }
+            Err(e) if e.was_answered() => return Err(classify(&e).into()),
+            Err(e) => e,
+        };
+        tracing::warn!(error = %lost, attempt, "no answer from CloudStack; reconciling with listVolumes before re-issuing");
+        let now = current(client, volume).await?;
+        if reached(&now) {
+            tracing::info!("the call had taken effect");
+            return Ok(now);
+        }
+        if now.jobstatus == Some(0)
+            && let Some(job) = now.jobid.map(JobId)
+        {
+            tracing::info!(job = %job, "a job is running on the volume; waiting for it");
+            ctx.record_job(op, Some(volume), &job).await?;
+            return wait(ctx, client, &job, polling).await;
+        }
+        if attempt >= ATTEMPTS {
+            return Err(classify(&lost).into());
+        }
+    }
+}
