@@ -81,8 +81,7 @@ pub fn scan(root: &Path) -> Scan {
                 target
                     .components()
                     .filter_map(|c| c.as_os_str().to_str())
-                    .filter(|c| c.starts_with("virtio"))
-                    .last()
+                    .rfind(|c| c.starts_with("virtio"))
                     .map(str::to_owned)
             });
         out.devices.insert(

@@ -138,7 +138,10 @@ pub async fn run(
             );
             // The mapping records the truth: attached in CloudStack, missing in Linux.
             let truth = mapping(volume_id, vm, AttachMode::Host, &volume, None, "missing");
-            Err(Halt::Fail(error, Some(MappingChange::Upsert(truth))))
+            Err(Halt::Fail(
+                error,
+                Some(Box::new(MappingChange::Upsert(truth))),
+            ))
         }
     }
 }

@@ -79,7 +79,7 @@ pub type Outcome = Result<Completion, EventError>;
 pub enum Halt {
     /// The operation failed: this is its outcome, and what it leaves in `device_mappings`
     /// (an attach whose device never appeared still records the attachment).
-    Fail(EventError, Option<MappingChange>),
+    Fail(EventError, Option<Box<MappingChange>>),
     /// Shutdown came first; the operation is left pending or executing and resumes at the
     /// next start.
     Interrupted(String),
@@ -161,7 +161,7 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
                 let mapping = done.mapping.take();
                 (Ok(done), mapping)
             }
-            Err(Halt::Fail(e, mapping)) => (Err(e), mapping),
+            Err(Halt::Fail(e, mapping)) => (Err(e), mapping.map(|m| *m)),
             Err(Halt::Interrupted(why)) => {
                 tracing::info!(why, "operation interrupted; it resumes at the next start");
                 return;
