@@ -3,21 +3,13 @@
 
 use std::time::Duration;
 
-use schema::command::{Action, CreateVolume};
-use schema::{Command, ErrorCode, OperationStatus};
+use schema::command::Action;
+use schema::{ErrorCode, OperationStatus};
 
+use crate::helpers::cmd::create;
 use crate::helpers::{EventTap, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn create(name: &str, size: &str) -> Command {
-    Command::new(Action::Create(CreateVolume {
-        name: name.into(),
-        size: size.parse().expect("size"),
-        disk_offering_id: None,
-        zone_id: None,
-    }))
-}
 
 #[tokio::test]
 async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {

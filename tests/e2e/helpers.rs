@@ -48,6 +48,13 @@ pub struct TestEnv {
     pool: Option<MySqlPool>,
     /// Extra environment for the daemon.
     pub extra_env: Vec<(String, String)>,
+    /// This test's sysfs root: the daemon's `SYSFS_ROOT` (never the machine's `/sys`), where
+    /// the simulator creates the host VM's devices.
+    pub sysfs: PathBuf,
+    /// The host VM, when the test has one (`HOST_VM_ID`).
+    pub host_vm: Option<schema::VmId>,
+    /// Leave `CLOUDSTACK_*` unset: the daemon reads `ossea_configs`.
+    pub cloudstack_from_db: bool,
 }
 
 impl TestEnv {
@@ -55,10 +62,25 @@ impl TestEnv {
         Self::with_sim(SimConfig::default()).await
     }
 
-    pub async fn with_sim(config: SimConfig) -> Self {
+    /// A test whose daemon runs on a host VM: attachments to it get guest devices.
+    pub async fn with_host_vm(config: SimConfig) -> Self {
+        Self::with_sim(SimConfig {
+            host_vm_id: Some(schema::VmId::new_random()),
+            ..config
+        })
+        .await
+    }
+
+    pub async fn with_sim(mut config: SimConfig) -> Self {
         init_tracing();
         require_services().await;
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let sysfs = std::env::temp_dir().join(format!("volume-daemon-e2e-sysfs-{tag}"));
+        std::fs::create_dir_all(sysfs.join("block")).expect("sysfs root");
+        let host_vm = config.host_vm_id;
+        if host_vm.is_some() {
+            config.sysfs_root = Some(sysfs.clone());
+        }
         let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
             .await
             .expect("the simulator binds a port");
@@ -74,6 +96,9 @@ impl TestEnv {
             log_path: log_dir.join(format!("daemon-{tag}.log")),
             pool: None,
             extra_env: Vec::new(),
+            sysfs,
+            host_vm,
+            cloudstack_from_db: false,
         }
     }
 
@@ -102,17 +127,33 @@ impl TestEnv {
             .env("AMQP_PREFIX", &self.prefix)
             .env("DATABASE_URL", self.database_url())
             .env("HTTP_ADDR", self.http_addr.to_string())
-            .env("CLOUDSTACK_API_URL", self.sim.api_url())
-            .env("CLOUDSTACK_API_KEY", &self.sim.sim.config.api_key)
-            .env("CLOUDSTACK_SECRET_KEY", &self.sim.sim.config.secret_key)
             .env("SHUTDOWN_GRACE_S", "5")
+            .env("SYSFS_ROOT", &self.sysfs)
+            .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
             .env("RUST_LOG", "info,worker=debug")
+            .envs(self.cloudstack_env())
+            .envs(
+                self.host_vm
+                    .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
+            )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .kill_on_drop(true);
         self.daemon = Some(cmd.spawn().expect("volume-daemon starts"));
+    }
+
+    fn cloudstack_env(&self) -> Vec<(&'static str, String)> {
+        if self.cloudstack_from_db {
+            return Vec::new();
+        }
+        let (key, secret) = self.sim.sim.keys();
+        vec![
+            ("CLOUDSTACK_API_URL", self.sim.api_url()),
+            ("CLOUDSTACK_API_KEY", key),
+            ("CLOUDSTACK_SECRET_KEY", secret),
+        ]
     }
 
     pub async fn wait_ready(&mut self, within: Duration) {
@@ -259,6 +300,33 @@ impl TestEnv {
             .collect()
     }
 
+    /// `device_mappings` rows: volume id → (vm, mode, device_path, linux_state, cloudstack_state).
+    pub async fn mappings(&mut self) -> std::collections::BTreeMap<String, MappingRow> {
+        let pool = self.db().await;
+        sqlx::query(
+            "SELECT volume_id, vm_id, CAST(operation_mode AS CHAR) AS mode, device_path, linux_state, cloudstack_state, serial \
+             FROM device_mappings",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("query device_mappings")
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<String, _>("volume_id"),
+                MappingRow {
+                    vm_id: r.get("vm_id"),
+                    mode: r.get("mode"),
+                    device_path: r.get("device_path"),
+                    linux_state: r.get("linux_state"),
+                    cloudstack_state: r.get("cloudstack_state"),
+                    serial: r.get("serial"),
+                },
+            )
+        })
+        .collect()
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let r = http()
             .get(format!("http://{}{path}", self.http_addr))
@@ -285,6 +353,7 @@ impl Drop for TestEnv {
         let prefix = self.prefix.clone();
         let db = self.db_name.clone();
         let log = self.log_path.clone();
+        let _ = std::fs::remove_dir_all(&self.sysfs);
         // Async clean-up on a thread of its own: Drop cannot await, and this runtime may be
         // shutting down.
         let cleaned = std::thread::spawn(move || {
@@ -374,6 +443,16 @@ pub struct OperationRow {
     pub cloudstack_job_id: Option<String>,
     pub event_id: Option<String>,
     pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingRow {
+    pub vm_id: String,
+    pub mode: String,
+    pub device_path: Option<String>,
+    pub linux_state: String,
+    pub cloudstack_state: String,
+    pub serial: Option<String>,
 }
 
 /// A subscriber bound to every event of a prefix, from the moment it is created.
@@ -517,5 +596,36 @@ impl TcpProxy {
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Command builders.
+pub mod cmd {
+    use schema::command::{Action, AttachVolume, CreateVolume};
+    use schema::{Command, VmId, VolumeId};
+
+    pub fn create(name: &str, size: &str) -> Command {
+        Command::new(Action::Create(CreateVolume {
+            name: name.into(),
+            size: size.parse().expect("size"),
+            disk_offering_id: None,
+            zone_id: None,
+        }))
+    }
+
+    pub fn attach(volume_id: VolumeId, vm_id: VmId) -> Command {
+        Command::new(Action::Attach(AttachVolume {
+            volume_id,
+            vm_id,
+            device_id: None,
+        }))
+    }
+
+    pub fn detach(volume_id: VolumeId) -> Command {
+        Command::new(Action::Detach { volume_id })
+    }
+
+    pub fn delete(volume_id: VolumeId) -> Command {
+        Command::new(Action::Delete { volume_id })
     }
 }

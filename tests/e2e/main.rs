@@ -8,5 +8,7 @@
 mod helpers;
 
 mod create;
+mod devices;
+mod lifecycle;
 mod outages;
 mod rejections;

@@ -3,9 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use schema::Command;
-use schema::command::{Action, CreateVolume};
-
 use crate::helpers::{EventTap, TcpProxy, TestEnv};
 
 #[tokio::test]
@@ -22,12 +19,7 @@ async fn events_written_while_the_broker_is_unreachable_are_published_when_it_re
     env.start_daemon().await;
     let mut tap = EventTap::new(&env.prefix).await;
     let client = env.client().await;
-    let cmd = Command::new(Action::Create(CreateVolume {
-        name: "during-outage".into(),
-        size: "1GiB".parse().expect("size"),
-        disk_offering_id: None,
-        zone_id: None,
-    }));
+    let cmd = crate::helpers::cmd::create("during-outage", "1GiB");
     let id = cmd.command_id.to_string();
 
     // Act: cut the broker while the job runs; the operation ends during the outage.
