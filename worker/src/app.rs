@@ -1,6 +1,13 @@
 //! Building and running the daemon: [`Application::build`] connects and binds (so start-up
-//! errors surface before anything runs), [`Application::run_until_stopped`] runs every task
-//! until the shutdown future resolves, then stops them in order.
+//! errors surface before anything runs), [`Application::run_until_stopped`] runs until the
+//! shutdown future resolves, then stops everything in order.
+//!
+//! A daemon is a **standby** until it holds the execution lease ([`crate::lease`]), then
+//! **active**: only then does it consume commands, execute operations, relay the outbox and
+//! keep device mappings. Health, readiness, metrics, the broker probe and the device monitor
+//! run in both roles. An active daemon that loses its lease (its database connection broke)
+//! aborts its operations at once and competes for the lease again; whoever holds it next
+//! resumes every unfinished operation from MySQL.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use cloudstack::{Client, Credentials, RetryPolicy};
 
+use crate::broker;
 use crate::cloud::{Cloud, CloudEnv};
 use crate::config::Settings;
 use crate::context::Context;
@@ -22,7 +30,9 @@ use crate::devices::{self, Devices, Monitor};
 use crate::executor;
 use crate::http::{self, HttpState};
 use crate::intake::Intake;
+use crate::lease::Lease;
 use crate::metrics::Metrics;
+use crate::operation::Operation;
 use crate::relay::Relay;
 use crate::status::Status;
 use crate::store::Store;
@@ -110,8 +120,7 @@ impl Application {
             .unwrap_or(self.settings.http_addr)
     }
 
-    /// Runs until `shutdown` resolves, then: stop consuming, give in-flight operations
-    /// `SHUTDOWN_GRACE_S` to reach a safe point, publish what the outbox holds, stop serving.
+    /// Runs until `shutdown` resolves.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()>,
@@ -122,11 +131,16 @@ impl Application {
             listener,
             cloud,
         } = self;
-        let topology = settings.topology();
         let status = Arc::new(Status::default());
         let metrics = Arc::new(Metrics::new());
+        let stopping = CancellationToken::new();
+        let watch_shutdown = async {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stopping.cancel();
+        };
 
-        // The device monitor runs from the start: correlation reads its table.
+        // Both roles: device monitor, broker probe, HTTP.
         let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval());
         let devices = Devices::new(
             monitor.table(),
@@ -134,119 +148,211 @@ impl Application {
             settings.device_by_id_dir.clone(),
             settings.device_poll_interval(),
         );
-        let monitor_stop = CancellationToken::new();
-        let monitor_task = tokio::spawn(monitor.run(monitor_stop.clone()));
-        let sync_task = tokio::spawn(devices::sync::run(
-            pool.clone(),
-            devices.clone(),
-            metrics.clone(),
-            monitor_stop.clone(),
+        let background_stop = CancellationToken::new();
+        let monitor_task = tokio::spawn(monitor.run(background_stop.clone()));
+        let probe_task = tokio::spawn(broker::probe(
+            settings.amqp_url.clone(),
+            status.clone(),
+            background_stop.clone(),
         ));
-
-        let ctx = Arc::new(Context {
-            store: Store::new(pool.clone(), topology.clone()),
-            cloud,
-            metrics: metrics.clone(),
-            devices: devices.clone(),
-            correlation_timeout: settings.correlation_timeout(),
-            relay_wakeup: Arc::new(Notify::new()),
-            shutdown: CancellationToken::new(),
-        });
-
-        let http_stop = CancellationToken::new();
-        let http = tokio::spawn({
+        let http_task = tokio::spawn({
             let app = http::router(HttpState {
                 pool: pool.clone(),
                 status: status.clone(),
                 metrics: metrics.clone(),
                 devices: devices.clone(),
             });
-            let stop = http_stop.clone();
+            let stop = background_stop.clone();
             async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
             }
         });
-
-        let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(
-            Relay {
-                pool: pool.clone(),
-                amqp_url: settings.amqp_url.clone(),
-                wakeup: ctx.relay_wakeup.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-                stop: relay_stop.clone(),
-            }
-            .run(),
-        );
-
-        let max = usize::from(settings.max_concurrent_operations);
-        let (ops_tx, ops_rx) = mpsc::channel(max);
-        let executor = tokio::spawn(executor::run(
-            ctx.clone(),
-            ops_rx,
-            max,
-            settings.shutdown_grace(),
-        ));
-
-        // Operations accepted before a restart go first.
-        let resumed = match ctx.store.resumable().await {
-            Ok(ops) => ops,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list unfinished operations; they resume at the next start");
-                Vec::new()
-            }
-        };
-        if !resumed.is_empty() {
-            tracing::info!(count = resumed.len(), "resuming unfinished operations");
-        }
-        let resume = tokio::spawn({
-            let tx = ops_tx.clone();
-            async move {
-                for op in resumed {
-                    if tx.send(op).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-
-        let intake = tokio::spawn(
-            Intake {
-                ctx: ctx.clone(),
-                amqp_url: settings.amqp_url.clone(),
-                topology,
-                prefetch: settings.max_concurrent_operations,
-                ops: ops_tx,
-                status: status.clone(),
-            }
-            .run(),
-        );
         tracing::info!(http = %settings.http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
 
-        shutdown.await;
-        tracing::info!("shutting down");
-        ctx.shutdown.cancel();
-        report("intake", intake.await);
-        report("resume", resume.await);
-        report("executor", executor.await);
-        // Give the relay a moment to publish the outcomes just recorded.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        relay_stop.cancel();
-        report("relay", relay.await);
-        monitor_stop.cancel();
+        let active = Active {
+            settings: &settings,
+            pool: &pool,
+            cloud: &cloud,
+            status: &status,
+            metrics: &metrics,
+            devices: &devices,
+        };
+        let roles = async {
+            loop {
+                status.set_active(false);
+                let Some(lease) =
+                    Lease::acquire(&settings.database_url, &settings.amqp_prefix, &stopping).await
+                else {
+                    break;
+                };
+                status.set_active(true);
+                match active.run(lease, &stopping).await {
+                    ActiveEnd::Shutdown => break,
+                    ActiveEnd::LeaseLost => tracing::error!(
+                        "execution lease lost: operations stopped; standing by to take it again"
+                    ),
+                }
+            }
+            status.set_active(false);
+        };
+        // Both in this task: the shutdown future need not be `Send`.
+        tokio::join!(watch_shutdown, roles);
+
+        background_stop.cancel();
         report("device monitor", monitor_task.await);
-        report("mapping sync", sync_task.await);
-        http_stop.cancel();
-        match http.await {
+        report("broker probe", probe_task.await);
+        match http_task.await {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
             other => report("http", other.map(|_| ())),
         }
         pool.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Why an active period ended.
+enum ActiveEnd {
+    Shutdown,
+    LeaseLost,
+}
+
+/// What an active period needs.
+struct Active<'a> {
+    settings: &'a Settings,
+    pool: &'a MySqlPool,
+    cloud: &'a Cloud,
+    status: &'a Arc<Status>,
+    metrics: &'a Arc<Metrics>,
+    devices: &'a Devices,
+}
+
+/// How often the active instance checks that it still holds the lease.
+const LEASE_CHECK: Duration = Duration::from_secs(1);
+
+impl Active<'_> {
+    /// Consumes, executes and relays while the lease is held.
+    async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
+        let settings = self.settings;
+        let topology = settings.topology();
+        // Fires on shutdown and on lease loss; operations watch it.
+        let halt = stopping.child_token();
+        let abort = CancellationToken::new();
+        let ctx = Arc::new(Context {
+            store: Store::new(self.pool.clone(), topology.clone()),
+            cloud: self.cloud.clone(),
+            metrics: self.metrics.clone(),
+            devices: self.devices.clone(),
+            correlation_timeout: settings.correlation_timeout(),
+            relay_wakeup: Arc::new(Notify::new()),
+            shutdown: halt.clone(),
+            vm_locks: Default::default(),
+        });
+
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(
+            Relay {
+                pool: self.pool.clone(),
+                amqp_url: settings.amqp_url.clone(),
+                wakeup: ctx.relay_wakeup.clone(),
+                status: self.status.clone(),
+                metrics: self.metrics.clone(),
+                stop: relay_stop.clone(),
+            }
+            .run(),
+        );
+        let sync = tokio::spawn(devices::sync::run(
+            self.pool.clone(),
+            self.devices.clone(),
+            self.metrics.clone(),
+            halt.clone(),
+        ));
+
+        let max = usize::from(settings.max_concurrent_operations);
+        let (ops_tx, ops_rx) = mpsc::channel(max);
+        let stop = executor::Stop {
+            drain: halt.clone(),
+            abort: abort.clone(),
+            grace: settings.shutdown_grace(),
+        };
+        let executor = tokio::spawn(executor::run(ctx.clone(), ops_rx, max, stop));
+
+        // Unfinished operations first, in the order they were accepted; then new commands, so
+        // arrival order per volume holds across restarts and takeovers.
+        let intake = tokio::spawn({
+            let (ctx, status, url) = (ctx.clone(), self.status.clone(), settings.amqp_url.clone());
+            let prefetch = settings.max_concurrent_operations;
+            async move {
+                resume(&ctx, &ops_tx).await;
+                Intake {
+                    ctx,
+                    amqp_url: url,
+                    topology,
+                    prefetch,
+                    ops: ops_tx,
+                    status,
+                }
+                .run()
+                .await;
+            }
+        });
+
+        let end = loop {
+            tokio::select! {
+                () = stopping.cancelled() => break ActiveEnd::Shutdown,
+                () = tokio::time::sleep(LEASE_CHECK) => {
+                    if !lease.held().await {
+                        break ActiveEnd::LeaseLost;
+                    }
+                }
+            }
+        };
+        if let ActiveEnd::LeaseLost = end {
+            // Fence: another instance may hold the lease now.
+            abort.cancel();
+        }
+        halt.cancel();
+        report("intake", intake.await);
+        report("executor", executor.await);
+        report("mapping sync", sync.await);
+        if let ActiveEnd::Shutdown = end {
+            // Give the relay a moment to publish the outcomes just recorded.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        relay_stop.cancel();
+        report("relay", relay.await);
+        self.status.set_intake_connected(false);
+        self.status.set_relay_connected(false);
+        if let ActiveEnd::Shutdown = end {
+            lease.release().await;
+        }
+        end
+    }
+}
+
+/// Hands every `pending` and `executing` operation to the executor, oldest first.
+async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
+    let resumed = loop {
+        match ctx.store.resumable().await {
+            Ok(ops) => break ops,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list unfinished operations; retrying");
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    if !resumed.is_empty() {
+        tracing::info!(count = resumed.len(), "resuming unfinished operations");
+    }
+    for op in resumed {
+        if ops.send(op).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -50,3 +50,48 @@ impl Backoff {
         self.delays = delays();
     }
 }
+
+/// Keeps one idle connection to the broker and reports whether it is up: how a standby (which
+/// neither consumes nor publishes) knows the broker is reachable.
+pub async fn probe(
+    url: String,
+    status: std::sync::Arc<crate::status::Status>,
+    shutdown: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        match connect(&url, "volume-daemon probe").await {
+            Ok(conn) => {
+                status.set_broker_reachable(true);
+                backoff.reset();
+                let mut events = conn.events_listener();
+                // Until the connection reports an error (or shutdown).
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {
+                            let _ = conn.close(200, "shutting down".into()).await;
+                            return;
+                        }
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => {
+                                tracing::debug!(error = %e, "broker probe lost its connection");
+                                break;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
+                    }
+                }
+                status.set_broker_reachable(false);
+            }
+            Err(e) => {
+                status.set_broker_reachable(false);
+                tracing::debug!(error = %e, "broker probe cannot connect");
+            }
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}

@@ -1,13 +1,14 @@
 //! What every operation needs, built once at start and shared.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use cloudstack::response::JobId;
-use schema::VolumeId;
+use schema::{VmId, VolumeId};
 
 use crate::cloud::Cloud;
 use crate::devices::Devices;
@@ -27,8 +28,10 @@ pub struct Context {
     pub correlation_timeout: Duration,
     /// Wakes the relay when an outbox row was committed.
     pub relay_wakeup: Arc<Notify>,
-    /// Fires on SIGTERM.
+    /// Fires on SIGTERM, and when this instance loses the execution lease.
     pub shutdown: CancellationToken,
+    /// One attach or detach at a time per VM (CONTRACT §3 rule 4).
+    pub vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long to wait between attempts to write to an unreachable database.
@@ -60,6 +63,18 @@ impl Context {
         op.job_id = Some(job.clone());
         op.volume_id = volume.or(op.volume_id);
         Ok(())
+    }
+
+    /// Waits for `vm`'s attach/detach lock.
+    pub async fn lock_vm(&self, vm: VmId) -> OwnedMutexGuard<()> {
+        let lock = self
+            .vm_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vm)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// The device scan period.

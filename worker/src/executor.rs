@@ -1,83 +1,172 @@
-//! Runs accepted operations, at most `MAX_CONCURRENT_OPERATIONS` at a time.
+//! Runs accepted operations: at most `MAX_CONCURRENT_OPERATIONS` at a time, and those on the
+//! same volume one after another in arrival order (CONTRACT §3 rule 4). Attach and detach on
+//! the same VM also take that VM's lock inside the operation ([`crate::context::Context::lock_vm`]).
 //!
-//! The intake (and start-up recovery) send operations through a bounded channel; when every
-//! permit is taken the channel fills, the intake stops acknowledging, and the broker's prefetch
-//! limit stops deliveries: back-pressure all the way to the queue.
+//! The intake (and recovery) send operations through a bounded channel. The executor holds at
+//! most twice the concurrency in hand (running or waiting behind their volume); beyond that it
+//! stops receiving, the channel fills, the intake stops acknowledging, and the broker's
+//! prefetch limit stops deliveries: back-pressure all the way to the queue.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use schema::VolumeId;
 
 use crate::context::Context;
 use crate::operation::{self, Operation};
 
-/// Receives operations until the channel closes or shutdown fires, then gives in-flight
-/// operations `grace` to reach a safe point before aborting them (they resume at the next
-/// start: their rows are still pending or executing).
+/// When to stop.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// Stop taking operations, then give running ones `grace` to reach a safe point.
+    pub drain: CancellationToken,
+    /// Abort everything now (the lease was lost: another instance may be executing).
+    pub abort: CancellationToken,
+    pub grace: Duration,
+}
+
+struct Lanes {
+    /// Operations per volume, the running one at the front.
+    waiting: HashMap<VolumeId, VecDeque<Operation>>,
+    /// Which volume each running task belongs to.
+    running: HashMap<Id, Option<VolumeId>>,
+    tasks: JoinSet<()>,
+    permits: Arc<Semaphore>,
+    ctx: Arc<Context>,
+}
+
+impl Lanes {
+    fn spawn(&mut self, op: Operation) {
+        let volume = op.command.action.volume_id();
+        let (ctx, permits) = (self.ctx.clone(), self.permits.clone());
+        let handle = self.tasks.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            operation::execute(ctx, op).await;
+        });
+        self.running.insert(handle.id(), volume);
+    }
+
+    /// Queues `op` behind earlier operations on its volume, or starts it.
+    fn admit(&mut self, op: Operation) {
+        match op.command.action.volume_id() {
+            None => self.spawn(op),
+            Some(v) => {
+                let lane = self.waiting.entry(v).or_default();
+                lane.push_back(op.clone());
+                if lane.len() == 1 {
+                    self.spawn(op);
+                }
+            }
+        }
+    }
+
+    /// A task ended: start the next operation on its volume.
+    fn finished(&mut self, id: Id, advance: bool) {
+        let Some(Some(volume)) = self.running.remove(&id) else {
+            return;
+        };
+        let Some(lane) = self.waiting.get_mut(&volume) else {
+            return;
+        };
+        lane.pop_front();
+        match lane.front().cloned() {
+            Some(next) if advance => self.spawn(next),
+            Some(_) => {}
+            None => {
+                self.waiting.remove(&volume);
+            }
+        }
+    }
+
+    /// Operations received and not yet ended (running or waiting behind their volume).
+    fn in_hand(&self) -> usize {
+        let waiting: usize = self
+            .waiting
+            .values()
+            .map(|l| l.len().saturating_sub(1))
+            .sum();
+        self.running.len() + waiting
+    }
+}
+
 pub async fn run(
     ctx: Arc<Context>,
     mut ops: mpsc::Receiver<Operation>,
     max_concurrent: usize,
-    grace: Duration,
+    stop: Stop,
 ) {
-    let permits = Arc::new(Semaphore::new(max_concurrent));
-    let mut tasks = JoinSet::new();
+    let mut lanes = Lanes {
+        waiting: HashMap::new(),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        permits: Arc::new(Semaphore::new(max_concurrent)),
+        ctx,
+    };
+    let limit = max_concurrent * 2;
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            report(done);
-        }
-        let op = tokio::select! {
-            () = ctx.shutdown.cancelled() => break,
-            op = ops.recv() => match op {
-                Some(op) => op,
+        tokio::select! {
+            biased;
+            () = stop.drain.cancelled() => break,
+            () = stop.abort.cancelled() => break,
+            Some(done) = lanes.tasks.join_next_with_id(), if !lanes.tasks.is_empty() => {
+                let id = report(done);
+                lanes.finished(id, true);
+            }
+            op = ops.recv(), if lanes.in_hand() < limit => match op {
+                Some(op) => lanes.admit(op),
                 None => break,
             },
-        };
-        let permit = tokio::select! {
-            () = ctx.shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let ctx = ctx.clone();
-        tasks.spawn(async move {
-            operation::execute(ctx, op).await;
-            drop(permit);
-        });
+        }
     }
-    while let Some(done) = tasks.try_join_next() {
-        report(done);
-    }
-    if !tasks.is_empty() {
+    if !stop.abort.is_cancelled() && !lanes.tasks.is_empty() {
         tracing::info!(
-            in_flight = tasks.len(),
-            grace_s = grace.as_secs(),
+            in_flight = lanes.tasks.len(),
+            grace_s = stop.grace.as_secs(),
             "waiting for in-flight operations"
         );
-    }
-    let drained = tokio::time::timeout(grace, async {
-        while let Some(done) = tasks.join_next().await {
-            report(done);
+        let drained = tokio::time::timeout(stop.grace, async {
+            tokio::select! {
+                () = stop.abort.cancelled() => {}
+                () = async {
+                    while let Some(done) = lanes.tasks.join_next_with_id().await {
+                        let id = report(done);
+                        lanes.finished(id, false);
+                    }
+                } => {}
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                aborted = lanes.tasks.len(),
+                "grace period over; aborting operations (they resume at the next start)"
+            );
         }
-    })
-    .await;
-    if drained.is_err() {
+    } else if !lanes.tasks.is_empty() {
         tracing::warn!(
-            aborted = tasks.len(),
-            "grace period over; aborting operations (they resume at the next start)"
+            aborted = lanes.tasks.len(),
+            "aborting operations now; they resume when this instance is active again"
         );
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
     }
+    lanes.tasks.abort_all();
+    while lanes.tasks.join_next().await.is_some() {}
 }
 
-fn report(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done
-        && e.is_panic()
-    {
-        tracing::error!(error = %e, "an operation task panicked");
+fn report(done: Result<(Id, ()), tokio::task::JoinError>) -> Id {
+    match done {
+        Ok((id, ())) => id,
+        Err(e) => {
+            if e.is_panic() {
+                tracing::error!(error = %e, "an operation task panicked");
+            }
+            e.id()
+        }
     }
 }

@@ -46,8 +46,12 @@ async fn ready(State(s): State<HttpState>) -> Response {
     };
     let intake = s.status.intake_connected();
     let relay = s.status.relay_connected();
+    let probe = s.status.broker_reachable();
     let monitor = s.devices.running();
-    let ready = db_ok && intake && relay && monitor;
+    let active = s.status.active();
+    // A standby neither consumes nor publishes: it needs the broker reachable, no more.
+    let broker_ok = if active { intake && relay } else { probe };
+    let ready = db_ok && broker_ok && monitor;
     let oldest_age_s = backlog
         .and_then(|b| b.oldest)
         .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
@@ -57,11 +61,12 @@ async fn ready(State(s): State<HttpState>) -> Response {
     let up = |ok: bool| if ok { "up" } else { "down" };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "role": "active",
+        "role": s.status.role(),
         "components": {
             "database": up(db_ok),
-            "broker_intake": up(intake),
-            "broker_relay": up(relay),
+            "broker": up(probe),
+            "broker_intake": if active { up(intake) } else { "idle" },
+            "broker_relay": if active { up(relay) } else { "idle" },
             "device_monitor": if monitor { "running" } else { "stalled" },
         },
         "outbox": {

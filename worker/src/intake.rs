@@ -142,13 +142,16 @@ impl Intake {
                 }
             }
         };
-        delivery.acker.ack(BasicAckOptions::default()).await?;
         match accepted {
             Accepted::New(op) => {
                 self.ctx.metrics.command_received("accepted");
                 tracing::info!(operation_id = %id, r#type = %op.command.operation_type(), "command accepted");
-                // If the executor is gone we are shutting down: the row is pending and resumes.
-                let _ = self.ops.send(*op).await;
+                // Handed over before the ack: if the ack is lost, the redelivery finds the row
+                // pending and this executor already has it. If the executor is gone we are
+                // stopping: the row is pending and resumes, and the delivery returns unacked.
+                if self.ops.send(*op).await.is_err() {
+                    return Ok(());
+                }
             }
             Accepted::InFlight => {
                 self.ctx.metrics.command_received("duplicate");
@@ -160,6 +163,7 @@ impl Intake {
                 self.ctx.relay_wakeup.notify_one();
             }
         }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod executor;
 pub mod http;
 pub mod intake;
+pub mod lease;
 pub mod mappings;
 pub mod metrics;
 pub mod operation;

@@ -9,6 +9,10 @@ pub struct Status {
     intake_connected: AtomicBool,
     /// The relay has a live publishing channel.
     relay_connected: AtomicBool,
+    /// The broker probe holds a connection (what a standby reports).
+    broker_reachable: AtomicBool,
+    /// This instance holds the execution lease.
+    active: AtomicBool,
 }
 
 impl Status {
@@ -20,11 +24,32 @@ impl Status {
         self.relay_connected.store(up, Ordering::Relaxed);
     }
 
+    pub fn set_broker_reachable(&self, up: bool) {
+        self.broker_reachable.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Relaxed);
+    }
+
     pub fn intake_connected(&self) -> bool {
         self.intake_connected.load(Ordering::Relaxed)
     }
 
     pub fn relay_connected(&self) -> bool {
         self.relay_connected.load(Ordering::Relaxed)
+    }
+
+    pub fn broker_reachable(&self) -> bool {
+        self.broker_reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// `active` or `standby`.
+    pub fn role(&self) -> &'static str {
+        if self.active() { "active" } else { "standby" }
     }
 }

@@ -216,7 +216,7 @@ impl Store {
     pub async fn resumable(&self) -> Result<Vec<Operation>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
-             volume_id, created_at FROM volume_operations \
+             volume_id, created_at, attempts FROM volume_operations \
              WHERE status IN ('pending', 'executing') ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)

@@ -31,6 +31,7 @@ pub async fn run(
     } else {
         AttachMode::Remote
     };
+    let _one_at_a_time = ctx.lock_vm(vm).await;
 
     if let Some(job) = op.job_id.clone() {
         // Resuming after a restart: let the job we started end, then look again.

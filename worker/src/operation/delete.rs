@@ -45,7 +45,7 @@ pub async fn run(
     let detached_from = listed.virtualmachineid;
     if let Some(vm) = detached_from {
         tracing::info!(%vm, "volume is attached; detaching it first");
-        detach::detach_now(ctx, op, client, polling, volume_id).await?;
+        detach::detach_now(ctx, op, client, polling, volume_id, vm).await?;
     }
 
     let mut attempt = 0;

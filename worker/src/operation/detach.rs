@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use cloudstack::{Client, JobPolling, Volume};
-use schema::{OperationType, VolumeId};
+use schema::{OperationType, VmId, VolumeId};
 
 use super::{Completion, Halt, Operation, jobs};
 use crate::context::Context;
@@ -31,7 +31,7 @@ pub async fn run(
             ..Completion::default()
         });
     };
-    let volume = detach_now(ctx, op, &cs.client, polling, volume_id).await?;
+    let volume = detach_now(ctx, op, &cs.client, polling, volume_id, vm).await?;
     Ok(Completion {
         volume_id: Some(volume_id),
         vm_id: Some(vm),
@@ -42,14 +42,17 @@ pub async fn run(
     })
 }
 
-/// Detaches `volume` (reconciling after a lost answer) and gives up its guest device.
+/// Detaches `volume` from `vm` (reconciling after a lost answer) and gives up its guest
+/// device. Holds `vm`'s attach/detach lock meanwhile.
 pub(super) async fn detach_now(
     ctx: &Context,
     op: &mut Operation,
     client: &Client,
     polling: JobPolling,
     volume: VolumeId,
+    vm: VmId,
 ) -> Result<Volume, Halt> {
+    let _one_at_a_time = ctx.lock_vm(vm).await;
     let detached = jobs::start_and_wait(
         ctx,
         op,

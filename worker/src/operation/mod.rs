@@ -36,6 +36,9 @@ pub struct Operation {
     pub job_id: Option<JobId>,
     /// The volume, once known (a create learns it from CloudStack).
     pub volume_id: Option<VolumeId>,
+    /// Executions started before this one (by an earlier run of a daemon): the operation may
+    /// have acted already and must reconcile before acting again.
+    pub prior_attempts: u32,
 }
 
 impl Operation {
@@ -46,6 +49,7 @@ impl Operation {
             created_at,
             job_id: None,
             volume_id,
+            prior_attempts: 0,
         }
     }
 
