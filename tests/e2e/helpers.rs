@@ -44,7 +44,10 @@ pub struct TestEnv {
     pub daemon_amqp_url: String,
     pub http_addr: SocketAddr,
     daemon: Option<Child>,
-    log_path: PathBuf,
+    /// Log files of every daemon process this test started, oldest first.
+    logs: std::sync::Mutex<Vec<PathBuf>>,
+    log_dir: PathBuf,
+    tag: String,
     pool: Option<MySqlPool>,
     /// Extra environment for the daemon.
     pub extra_env: Vec<(String, String)>,
@@ -55,6 +58,11 @@ pub struct TestEnv {
     pub host_vm: Option<schema::VmId>,
     /// Leave `CLOUDSTACK_*` unset: the daemon reads `ossea_configs`.
     pub cloudstack_from_db: bool,
+    /// The database URL the daemon uses (a [`TcpProxy`] in outage tests); the test itself
+    /// always talks to the database directly.
+    pub daemon_database_url: Option<String>,
+    /// More daemons on the same prefix and database (hot standbys).
+    pub others: Vec<Child>,
 }
 
 impl TestEnv {
@@ -91,14 +99,18 @@ impl TestEnv {
             db_name: format!("vd_test_{tag}"),
             sim,
             daemon_amqp_url: AMQP_URL.into(),
-            http_addr: free_addr(),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
             daemon: None,
-            log_path: log_dir.join(format!("daemon-{tag}.log")),
+            logs: Default::default(),
+            log_dir,
+            tag,
             pool: None,
             extra_env: Vec::new(),
             sysfs,
             host_vm,
             cloudstack_from_db: false,
+            daemon_database_url: None,
+            others: Vec::new(),
         }
     }
 
@@ -108,40 +120,72 @@ impl TestEnv {
 
     /// Starts `volume-daemon` and waits until `/ready` answers 200.
     pub async fn start_daemon(&mut self) {
-        self.spawn_daemon();
+        assert!(self.daemon.is_none(), "daemon already running");
+        let (child, addr) = self.spawn_process().await;
+        self.daemon = Some(child);
+        self.http_addr = addr;
         self.wait_ready(Duration::from_secs(30)).await;
     }
 
-    /// Starts `volume-daemon` without waiting.
-    pub fn spawn_daemon(&mut self) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("daemon log file");
+    /// Starts another daemon on the same prefix and database; returns its HTTP address.
+    pub async fn spawn_other(&mut self) -> SocketAddr {
+        let (child, addr) = self.spawn_process().await;
+        self.others.push(child);
+        addr
+    }
+
+    /// Starts a daemon process (HTTP on a port of its own choosing) and waits until it says
+    /// where it listens.
+    async fn spawn_process(&self) -> (Child, SocketAddr) {
+        let log_path = {
+            let mut logs = self.logs.lock().expect("logs");
+            let path = self.log_dir.join(format!("daemon-{}-{}.log", self.tag, logs.len()));
+            logs.push(path.clone());
+            path
+        };
+        let log = std::fs::File::create(&log_path).expect("daemon log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("AMQP_URL", &self.daemon_amqp_url)
             .env("AMQP_PREFIX", &self.prefix)
-            .env("DATABASE_URL", self.database_url())
-            .env("HTTP_ADDR", self.http_addr.to_string())
+            .env("DATABASE_URL", self.daemon_database_url.clone().unwrap_or_else(|| self.database_url()))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE_S", "5")
             .env("SYSFS_ROOT", &self.sysfs)
             .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
             .env("RUST_LOG", "info,worker=debug")
             .envs(self.cloudstack_env())
-            .envs(
-                self.host_vm
-                    .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
-            )
+            .envs(self.host_vm.map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())))
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .kill_on_drop(true);
-        self.daemon = Some(cmd.spawn().expect("volume-daemon starts"));
+        let mut child = cmd.spawn().expect("volume-daemon starts");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = std::fs::read_to_string(&log_path).unwrap_or_default().lines().find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                v.get("http_addr")?.as_str()?.parse::<SocketAddr>().ok()
+            });
+            if let Some(addr) = found {
+                return (child, addr);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("volume-daemon exited with {status} before listening:\n{}", self.daemon_log());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "volume-daemon never said where it listens:\n{}", self.daemon_log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no clean-up, no released lease, unacknowledged deliveries return to the queue.
+    pub async fn kill_daemon(&mut self) {
+        let mut child = self.daemon.take().expect("daemon running");
+        child.start_kill().expect("kill");
+        let _ = child.wait().await;
     }
 
     fn cloudstack_env(&self) -> Vec<(&'static str, String)> {
@@ -203,8 +247,13 @@ impl TestEnv {
         started.elapsed()
     }
 
+    /// The logs of every daemon process of this test, one after the other.
     pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        logs.iter()
+            .map(|p| format!("=== {} ===\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A publishing client on this test's prefix, topology declared.
@@ -328,14 +377,33 @@ impl TestEnv {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = http()
-            .get(format!("http://{}{path}", self.http_addr))
-            .send()
-            .await
-            .expect("HTTP request");
-        let status = r.status().as_u16();
-        (status, r.json().await.expect("JSON body"))
+        get_json(self.http_addr, path).await
     }
+
+    /// Every row of `volume_operations`: id → status.
+    pub async fn statuses(&mut self) -> std::collections::HashMap<String, String> {
+        let pool = self.db().await;
+        sqlx::query("SELECT id, CAST(status AS CHAR) AS status FROM volume_operations")
+            .fetch_all(&pool)
+            .await
+            .expect("query volume_operations")
+            .into_iter()
+            .map(|r| (r.get::<String, _>("id"), r.get::<String, _>("status")))
+            .collect()
+    }
+}
+
+/// GET a JSON document from a daemon's HTTP server.
+pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let r = http().get(format!("http://{addr}{path}")).send().await.expect("HTTP request");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("JSON body"))
+}
+
+/// GET a text document (metrics).
+pub async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let r = http().get(format!("http://{addr}{path}")).send().await.expect("HTTP request");
+    r.text().await.expect("text body")
 }
 
 impl Drop for TestEnv {
@@ -343,16 +411,15 @@ impl Drop for TestEnv {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.start_kill();
         }
+        for child in &mut self.others {
+            let _ = child.start_kill();
+        }
         if std::thread::panicking() {
-            eprintln!(
-                "--- volume-daemon log ({}) ---\n{}",
-                self.log_path.display(),
-                self.daemon_log()
-            );
+            eprintln!("--- volume-daemon logs ---\n{}", self.daemon_log());
         }
         let prefix = self.prefix.clone();
         let db = self.db_name.clone();
-        let log = self.log_path.clone();
+        let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&self.sysfs);
         // Async clean-up on a thread of its own: Drop cannot await, and this runtime may be
         // shutting down.
@@ -362,7 +429,9 @@ impl Drop for TestEnv {
                 .build()
                 .expect("runtime");
             rt.block_on(cleanup(&prefix, &db));
-            let _ = std::fs::remove_file(log);
+            for log in logs {
+                let _ = std::fs::remove_file(log);
+            }
         })
         .join();
         if cleaned.is_err() {
@@ -427,11 +496,6 @@ pub fn http() -> reqwest::Client {
     cloudstack::Client::http().expect("HTTP client")
 }
 
-/// A free local port (bound then released).
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 #[derive(Debug, Clone)]
 pub struct OperationRow {
@@ -627,5 +691,56 @@ pub mod cmd {
 
     pub fn delete(volume_id: VolumeId) -> Command {
         Command::new(Action::Delete { volume_id })
+    }
+}
+
+/// Collects every event of a prefix in the background, in arrival order.
+pub struct Collector {
+    events: std::sync::Arc<std::sync::Mutex<Vec<CloudEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(prefix: &str) -> Self {
+        let mut tap = EventTap::new(prefix).await;
+        let events: std::sync::Arc<std::sync::Mutex<Vec<CloudEvent>>> = Default::default();
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            while let Some((_, e)) = tap.next(Duration::from_secs(3600)).await {
+                sink.lock().expect("collector").push(e);
+            }
+        });
+        Self { events, task }
+    }
+
+    pub fn events(&self) -> Vec<CloudEvent> {
+        self.events.lock().expect("collector").clone()
+    }
+
+    /// Waits until every command in `ids` has a terminal event; panics naming the missing.
+    pub async fn wait_all(&self, ids: &[String], within: Duration) -> Vec<CloudEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let events = self.events();
+            let seen: std::collections::HashSet<&str> = events.iter().map(|e| e.data.command_id.as_str()).collect();
+            let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains(id.as_str())).collect();
+            if missing.is_empty() {
+                return events;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} commands have no terminal event after {within:?}: {:?}",
+                missing.len(),
+                ids.len(),
+                missing.iter().take(10).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

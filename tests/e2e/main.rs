@@ -12,3 +12,4 @@ mod devices;
 mod lifecycle;
 mod outages;
 mod rejections;
+mod resilience;

@@ -131,6 +131,7 @@ impl Application {
             listener,
             cloud,
         } = self;
+        let http_addr = listener.local_addr().unwrap_or(settings.http_addr);
         let status = Arc::new(Status::default());
         let metrics = Arc::new(Metrics::new());
         let stopping = CancellationToken::new();
@@ -169,7 +170,7 @@ impl Application {
                     .await
             }
         });
-        tracing::info!(http = %settings.http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
+        tracing::info!(http_addr = %http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
 
         let active = Active {
             settings: &settings,

@@ -1,6 +1,7 @@
-//! What every operation needs, built once at start and shared.
+//! What every operation needs, built once per active period and shared.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,28 +39,36 @@ pub struct Context {
 const DB_RETRY: Duration = Duration::from_millis(500);
 
 impl Context {
-    /// Stores the job id of `op` before it is polled, retrying while the database is down.
-    /// Fails only when shutting down first (the operation then resumes at the next start).
-    pub async fn record_job(
-        &self,
-        op: &mut Operation,
-        volume: Option<VolumeId>,
-        job: &JobId,
-    ) -> Result<(), Halt> {
+    /// Runs a database write until it succeeds, waiting between attempts while the database
+    /// is unreachable. `Err` only when shutdown (or loss of the lease) comes first: the
+    /// operation's row is then still pending or executing, and it resumes later.
+    pub async fn write<F, Fut>(&self, what: &str, write: F) -> Result<(), Halt>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), sqlx::Error>>,
+    {
         loop {
-            match self.store.record_job(op.id(), volume, job).await {
-                Ok(()) => break,
+            match write().await {
+                Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(error = %e, job = %job, "cannot record the job id; retrying");
+                    tracing::warn!(error = %e, "cannot {what}; retrying");
                     tokio::select! {
                         () = self.shutdown.cancelled() => {
-                            return Err(Halt::Interrupted(format!("shut down before job {job} was recorded")));
+                            return Err(Halt::Interrupted(format!("stopped before it could {what}")));
                         }
                         () = tokio::time::sleep(DB_RETRY) => {}
                     }
                 }
             }
         }
+    }
+
+    /// Stores the job id of `op` before it is polled, so a restart resumes the job instead of
+    /// starting another.
+    pub async fn record_job(&self, op: &mut Operation, volume: Option<VolumeId>, job: &JobId) -> Result<(), Halt> {
+        let id = op.id().clone();
+        self.write(&format!("record job {job}"), || self.store.record_job(&id, volume, job))
+            .await?;
         op.job_id = Some(job.clone());
         op.volume_id = volume.or(op.volume_id);
         Ok(())
@@ -84,38 +93,23 @@ impl Context {
 
     /// Runs `work` unless shutdown comes first. Waiting on CloudStack is interrupted this way
     /// once the job id is stored: that is a safe point to resume from.
-    pub async fn until_shutdown<T>(
-        &self,
-        what: &str,
-        work: impl Future<Output = T>,
-    ) -> Result<T, Halt> {
+    pub async fn until_shutdown<T>(&self, what: &str, work: impl Future<Output = T>) -> Result<T, Halt> {
         tokio::select! {
             () = self.shutdown.cancelled() => Err(Halt::Interrupted(format!("shut down while {what}"))),
             out = work => Ok(out),
         }
     }
 
-    /// Commits the outcome of `op` and its event, retrying while the database is down, then
-    /// wakes the relay. Nothing is lost when shutdown comes first: the row is still pending or
-    /// executing and resumes at the next start.
+    /// Commits the outcome of `op`, its mapping change and its event, retrying while the
+    /// database is down, then wakes the relay. When shutdown comes first nothing is lost: the
+    /// row is still pending or executing and resumes later.
     pub async fn finish(&self, op: &Operation, outcome: Outcome, mapping: Option<MappingChange>) {
-        loop {
-            match self.store.finish(op, &outcome, mapping.as_ref()).await {
-                Ok(()) => {
-                    self.relay_wakeup.notify_one();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record the outcome; retrying");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => {
-                            tracing::warn!("shutting down before the outcome was recorded; it resumes at the next start");
-                            return;
-                        }
-                        () = tokio::time::sleep(DB_RETRY) => {}
-                    }
-                }
-            }
+        let written = self
+            .write("record the outcome", || self.store.finish(op, &outcome, mapping.as_ref()))
+            .await;
+        match written {
+            Ok(()) => self.relay_wakeup.notify_one(),
+            Err(_) => tracing::warn!("stopped before the outcome was recorded; it resumes later"),
         }
     }
 }

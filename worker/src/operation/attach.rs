@@ -37,7 +37,7 @@ pub async fn run(
         // Resuming after a restart: let the job we started end, then look again.
         jobs::wait(ctx, client, &job, polling).await?;
     }
-    let listed = jobs::current(client, volume_id).await?;
+    let listed = jobs::settled(ctx, op, client, polling, volume_id).await?;
     let expectation =
         (mode == AttachMode::Host).then(|| ctx.devices.expect(volume_id, listed.size));
     let volume = match listed.virtualmachineid {

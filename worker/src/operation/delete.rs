@@ -34,13 +34,13 @@ pub async fn run(
         mapping: Some(MappingChange::Remove(volume_id)),
         ..Completion::default()
     };
-    let Some(listed) = client
-        .get_volume(volume_id)
-        .await
-        .map_err(|e| classify(&e))?
-    else {
-        tracing::info!("volume does not exist; nothing to delete");
-        return Ok(absent(None));
+    let listed = match jobs::settled(ctx, op, client, polling, volume_id).await {
+        Ok(v) => v,
+        Err(Halt::Fail(e, _)) if e.code == schema::ErrorCode::VolumeNotFound => {
+            tracing::info!("volume does not exist; nothing to delete");
+            return Ok(absent(None));
+        }
+        Err(e) => return Err(e),
     };
     let detached_from = listed.virtualmachineid;
     if let Some(vm) = detached_from {

@@ -20,7 +20,7 @@ pub async fn run(
     if let Some(job) = op.job_id.clone() {
         jobs::wait(ctx, &cs.client, &job, polling).await?;
     }
-    let listed = jobs::current(&cs.client, volume_id).await?;
+    let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
         tracing::info!("not attached; nothing to do in CloudStack");
         return Ok(Completion {

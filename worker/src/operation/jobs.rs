@@ -33,6 +33,26 @@ pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> 
         .ok_or_else(|| not_found(volume).into())
 }
 
+/// The volume once no job runs on it: a job still in progress (ours from before a crash, or
+/// anyone's) is waited for first, so that no call is sent while CloudStack is still acting.
+pub async fn settled(ctx: &Context, op: &mut Operation, client: &Client, polling: JobPolling, volume: VolumeId) -> Result<Volume, Halt> {
+    let listed = current(client, volume).await?;
+    match (listed.jobstatus, listed.jobid.clone()) {
+        (Some(0), Some(job)) => {
+            let job = JobId(job);
+            tracing::info!(job = %job, "a job is running on the volume; waiting for it before acting");
+            if op.prior_attempts > 0 {
+                // Most likely ours, started before a crash: record it so a restart waits too.
+                ctx.record_job(op, Some(volume), &job).await?;
+            }
+            // Its outcome is read from the volume's state below, whatever it was.
+            let _ = ctx.until_shutdown("waiting for a running job", client.wait_for_job(&job, polling)).await?;
+            current(client, volume).await
+        }
+        _ => Ok(listed),
+    }
+}
+
 /// Waits for `job` (interrupted by shutdown: the job id is stored, so that is a safe point).
 pub async fn wait(
     ctx: &Context,

@@ -145,9 +145,9 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
         volume_id = tracing::field::Empty,
     );
     async move {
-        if let Err(e) = ctx.store.mark_executing(op.id()).await {
-            // The row stays pending: it resumes at the next start.
-            tracing::error!(error = %e, "cannot mark the operation executing; leaving it pending");
+        let id = op.id().clone();
+        if ctx.write("mark the operation executing", || ctx.store.mark_executing(&id)).await.is_err() {
+            // Stopped first: the row is still pending and resumes later.
             return;
         }
         let mut result = run(&ctx, &mut op).await;

@@ -1,0 +1,266 @@
+//! Nothing lost, nothing done twice: SIGKILLs, broker and database outages, a hot standby,
+//! duplicates in flight. The faults are injected by the tests themselves.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cloudstack_sim::{CallRecord, SimConfig};
+use schema::{Command, OperationStatus, VmId, VolumeId};
+
+use crate::helpers::{Collector, TcpProxy, TestEnv, cmd, get_json, get_text};
+
+fn sim(latency_ms: u64) -> SimConfig {
+    SimConfig { job_latency: Duration::from_millis(latency_ms), ..SimConfig::default() }
+}
+
+/// 40 creates, and attach → detach → delete on 20 existing volumes, interleaved. The volumes go
+/// to 10 VMs, two each, so CloudStack's limit of 6 data disks per VM is never the question.
+fn mixed_commands(env: &TestEnv) -> (Vec<Command>, Vec<VolumeId>) {
+    let vms: Vec<VmId> = (0..10).map(|_| VmId::new_random()).collect();
+    for (i, vm) in vms.iter().enumerate() {
+        env.sim.sim.add_vm(*vm, &format!("mixed-vm-{i}"));
+    }
+    let volumes: Vec<VolumeId> = (0..20).map(|i| env.sim.sim.seed_volume(&format!("mixed-{i}"), 1 << 30)).collect();
+    let mut commands = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        commands.push(cmd::create(&format!("mixed-new-{}", 2 * i), "1GiB"));
+        commands.push(cmd::attach(*v, vms[i % vms.len()]));
+        commands.push(cmd::create(&format!("mixed-new-{}", 2 * i + 1), "1GiB"));
+        commands.push(cmd::detach(*v));
+        commands.push(cmd::delete(*v));
+    }
+    (commands, volumes)
+}
+
+/// No CloudStack side effect happened twice.
+fn assert_no_duplicate_side_effects(calls: &[CallRecord]) {
+    let mut effects: HashMap<String, usize> = HashMap::new();
+    for c in calls.iter().filter(|c| c.status == 200) {
+        let key = match c.command.as_str() {
+            "createVolume" => format!("create {}", c.params["name"]),
+            "attachVolume" | "detachVolume" | "deleteVolume" => format!("{} {}", c.command, c.params["id"]),
+            _ => continue,
+        };
+        *effects.entry(key).or_default() += 1;
+    }
+    let twice: Vec<_> = effects.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "side effects repeated: {twice:?}");
+}
+
+/// Every command ended exactly once (one terminal row), completed, with at least one event.
+async fn assert_all_ended(env: &mut TestEnv, commands: &[Command], events: &[schema::CloudEvent]) {
+    let statuses = env.statuses().await;
+    for c in commands {
+        let id = c.command_id.as_str();
+        assert_eq!(statuses.get(id).map(String::as_str), Some("completed"), "command {id} ({})", c.operation_type());
+        let terminal: Vec<_> = events.iter().filter(|e| e.data.command_id.as_str() == id).collect();
+        assert!(!terminal.is_empty(), "no event for {id}");
+        assert!(terminal.iter().all(|e| e.data.status == OperationStatus::Completed && e.id == terminal[0].id), "{id}: {terminal:?}");
+    }
+}
+
+/// Per volume, events arrive in the order the commands were published (attach, detach, delete).
+fn assert_volume_order(events: &[schema::CloudEvent], volumes: &[VolumeId]) {
+    for v in volumes {
+        let mut order: Vec<&str> = Vec::new();
+        for e in events.iter().filter(|e| e.data.volume_id == Some(*v)) {
+            let t = e.data.op_type.as_str();
+            if !order.contains(&t) {
+                order.push(t);
+            }
+        }
+        assert_eq!(order, ["attach", "detach", "delete"], "volume {v}");
+    }
+}
+
+#[tokio::test]
+async fn three_sigkills_during_a_hundred_mixed_commands_lose_and_repeat_nothing() {
+    let mut env = TestEnv::with_sim(sim(200)).await;
+    let collector = Collector::start(&env.prefix).await;
+    let (commands, volumes) = mixed_commands(&env);
+    let client = env.client().await;
+    for c in &commands {
+        client.publish_only(c).await.expect("published");
+    }
+
+    env.start_daemon().await;
+    for delay in [700, 900, 1100] {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        env.kill_daemon().await;
+        env.start_daemon().await;
+    }
+    let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(120)).await;
+
+    assert_all_ended(&mut env, &commands, &events).await;
+    assert_no_duplicate_side_effects(&env.sim.sim.calls());
+    assert_volume_order(&events, &volumes);
+    assert_eq!(env.sim.sim.volume_count(), 40, "40 created, 20 deleted");
+    let resumed = env.daemon_log().matches("resuming unfinished operations").count();
+    assert!(resumed >= 1, "the kills interrupted operations that were resumed");
+}
+
+#[tokio::test]
+async fn a_five_second_broker_outage_loses_no_command_and_no_event() {
+    let mut env = TestEnv::with_sim(sim(200)).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    env.daemon_amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    env.start_daemon().await;
+    let collector = Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let commands: Vec<Command> = (0..40).map(|i| cmd::create(&format!("broker-cut-{i}"), "1GiB")).collect();
+    for c in &commands[..20] {
+        client.publish_only(c).await.expect("published");
+    }
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.cut();
+    for c in &commands[20..] {
+        client.publish_only(c).await.expect("published while the daemon is cut off");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.restore();
+
+    let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(60)).await;
+    assert_all_ended(&mut env, &commands, &events).await;
+    assert_no_duplicate_side_effects(&env.sim.sim.calls());
+    assert_eq!(env.sim.sim.volume_count(), 40);
+}
+
+#[tokio::test]
+async fn a_five_second_database_outage_loses_no_command_and_no_event() {
+    let mut env = TestEnv::with_sim(sim(200)).await;
+    let proxy = TcpProxy::start("127.0.0.1:3306".parse().expect("addr")).await;
+    env.daemon_database_url = Some(format!("mysql://root@{}/{}", proxy.addr, env.db_name));
+    env.start_daemon().await;
+    let collector = Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let commands: Vec<Command> = (0..40).map(|i| cmd::create(&format!("db-cut-{i}"), "1GiB")).collect();
+    for c in &commands[..20] {
+        client.publish_only(c).await.expect("published");
+    }
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.cut();
+    for c in &commands[20..] {
+        client.publish_only(c).await.expect("published during the outage");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.restore();
+
+    let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(60)).await;
+    assert_all_ended(&mut env, &commands, &events).await;
+    assert_no_duplicate_side_effects(&env.sim.sim.calls());
+    assert_eq!(env.sim.sim.volume_count(), 40);
+}
+
+#[tokio::test]
+async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
+    let mut env = TestEnv::with_sim(sim(300)).await;
+    env.start_daemon().await;
+    let standby_http: SocketAddr = env.spawn_other().await;
+    // The standby is up and says so.
+    let mut standby_ready = false;
+    for _ in 0..100 {
+        if let (200, body) = get_json_ok(standby_http, "/ready").await
+            && body["role"] == "standby"
+        {
+            standby_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(standby_ready, "the second daemon reports role standby:\n{}", env.daemon_log());
+    assert_eq!(env.get_json("/ready").await.1["role"], "active");
+
+    let collector = Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let commands: Vec<Command> = (0..30).map(|i| cmd::create(&format!("takeover-{i}"), "1GiB")).collect();
+    for c in &commands {
+        client.publish_only(c).await.expect("published");
+    }
+    while collector.events().len() < 5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only the active one executed so far.
+    let standby_metrics = get_text(standby_http, "/metrics").await;
+    assert!(!standby_metrics.contains("volume_daemon_operations_total{"), "the standby executed something:\n{standby_metrics}");
+
+    env.kill_daemon().await;
+    let killed = tokio::time::Instant::now();
+    let mut took = None;
+    while killed.elapsed() < Duration::from_secs(20) {
+        if get_json_ok(standby_http, "/ready").await.1["role"] == "active" {
+            took = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = took.expect("the standby became active");
+    eprintln!("takeover after SIGKILL of the active daemon: {} ms", took.as_millis());
+    assert!(took <= Duration::from_secs(10), "takeover took {took:?}");
+
+    let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(60)).await;
+    assert_all_ended(&mut env, &commands, &events).await;
+    assert_no_duplicate_side_effects(&env.sim.sim.calls());
+    let metrics = get_text(standby_http, "/metrics").await;
+    assert!(metrics.contains(r#"volume_daemon_operations_total{type="create",outcome="completed"}"#), "the former standby finished the rest");
+}
+
+/// `/ready` may answer 503 while starting: never panic on it.
+async fn get_json_ok(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    match crate::helpers::http().get(format!("http://{addr}{path}")).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or_default())
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_of_an_operation_in_flight_changes_nothing() {
+    let mut env = TestEnv::with_sim(sim(1500)).await;
+    env.start_daemon().await;
+    let collector = Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let c = cmd::create("in-flight-dup", "1GiB");
+    let id = c.command_id.to_string();
+
+    client.publish_only(&c).await.expect("published");
+    env.wait_for_operation(&id, Duration::from_secs(10), |r| r.status == "executing").await;
+    client.publish_only(&c).await.expect("published again while in flight");
+    collector.wait_all(std::slice::from_ref(&id), Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let events: Vec<_> = collector.events().into_iter().filter(|e| e.data.command_id.as_str() == id).collect();
+    assert_eq!(events.len(), 1, "one execution, one event: {events:?}");
+    assert_eq!(env.sim.sim.call_count("createVolume"), 1);
+    let row = env.operation(&id).await.expect("row");
+    assert_eq!(row.attempts, 1);
+}
+
+#[tokio::test]
+async fn status_shows_the_standby_role_and_readiness_stays_200() {
+    // The standby's readiness does not depend on executing anything.
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let other = env.spawn_other().await;
+    let mut body = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (status, b) = get_json_ok(other, "/ready").await;
+        if status == 200 {
+            body = b;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(body["role"], "standby", "{body}");
+    assert_eq!(body["components"]["broker_intake"], "idle");
+    let (status, active) = get_json(env.http_addr, "/ready").await;
+    assert_eq!((status, active["role"].as_str()), (200, Some("active")), "{active}");
+}
