@@ -139,7 +139,9 @@ impl TestEnv {
     async fn spawn_process(&self) -> (Child, SocketAddr) {
         let log_path = {
             let mut logs = self.logs.lock().expect("logs");
-            let path = self.log_dir.join(format!("daemon-{}-{}.log", self.tag, logs.len()));
+            let path = self
+                .log_dir
+                .join(format!("daemon-{}-{}.log", self.tag, logs.len()));
             logs.push(path.clone());
             path
         };
@@ -149,7 +151,12 @@ impl TestEnv {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("AMQP_URL", &self.daemon_amqp_url)
             .env("AMQP_PREFIX", &self.prefix)
-            .env("DATABASE_URL", self.daemon_database_url.clone().unwrap_or_else(|| self.database_url()))
+            .env(
+                "DATABASE_URL",
+                self.daemon_database_url
+                    .clone()
+                    .unwrap_or_else(|| self.database_url()),
+            )
             .env("HTTP_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE_S", "5")
@@ -157,7 +164,10 @@ impl TestEnv {
             .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
             .env("RUST_LOG", "info,worker=debug")
             .envs(self.cloudstack_env())
-            .envs(self.host_vm.map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())))
+            .envs(
+                self.host_vm
+                    .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
+            )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -166,17 +176,27 @@ impl TestEnv {
         let mut child = cmd.spawn().expect("volume-daemon starts");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let found = std::fs::read_to_string(&log_path).unwrap_or_default().lines().find_map(|line| {
-                let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                v.get("http_addr")?.as_str()?.parse::<SocketAddr>().ok()
-            });
+            let found = std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|line| {
+                    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                    v.get("http_addr")?.as_str()?.parse::<SocketAddr>().ok()
+                });
             if let Some(addr) = found {
                 return (child, addr);
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("volume-daemon exited with {status} before listening:\n{}", self.daemon_log());
+                panic!(
+                    "volume-daemon exited with {status} before listening:\n{}",
+                    self.daemon_log()
+                );
             }
-            assert!(tokio::time::Instant::now() < deadline, "volume-daemon never said where it listens:\n{}", self.daemon_log());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "volume-daemon never said where it listens:\n{}",
+                self.daemon_log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -251,7 +271,13 @@ impl TestEnv {
     pub fn daemon_log(&self) -> String {
         let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
         logs.iter()
-            .map(|p| format!("=== {} ===\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "=== {} ===\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -395,14 +421,22 @@ impl TestEnv {
 
 /// GET a JSON document from a daemon's HTTP server.
 pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    let r = http().get(format!("http://{addr}{path}")).send().await.expect("HTTP request");
+    let r = http()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .expect("HTTP request");
     let status = r.status().as_u16();
     (status, r.json().await.expect("JSON body"))
 }
 
 /// GET a text document (metrics).
 pub async fn get_text(addr: SocketAddr, path: &str) -> String {
-    let r = http().get(format!("http://{addr}{path}")).send().await.expect("HTTP request");
+    let r = http()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .expect("HTTP request");
     r.text().await.expect("text body")
 }
 
@@ -495,7 +529,6 @@ async fn require_services() {
 pub fn http() -> reqwest::Client {
     cloudstack::Client::http().expect("HTTP client")
 }
-
 
 #[derive(Debug, Clone)]
 pub struct OperationRow {
@@ -722,8 +755,12 @@ impl Collector {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let events = self.events();
-            let seen: std::collections::HashSet<&str> = events.iter().map(|e| e.data.command_id.as_str()).collect();
-            let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains(id.as_str())).collect();
+            let seen: std::collections::HashSet<&str> =
+                events.iter().map(|e| e.data.command_id.as_str()).collect();
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !seen.contains(id.as_str()))
+                .collect();
             if missing.is_empty() {
                 return events;
             }

@@ -10,29 +10,55 @@ use schema::{ErrorCode, Topology};
 
 use crate::helpers::{AMQP_URL, EventTap, TestEnv};
 
-async fn publish_raw(prefix: &str, routing_key: &str, body: &[u8], message_id: Option<&str>) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let mut props = BasicProperties::default().with_content_type("application/json".into());
-    if let Some(m) = message_id {
-        props = props.with_message_id(m.into());
+/// Publishes raw bytes to the commands exchange, with confirms.
+struct RawPublisher {
+    _conn: Connection,
+    channel: lapin::Channel,
+    exchange: String,
+}
+
+impl RawPublisher {
+    async fn new(prefix: &str) -> Self {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("broker");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        Self {
+            _conn: conn,
+            channel,
+            exchange: Topology::new(prefix).commands_exchange(),
+        }
     }
-    ch.basic_publish(
-        Topology::new(prefix).commands_exchange().as_str().into(),
-        routing_key.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
+
+    async fn publish(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+        let mut props = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(m) = message_id {
+            props = props.with_message_id(m.into());
+        }
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+}
+
+async fn publish_raw(prefix: &str, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+    RawPublisher::new(prefix)
+        .await
+        .publish(routing_key, body, message_id)
+        .await;
 }
 
 #[tokio::test]
@@ -81,4 +107,214 @@ async fn invalid_commands_are_dead_lettered_with_their_reason_and_answered() {
     assert_eq!(env.sim.sim.call_count("createVolume"), 0);
     let (status, _) = env.get_json("/ready").await;
     assert_eq!(status, 200);
+}
+
+/// One malformed message: routing key, body, AMQP message id, and whether the daemon can answer
+/// it with an INVALID_COMMAND event (a readable command id and a known type).
+struct Bad {
+    key: &'static str,
+    body: Vec<u8>,
+    message_id: Option<String>,
+    answerable: bool,
+}
+
+fn malformed(i: usize) -> Bad {
+    let id = format!("bad-{i}");
+    let vol = "3106013a-e175-423e-a090-1234567890ab";
+    let vm = "9a8b7c6d-0000-4000-8000-000000000001";
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    let (key, body, message_id, answerable) = match i % 17 {
+        0 => (
+            "volume.create",
+            b"definitely not json {".to_vec(),
+            None,
+            false,
+        ),
+        1 => ("volume.create", b"[1, 2, 3]".to_vec(), None, false),
+        2 => ("volume.create", b"\"create\"".to_vec(), None, false),
+        3 => ("volume.create", Vec::new(), None, false),
+        4 => {
+            let pad = "x".repeat(70 * 1024);
+            (
+                "volume.create",
+                json(
+                    serde_json::json!({"command_id": id, "type": "create", "name": "n", "size": 1, "pad": pad}),
+                ),
+                None,
+                false,
+            )
+        }
+        5 => (
+            "volume.create",
+            json(serde_json::json!({"type": "create", "name": "n", "size": 1})),
+            None,
+            false,
+        ),
+        6 => (
+            "volume.create",
+            json(
+                serde_json::json!({"command_id": "has spaces", "type": "create", "name": "n", "size": 1}),
+            ),
+            None,
+            false,
+        ),
+        7 => (
+            "volume.resize",
+            json(serde_json::json!({"command_id": id, "type": "resize", "volume_id": vol})),
+            None,
+            false,
+        ),
+        8 => (
+            "volume.create",
+            json(
+                serde_json::json!({"command_id": id, "type": "create", "name": "n", "size": "10GiB"}),
+            ),
+            None,
+            true,
+        ),
+        9 => (
+            "volume.create",
+            json(serde_json::json!({"command_id": id, "type": "create", "name": "n", "size": -5})),
+            None,
+            true,
+        ),
+        10 => (
+            "volume.create",
+            json(serde_json::json!({"command_id": id, "type": "create", "name": "n", "size": 0})),
+            None,
+            true,
+        ),
+        11 => (
+            "volume.attach",
+            json(serde_json::json!({"command_id": id, "type": "attach", "volume_id": vol})),
+            None,
+            true,
+        ),
+        12 => (
+            "volume.detach",
+            json(serde_json::json!({"command_id": id, "type": "detach", "volume_id": "vol-1"})),
+            None,
+            true,
+        ),
+        13 => (
+            "volume.attach",
+            json(
+                serde_json::json!({"command_id": id, "type": "attach", "volume_id": vol, "vm_id": vm, "device_id": 3}),
+            ),
+            None,
+            true,
+        ),
+        14 => (
+            "volume.delete",
+            json(
+                serde_json::json!({"command_id": id, "type": "delete", "volume_id": vol, "metadata": {"k": 1}}),
+            ),
+            None,
+            true,
+        ),
+        15 => (
+            "volume.create",
+            vec![0xff, 0xfe, 0x00, 0x7b],
+            Some(id.clone()),
+            false,
+        ),
+        _ => (
+            "volume.create",
+            json(
+                serde_json::json!({"command_id": "x".repeat(65), "type": "create", "name": "n", "size": 1}),
+            ),
+            None,
+            false,
+        ),
+    };
+    Bad {
+        key,
+        body,
+        message_id,
+        answerable,
+    }
+}
+
+#[tokio::test]
+async fn five_hundred_malformed_messages_among_fifty_valid_ones() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let topology = Topology::new(env.prefix.clone());
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    let mut dead = EventTap::bound(&env.prefix, &topology.dead_letter_exchange(), "").await;
+    let client = env.client().await;
+    let raw = RawPublisher::new(&env.prefix).await;
+
+    let mut valid = Vec::new();
+    let mut answerable = Vec::new();
+    for i in 0..500 {
+        let bad = malformed(i);
+        if bad.answerable {
+            answerable.push(format!("bad-{i}"));
+        }
+        raw.publish(bad.key, &bad.body, bad.message_id.as_deref())
+            .await;
+        if i % 10 == 9 {
+            let c = crate::helpers::cmd::create(&format!("valid-{i}"), "1GiB");
+            client.publish_only(&c).await.expect("valid published");
+            valid.push(c.command_id.to_string());
+        }
+    }
+
+    // Every valid command completes.
+    let events = collector.wait_all(&valid, Duration::from_secs(60)).await;
+    for id in &valid {
+        let e = events
+            .iter()
+            .find(|e| e.data.command_id.as_str() == id)
+            .expect("event");
+        assert_eq!(
+            e.event_type, "volume.create.completed",
+            "{:?}",
+            e.data.error
+        );
+    }
+    // Every malformed one is dead-lettered with its reason.
+    let mut reasons = 0;
+    while reasons < 500 {
+        let (props, _) = dead
+            .next_raw(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("only {reasons} of 500 dead-lettered"));
+        let reason = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-rejection-reason").cloned());
+        assert!(
+            matches!(reason, Some(AMQPValue::LongString(ref r)) if !r.to_string().is_empty()),
+            "no reason: {props:?}"
+        );
+        reasons += 1;
+    }
+    assert!(
+        dead.next_raw(Duration::from_millis(500)).await.is_none(),
+        "a valid command was dead-lettered"
+    );
+    // Those with a readable id and type were answered.
+    let answered = collector
+        .wait_all(&answerable, Duration::from_secs(20))
+        .await;
+    assert!(
+        answered
+            .iter()
+            .filter(|e| e.data.command_id.as_str().starts_with("bad-"))
+            .all(|e| e
+                .data
+                .error
+                .as_ref()
+                .is_some_and(|err| err.code == ErrorCode::InvalidCommand))
+    );
+
+    let (status, ready) = env.get_json("/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        !env.daemon_log().contains("panicked"),
+        "the daemon panicked"
+    );
+    assert_eq!(env.sim.sim.call_count("createVolume"), 50);
 }

@@ -11,7 +11,10 @@ use schema::{Command, OperationStatus, VmId, VolumeId};
 use crate::helpers::{Collector, TcpProxy, TestEnv, cmd, get_json, get_text};
 
 fn sim(latency_ms: u64) -> SimConfig {
-    SimConfig { job_latency: Duration::from_millis(latency_ms), ..SimConfig::default() }
+    SimConfig {
+        job_latency: Duration::from_millis(latency_ms),
+        ..SimConfig::default()
+    }
 }
 
 /// 40 creates, and attach → detach → delete on 20 existing volumes, interleaved. The volumes go
@@ -21,7 +24,9 @@ fn mixed_commands(env: &TestEnv) -> (Vec<Command>, Vec<VolumeId>) {
     for (i, vm) in vms.iter().enumerate() {
         env.sim.sim.add_vm(*vm, &format!("mixed-vm-{i}"));
     }
-    let volumes: Vec<VolumeId> = (0..20).map(|i| env.sim.sim.seed_volume(&format!("mixed-{i}"), 1 << 30)).collect();
+    let volumes: Vec<VolumeId> = (0..20)
+        .map(|i| env.sim.sim.seed_volume(&format!("mixed-{i}"), 1 << 30))
+        .collect();
     let mut commands = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         commands.push(cmd::create(&format!("mixed-new-{}", 2 * i), "1GiB"));
@@ -39,7 +44,9 @@ fn assert_no_duplicate_side_effects(calls: &[CallRecord]) {
     for c in calls.iter().filter(|c| c.status == 200) {
         let key = match c.command.as_str() {
             "createVolume" => format!("create {}", c.params["name"]),
-            "attachVolume" | "detachVolume" | "deleteVolume" => format!("{} {}", c.command, c.params["id"]),
+            "attachVolume" | "detachVolume" | "deleteVolume" => {
+                format!("{} {}", c.command, c.params["id"])
+            }
             _ => continue,
         };
         *effects.entry(key).or_default() += 1;
@@ -53,10 +60,23 @@ async fn assert_all_ended(env: &mut TestEnv, commands: &[Command], events: &[sch
     let statuses = env.statuses().await;
     for c in commands {
         let id = c.command_id.as_str();
-        assert_eq!(statuses.get(id).map(String::as_str), Some("completed"), "command {id} ({})", c.operation_type());
-        let terminal: Vec<_> = events.iter().filter(|e| e.data.command_id.as_str() == id).collect();
+        assert_eq!(
+            statuses.get(id).map(String::as_str),
+            Some("completed"),
+            "command {id} ({})",
+            c.operation_type()
+        );
+        let terminal: Vec<_> = events
+            .iter()
+            .filter(|e| e.data.command_id.as_str() == id)
+            .collect();
         assert!(!terminal.is_empty(), "no event for {id}");
-        assert!(terminal.iter().all(|e| e.data.status == OperationStatus::Completed && e.id == terminal[0].id), "{id}: {terminal:?}");
+        assert!(
+            terminal
+                .iter()
+                .all(|e| e.data.status == OperationStatus::Completed && e.id == terminal[0].id),
+            "{id}: {terminal:?}"
+        );
     }
 }
 
@@ -97,8 +117,14 @@ async fn three_sigkills_during_a_hundred_mixed_commands_lose_and_repeat_nothing(
     assert_no_duplicate_side_effects(&env.sim.sim.calls());
     assert_volume_order(&events, &volumes);
     assert_eq!(env.sim.sim.volume_count(), 40, "40 created, 20 deleted");
-    let resumed = env.daemon_log().matches("resuming unfinished operations").count();
-    assert!(resumed >= 1, "the kills interrupted operations that were resumed");
+    let resumed = env
+        .daemon_log()
+        .matches("resuming unfinished operations")
+        .count();
+    assert!(
+        resumed >= 1,
+        "the kills interrupted operations that were resumed"
+    );
 }
 
 #[tokio::test]
@@ -109,7 +135,9 @@ async fn a_five_second_broker_outage_loses_no_command_and_no_event() {
     env.start_daemon().await;
     let collector = Collector::start(&env.prefix).await;
     let client = env.client().await;
-    let commands: Vec<Command> = (0..40).map(|i| cmd::create(&format!("broker-cut-{i}"), "1GiB")).collect();
+    let commands: Vec<Command> = (0..40)
+        .map(|i| cmd::create(&format!("broker-cut-{i}"), "1GiB"))
+        .collect();
     for c in &commands[..20] {
         client.publish_only(c).await.expect("published");
     }
@@ -117,7 +145,10 @@ async fn a_five_second_broker_outage_loses_no_command_and_no_event() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     proxy.cut();
     for c in &commands[20..] {
-        client.publish_only(c).await.expect("published while the daemon is cut off");
+        client
+            .publish_only(c)
+            .await
+            .expect("published while the daemon is cut off");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.restore();
@@ -137,7 +168,9 @@ async fn a_five_second_database_outage_loses_no_command_and_no_event() {
     env.start_daemon().await;
     let collector = Collector::start(&env.prefix).await;
     let client = env.client().await;
-    let commands: Vec<Command> = (0..40).map(|i| cmd::create(&format!("db-cut-{i}"), "1GiB")).collect();
+    let commands: Vec<Command> = (0..40)
+        .map(|i| cmd::create(&format!("db-cut-{i}"), "1GiB"))
+        .collect();
     for c in &commands[..20] {
         client.publish_only(c).await.expect("published");
     }
@@ -145,7 +178,10 @@ async fn a_five_second_database_outage_loses_no_command_and_no_event() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     proxy.cut();
     for c in &commands[20..] {
-        client.publish_only(c).await.expect("published during the outage");
+        client
+            .publish_only(c)
+            .await
+            .expect("published during the outage");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.restore();
@@ -173,12 +209,18 @@ async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(standby_ready, "the second daemon reports role standby:\n{}", env.daemon_log());
+    assert!(
+        standby_ready,
+        "the second daemon reports role standby:\n{}",
+        env.daemon_log()
+    );
     assert_eq!(env.get_json("/ready").await.1["role"], "active");
 
     let collector = Collector::start(&env.prefix).await;
     let client = env.client().await;
-    let commands: Vec<Command> = (0..30).map(|i| cmd::create(&format!("takeover-{i}"), "1GiB")).collect();
+    let commands: Vec<Command> = (0..30)
+        .map(|i| cmd::create(&format!("takeover-{i}"), "1GiB"))
+        .collect();
     for c in &commands {
         client.publish_only(c).await.expect("published");
     }
@@ -187,7 +229,10 @@ async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
     }
     // Only the active one executed so far.
     let standby_metrics = get_text(standby_http, "/metrics").await;
-    assert!(!standby_metrics.contains("volume_daemon_operations_total{"), "the standby executed something:\n{standby_metrics}");
+    assert!(
+        !standby_metrics.contains("volume_daemon_operations_total{"),
+        "the standby executed something:\n{standby_metrics}"
+    );
 
     env.kill_daemon().await;
     let killed = tokio::time::Instant::now();
@@ -200,7 +245,10 @@ async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = took.expect("the standby became active");
-    eprintln!("takeover after SIGKILL of the active daemon: {} ms", took.as_millis());
+    eprintln!(
+        "takeover after SIGKILL of the active daemon: {} ms",
+        took.as_millis()
+    );
     assert!(took <= Duration::from_secs(10), "takeover took {took:?}");
 
     let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
@@ -208,12 +256,19 @@ async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
     assert_all_ended(&mut env, &commands, &events).await;
     assert_no_duplicate_side_effects(&env.sim.sim.calls());
     let metrics = get_text(standby_http, "/metrics").await;
-    assert!(metrics.contains(r#"volume_daemon_operations_total{type="create",outcome="completed"}"#), "the former standby finished the rest");
+    assert!(
+        metrics.contains(r#"volume_daemon_operations_total{type="create",outcome="completed"}"#),
+        "the former standby finished the rest"
+    );
 }
 
 /// `/ready` may answer 503 while starting: never panic on it.
 async fn get_json_ok(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    match crate::helpers::http().get(format!("http://{addr}{path}")).send().await {
+    match crate::helpers::http()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+    {
         Ok(r) => {
             let status = r.status().as_u16();
             (status, r.json().await.unwrap_or_default())
@@ -232,12 +287,22 @@ async fn a_duplicate_of_an_operation_in_flight_changes_nothing() {
     let id = c.command_id.to_string();
 
     client.publish_only(&c).await.expect("published");
-    env.wait_for_operation(&id, Duration::from_secs(10), |r| r.status == "executing").await;
-    client.publish_only(&c).await.expect("published again while in flight");
-    collector.wait_all(std::slice::from_ref(&id), Duration::from_secs(20)).await;
+    env.wait_for_operation(&id, Duration::from_secs(10), |r| r.status == "executing")
+        .await;
+    client
+        .publish_only(&c)
+        .await
+        .expect("published again while in flight");
+    collector
+        .wait_all(std::slice::from_ref(&id), Duration::from_secs(20))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let events: Vec<_> = collector.events().into_iter().filter(|e| e.data.command_id.as_str() == id).collect();
+    let events: Vec<_> = collector
+        .events()
+        .into_iter()
+        .filter(|e| e.data.command_id.as_str() == id)
+        .collect();
     assert_eq!(events.len(), 1, "one execution, one event: {events:?}");
     assert_eq!(env.sim.sim.call_count("createVolume"), 1);
     let row = env.operation(&id).await.expect("row");
@@ -262,5 +327,9 @@ async fn status_shows_the_standby_role_and_readiness_stays_200() {
     assert_eq!(body["role"], "standby", "{body}");
     assert_eq!(body["components"]["broker_intake"], "idle");
     let (status, active) = get_json(env.http_addr, "/ready").await;
-    assert_eq!((status, active["role"].as_str()), (200, Some("active")), "{active}");
+    assert_eq!(
+        (status, active["role"].as_str()),
+        (200, Some("active")),
+        "{active}"
+    );
 }

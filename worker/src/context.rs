@@ -65,10 +65,17 @@ impl Context {
 
     /// Stores the job id of `op` before it is polled, so a restart resumes the job instead of
     /// starting another.
-    pub async fn record_job(&self, op: &mut Operation, volume: Option<VolumeId>, job: &JobId) -> Result<(), Halt> {
+    pub async fn record_job(
+        &self,
+        op: &mut Operation,
+        volume: Option<VolumeId>,
+        job: &JobId,
+    ) -> Result<(), Halt> {
         let id = op.id().clone();
-        self.write(&format!("record job {job}"), || self.store.record_job(&id, volume, job))
-            .await?;
+        self.write(&format!("record job {job}"), || {
+            self.store.record_job(&id, volume, job)
+        })
+        .await?;
         op.job_id = Some(job.clone());
         op.volume_id = volume.or(op.volume_id);
         Ok(())
@@ -93,7 +100,11 @@ impl Context {
 
     /// Runs `work` unless shutdown comes first. Waiting on CloudStack is interrupted this way
     /// once the job id is stored: that is a safe point to resume from.
-    pub async fn until_shutdown<T>(&self, what: &str, work: impl Future<Output = T>) -> Result<T, Halt> {
+    pub async fn until_shutdown<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Halt> {
         tokio::select! {
             () = self.shutdown.cancelled() => Err(Halt::Interrupted(format!("shut down while {what}"))),
             out = work => Ok(out),
@@ -105,7 +116,9 @@ impl Context {
     /// row is still pending or executing and resumes later.
     pub async fn finish(&self, op: &Operation, outcome: Outcome, mapping: Option<MappingChange>) {
         let written = self
-            .write("record the outcome", || self.store.finish(op, &outcome, mapping.as_ref()))
+            .write("record the outcome", || {
+                self.store.finish(op, &outcome, mapping.as_ref())
+            })
             .await;
         match written {
             Ok(()) => self.relay_wakeup.notify_one(),

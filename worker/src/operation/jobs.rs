@@ -35,7 +35,13 @@ pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> 
 
 /// The volume once no job runs on it: a job still in progress (ours from before a crash, or
 /// anyone's) is waited for first, so that no call is sent while CloudStack is still acting.
-pub async fn settled(ctx: &Context, op: &mut Operation, client: &Client, polling: JobPolling, volume: VolumeId) -> Result<Volume, Halt> {
+pub async fn settled(
+    ctx: &Context,
+    op: &mut Operation,
+    client: &Client,
+    polling: JobPolling,
+    volume: VolumeId,
+) -> Result<Volume, Halt> {
     let listed = current(client, volume).await?;
     match (listed.jobstatus, listed.jobid.clone()) {
         (Some(0), Some(job)) => {
@@ -46,7 +52,12 @@ pub async fn settled(ctx: &Context, op: &mut Operation, client: &Client, polling
                 ctx.record_job(op, Some(volume), &job).await?;
             }
             // Its outcome is read from the volume's state below, whatever it was.
-            let _ = ctx.until_shutdown("waiting for a running job", client.wait_for_job(&job, polling)).await?;
+            let _ = ctx
+                .until_shutdown(
+                    "waiting for a running job",
+                    client.wait_for_job(&job, polling),
+                )
+                .await?;
             current(client, volume).await
         }
         _ => Ok(listed),

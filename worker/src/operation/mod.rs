@@ -146,7 +146,13 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
     );
     async move {
         let id = op.id().clone();
-        if ctx.write("mark the operation executing", || ctx.store.mark_executing(&id)).await.is_err() {
+        if ctx
+            .write("mark the operation executing", || {
+                ctx.store.mark_executing(&id)
+            })
+            .await
+            .is_err()
+        {
             // Stopped first: the row is still pending and resumes later.
             return;
         }
