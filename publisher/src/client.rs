@@ -21,6 +21,10 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "exchange {exchange:?} does not exist: volume-daemon's topology is not declared for this prefix (start the daemon, or call declare_topology)"
+    )]
+    TopologyMissing { exchange: String },
     #[error("broker error while {doing}: {source}")]
     Amqp {
         doing: String,
@@ -46,16 +50,21 @@ pub enum Error {
     StreamEnded { command_id: CommandId },
 }
 
-fn amqp(doing: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
+pub(crate) fn amqp(doing: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
     let doing = doing.into();
     move |source| Error::Amqp { doing, source }
 }
 
+/// The broker's 404: an exchange or queue that does not exist.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404)
+}
+
 /// A connection to the broker for publishing volume commands.
 pub struct VolumeClient {
-    _conn: Connection,
+    pub(crate) conn: Connection,
     channel: Channel,
-    topology: Topology,
+    pub(crate) topology: Topology,
 }
 
 impl std::fmt::Debug for VolumeClient {
@@ -85,7 +94,7 @@ impl VolumeClient {
             .await
             .map_err(amqp("enabling publisher confirms"))?;
         Ok(Self {
-            _conn: conn,
+            conn,
             channel,
             topology: Topology::new(prefix),
         })
@@ -144,9 +153,15 @@ impl VolumeClient {
             .await
             .map_err(amqp(format!("publishing command {id}")))?
             .await
-            .map_err(amqp(format!(
-                "waiting for the broker to confirm command {id}"
-            )))?;
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    Error::TopologyMissing {
+                        exchange: self.topology.commands_exchange(),
+                    }
+                } else {
+                    amqp(format!("waiting for the broker to confirm command {id}"))(e)
+                }
+            })?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
@@ -186,10 +201,13 @@ impl VolumeClient {
                 FieldTable::default(),
             )
             .await
-            .map_err(amqp(format!(
-                "binding to {} (is volume-daemon's topology declared?)",
-                self.topology.events_exchange()
-            )))?;
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    Error::TopologyMissing { exchange: self.topology.events_exchange() }
+                } else {
+                    amqp(format!("binding to {}", self.topology.events_exchange()))(e)
+                }
+            })?;
         let consumer = self
             .channel
             .basic_consume(

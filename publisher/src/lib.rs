@@ -2,30 +2,37 @@
 //!
 //! - [`topology`]: declares the exchanges and queues of CONTRACT §2 (idempotent; the daemon
 //!   uses the same code).
-//! - [`client`]: [`VolumeClient`] publishes commands with publisher confirms and returns a
-//!   [`PendingCommand`] whose [`wait`](PendingCommand::wait) resolves to the terminal event.
+//! - [`client`]: [`VolumeClient`] publishes commands with publisher confirms and the mandatory
+//!   flag, and returns a [`PendingCommand`] whose [`wait`](PendingCommand::wait) resolves to the
+//!   terminal event. The listener is bound before the command leaves, so no event is missed.
+//! - [`events`]: [`EventStream`], completion events for subscribers, acknowledged explicitly.
+//! - [`dead_letters`]: list and replay dead-lettered commands.
+//!
+//! Commands are built with the constructors of [`schema::Command`] (`create`, `attach`,
+//! `detach`, `delete`) and [`schema::command::AttachVolume`] / [`schema::command::CreateVolume`]
+//! for their options.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), publisher::Error> {
 //! use publisher::VolumeClient;
-//! use schema::command::{Action, Command, CreateVolume};
+//! use schema::Command;
 //!
 //! let client = VolumeClient::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "volume").await?;
-//! let cmd = Command::new(Action::Create(CreateVolume {
-//!     name: "migration-vm1-disk0".into(),
-//!     size: "10GiB".parse().expect("size"),
-//!     disk_offering_id: None,
-//!     zone_id: None,
-//! }));
+//! let cmd = Command::create("migration-vm1-disk0", "10GiB".parse().expect("size"))
+//!     .with_correlation_id("migration-42");
 //! let event = client.publish(&cmd).await?.wait(std::time::Duration::from_secs(60)).await?;
 //! println!("{} {}", event.event_type, event.data.volume_id.map(|v| v.to_string()).unwrap_or_default());
 //! # Ok(()) }
 //! ```
 
 pub mod client;
+pub mod dead_letters;
+pub mod events;
 pub mod topology;
 
 pub use client::{Error, PendingCommand, VolumeClient};
+pub use dead_letters::DeadLetter;
+pub use events::{EventStream, ReceivedEvent, Subscription};
 
 /// `amqp://user:password@host/vhost` with the password replaced, for messages and logs.
 pub fn redact_url(url: &str) -> String {

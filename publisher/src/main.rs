@@ -1,34 +1,24 @@
-//! `volumectl`: publish volume commands and wait for their completion events.
+//! `volumectl`: publish volume commands, wait for their events, tail events, and inspect or
+//! replay dead-lettered commands.
 //!
-//! Exit status: 0 completed (or published without `--wait`), 1 failed, 2 usage, 3 timed out,
+//! Exit status: 0 completed (or done), 1 the operation failed, 2 usage, 3 timed out,
 //! 4 broker error.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use publisher::{Error, VolumeClient};
-use schema::command::{Action, AttachVolume, CreateVolume};
-use schema::{
-    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId,
-    ZoneId,
-};
+use publisher::{Error, Subscription, VolumeClient};
+use schema::command::AttachVolume;
+use schema::command::CreateVolume;
+use schema::{ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId, ZoneId};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "volumectl",
-    version,
-    about = "Publish volume commands to volume-daemon and wait for their events"
-)]
+#[command(name = "volumectl", version, about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters")]
 struct Cli {
     /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        global = true
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true, global = true)]
     amqp_url: String,
     /// Prefix of the daemon's exchanges and queues.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", global = true)]
@@ -82,6 +72,36 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Print completion events as they arrive (Ctrl-C stops).
+    Watch {
+        /// Routing-key pattern: volume.# (all), volume.attach.*, volume.*.failed ...
+        #[arg(long = "type", default_value = "volume.#")]
+        pattern: String,
+        /// One JSON document per line instead of human lines.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        max: Option<usize>,
+    },
+    /// Inspect or replay dead-lettered commands.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetters {
+    /// List dead-lettered commands with the reason (they stay in the queue).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead-lettered commands again and remove them from the dead-letter queue.
+    Replay {
+        /// Only the one with this message id / command id (default: all).
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -106,72 +126,66 @@ struct Common {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (action, common) = match cli.command {
-        Cmd::Create {
-            size,
-            name,
-            disk_offering,
-            zone,
-            common,
-        } => (
-            Action::Create(CreateVolume {
-                name: name.unwrap_or_default(),
-                size,
-                disk_offering_id: disk_offering,
-                zone_id: zone,
-            }),
-            common,
-        ),
-        Cmd::Attach {
-            volume,
-            vm,
-            device_id,
-            common,
-        } => {
-            if device_id == Some(3) {
-                eprintln!("error: --device-id 3 is the CD-ROM and never valid");
-                return ExitCode::from(2);
-            }
-            (
-                Action::Attach(AttachVolume {
-                    volume_id: volume,
-                    vm_id: vm,
-                    device_id,
-                }),
-                common,
-            )
+    let result = match cli.command {
+        Cmd::Watch { pattern, json, max } => watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await,
+        Cmd::DeadLetters(d) => dead_letters(&cli.amqp_url, &cli.prefix, d).await,
+        command => {
+            let (command, common) = match build(command) {
+                Ok(c) => c,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            send(&cli.amqp_url, &cli.prefix, &command, &common).await
         }
-        Cmd::Detach { volume, common } => (Action::Detach { volume_id: volume }, common),
-        Cmd::Delete { volume, common } => (Action::Delete { volume_id: volume }, common),
     };
-    let mut command = Command::new(action);
-    if let Some(id) = common.command_id.clone() {
-        command.command_id = id;
-    }
-    command.correlation_id = common.correlation_id.clone();
-    if let Action::Create(c) = &mut command.action
-        && c.name.is_empty()
-    {
-        c.name = format!("volumectl-{}", command.command_id);
-    }
-    match run(&cli.amqp_url, &cli.prefix, &command, &common).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            match e {
-                Error::Timeout { .. } => ExitCode::from(3),
-                _ => ExitCode::from(4),
-            }
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        match e {
+            Error::Timeout { .. } => ExitCode::from(3),
+            _ => ExitCode::from(4),
         }
-    }
+    })
 }
 
-async fn run(
-    url: &str,
-    prefix: &str,
-    command: &Command,
-    common: &Common,
-) -> Result<ExitCode, Error> {
+fn build(command: Cmd) -> Result<(Command, Common), String> {
+    let (mut cmd, common) = match command {
+        Cmd::Create { size, name, disk_offering, zone, common } => {
+            let mut create = CreateVolume::new(name.unwrap_or_default(), size);
+            create.disk_offering_id = disk_offering;
+            create.zone_id = zone;
+            (Command::from(create), common)
+        }
+        Cmd::Attach { volume, vm, device_id, common } => {
+            let mut attach = AttachVolume::new(volume, vm);
+            if let Some(d) = device_id {
+                attach = attach.device_id(d).map_err(|e| format!("--device-id: {e}"))?;
+            }
+            (Command::from(attach), common)
+        }
+        Cmd::Detach { volume, common } => (Command::detach(volume), common),
+        Cmd::Delete { volume, common } => (Command::delete(volume), common),
+        Cmd::Watch { .. } | Cmd::DeadLetters(_) => return Err("not a command".into()),
+    };
+    if let Some(id) = common.command_id.clone() {
+        cmd = cmd.with_command_id(id);
+    }
+    if let Some(c) = common.correlation_id.clone() {
+        if c.len() > 255 {
+            return Err("--correlation-id is longer than 255 bytes".into());
+        }
+        cmd = cmd.with_correlation_id(c);
+    }
+    if let schema::Action::Create(c) = &mut cmd.action
+        && c.name.is_empty()
+    {
+        c.name = format!("volumectl-{}", cmd.command_id);
+    }
+    Ok((cmd, common))
+}
+
+async fn send(url: &str, prefix: &str, command: &Command, common: &Common) -> Result<ExitCode, Error> {
     let client = VolumeClient::connect(url, prefix).await?;
     client.declare_topology().await?;
     if !common.wait {
@@ -180,12 +194,10 @@ async fn run(
         return Ok(ExitCode::SUCCESS);
     }
     let pending = client.publish(command).await?;
-    eprintln!(
-        "published {} {}; waiting for its event…",
-        command.operation_type(),
-        command.command_id
-    );
-    let event = pending.wait(Duration::from_secs(common.timeout)).await?;
+    let spinner = Spinner::start(format!("{} {}", command.operation_type(), command.command_id));
+    let event = pending.wait(Duration::from_secs(common.timeout)).await;
+    spinner.stop();
+    let event = event?;
     print_event(&event, common.json);
     Ok(if event.data.status == OperationStatus::Completed {
         ExitCode::SUCCESS
@@ -194,31 +206,137 @@ async fn run(
     })
 }
 
+/// Elapsed time on the terminal while waiting; nothing when stderr is not a terminal.
+struct Spinner {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start(what: String) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self { task: None };
+        }
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+            for i in 0.. {
+                eprint!("\r{} waiting for {what}  {:.1}s ", FRAMES[i % FRAMES.len()], started.elapsed().as_secs_f64());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { task: Some(task) }
+    }
+
+    fn stop(self) {
+        if let Some(task) = self.task {
+            task.abort();
+            // Clear the spinner line.
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
 fn print_event(event: &CloudEvent, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(event).unwrap_or_default()
-        );
-        return;
+        println!("{}", serde_json::to_string_pretty(event).unwrap_or_default());
+    } else {
+        println!("{}", human(event));
+        if let Some(e) = &event.data.error {
+            println!("  {}: {}", e.code, e.message);
+            println!("  hint: {}", e.hint);
+        }
     }
+}
+
+/// One line per event.
+fn human(event: &CloudEvent) -> String {
     let d = &event.data;
     let mut line = format!("{}  operation {}", event.event_type, d.operation_id);
     if let Some(v) = &d.volume {
-        line.push_str(&format!(
-            "  volume {} ({}, {}, {} bytes)",
-            v.id, v.name, v.state, v.size
-        ));
+        line.push_str(&format!("  volume {} ({}, {}, {} bytes)", v.id, v.name, v.state, v.size));
     } else if let Some(v) = d.volume_id {
         line.push_str(&format!("  volume {v}"));
+    }
+    if let Some(vm) = d.vm_id {
+        line.push_str(&format!("  vm {vm}"));
     }
     if let Some(p) = &d.device_path {
         line.push_str(&format!("  device {p}"));
     }
-    line.push_str(&format!("  in {} ms", d.duration_ms));
-    println!("{line}");
+    if d.already_detached == Some(true) {
+        line.push_str("  (was not attached)");
+    }
+    if d.already_absent == Some(true) {
+        line.push_str("  (did not exist)");
+    }
     if let Some(e) = &d.error {
-        println!("  {}: {}", e.code, e.message);
-        println!("  hint: {}", e.hint);
+        line.push_str(&format!("  {}", e.code));
+    }
+    line.push_str(&format!("  in {} ms", d.duration_ms));
+    line
+}
+
+async fn watch(url: &str, prefix: &str, pattern: String, json: bool, max: Option<usize>) -> Result<ExitCode, Error> {
+    let client = VolumeClient::connect(url, prefix).await?;
+    client.declare_topology().await?;
+    let mut events = client
+        .subscribe(Subscription { patterns: vec![pattern], ..Subscription::default() })
+        .await?;
+    if std::io::stderr().is_terminal() {
+        eprintln!("watching {}.events (Ctrl-C stops)", prefix);
+    }
+    let mut seen = 0;
+    loop {
+        let next = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            next = events.next() => next,
+        };
+        let Some(received) = next else { return Ok(ExitCode::SUCCESS) };
+        let received = received?;
+        if json {
+            println!("{}", serde_json::to_string(&received.event).unwrap_or_default());
+        } else {
+            println!("{}  {}", received.event.time.format("%H:%M:%S%.3f"), human(&received.event));
+        }
+        received.ack().await?;
+        seen += 1;
+        if max.is_some_and(|m| seen >= m) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+async fn dead_letters(url: &str, prefix: &str, what: DeadLetters) -> Result<ExitCode, Error> {
+    let client = VolumeClient::connect(url, prefix).await?;
+    client.declare_topology().await?;
+    match what {
+        DeadLetters::List { json } => {
+            let letters = client.dead_letters().await?;
+            for l in &letters {
+                let body = String::from_utf8_lossy(&l.body);
+                if json {
+                    let v = serde_json::json!({"id": l.id, "routing_key": l.routing_key, "reason": l.reason, "body": body});
+                    println!("{v}");
+                } else {
+                    let preview: String = body.chars().take(120).collect();
+                    println!("{}  {}  {}\n    {}", l.id.as_deref().unwrap_or("-"), l.routing_key, l.reason, preview);
+                }
+            }
+            if !json && std::io::stderr().is_terminal() {
+                eprintln!("{} dead-lettered command(s) in {prefix}.commands.dead", letters.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetters::Replay { id } => {
+            let replayed = client.replay_dead_letters(|l| id.as_deref().is_none_or(|want| l.id.as_deref() == Some(want))).await?;
+            for l in &replayed {
+                println!("replayed {}  {}", l.id.as_deref().unwrap_or("-"), l.routing_key);
+            }
+            if replayed.is_empty() && id.is_some() {
+                eprintln!("error: no dead letter with id {}", id.unwrap_or_default());
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::ids::{CommandId, DiskOfferingId, IdError, VmId, VolumeId, ZoneId};
 use crate::size::ByteSize;
@@ -14,7 +14,7 @@ use crate::size::ByteSize;
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// The four kinds of volume operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationType {
     Create,
@@ -108,6 +108,66 @@ pub struct InvalidCommand {
     pub reason: String,
 }
 
+impl CreateVolume {
+    /// A volume of `size` (CloudStack rounds up to whole GiB) named `name`, in the default zone
+    /// with the zone's first customized disk offering unless told otherwise.
+    pub fn new(name: impl Into<String>, size: ByteSize) -> Self {
+        Self {
+            name: name.into(),
+            size,
+            disk_offering_id: None,
+            zone_id: None,
+        }
+    }
+
+    pub fn disk_offering(mut self, id: DiskOfferingId) -> Self {
+        self.disk_offering_id = Some(id);
+        self
+    }
+
+    pub fn zone(mut self, id: ZoneId) -> Self {
+        self.zone_id = Some(id);
+        self
+    }
+}
+
+/// `device_id` 3 is CloudStack's CD-ROM slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("device_id 3 is the CD-ROM and never valid")]
+pub struct CdromDeviceId;
+
+impl AttachVolume {
+    /// Attach `volume_id` to `vm_id` in the next free slot.
+    pub fn new(volume_id: VolumeId, vm_id: VmId) -> Self {
+        Self {
+            volume_id,
+            vm_id,
+            device_id: None,
+        }
+    }
+
+    /// A given CloudStack `deviceid` (0 attaches the volume as the VM's root disk).
+    pub fn device_id(mut self, device_id: u32) -> Result<Self, CdromDeviceId> {
+        if device_id == 3 {
+            return Err(CdromDeviceId);
+        }
+        self.device_id = Some(device_id);
+        Ok(self)
+    }
+}
+
+impl From<CreateVolume> for Command {
+    fn from(c: CreateVolume) -> Self {
+        Command::new(Action::Create(c))
+    }
+}
+
+impl From<AttachVolume> for Command {
+    fn from(a: AttachVolume) -> Self {
+        Command::new(Action::Attach(a))
+    }
+}
+
 impl Action {
     pub fn operation_type(&self) -> OperationType {
         match self {
@@ -144,6 +204,56 @@ impl Command {
             metadata: BTreeMap::new(),
             action,
         }
+    }
+
+    /// `create`: see [`CreateVolume::new`] for the options.
+    ///
+    /// ```
+    /// use schema::Command;
+    /// let cmd = Command::create("migration-vm1-disk0", "10GiB".parse().unwrap())
+    ///     .with_correlation_id("migration-42")
+    ///     .with_metadata("purpose", "migration");
+    /// assert_eq!(cmd.to_body()["size"], 10u64 << 30);
+    /// ```
+    pub fn create(name: impl Into<String>, size: ByteSize) -> Self {
+        CreateVolume::new(name, size).into()
+    }
+
+    /// `attach` in the next free slot: see [`AttachVolume`] for a given device id.
+    pub fn attach(volume_id: VolumeId, vm_id: VmId) -> Self {
+        AttachVolume::new(volume_id, vm_id).into()
+    }
+
+    pub fn detach(volume_id: VolumeId) -> Self {
+        Command::new(Action::Detach { volume_id })
+    }
+
+    /// `delete` (an attached volume is detached first).
+    pub fn delete(volume_id: VolumeId) -> Self {
+        Command::new(Action::Delete { volume_id })
+    }
+
+    /// Replaces the random command id: reuse an id to retry safely.
+    pub fn with_command_id(mut self, id: CommandId) -> Self {
+        self.command_id = id;
+        self
+    }
+
+    /// The correlation id echoed in the event (at most 255 bytes are sent).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// A queue that also receives the terminal event.
+    pub fn with_reply_to(mut self, queue: impl Into<String>) -> Self {
+        self.reply_to = Some(queue.into());
+        self
+    }
+
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
     }
 
     pub fn operation_type(&self) -> OperationType {
@@ -246,40 +356,9 @@ impl Command {
         }
     }
 
-    /// The JSON body a producer publishes for this command.
+    /// The JSON body a producer publishes for this command (see [`crate::wire::CommandBody`]).
     pub fn to_body(&self) -> Value {
-        let mut body = Map::new();
-        body.insert("command_id".into(), json!(self.command_id));
-        body.insert("type".into(), json!(self.operation_type()));
-        match &self.action {
-            Action::Create(c) => {
-                body.insert("name".into(), json!(c.name));
-                body.insert("size".into(), json!(c.size.bytes()));
-                if let Some(d) = c.disk_offering_id {
-                    body.insert("disk_offering_id".into(), json!(d));
-                }
-                if let Some(z) = c.zone_id {
-                    body.insert("zone_id".into(), json!(z));
-                }
-            }
-            Action::Attach(a) => {
-                body.insert("volume_id".into(), json!(a.volume_id));
-                body.insert("vm_id".into(), json!(a.vm_id));
-                if let Some(d) = a.device_id {
-                    body.insert("device_id".into(), json!(d));
-                }
-            }
-            Action::Detach { volume_id } | Action::Delete { volume_id } => {
-                body.insert("volume_id".into(), json!(volume_id));
-            }
-        }
-        if let Some(c) = &self.correlation_id {
-            body.insert("correlation_id".into(), json!(c));
-        }
-        if !self.metadata.is_empty() {
-            body.insert("metadata".into(), json!(self.metadata));
-        }
-        Value::Object(body)
+        serde_json::to_value(crate::wire::CommandBody::from(self)).unwrap_or(Value::Null)
     }
 }
 
@@ -431,6 +510,7 @@ fn metadata(obj: &Map<String, Value>) -> Result<Metadata, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const VOL: &str = "3106013a-e175-423e-a090-1234567890ab";
     const VM: &str = "9a8b7c6d-0000-4000-8000-000000000001";

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What went wrong, as a subscriber can act on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     InvalidCommand,
@@ -109,7 +109,7 @@ impl std::str::FromStr for ErrorCode {
 }
 
 /// The `error` object of a failed event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventError {
     pub code: ErrorCode,
     pub message: String,

@@ -16,7 +16,7 @@ pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
 pub const EVENT_SOURCE: &str = "volume-daemon";
 
 /// Where an operation stands. `pending` and `executing` are in flight; the rest are terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationStatus {
     Pending,
@@ -55,7 +55,7 @@ impl OperationStatus {
 }
 
 /// How an attached volume is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Attached to the VM the daemon runs on: the guest device is correlated.
@@ -65,7 +65,7 @@ pub enum AttachMode {
 }
 
 /// The `volume` object of a create event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeInfo {
     pub id: VolumeId,
     pub name: String,
@@ -90,7 +90,7 @@ pub mod millis {
 }
 
 /// The `data` of an event: the operation's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventData {
     pub operation_id: CommandId,
     pub command_id: CommandId,
@@ -107,8 +107,10 @@ pub struct EventData {
     pub metadata: BTreeMap<String, String>,
     pub error: Option<EventError>,
     #[serde(with = "millis")]
+    #[schemars(with = "DateTime<Utc>")]
     pub created_at: DateTime<Utc>,
     #[serde(with = "millis")]
+    #[schemars(with = "DateTime<Utc>")]
     pub completed_at: DateTime<Utc>,
     pub duration_ms: u64,
     /// Create only: the new volume.
@@ -123,7 +125,8 @@ pub struct EventData {
 }
 
 /// A CloudEvents 1.0 structured event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(title = "volume-daemon completion event (CloudEvents 1.0, structured)")]
 pub struct CloudEvent {
     pub specversion: String,
     pub id: EventId,
@@ -133,6 +136,7 @@ pub struct CloudEvent {
     /// The volume id, when known.
     pub subject: Option<String>,
     #[serde(with = "millis")]
+    #[schemars(with = "DateTime<Utc>")]
     pub time: DateTime<Utc>,
     pub datacontenttype: String,
     pub data: EventData,

@@ -67,6 +67,20 @@ impl Serialize for CommandId {
     }
 }
 
+impl schemars::JsonSchema for CommandId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "CommandId".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[A-Za-z0-9._:-]{1,64}$",
+            "description": "1-64 characters of [A-Za-z0-9._:-]: the idempotency key"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for CommandId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -79,7 +93,7 @@ impl<'de> Deserialize<'de> for CommandId {
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
         #[serde(transparent)]
         pub struct $name(Uuid);
 

@@ -12,6 +12,7 @@
 //! - [`event`]: CloudEvents 1.0 completion events.
 //! - [`error`]: [`ErrorCode`] and the structured error carried by failed events.
 //! - [`topology`]: exchange, queue and routing-key names for a given `AMQP_PREFIX`.
+//! - [`wire`]: command bodies as they travel, and the JSON Schemas of commands and events.
 
 pub mod command;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod event;
 pub mod ids;
 pub mod size;
 pub mod topology;
+pub mod wire;
 
 pub use command::{Action, Command, InvalidCommand, MessageProps, OperationType};
 pub use error::{ErrorCode, EventError};

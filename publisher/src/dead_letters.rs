@@ -1,0 +1,151 @@
+//! Inspecting and replaying dead-lettered commands (`<prefix>.commands.dead`).
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::client::{Error, VolumeClient, amqp, is_not_found};
+
+/// Header the daemon sets on a message it dead-letters.
+pub const REASON_HEADER: &str = "x-rejection-reason";
+
+/// A dead-lettered command.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The AMQP `message_id`, else the body's `command_id`, when there is one.
+    pub id: Option<String>,
+    /// The routing key it was published with (`volume.<type>`).
+    pub routing_key: String,
+    /// Why: the daemon's `x-rejection-reason`, else the broker's `x-death` reason (for
+    /// example `delivery_limit` for a poison message).
+    pub reason: String,
+    pub body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+/// Most messages looked at in one call.
+const MAX: usize = 10_000;
+
+fn header_string(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn death_reason(headers: &FieldTable) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else { return None };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    header_string(first, "reason")
+}
+
+impl DeadLetter {
+    fn from_message(routing_key: String, properties: BasicProperties, body: Vec<u8>) -> Self {
+        let headers = properties.headers().clone().unwrap_or_default();
+        let id = properties.message_id().as_ref().map(|m| m.to_string()).or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(&body).ok()?.get("command_id")?.as_str().map(str::to_owned)
+        });
+        let reason = header_string(&headers, REASON_HEADER)
+            .or_else(|| death_reason(&headers))
+            .unwrap_or_else(|| "unknown".into());
+        Self { id, routing_key, reason, body, properties }
+    }
+
+    /// The properties to publish it again with: without the dead-lettering headers.
+    fn replay_properties(&self) -> BasicProperties {
+        const DROPPED: [&str; 6] = [REASON_HEADER, "x-original-routing-key", "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"];
+        let old = self.properties.headers().clone().unwrap_or_default();
+        let mut headers = FieldTable::default();
+        for (k, v) in old.inner() {
+            if !DROPPED.contains(&k.as_str()) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        self.properties.clone().with_headers(headers)
+    }
+}
+
+impl VolumeClient {
+    async fn dead_channel(&self) -> Result<Channel, Error> {
+        let channel = self.conn.create_channel().await.map_err(amqp("opening a channel for dead letters"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("enabling publisher confirms"))?;
+        Ok(channel)
+    }
+
+    /// Fetches up to `MAX` dead letters without removing them: they are held unacknowledged
+    /// and returned to the queue when the channel closes.
+    async fn fetch_dead(&self, channel: &Channel) -> Result<Vec<(u64, DeadLetter)>, Error> {
+        let queue = self.topology.dead_letter_queue();
+        let mut out = Vec::new();
+        while out.len() < MAX {
+            let got = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| {
+                    if is_not_found(&e) {
+                        Error::TopologyMissing { exchange: queue.clone() }
+                    } else {
+                        amqp(format!("reading {queue}"))(e)
+                    }
+                })?;
+            let Some(msg) = got else { break };
+            let d = msg.delivery;
+            out.push((d.delivery_tag, DeadLetter::from_message(d.routing_key.to_string(), d.properties, d.data)));
+        }
+        Ok(out)
+    }
+
+    /// The dead-lettered commands, oldest first. They stay in the queue.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+        let channel = self.dead_channel().await?;
+        let letters = self.fetch_dead(&channel).await?;
+        let _ = channel.close(200, "listed".into()).await;
+        Ok(letters.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// Publishes the dead letters `pick` selects to the commands exchange again (with their
+    /// original routing key, without the dead-lettering headers) and removes them from the
+    /// dead-letter queue once the broker confirmed. Returns what was replayed.
+    pub async fn replay_dead_letters(&self, pick: impl Fn(&DeadLetter) -> bool) -> Result<Vec<DeadLetter>, Error> {
+        let channel = self.dead_channel().await?;
+        let mut replayed = Vec::new();
+        for (tag, letter) in self.fetch_dead(&channel).await? {
+            if !pick(&letter) {
+                continue;
+            }
+            let confirm = channel
+                .basic_publish(
+                    self.topology.commands_exchange().as_str().into(),
+                    letter.routing_key.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    &letter.body,
+                    letter.replay_properties(),
+                )
+                .await
+                .map_err(amqp("replaying a dead letter"))?
+                .await
+                .map_err(amqp("waiting for the broker to confirm a replay"))?;
+            match confirm {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                _ => {
+                    return Err(Error::Unroutable {
+                        command_id: schema::CommandId::parse(letter.id.as_deref().unwrap_or("unknown")).unwrap_or_else(|_| schema::CommandId::random()),
+                        exchange: self.topology.commands_exchange(),
+                        routing_key: letter.routing_key.clone(),
+                    });
+                }
+            }
+            channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(amqp("removing a replayed dead letter"))?;
+            replayed.push(letter);
+        }
+        let _ = channel.close(200, "replayed".into()).await;
+        Ok(replayed)
+    }
+}
