@@ -61,7 +61,16 @@ ensure_rust() {
   fi
 }
 
+# The README's Python producer example is run by the tests: it needs pika.
+ensure_pika() {
+  command -v python3 >/dev/null || apt_install python3
+  python3 -c 'import pika' 2>/dev/null && return 0
+  log "installing pika (Python AMQP client) for the README example test"
+  python3 -m pip install --quiet --disable-pip-version-check pika 2>/dev/null || apt_install python3-pika
+}
+
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb
+ensure_pika
 log "RabbitMQ and MariaDB are up"

@@ -203,7 +203,9 @@ impl VolumeClient {
             .await
             .map_err(|e| {
                 if is_not_found(&e) {
-                    Error::TopologyMissing { exchange: self.topology.events_exchange() }
+                    Error::TopologyMissing {
+                        exchange: self.topology.events_exchange(),
+                    }
                 } else {
                     amqp(format!("binding to {}", self.topology.events_exchange()))(e)
                 }

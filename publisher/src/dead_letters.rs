@@ -35,26 +35,51 @@ fn header_string(headers: &FieldTable, key: &str) -> Option<String> {
 }
 
 fn death_reason(headers: &FieldTable) -> Option<String> {
-    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else { return None };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
     header_string(first, "reason")
 }
 
 impl DeadLetter {
     fn from_message(routing_key: String, properties: BasicProperties, body: Vec<u8>) -> Self {
         let headers = properties.headers().clone().unwrap_or_default();
-        let id = properties.message_id().as_ref().map(|m| m.to_string()).or_else(|| {
-            serde_json::from_slice::<serde_json::Value>(&body).ok()?.get("command_id")?.as_str().map(str::to_owned)
-        });
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .or_else(|| {
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()?
+                    .get("command_id")?
+                    .as_str()
+                    .map(str::to_owned)
+            });
         let reason = header_string(&headers, REASON_HEADER)
             .or_else(|| death_reason(&headers))
             .unwrap_or_else(|| "unknown".into());
-        Self { id, routing_key, reason, body, properties }
+        Self {
+            id,
+            routing_key,
+            reason,
+            body,
+            properties,
+        }
     }
 
     /// The properties to publish it again with: without the dead-lettering headers.
     fn replay_properties(&self) -> BasicProperties {
-        const DROPPED: [&str; 6] = [REASON_HEADER, "x-original-routing-key", "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"];
+        const DROPPED: [&str; 6] = [
+            REASON_HEADER,
+            "x-original-routing-key",
+            "x-death",
+            "x-first-death-exchange",
+            "x-first-death-queue",
+            "x-first-death-reason",
+        ];
         let old = self.properties.headers().clone().unwrap_or_default();
         let mut headers = FieldTable::default();
         for (k, v) in old.inner() {
@@ -68,7 +93,11 @@ impl DeadLetter {
 
 impl VolumeClient {
     async fn dead_channel(&self) -> Result<Channel, Error> {
-        let channel = self.conn.create_channel().await.map_err(amqp("opening a channel for dead letters"))?;
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel for dead letters"))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -87,14 +116,19 @@ impl VolumeClient {
                 .await
                 .map_err(|e| {
                     if is_not_found(&e) {
-                        Error::TopologyMissing { exchange: queue.clone() }
+                        Error::TopologyMissing {
+                            exchange: queue.clone(),
+                        }
                     } else {
                         amqp(format!("reading {queue}"))(e)
                     }
                 })?;
             let Some(msg) = got else { break };
             let d = msg.delivery;
-            out.push((d.delivery_tag, DeadLetter::from_message(d.routing_key.to_string(), d.properties, d.data)));
+            out.push((
+                d.delivery_tag,
+                DeadLetter::from_message(d.routing_key.to_string(), d.properties, d.data),
+            ));
         }
         Ok(out)
     }
@@ -110,7 +144,10 @@ impl VolumeClient {
     /// Publishes the dead letters `pick` selects to the commands exchange again (with their
     /// original routing key, without the dead-lettering headers) and removes them from the
     /// dead-letter queue once the broker confirmed. Returns what was replayed.
-    pub async fn replay_dead_letters(&self, pick: impl Fn(&DeadLetter) -> bool) -> Result<Vec<DeadLetter>, Error> {
+    pub async fn replay_dead_letters(
+        &self,
+        pick: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<Vec<DeadLetter>, Error> {
         let channel = self.dead_channel().await?;
         let mut replayed = Vec::new();
         for (tag, letter) in self.fetch_dead(&channel).await? {
@@ -121,7 +158,10 @@ impl VolumeClient {
                 .basic_publish(
                     self.topology.commands_exchange().as_str().into(),
                     letter.routing_key.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &letter.body,
                     letter.replay_properties(),
                 )
@@ -133,7 +173,10 @@ impl VolumeClient {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 _ => {
                     return Err(Error::Unroutable {
-                        command_id: schema::CommandId::parse(letter.id.as_deref().unwrap_or("unknown")).unwrap_or_else(|_| schema::CommandId::random()),
+                        command_id: schema::CommandId::parse(
+                            letter.id.as_deref().unwrap_or("unknown"),
+                        )
+                        .unwrap_or_else(|_| schema::CommandId::random()),
                         exchange: self.topology.commands_exchange(),
                         routing_key: letter.routing_key.clone(),
                     });

@@ -1,7 +1,10 @@
 //! A typed stream of completion events for subscribers, with explicit acknowledgement.
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
 use schema::CloudEvent;
@@ -49,12 +52,20 @@ pub struct ReceivedEvent {
 
 impl ReceivedEvent {
     pub async fn ack(self) -> Result<(), Error> {
-        self.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(amqp("acknowledging an event"))
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(amqp("acknowledging an event"))
     }
 
     /// Gives the event back (`requeue`) or drops it.
     pub async fn reject(self, requeue: bool) -> Result<(), Error> {
-        self.acker.reject(BasicRejectOptions { requeue }).await.map(|_| ()).map_err(amqp("rejecting an event"))
+        self.acker
+            .reject(BasicRejectOptions { requeue })
+            .await
+            .map(|_| ())
+            .map_err(amqp("rejecting an event"))
     }
 }
 
@@ -73,37 +84,68 @@ impl VolumeClient {
     /// # Ok(()) }
     /// ```
     pub async fn subscribe(&self, sub: Subscription) -> Result<EventStream, Error> {
-        let channel = self.conn.create_channel().await.map_err(amqp("opening a channel for events"))?;
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel for events"))?;
         channel
             .basic_qos(sub.prefetch, BasicQosOptions { global: false })
             .await
             .map_err(amqp("setting the event prefetch"))?;
         let options = match &sub.queue {
-            Some(_) => QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
-            None => QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            Some(_) => QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            None => QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
         };
         let queue = channel
-            .queue_declare(sub.queue.clone().unwrap_or_default().as_str().into(), options, FieldTable::default())
+            .queue_declare(
+                sub.queue.clone().unwrap_or_default().as_str().into(),
+                options,
+                FieldTable::default(),
+            )
             .await
             .map_err(amqp("declaring the event queue"))?;
         let exchange = self.topology.events_exchange();
         for pattern in &sub.patterns {
             channel
-                .queue_bind(queue.name().clone(), exchange.as_str().into(), pattern.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.as_str().into(),
+                    pattern.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await
                 .map_err(|e| {
                     if is_not_found(&e) {
-                        Error::TopologyMissing { exchange: exchange.clone() }
+                        Error::TopologyMissing {
+                            exchange: exchange.clone(),
+                        }
                     } else {
                         amqp(format!("binding {pattern:?} to {exchange}"))(e)
                     }
                 })?;
         }
         let consumer = channel
-            .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(amqp("consuming events"))?;
-        Ok(EventStream { _channel: channel, consumer })
+        Ok(EventStream {
+            _channel: channel,
+            consumer,
+        })
     }
 }
 
@@ -126,7 +168,11 @@ impl EventStream {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, routing_key = %delivery.routing_key, "dropping a message that is not a volume event");
-                    if let Err(e) = delivery.acker.reject(BasicRejectOptions { requeue: false }).await {
+                    if let Err(e) = delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                    {
                         return Some(Err(amqp("rejecting a message that is not an event")(e)));
                     }
                 }

@@ -12,13 +12,26 @@ use clap::{Args, Parser, Subcommand};
 use publisher::{Error, Subscription, VolumeClient};
 use schema::command::AttachVolume;
 use schema::command::CreateVolume;
-use schema::{ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId, ZoneId};
+use schema::{
+    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId,
+    ZoneId,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "volumectl", version, about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters")]
+#[command(
+    name = "volumectl",
+    version,
+    about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters"
+)]
 struct Cli {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        global = true
+    )]
     amqp_url: String,
     /// Prefix of the daemon's exchanges and queues.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", global = true)]
@@ -127,7 +140,9 @@ struct Common {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Watch { pattern, json, max } => watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await,
+        Cmd::Watch { pattern, json, max } => {
+            watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await
+        }
         Cmd::DeadLetters(d) => dead_letters(&cli.amqp_url, &cli.prefix, d).await,
         command => {
             let (command, common) = match build(command) {
@@ -151,16 +166,29 @@ async fn main() -> ExitCode {
 
 fn build(command: Cmd) -> Result<(Command, Common), String> {
     let (mut cmd, common) = match command {
-        Cmd::Create { size, name, disk_offering, zone, common } => {
+        Cmd::Create {
+            size,
+            name,
+            disk_offering,
+            zone,
+            common,
+        } => {
             let mut create = CreateVolume::new(name.unwrap_or_default(), size);
             create.disk_offering_id = disk_offering;
             create.zone_id = zone;
             (Command::from(create), common)
         }
-        Cmd::Attach { volume, vm, device_id, common } => {
+        Cmd::Attach {
+            volume,
+            vm,
+            device_id,
+            common,
+        } => {
             let mut attach = AttachVolume::new(volume, vm);
             if let Some(d) = device_id {
-                attach = attach.device_id(d).map_err(|e| format!("--device-id: {e}"))?;
+                attach = attach
+                    .device_id(d)
+                    .map_err(|e| format!("--device-id: {e}"))?;
             }
             (Command::from(attach), common)
         }
@@ -185,7 +213,12 @@ fn build(command: Cmd) -> Result<(Command, Common), String> {
     Ok((cmd, common))
 }
 
-async fn send(url: &str, prefix: &str, command: &Command, common: &Common) -> Result<ExitCode, Error> {
+async fn send(
+    url: &str,
+    prefix: &str,
+    command: &Command,
+    common: &Common,
+) -> Result<ExitCode, Error> {
     let client = VolumeClient::connect(url, prefix).await?;
     client.declare_topology().await?;
     if !common.wait {
@@ -194,7 +227,11 @@ async fn send(url: &str, prefix: &str, command: &Command, common: &Common) -> Re
         return Ok(ExitCode::SUCCESS);
     }
     let pending = client.publish(command).await?;
-    let spinner = Spinner::start(format!("{} {}", command.operation_type(), command.command_id));
+    let spinner = Spinner::start(format!(
+        "{} {}",
+        command.operation_type(),
+        command.command_id
+    ));
     let event = pending.wait(Duration::from_secs(common.timeout)).await;
     spinner.stop();
     let event = event?;
@@ -220,7 +257,11 @@ impl Spinner {
         let task = tokio::spawn(async move {
             const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
             for i in 0.. {
-                eprint!("\r{} waiting for {what}  {:.1}s ", FRAMES[i % FRAMES.len()], started.elapsed().as_secs_f64());
+                eprint!(
+                    "\r{} waiting for {what}  {:.1}s ",
+                    FRAMES[i % FRAMES.len()],
+                    started.elapsed().as_secs_f64()
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
@@ -238,7 +279,10 @@ impl Spinner {
 
 fn print_event(event: &CloudEvent, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(event).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(event).unwrap_or_default()
+        );
     } else {
         println!("{}", human(event));
         if let Some(e) = &event.data.error {
@@ -253,7 +297,10 @@ fn human(event: &CloudEvent) -> String {
     let d = &event.data;
     let mut line = format!("{}  operation {}", event.event_type, d.operation_id);
     if let Some(v) = &d.volume {
-        line.push_str(&format!("  volume {} ({}, {}, {} bytes)", v.id, v.name, v.state, v.size));
+        line.push_str(&format!(
+            "  volume {} ({}, {}, {} bytes)",
+            v.id, v.name, v.state, v.size
+        ));
     } else if let Some(v) = d.volume_id {
         line.push_str(&format!("  volume {v}"));
     }
@@ -276,27 +323,44 @@ fn human(event: &CloudEvent) -> String {
     line
 }
 
-async fn watch(url: &str, prefix: &str, pattern: String, json: bool, max: Option<usize>) -> Result<ExitCode, Error> {
+async fn watch(
+    url: &str,
+    prefix: &str,
+    pattern: String,
+    json: bool,
+    max: Option<usize>,
+) -> Result<ExitCode, Error> {
     let client = VolumeClient::connect(url, prefix).await?;
     client.declare_topology().await?;
     let mut events = client
-        .subscribe(Subscription { patterns: vec![pattern], ..Subscription::default() })
+        .subscribe(Subscription {
+            patterns: vec![pattern],
+            ..Subscription::default()
+        })
         .await?;
-    if std::io::stderr().is_terminal() {
-        eprintln!("watching {}.events (Ctrl-C stops)", prefix);
-    }
+    // Said on stderr even on a pipe: once it is printed, nothing published is missed.
+    eprintln!("watching {prefix}.events (Ctrl-C stops)");
     let mut seen = 0;
     loop {
         let next = tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
             next = events.next() => next,
         };
-        let Some(received) = next else { return Ok(ExitCode::SUCCESS) };
+        let Some(received) = next else {
+            return Ok(ExitCode::SUCCESS);
+        };
         let received = received?;
         if json {
-            println!("{}", serde_json::to_string(&received.event).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string(&received.event).unwrap_or_default()
+            );
         } else {
-            println!("{}  {}", received.event.time.format("%H:%M:%S%.3f"), human(&received.event));
+            println!(
+                "{}  {}",
+                received.event.time.format("%H:%M:%S%.3f"),
+                human(&received.event)
+            );
         }
         received.ack().await?;
         seen += 1;
@@ -319,18 +383,36 @@ async fn dead_letters(url: &str, prefix: &str, what: DeadLetters) -> Result<Exit
                     println!("{v}");
                 } else {
                     let preview: String = body.chars().take(120).collect();
-                    println!("{}  {}  {}\n    {}", l.id.as_deref().unwrap_or("-"), l.routing_key, l.reason, preview);
+                    println!(
+                        "{}  {}  {}\n    {}",
+                        l.id.as_deref().unwrap_or("-"),
+                        l.routing_key,
+                        l.reason,
+                        preview
+                    );
                 }
             }
             if !json && std::io::stderr().is_terminal() {
-                eprintln!("{} dead-lettered command(s) in {prefix}.commands.dead", letters.len());
+                eprintln!(
+                    "{} dead-lettered command(s) in {prefix}.commands.dead",
+                    letters.len()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         DeadLetters::Replay { id } => {
-            let replayed = client.replay_dead_letters(|l| id.as_deref().is_none_or(|want| l.id.as_deref() == Some(want))).await?;
+            let replayed = client
+                .replay_dead_letters(|l| {
+                    id.as_deref()
+                        .is_none_or(|want| l.id.as_deref() == Some(want))
+                })
+                .await?;
             for l in &replayed {
-                println!("replayed {}  {}", l.id.as_deref().unwrap_or("-"), l.routing_key);
+                println!(
+                    "replayed {}  {}",
+                    l.id.as_deref().unwrap_or("-"),
+                    l.routing_key
+                );
             }
             if replayed.is_empty() && id.is_some() {
                 eprintln!("error: no dead letter with id {}", id.unwrap_or_default());

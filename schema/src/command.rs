@@ -14,7 +14,17 @@ use crate::size::ByteSize;
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// The four kinds of volume operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationType {
     Create,

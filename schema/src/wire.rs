@@ -99,8 +99,14 @@ impl From<&Command> for CommandBody {
                 vm_id: x.vm_id,
                 device_id: x.device_id,
             },
-            Action::Detach { volume_id } => CommandBody::Detach { envelope, volume_id: *volume_id },
-            Action::Delete { volume_id } => CommandBody::Delete { envelope, volume_id: *volume_id },
+            Action::Detach { volume_id } => CommandBody::Detach {
+                envelope,
+                volume_id: *volume_id,
+            },
+            Action::Delete { volume_id } => CommandBody::Delete {
+                envelope,
+                volume_id: *volume_id,
+            },
         }
     }
 }
@@ -127,7 +133,10 @@ mod tests {
     /// `UPDATE_SCHEMAS=1 cargo test -p schema` rewrites the committed files.
     #[test]
     fn committed_schemas_match_the_types() {
-        for (file, schema) in [("command.schema.json", command_schema()), ("event.schema.json", event_schema())] {
+        for (file, schema) in [
+            ("command.schema.json", command_schema()),
+            ("event.schema.json", event_schema()),
+        ] {
             let path = schemas_dir().join(file);
             let generated = format!("{}\n", serde_json::to_string_pretty(&schema).expect("json"));
             if std::env::var_os("UPDATE_SCHEMAS").is_some() {
@@ -148,16 +157,23 @@ mod tests {
         let vol = VolumeId::new_random();
         let vm = VmId::new_random();
         let commands = [
-            Command::create("d", "1GiB".parse().expect("size")).with_metadata("k", "v").with_correlation_id("c"),
-            crate::command::AttachVolume::new(vol, vm).device_id(0).map(Command::from).expect("attach"),
+            Command::create("d", "1GiB".parse().expect("size"))
+                .with_metadata("k", "v")
+                .with_correlation_id("c"),
+            crate::command::AttachVolume::new(vol, vm)
+                .device_id(0)
+                .map(Command::from)
+                .expect("attach"),
             Command::detach(vol),
             Command::delete(vol),
         ];
         for c in commands {
             let body = c.to_body();
-            let wire: CommandBody = serde_json::from_value(body.clone()).expect("the wire type reads the body");
+            let wire: CommandBody =
+                serde_json::from_value(body.clone()).expect("the wire type reads the body");
             assert_eq!(serde_json::to_value(&wire).expect("json"), body);
-            let parsed = Command::parse(body.to_string().as_bytes(), &Default::default()).expect("valid");
+            let parsed =
+                Command::parse(body.to_string().as_bytes(), &Default::default()).expect("valid");
             assert_eq!(parsed, c);
         }
     }

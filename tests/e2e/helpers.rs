@@ -781,3 +781,29 @@ impl Drop for Collector {
         self.task.abort();
     }
 }
+
+/// The `volumectl` binary, built (or brought up to date) once per test process: it belongs to
+/// another package, so Cargo does not build it for this test target.
+pub fn volumectl() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let daemon = PathBuf::from(env!("CARGO_BIN_EXE_volume-daemon"));
+            let target = daemon
+                .parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .to_path_buf();
+            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(&workspace)
+                .env("CARGO_TARGET_DIR", &target)
+                .args(["build", "--quiet", "-p", "publisher", "--bin", "volumectl"])
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building volumectl failed");
+            daemon.with_file_name("volumectl")
+        })
+        .clone()
+}

@@ -11,5 +11,6 @@ mod create;
 mod devices;
 mod lifecycle;
 mod outages;
+mod producers;
 mod rejections;
 mod resilience;
