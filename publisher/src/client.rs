@@ -60,6 +60,21 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404)
 }
 
+/// A broker error while using `name`: [`Error::TopologyMissing`] when it does not exist.
+pub(crate) fn missing_or(
+    name: &str,
+    doing: impl Into<String>,
+) -> impl FnOnce(lapin::Error) -> Error {
+    let (name, doing) = (name.to_owned(), doing.into());
+    move |e| {
+        if is_not_found(&e) {
+            Error::TopologyMissing { exchange: name }
+        } else {
+            Error::Amqp { doing, source: e }
+        }
+    }
+}
+
 /// A connection to the broker for publishing volume commands.
 pub struct VolumeClient {
     pub(crate) conn: Connection,
@@ -153,15 +168,10 @@ impl VolumeClient {
             .await
             .map_err(amqp(format!("publishing command {id}")))?
             .await
-            .map_err(|e| {
-                if is_not_found(&e) {
-                    Error::TopologyMissing {
-                        exchange: self.topology.commands_exchange(),
-                    }
-                } else {
-                    amqp(format!("waiting for the broker to confirm command {id}"))(e)
-                }
-            })?;
+            .map_err(missing_or(
+                &self.topology.commands_exchange(),
+                format!("waiting for the broker to confirm command {id}"),
+            ))?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
@@ -201,15 +211,10 @@ impl VolumeClient {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| {
-                if is_not_found(&e) {
-                    Error::TopologyMissing {
-                        exchange: self.topology.events_exchange(),
-                    }
-                } else {
-                    amqp(format!("binding to {}", self.topology.events_exchange()))(e)
-                }
-            })?;
+            .map_err(missing_or(
+                &self.topology.events_exchange(),
+                format!("binding to {}", self.topology.events_exchange()),
+            ))?;
         let consumer = self
             .channel
             .basic_consume(

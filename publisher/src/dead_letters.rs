@@ -4,7 +4,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, Conf
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
-use crate::client::{Error, VolumeClient, amqp, is_not_found};
+use crate::client::{Error, VolumeClient, amqp, missing_or};
 
 /// Header the daemon sets on a message it dead-letters.
 pub const REASON_HEADER: &str = "x-rejection-reason";
@@ -114,15 +114,7 @@ impl VolumeClient {
             let got = channel
                 .basic_get(queue.as_str().into(), BasicGetOptions::default())
                 .await
-                .map_err(|e| {
-                    if is_not_found(&e) {
-                        Error::TopologyMissing {
-                            exchange: queue.clone(),
-                        }
-                    } else {
-                        amqp(format!("reading {queue}"))(e)
-                    }
-                })?;
+                .map_err(missing_or(&queue, format!("reading {queue}")))?;
             let Some(msg) = got else { break };
             let d = msg.delivery;
             out.push((

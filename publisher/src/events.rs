@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
 use schema::CloudEvent;
 
-use crate::client::{Error, VolumeClient, amqp, is_not_found};
+use crate::client::{Error, VolumeClient, amqp, missing_or};
 
 /// What to subscribe to.
 #[derive(Debug, Clone)]
@@ -123,15 +123,10 @@ impl VolumeClient {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| {
-                    if is_not_found(&e) {
-                        Error::TopologyMissing {
-                            exchange: exchange.clone(),
-                        }
-                    } else {
-                        amqp(format!("binding {pattern:?} to {exchange}"))(e)
-                    }
-                })?;
+                .map_err(missing_or(
+                    &exchange,
+                    format!("binding {pattern:?} to {exchange}"),
+                ))?;
         }
         let consumer = channel
             .basic_consume(

@@ -38,30 +38,15 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .exchange_declare(
-            topology.commands_exchange().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            topology.events_exchange().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            topology.dead_letter_exchange().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    for (name, kind) in [
+        (topology.commands_exchange(), ExchangeKind::Topic),
+        (topology.events_exchange(), ExchangeKind::Topic),
+        (topology.dead_letter_exchange(), ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await?;
+    }
 
     let mut quorum = FieldTable::default();
     quorum.insert(

@@ -458,9 +458,6 @@ impl Sim {
             "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd",
             Some(id),
         );
-        if let Some(v) = inner.volumes.get_mut(&id) {
-            v.last_job = Some(job_id.clone());
-        }
         let fails = inner.faults.job_fails();
         let devices = inner.devices.clone();
         drop(inner);
@@ -530,9 +527,6 @@ impl Sim {
             "org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd",
             Some(id),
         );
-        if let Some(v) = inner.volumes.get_mut(&id) {
-            v.last_job = Some(job_id.clone());
-        }
         let fails = inner.faults.job_fails();
         drop(inner);
         let root = self.config.sysfs_root.clone();
@@ -694,8 +688,12 @@ impl Sim {
     }
 }
 
+/// A pending job; it becomes the volume's latest job (what listVolumes reports).
 fn new_job(inner: &mut Inner, command: &'static str, instance: Option<VolumeId>) -> String {
     let job_id = Uuid::new_v4().to_string();
+    if let Some(v) = instance.and_then(|id| inner.volumes.get_mut(&id)) {
+        v.last_job = Some(job_id.clone());
+    }
     inner.jobs.insert(
         job_id.clone(),
         Job {

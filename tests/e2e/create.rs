@@ -140,20 +140,13 @@ async fn a_command_published_while_the_daemon_is_down_runs_when_it_starts() {
 async fn a_bad_disk_offering_fails_with_cloudstack_invalid_parameter_after_one_call() {
     let mut env = TestEnv::new().await;
     env.start_daemon().await;
-    let client = env.client().await;
     let mut cmd = create("bad-offering", "1GiB");
     let bogus = schema::DiskOfferingId::new_random();
     if let Action::Create(c) = &mut cmd.action {
         c.disk_offering_id = Some(bogus);
     }
 
-    let event = client
-        .publish(&cmd)
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    let event = env.execute(&cmd).await;
 
     assert_eq!(event.event_type, "volume.create.failed");
     let error = event.data.error.expect("failed events carry an error");
@@ -202,14 +195,7 @@ async fn a_duplicate_of_a_completed_command_republishes_the_same_event() {
 async fn health_ready_and_metrics_answer() {
     let mut env = TestEnv::new().await;
     env.start_daemon().await;
-    let client = env.client().await;
-    client
-        .publish(&create("m", "1GiB"))
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    env.execute(&create("m", "1GiB")).await;
 
     let (status, health) = env.get_json("/health").await;
     assert_eq!((status, health), (200, serde_json::json!({"status": "ok"})));

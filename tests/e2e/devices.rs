@@ -105,14 +105,7 @@ async fn a_device_that_appears_before_the_job_reports_success_is_still_matched()
     let host = env.host_vm.expect("host vm");
     let volume = env.sim.sim.seed_volume("early-device", 1 << 30);
 
-    let client = env.client().await;
-    let event = client
-        .publish(&cmd::attach(volume, host))
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    let event = env.execute(&cmd::attach(volume, host)).await;
 
     assert_eq!(
         event.event_type, "volume.attach.completed",
@@ -151,15 +144,8 @@ async fn without_a_device_the_attach_fails_within_the_timeout_and_the_mapping_sa
             .expect("stranger");
     });
 
-    let client = env.client().await;
     let started = tokio::time::Instant::now();
-    let event = client
-        .publish(&cmd::attach(volume, host))
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    let event = env.execute(&cmd::attach(volume, host)).await;
     let took = started.elapsed();
 
     assert_eq!(event.data.status, OperationStatus::Failed);
@@ -191,19 +177,12 @@ async fn three_volumes_on_one_remote_vm_coexist() {
     let mut env = TestEnv::new().await;
     env.start_daemon().await;
     let vm = DEMO_VMS[1];
-    let client = env.client().await;
     let volumes: Vec<_> = (0..3)
         .map(|i| env.sim.sim.seed_volume(&format!("remote-{i}"), 1 << 30))
         .collect();
 
     for v in &volumes {
-        let e = client
-            .publish(&cmd::attach(*v, vm))
-            .await
-            .expect("published")
-            .wait(WAIT)
-            .await
-            .expect("event");
+        let e = env.execute(&cmd::attach(*v, vm)).await;
         assert_eq!(
             e.event_type, "volume.attach.completed",
             "{:?}",
@@ -238,14 +217,7 @@ async fn the_monitor_keeps_mappings_true_when_a_device_vanishes_and_returns() {
     env.start_daemon().await;
     let host = env.host_vm.expect("host vm");
     let volume = env.sim.sim.seed_volume("flaky", 1 << 30);
-    let client = env.client().await;
-    let e = client
-        .publish(&cmd::attach(volume, host))
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    let e = env.execute(&cmd::attach(volume, host)).await;
     let path = e.data.device_path.expect("device");
     let name = path.trim_start_matches("/dev/").to_owned();
     let key = volume.to_string();
@@ -260,13 +232,7 @@ async fn the_monitor_keeps_mappings_true_when_a_device_vanishes_and_returns() {
     assert_eq!(m.device_path.as_deref(), Some("/dev/vdx"));
 
     // Detach removes the mapping.
-    let e = client
-        .publish(&cmd::detach(volume))
-        .await
-        .expect("published")
-        .wait(WAIT)
-        .await
-        .expect("event");
+    let e = env.execute(&cmd::detach(volume)).await;
     assert_eq!(e.event_type, "volume.detach.completed");
     assert!(env.mappings().await.is_empty());
 }

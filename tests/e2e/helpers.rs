@@ -291,6 +291,18 @@ impl TestEnv {
         client
     }
 
+    /// Publishes `command` and returns its terminal event (30 s at most).
+    pub async fn execute(&self, command: &schema::Command) -> CloudEvent {
+        let client = self.client().await;
+        client
+            .publish(command)
+            .await
+            .expect("published")
+            .wait(Duration::from_secs(30))
+            .await
+            .expect("terminal event")
+    }
+
     /// A pool on the test database (which the daemon created).
     pub async fn db(&mut self) -> MySqlPool {
         if let Some(p) = &self.pool {

@@ -127,49 +127,17 @@ async fn three_sigkills_during_a_hundred_mixed_commands_lose_and_repeat_nothing(
     );
 }
 
-#[tokio::test]
-async fn a_five_second_broker_outage_loses_no_command_and_no_event() {
+/// 40 creates: 20 before the daemon's link to `service` is cut, 20 during the 5 s outage.
+/// Every command must end once, with its event, and no side effect twice.
+async fn survive_outage(service: &str, name: &str, link: impl FnOnce(&mut TestEnv, SocketAddr)) {
     let mut env = TestEnv::with_sim(sim(200)).await;
-    let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    env.daemon_amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let proxy = TcpProxy::start(service.parse().expect("addr")).await;
+    link(&mut env, proxy.addr);
     env.start_daemon().await;
     let collector = Collector::start(&env.prefix).await;
     let client = env.client().await;
     let commands: Vec<Command> = (0..40)
-        .map(|i| cmd::create(&format!("broker-cut-{i}"), "1GiB"))
-        .collect();
-    for c in &commands[..20] {
-        client.publish_only(c).await.expect("published");
-    }
-
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    proxy.cut();
-    for c in &commands[20..] {
-        client
-            .publish_only(c)
-            .await
-            .expect("published while the daemon is cut off");
-    }
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    proxy.restore();
-
-    let ids: Vec<String> = commands.iter().map(|c| c.command_id.to_string()).collect();
-    let events = collector.wait_all(&ids, Duration::from_secs(60)).await;
-    assert_all_ended(&mut env, &commands, &events).await;
-    assert_no_duplicate_side_effects(&env.sim.sim.calls());
-    assert_eq!(env.sim.sim.volume_count(), 40);
-}
-
-#[tokio::test]
-async fn a_five_second_database_outage_loses_no_command_and_no_event() {
-    let mut env = TestEnv::with_sim(sim(200)).await;
-    let proxy = TcpProxy::start("127.0.0.1:3306".parse().expect("addr")).await;
-    env.daemon_database_url = Some(format!("mysql://root@{}/{}", proxy.addr, env.db_name));
-    env.start_daemon().await;
-    let collector = Collector::start(&env.prefix).await;
-    let client = env.client().await;
-    let commands: Vec<Command> = (0..40)
-        .map(|i| cmd::create(&format!("db-cut-{i}"), "1GiB"))
+        .map(|i| cmd::create(&format!("{name}-{i}"), "1GiB"))
         .collect();
     for c in &commands[..20] {
         client.publish_only(c).await.expect("published");
@@ -191,6 +159,22 @@ async fn a_five_second_database_outage_loses_no_command_and_no_event() {
     assert_all_ended(&mut env, &commands, &events).await;
     assert_no_duplicate_side_effects(&env.sim.sim.calls());
     assert_eq!(env.sim.sim.volume_count(), 40);
+}
+
+#[tokio::test]
+async fn a_five_second_broker_outage_loses_no_command_and_no_event() {
+    survive_outage("127.0.0.1:5672", "broker-cut", |env, proxy| {
+        env.daemon_amqp_url = format!("amqp://guest:guest@{proxy}/%2f");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_five_second_database_outage_loses_no_command_and_no_event() {
+    survive_outage("127.0.0.1:3306", "db-cut", |env, proxy| {
+        env.daemon_database_url = Some(format!("mysql://root@{proxy}/{}", env.db_name));
+    })
+    .await;
 }
 
 #[tokio::test]
