@@ -73,6 +73,13 @@ impl Default for JobPolling {
     }
 }
 
+/// Told about every call the client makes, for metrics. `result` is `ok`, the error code
+/// (`429`, `530`, ...) or `transport`.
+pub trait Observer: Send + Sync + fmt::Debug {
+    fn call(&self, command: &str, result: &str);
+    fn retry(&self, command: &str);
+}
+
 /// A CloudStack API client bound to one set of credentials. Cheap to build: the HTTP
 /// connection pool is shared through the `reqwest::Client` passed in.
 #[derive(Debug, Clone)]
@@ -83,6 +90,7 @@ pub struct Client {
     /// No retry starts after this instant: the deadline counts from the client's creation,
     /// so a client built per operation bounds the whole operation's retries.
     retry_until: tokio::time::Instant,
+    observer: Option<std::sync::Arc<dyn Observer>>,
 }
 
 static CRYPTO: Once = Once::new();
@@ -110,7 +118,14 @@ impl Client {
             creds,
             retry,
             retry_until: tokio::time::Instant::now() + retry.deadline,
+            observer: None,
         }
+    }
+
+    /// Reports every call and retry to `observer`.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn credentials(&self) -> &Credentials {
@@ -158,14 +173,34 @@ impl Client {
             // The URL carries the api key and signature: keep it out of messages.
             source: e.without_url(),
         };
-        let resp = self.http.get(&url).send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let body = resp.text().await.map_err(transport)?;
-        if status == 200 {
-            response::unwrap_success(command, &body)
-        } else {
-            Err(response::parse_error(command, status, &body))
+        let result = async {
+            let resp = self.http.get(&url).send().await.map_err(transport)?;
+            let status = resp.status().as_u16();
+            let body = resp.text().await.map_err(transport)?;
+            if status == 200 {
+                response::unwrap_success(command, &body)
+            } else {
+                Err(response::parse_error(command, status, &body))
+            }
         }
+        .await;
+        if let Some(o) = &self.observer {
+            let outcome = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e
+                    .cloudstack_code()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| {
+                        if e.was_answered() {
+                            "invalid".to_owned()
+                        } else {
+                            "transport".to_owned()
+                        }
+                    }),
+            };
+            o.call(command, &outcome);
+        }
+        result
     }
 
     /// A request retried on transient errors. `answered_only` limits retries to errors that
@@ -194,6 +229,9 @@ impl Client {
                 (_, d) => d,
             })
             .notify(|e, delay| {
+                if let Some(o) = &self.observer {
+                    o.retry(command);
+                }
                 tracing::warn!(command, error = %e, retry_in_ms = delay.as_millis() as u64, "CloudStack call failed; retrying");
             })
             .await

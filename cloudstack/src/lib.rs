@@ -12,6 +12,6 @@ pub mod error;
 pub mod response;
 pub mod signing;
 
-pub use client::{Client, Credentials, JobPolling, RetryPolicy};
+pub use client::{Client, Credentials, JobPolling, Observer, RetryPolicy};
 pub use error::CloudStackError;
 pub use response::{AsyncJob, DiskOffering, JobId, JobStatus, VirtualMachine, Volume, Zone};

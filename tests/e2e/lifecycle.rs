@@ -211,6 +211,12 @@ async fn fifty_creates_survive_throttling_and_outages_and_honour_retry_after() {
         last.insert(k, call);
     }
     assert!(checked > 0, "some 429s were retried");
+    let metrics = crate::helpers::get_text(env.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"volume_daemon_cloudstack_retries_total{command="createVolume"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"result="429"}"#), "{metrics}");
 }
 
 #[tokio::test]

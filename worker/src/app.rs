@@ -243,7 +243,7 @@ impl Active<'_> {
         let abort = CancellationToken::new();
         let ctx = Arc::new(Context {
             store: Store::new(self.pool.clone(), topology.clone()),
-            cloud: self.cloud.clone(),
+            cloud: self.cloud.clone().with_observer(self.metrics.clone()),
             metrics: self.metrics.clone(),
             devices: self.devices.clone(),
             correlation_timeout: settings.correlation_timeout(),

@@ -33,6 +33,8 @@ pub struct CloudEnv {
 #[derive(Debug, Clone)]
 pub struct Cloud {
     http: reqwest::Client,
+    /// Told about every CloudStack call (metrics).
+    observer: Option<std::sync::Arc<dyn cloudstack::Observer>>,
     pool: MySqlPool,
     env: CloudEnv,
     retry: RetryPolicy,
@@ -87,11 +89,17 @@ impl Cloud {
     ) -> Self {
         Self {
             http,
+            observer: None,
             pool,
             env,
             retry,
             deadlines,
         }
+    }
+
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn cloudstack::Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The CloudStack access in force now.
@@ -117,8 +125,12 @@ impl Cloud {
             (None, Some(r)) => parse_column(r, "oma_vm_id", r.host_vm.as_deref(), VmId::parse)?,
             (None, None) => None,
         };
+        let mut client = Client::new(self.http.clone(), credentials, self.retry);
+        if let Some(o) = &self.observer {
+            client = client.with_observer(o.clone());
+        }
         Ok(Session {
-            client: Client::new(self.http.clone(), credentials, self.retry),
+            client,
             zone,
             host_vm,
             deadlines: self.deadlines,

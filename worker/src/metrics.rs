@@ -23,6 +23,17 @@ struct TypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    command: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -39,6 +50,8 @@ pub struct Metrics {
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     device_events: Family<ResultLabels, Counter>,
     correlation: Histogram,
+    cloudstack_calls: Family<CallLabels, Counter>,
+    cloudstack_retries: Family<CommandLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -100,8 +113,22 @@ impl Metrics {
             "Time from registering a device expectation to finding the device",
             correlation.clone(),
         );
+        let cloudstack_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "cloudstack_calls",
+            "CloudStack API calls, by command and result (ok, an error code, transport)",
+            cloudstack_calls.clone(),
+        );
+        let cloudstack_retries = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "cloudstack_retries",
+            "CloudStack calls retried after a transient error",
+            cloudstack_retries.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            cloudstack_calls,
+            cloudstack_retries,
             device_events,
             correlation,
             operations,
@@ -174,5 +201,24 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+impl cloudstack::Observer for Metrics {
+    fn call(&self, command: &str, result: &str) {
+        self.cloudstack_calls
+            .get_or_create(&CallLabels {
+                command: command.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    fn retry(&self, command: &str) {
+        self.cloudstack_retries
+            .get_or_create(&CommandLabels {
+                command: command.to_owned(),
+            })
+            .inc();
     }
 }
