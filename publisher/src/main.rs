@@ -21,7 +21,8 @@ use schema::{
 #[command(
     name = "volumectl",
     version,
-    about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters"
+    about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters",
+    after_help = "Exit status: 0 completed (or done), 1 the operation failed, 2 usage, 3 timed out, 4 broker error."
 )]
 struct Cli {
     /// Broker URL.
