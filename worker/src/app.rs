@@ -142,7 +142,8 @@ impl Application {
         };
 
         // Both roles: device monitor, broker probe, HTTP.
-        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval());
+        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
+            .with_metrics(metrics.clone());
         let devices = Devices::new(
             monitor.table(),
             monitor.events(),
@@ -267,7 +268,6 @@ impl Active<'_> {
         let sync = tokio::spawn(devices::sync::run(
             self.pool.clone(),
             self.devices.clone(),
-            self.metrics.clone(),
             halt.clone(),
         ));
 

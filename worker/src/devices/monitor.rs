@@ -68,6 +68,7 @@ pub struct Monitor {
     table_tx: watch::Sender<Arc<DeviceTable>>,
     events_tx: broadcast::Sender<DeviceEvent>,
     warned: BTreeSet<String>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Events buffered per subscriber before it lags.
@@ -89,7 +90,14 @@ impl Monitor {
             table_tx,
             events_tx,
             warned: BTreeSet::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts every event in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn table(&self) -> watch::Receiver<Arc<DeviceTable>> {
@@ -174,6 +182,13 @@ impl Monitor {
         };
         self.table_tx.send_replace(Arc::new(self.table.clone()));
         for e in &events {
+            if let Some(m) = &self.metrics {
+                m.device_event(match e.change {
+                    DeviceChange::Added => "added",
+                    DeviceChange::Removed => "removed",
+                    DeviceChange::Resized { .. } => "resized",
+                });
+            }
             tracing::info!(device = %e.device.name, change = ?e.change, serial = e.device.serial.as_deref(), size = e.device.size, "device event");
             // No subscriber is fine: the table holds the state.
             let _ = self.events_tx.send(e.clone());

@@ -8,15 +8,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
-use crate::metrics::Metrics;
 use crate::store::now;
 
-pub async fn run(
-    pool: MySqlPool,
-    devices: Devices,
-    metrics: std::sync::Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(pool: MySqlPool, devices: Devices, shutdown: CancellationToken) {
     let mut events = devices.subscribe();
     resync(&pool, &devices.table()).await;
     loop {
@@ -26,11 +20,6 @@ pub async fn run(
         };
         match event {
             Ok(e) => {
-                metrics.device_event(match e.change {
-                    DeviceChange::Added => "added",
-                    DeviceChange::Removed => "removed",
-                    DeviceChange::Resized { .. } => "resized",
-                });
                 if let DeviceChange::Removed = e.change {
                     devices.release_device(&e.device.name);
                 }
