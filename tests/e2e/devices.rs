@@ -232,8 +232,14 @@ async fn the_monitor_keeps_mappings_true_when_a_device_vanishes_and_returns() {
     assert_eq!(m.device_path.as_deref(), Some("/dev/vdx"));
 
     let metrics = crate::helpers::get_text(env.http_addr, "/metrics").await;
-    assert!(metrics.contains(r#"volume_daemon_device_events_total{result="removed"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"volume_daemon_correlation_latency_seconds_count 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"volume_daemon_device_events_total{result="removed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"volume_daemon_correlation_latency_seconds_count 1"#),
+        "{metrics}"
+    );
 
     // Detach removes the mapping.
     let e = env.execute(&cmd::detach(volume)).await;
