@@ -133,7 +133,8 @@ pub struct CloudEvent {
     pub source: String,
     #[serde(rename = "type")]
     pub event_type: String,
-    /// The volume id, when known.
+    /// The volume id, when known (absent otherwise: CloudEvents attributes are never null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     #[serde(with = "millis")]
     #[schemars(with = "DateTime<Utc>")]
@@ -220,6 +221,7 @@ mod tests {
         assert_eq!(v["data"]["error"]["retryable"], false);
         assert!(v["data"]["device_path"].is_null());
         assert!(v["data"].get("volume").is_none());
+        assert!(v.get("subject").is_none(), "no volume id: no subject attribute at all");
         assert_eq!(ev.amqp_correlation_id(), "cmd-1");
         let back: CloudEvent = serde_json::from_value(v).expect("parse back");
         assert_eq!(back, ev);
