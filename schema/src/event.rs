@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(v["data"]["error"]["retryable"], false);
         assert!(v["data"]["device_path"].is_null());
         assert!(v["data"].get("volume").is_none());
-        assert!(v.get("subject").is_none(), "no volume id: no subject attribute at all");
+        assert!(
+            v.get("subject").is_none(),
+            "no volume id: no subject attribute at all"
+        );
         assert_eq!(ev.amqp_correlation_id(), "cmd-1");
         let back: CloudEvent = serde_json::from_value(v).expect("parse back");
         assert_eq!(back, ev);
