@@ -20,6 +20,8 @@ pub struct Lease {
 
 /// How long one `GET_LOCK` waits inside MySQL before we look at shutdown again.
 const WAIT_STEP_S: i32 = 1;
+/// Connecting for the lease gives up after this and tries again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A lease check slower than this counts as lost.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,7 +46,9 @@ impl Lease {
         let mut logged = false;
         loop {
             let attempt = async {
-                let mut conn = MySqlConnection::connect(url).await?;
+                let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, MySqlConnection::connect(url))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
                 let db: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
                     .fetch_one(&mut conn)
                     .await?;

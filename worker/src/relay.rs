@@ -33,7 +33,14 @@ enum RelayError {
     Nacked(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error(
+        "the broker did not confirm {0} events within {CONFIRM_TIMEOUT:?} (blocked by a resource alarm?)"
+    )]
+    Unconfirmed(usize),
 }
+
+/// How long a batch waits for the broker's confirms while holding its rows locked.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Relay {
@@ -139,12 +146,20 @@ impl Relay {
                 confirms.push((row.event_id.clone(), confirm));
             }
         }
-        for (event_id, confirm) in confirms {
-            match confirm.await? {
-                Confirmation::Ack(_) | Confirmation::NotRequested => {}
-                Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
+        let count = confirms.len();
+        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            for (event_id, confirm) in confirms {
+                match confirm.await? {
+                    Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                    Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
+                }
             }
-        }
+            Ok(())
+        })
+        .await;
+        // Unconfirmed: the rows stay unpublished (the transaction rolls back) and are sent again
+        // on a new connection; subscribers dedupe on the event id.
+        confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
         for row in &rows {
             outbox::mark_published(&mut tx, row.id).await?;
         }
