@@ -124,6 +124,39 @@ pub struct EventData {
     pub already_absent: Option<bool>,
 }
 
+impl EventData {
+    /// The data of a failed event for `command_id` that never became an operation (a rejected
+    /// message): no volume, no duration.
+    pub fn rejected(
+        command_id: CommandId,
+        op_type: OperationType,
+        correlation_id: Option<String>,
+        error: EventError,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            operation_id: command_id.clone(),
+            command_id,
+            correlation_id,
+            op_type,
+            status: OperationStatus::Failed,
+            volume_id: None,
+            vm_id: None,
+            device_path: None,
+            by_id_path: None,
+            mode: None,
+            metadata: BTreeMap::new(),
+            error: Some(error),
+            created_at: at,
+            completed_at: at,
+            duration_ms: 0,
+            volume: None,
+            already_detached: None,
+            already_absent: None,
+        }
+    }
+}
+
 /// A CloudEvents 1.0 structured event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[schemars(title = "volume-daemon completion event (CloudEvents 1.0, structured)")]
@@ -176,34 +209,16 @@ mod tests {
         let t = DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
             .expect("time")
             .with_timezone(&Utc);
-        let id = CommandId::parse("cmd-1").expect("id");
-        CloudEvent::new(
-            EventId::new_random(),
+        let error = EventError::new(ErrorCode::CloudstackInvalidParameter, "bad offering")
+            .with_cloudstack_code(Some(431));
+        let data = EventData::rejected(
+            CommandId::parse("cmd-1").expect("id"),
+            OperationType::Create,
+            None,
+            error,
             t,
-            EventData {
-                operation_id: id.clone(),
-                command_id: id,
-                correlation_id: None,
-                op_type: OperationType::Create,
-                status: OperationStatus::Failed,
-                volume_id: None,
-                vm_id: None,
-                device_path: None,
-                by_id_path: None,
-                mode: None,
-                metadata: BTreeMap::new(),
-                error: Some(
-                    EventError::new(ErrorCode::CloudstackInvalidParameter, "bad offering")
-                        .with_cloudstack_code(Some(431)),
-                ),
-                created_at: t,
-                completed_at: t,
-                duration_ms: 0,
-                volume: None,
-                already_detached: None,
-                already_absent: None,
-            },
-        )
+        );
+        CloudEvent::new(EventId::new_random(), t, data)
     }
 
     #[test]

@@ -382,19 +382,17 @@ impl Sim {
         );
         let fails = inner.faults.job_fails();
         drop(inner);
-        self.finish_job_later(job_id.clone(), move |inner| {
-            if fails {
-                return Err((
-                    530,
-                    format!("Failed to create volume {id}: injected job failure"),
-                ));
-            }
-            let vol = inner
-                .volumes
-                .get(&id)
-                .ok_or((530, format!("volume {id} vanished")))?;
-            Ok(json!({"volume": volume_json(vol, inner)}))
-        });
+        self.finish_job_later(
+            job_id.clone(),
+            fails.then(|| format!("Failed to create volume {id}: injected job failure")),
+            move |inner| {
+                let vol = inner
+                    .volumes
+                    .get(&id)
+                    .ok_or((530, format!("volume {id} vanished")))?;
+                Ok(json!({"volume": volume_json(vol, inner)}))
+            },
+        );
         Ok(json!({"id": id, "jobid": job_id}))
     }
 
@@ -467,45 +465,43 @@ impl Sim {
             self.create_device_later(id, size_bytes, delay, devices.jitter);
         }
         let sim = Arc::clone(self);
-        self.finish_job_later(job_id.clone(), move |inner| {
-            if fails {
-                return Err((
-                    530,
-                    format!("Failed to attach volume {id} to VM {vm}: injected job failure"),
-                ));
-            }
-            let used: Vec<u32> = inner
-                .volumes
-                .values()
-                .filter(|v| v.vm == Some(vm))
-                .filter_map(|v| v.device_id)
-                .collect();
-            let chosen = match device_id {
-                Some(d) if used.contains(&d) => {
-                    return Err((530, format!("deviceId {d} was taken meanwhile")));
+        self.finish_job_later(
+            job_id.clone(),
+            fails.then(|| format!("Failed to attach volume {id} to VM {vm}: injected job failure")),
+            move |inner| {
+                let used: Vec<u32> = inner
+                    .volumes
+                    .values()
+                    .filter(|v| v.vm == Some(vm))
+                    .filter_map(|v| v.device_id)
+                    .collect();
+                let chosen = match device_id {
+                    Some(d) if used.contains(&d) => {
+                        return Err((530, format!("deviceId {d} was taken meanwhile")));
+                    }
+                    Some(d) => d,
+                    None => (1..=25)
+                        .find(|d| *d != 3 && !used.contains(d))
+                        .ok_or((530, "no free device id".to_owned()))?,
+                };
+                let vol = inner
+                    .volumes
+                    .get_mut(&id)
+                    .ok_or((530, format!("volume {id} vanished")))?;
+                if vol.vm.is_some() {
+                    return Err((530, format!("volume {id} was attached meanwhile")));
                 }
-                Some(d) => d,
-                None => (1..=25)
-                    .find(|d| *d != 3 && !used.contains(d))
-                    .ok_or((530, "no free device id".to_owned()))?,
-            };
-            let vol = inner
-                .volumes
-                .get_mut(&id)
-                .ok_or((530, format!("volume {id} vanished")))?;
-            if vol.vm.is_some() {
-                return Err((530, format!("volume {id} was attached meanwhile")));
-            }
-            vol.vm = Some(vm);
-            vol.device_id = Some(chosen);
-            vol.state = "Ready";
-            vol.attached = Some(Utc::now());
-            let out = volume_json_by_id(id, inner);
-            if to_host && devices.delay.is_none() {
-                sim.create_device_later(id, size_bytes, Duration::ZERO, devices.jitter);
-            }
-            Ok(out)
-        });
+                vol.vm = Some(vm);
+                vol.device_id = Some(chosen);
+                vol.state = "Ready";
+                vol.attached = Some(Utc::now());
+                let out = volume_json_by_id(id, inner);
+                if to_host && devices.delay.is_none() {
+                    sim.create_device_later(id, size_bytes, Duration::ZERO, devices.jitter);
+                }
+                Ok(out)
+            },
+        );
         Ok(json!({"jobid": job_id}))
     }
 
@@ -530,28 +526,26 @@ impl Sim {
         let fails = inner.faults.job_fails();
         drop(inner);
         let root = self.config.sysfs_root.clone();
-        self.finish_job_later(job_id.clone(), move |inner| {
-            if fails {
-                return Err((
-                    530,
-                    format!("Failed to detach volume {id}: injected job failure"),
-                ));
-            }
-            let vol = inner
-                .volumes
-                .get_mut(&id)
-                .ok_or((530, format!("volume {id} vanished")))?;
-            vol.vm = None;
-            vol.device_id = None;
-            vol.attached = None;
-            let out = volume_json_by_id(id, inner);
-            if let (Some(root), Some(name)) = (root, inner.device_names.remove(&id))
-                && let Err(e) = sysfs::remove_device(&root, &name)
-            {
-                tracing::warn!(error = %e, device = name, "cannot remove the simulated device");
-            }
-            Ok(out)
-        });
+        self.finish_job_later(
+            job_id.clone(),
+            fails.then(|| format!("Failed to detach volume {id}: injected job failure")),
+            move |inner| {
+                let vol = inner
+                    .volumes
+                    .get_mut(&id)
+                    .ok_or((530, format!("volume {id} vanished")))?;
+                vol.vm = None;
+                vol.device_id = None;
+                vol.attached = None;
+                let out = volume_json_by_id(id, inner);
+                if let (Some(root), Some(name)) = (root, inner.device_names.remove(&id))
+                    && let Err(e) = sysfs::remove_device(&root, &name)
+                {
+                    tracing::warn!(error = %e, device = name, "cannot remove the simulated device");
+                }
+                Ok(out)
+            },
+        );
         Ok(json!({"jobid": job_id}))
     }
 
@@ -630,9 +624,14 @@ impl Sim {
 
     // ---- jobs and devices -----------------------------------------------------------------
 
-    /// Completes `job_id` after the job latency with what `finish` computes then.
-    fn finish_job_later<F>(self: &Arc<Self>, job_id: String, finish: F)
-    where
+    /// Completes `job_id` after the job latency: with `injected_failure` (errorcode 530) when
+    /// fault injection decided so, else with what `finish` computes then.
+    fn finish_job_later<F>(
+        self: &Arc<Self>,
+        job_id: String,
+        injected_failure: Option<String>,
+        finish: F,
+    ) where
         F: FnOnce(&mut Inner) -> Result<Value, (u16, String)> + Send + 'static,
     {
         let sim = Arc::clone(self);
@@ -640,7 +639,11 @@ impl Sim {
         tokio::spawn(async move {
             tokio::time::sleep(latency).await;
             let mut inner = sim.lock();
-            let state = match finish(&mut inner) {
+            let outcome = match injected_failure {
+                Some(text) => Err((530, text)),
+                None => finish(&mut inner),
+            };
+            let state = match outcome {
                 Ok(result) => JobState::Succeeded(result),
                 Err((code, text)) => JobState::Failed { code, text },
             };

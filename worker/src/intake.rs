@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use schema::ErrorCode;
 use schema::{
     CloudEvent, Command, EventData, EventError, EventId, InvalidCommand, MessageProps,
-    OperationStatus, OperationType, Topology,
+    OperationType, Topology,
 };
 
 use crate::broker::{self, Backoff};
@@ -243,31 +243,13 @@ fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudE
             .and_then(OperationType::parse)
     })?;
     let now = store::now();
-    Some(CloudEvent::new(
-        EventId::new_random(),
+    let error = EventError::new(ErrorCode::InvalidCommand, invalid.reason.clone());
+    let data = EventData::rejected(
+        command_id,
+        op_type,
+        invalid.correlation_id.clone(),
+        error,
         now,
-        EventData {
-            operation_id: command_id.clone(),
-            command_id,
-            correlation_id: invalid.correlation_id.clone(),
-            op_type,
-            status: OperationStatus::Failed,
-            volume_id: None,
-            vm_id: None,
-            device_path: None,
-            by_id_path: None,
-            mode: None,
-            metadata: Default::default(),
-            error: Some(EventError::new(
-                ErrorCode::InvalidCommand,
-                invalid.reason.clone(),
-            )),
-            created_at: now,
-            completed_at: now,
-            duration_ms: 0,
-            volume: None,
-            already_detached: None,
-            already_absent: None,
-        },
-    ))
+    );
+    Some(CloudEvent::new(EventId::new_random(), now, data))
 }

@@ -33,10 +33,6 @@ pub async fn run(
     };
     let _one_at_a_time = ctx.lock_vm(vm).await;
 
-    if let Some(job) = op.job_id.clone() {
-        // Resuming after a restart: let the job we started end, then look again.
-        jobs::wait(ctx, client, &job, polling).await?;
-    }
     let listed = jobs::settled(ctx, op, client, polling, volume_id).await?;
     let expectation =
         (mode == AttachMode::Host).then(|| ctx.devices.expect(volume_id, listed.size));

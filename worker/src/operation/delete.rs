@@ -22,10 +22,6 @@ pub async fn run(
     let cs = ctx.cloud.session().await?;
     let client = &cs.client;
     let polling = cs.polling(OperationType::Delete);
-    if let Some(job) = op.job_id.clone() {
-        // The detach started before a restart.
-        jobs::wait(ctx, client, &job, polling).await?;
-    }
     let absent = |vm| Completion {
         volume_id: Some(volume_id),
         vm_id: vm,

@@ -17,9 +17,6 @@ pub async fn run(
 ) -> Result<Completion, Halt> {
     let cs = ctx.cloud.session().await?;
     let polling = cs.polling(OperationType::Detach);
-    if let Some(job) = op.job_id.clone() {
-        jobs::wait(ctx, &cs.client, &job, polling).await?;
-    }
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
         tracing::info!("not attached; nothing to do in CloudStack");

@@ -33,8 +33,10 @@ pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> 
         .ok_or_else(|| not_found(volume).into())
 }
 
-/// The volume once no job runs on it: a job still in progress (ours from before a crash, or
-/// anyone's) is waited for first, so that no call is sent while CloudStack is still acting.
+/// The volume once no job runs on it. First the job this operation stored before a restart
+/// (its failure is this operation's failure); then any job still in progress on the volume
+/// (ours from before a crash that came before the id was stored, or anyone's), so that no call
+/// is sent while CloudStack is still acting.
 pub async fn settled(
     ctx: &Context,
     op: &mut Operation,
@@ -42,6 +44,9 @@ pub async fn settled(
     polling: JobPolling,
     volume: VolumeId,
 ) -> Result<Volume, Halt> {
+    if let Some(job) = op.job_id.clone() {
+        wait(ctx, client, &job, polling).await?;
+    }
     let listed = current(client, volume).await?;
     match (listed.jobstatus, listed.jobid.clone()) {
         (Some(0), Some(job)) => {
