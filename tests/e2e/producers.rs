@@ -563,3 +563,56 @@ async fn volumectl_shows_elapsed_time_while_waiting_on_a_terminal() {
     );
     assert!(screen.contains("volume.create.completed"), "{screen:?}");
 }
+
+#[tokio::test]
+async fn a_command_with_reply_to_also_gets_its_event_in_that_queue() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    let reply = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let mut replies = ch
+        .basic_consume(
+            reply.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    let command = cmd::create("with-reply", "1GiB").with_reply_to(reply.name().as_str());
+
+    let event = env.execute(&command).await;
+
+    use futures_util::StreamExt;
+    let delivery = tokio::time::timeout(WAIT, replies.next())
+        .await
+        .expect("a reply in time")
+        .expect("open")
+        .expect("delivery");
+    let replied: schema::CloudEvent = serde_json::from_slice(&delivery.data).expect("an event");
+    assert_eq!(replied, event, "the same event, also in the reply_to queue");
+    assert_eq!(
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string()),
+        Some(event.id.to_string())
+    );
+}
