@@ -418,10 +418,7 @@ impl Sim {
             },
         };
         let mut inner = self.lock();
-        let vol = inner
-            .volumes
-            .get(&id)
-            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        let vol = find_volume(&inner, id)?;
         if !inner.vms.contains_key(&vm) {
             return Err(ApiError::unknown_id(format!(
                 "Unable to find virtual machine by id {vm}"
@@ -509,10 +506,7 @@ impl Sim {
     pub fn detach_volume(self: &Arc<Self>, p: &HashMap<String, String>) -> Result<Value, ApiError> {
         let id = parse_id(required(p, "id", "detachvolume")?, "id", VolumeId::parse)?;
         let mut inner = self.lock();
-        let vol = inner
-            .volumes
-            .get(&id)
-            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        let vol = find_volume(&inner, id)?;
         if vol.vm.is_none() {
             return Err(ApiError::param(format!(
                 "Please specify a volume that is attached to a VM: volume {id} is not attached"
@@ -553,10 +547,7 @@ impl Sim {
     pub fn delete_volume(&self, p: &HashMap<String, String>) -> Result<Value, ApiError> {
         let id = parse_id(required(p, "id", "deletevolume")?, "id", VolumeId::parse)?;
         let mut inner = self.lock();
-        let vol = inner
-            .volumes
-            .get(&id)
-            .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))?;
+        let vol = find_volume(&inner, id)?;
         if vol.vm.is_some() {
             return Err(ApiError::param(
                 "Please specify a volume that is not attached to any VM.",
@@ -689,6 +680,14 @@ impl Sim {
             }
         });
     }
+}
+
+/// The volume, or CloudStack's answer for an id it does not know (431, cserrorcode 9999).
+fn find_volume(inner: &Inner, id: VolumeId) -> Result<&SimVolume, ApiError> {
+    inner
+        .volumes
+        .get(&id)
+        .ok_or_else(|| ApiError::unknown_id(format!("Unable to find volume by id {id}")))
 }
 
 /// A pending job; it becomes the volume's latest job (what listVolumes reports).

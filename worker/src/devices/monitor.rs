@@ -121,44 +121,33 @@ impl Monitor {
         self.warned = warnings;
 
         let mut events = Vec::new();
+        let event = |change, device: &BlockDevice| DeviceEvent {
+            change,
+            device: device.clone(),
+            at,
+            seen: now,
+        };
         let mut next = BTreeMap::new();
         for (name, device) in result.devices {
             let first_seen = match self.table.devices.get(&name) {
                 None => {
-                    events.push(DeviceEvent {
-                        change: DeviceChange::Added,
-                        device: device.clone(),
-                        at,
-                        seen: now,
-                    });
+                    events.push(event(DeviceChange::Added, &device));
                     now
                 }
                 Some(old) if old.device.serial != device.serial && old.device.serial.is_some() => {
                     // Another disk under a reused name: the old one left, a new one came.
-                    events.push(DeviceEvent {
-                        change: DeviceChange::Removed,
-                        device: old.device.clone(),
-                        at,
-                        seen: now,
-                    });
-                    events.push(DeviceEvent {
-                        change: DeviceChange::Added,
-                        device: device.clone(),
-                        at,
-                        seen: now,
-                    });
+                    events.push(event(DeviceChange::Removed, &old.device));
+                    events.push(event(DeviceChange::Added, &device));
                     now
                 }
                 Some(old) => {
                     if old.device.size != device.size {
-                        events.push(DeviceEvent {
-                            change: DeviceChange::Resized {
+                        events.push(event(
+                            DeviceChange::Resized {
                                 from: old.device.size,
                             },
-                            device: device.clone(),
-                            at,
-                            seen: now,
-                        });
+                            &device,
+                        ));
                     }
                     old.first_seen
                 }
@@ -167,12 +156,7 @@ impl Monitor {
         }
         for (name, old) in &self.table.devices {
             if !next.contains_key(name) {
-                events.push(DeviceEvent {
-                    change: DeviceChange::Removed,
-                    device: old.device.clone(),
-                    at,
-                    seen: now,
-                });
+                events.push(event(DeviceChange::Removed, &old.device));
             }
         }
         self.table = DeviceTable {
