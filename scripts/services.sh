@@ -61,16 +61,18 @@ ensure_rust() {
   fi
 }
 
-# The README's Python producer example is run by the tests: it needs pika.
-ensure_pika() {
+# Python modules the tests run: pika (the README's producer example) and prometheus_client (an
+# independent parser of /metrics). pip for the python3 on PATH, else Debian's package.
+ensure_py_module() { # module pip-name debian-package
   command -v python3 >/dev/null || apt_install python3
-  python3 -c 'import pika' 2>/dev/null && return 0
-  log "installing pika (Python AMQP client) for the README example test"
-  python3 -m pip install --quiet --disable-pip-version-check pika 2>/dev/null || apt_install python3-pika
+  python3 -c "import $1" 2>/dev/null && return 0
+  log "installing $2 (Python) for the tests"
+  python3 -m pip install --quiet --disable-pip-version-check "$2" 2>/dev/null || apt_install "$3"
 }
 
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb
-ensure_pika
+ensure_py_module pika pika python3-pika
+ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 log "RabbitMQ and MariaDB are up"

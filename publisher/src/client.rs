@@ -8,7 +8,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use schema::{CloudEvent, Command, CommandId, Topology};
 
@@ -48,6 +48,18 @@ pub enum Error {
     },
     #[error("the event stream for command {command_id} ended before its event arrived")]
     StreamEnded { command_id: CommandId },
+    #[error("{what} is {len} bytes; AMQP allows at most 255")]
+    TooLong { what: String, len: usize },
+    #[error("invalid AMQP prefix: {0}")]
+    Prefix(#[from] schema::topology::PrefixError),
+}
+
+/// `s` as an AMQP short string, or [`Error::TooLong`] naming `what` (never a panic).
+pub(crate) fn short(what: impl std::fmt::Display, s: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(s).map_err(|_| Error::TooLong {
+        what: what.to_string(),
+        len: s.len(),
+    })
 }
 
 pub(crate) fn amqp(doing: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
@@ -94,6 +106,7 @@ impl VolumeClient {
     /// Connects and opens a channel in publisher-confirm mode. The topology is not declared:
     /// call [`declare_topology`](Self::declare_topology) if this client may be first.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
+        let topology = Topology::parse(prefix)?;
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .map_err(|source| Error::Connect {
@@ -111,7 +124,7 @@ impl VolumeClient {
         Ok(Self {
             conn,
             channel,
-            topology: Topology::new(prefix),
+            topology,
         })
     }
 
@@ -148,10 +161,10 @@ impl VolumeClient {
             .with_message_id(id.as_str().into())
             .with_delivery_mode(2);
         if let Some(c) = &command.correlation_id {
-            props = props.with_correlation_id(c.as_str().into());
+            props = props.with_correlation_id(short(format!("correlation id of {id}"), c)?);
         }
         if let Some(r) = &command.reply_to {
-            props = props.with_reply_to(r.as_str().into());
+            props = props.with_reply_to(short(format!("reply_to of {id}"), r)?);
         }
         let confirm = self
             .channel

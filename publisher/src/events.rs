@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
 use schema::CloudEvent;
 
-use crate::client::{Error, VolumeClient, amqp, missing_or};
+use crate::client::{Error, VolumeClient, amqp, missing_or, short};
 
 /// What to subscribe to.
 #[derive(Debug, Clone)]
@@ -93,6 +93,15 @@ impl VolumeClient {
             .basic_qos(sub.prefetch, BasicQosOptions { global: false })
             .await
             .map_err(amqp("setting the event prefetch"))?;
+        let queue_name = short(
+            "subscription queue name",
+            sub.queue.as_deref().unwrap_or(""),
+        )?;
+        let patterns = sub
+            .patterns
+            .iter()
+            .map(|p| Ok((p, short(format!("pattern {p:?}"), p)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
         let options = match &sub.queue {
             Some(_) => QueueDeclareOptions {
                 durable: true,
@@ -105,20 +114,16 @@ impl VolumeClient {
             },
         };
         let queue = channel
-            .queue_declare(
-                sub.queue.clone().unwrap_or_default().as_str().into(),
-                options,
-                FieldTable::default(),
-            )
+            .queue_declare(queue_name, options, FieldTable::default())
             .await
             .map_err(amqp("declaring the event queue"))?;
         let exchange = self.topology.events_exchange();
-        for pattern in &sub.patterns {
+        for (pattern, key) in patterns {
             channel
                 .queue_bind(
                     queue.name().clone(),
                     exchange.as_str().into(),
-                    pattern.as_str().into(),
+                    key,
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )

@@ -62,8 +62,10 @@ enum Cmd {
     },
     /// Attach a volume to a VM.
     Attach {
+        /// The CloudStack volume id (UUID) to attach.
         #[arg(long)]
         volume: VolumeId,
+        /// The CloudStack VM id (UUID) to attach it to; the daemon's host VM gets a device.
         #[arg(long)]
         vm: VmId,
         /// CloudStack device id (0 = root disk; 3 is never valid).
@@ -74,6 +76,7 @@ enum Cmd {
     },
     /// Detach a volume from its VM.
     Detach {
+        /// The CloudStack volume id (UUID) to detach from whatever VM holds it.
         #[arg(long)]
         volume: VolumeId,
         #[command(flatten)]
@@ -81,6 +84,7 @@ enum Cmd {
     },
     /// Delete a volume (detaching it first if needed).
     Delete {
+        /// The CloudStack volume id (UUID) to delete.
         #[arg(long)]
         volume: VolumeId,
         #[command(flatten)]
@@ -107,6 +111,7 @@ enum Cmd {
 enum DeadLetters {
     /// List dead-lettered commands with the reason (they stay in the queue).
     List {
+        /// One JSON object per line: id, routing key, reason and body of each dead letter.
         #[arg(long)]
         json: bool,
     },
@@ -421,5 +426,32 @@ async fn dead_letters(url: &str, prefix: &str, what: DeadLetters) -> Result<Exit
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` on everything: every option and argument of every subcommand says what it is.
+    #[test]
+    fn every_option_of_every_subcommand_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "volumectl", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
     }
 }

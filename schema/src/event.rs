@@ -89,14 +89,62 @@ pub mod millis {
     }
 }
 
+/// The `type` of an event's data: the operation's type, or `unknown` for a rejected message
+/// whose type could be read neither from its body nor from its routing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventOpType {
+    Create,
+    Attach,
+    Detach,
+    Delete,
+    Unknown,
+}
+
+impl EventOpType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Attach => "attach",
+            Self::Detach => "detach",
+            Self::Delete => "delete",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The operation type, unless `unknown`.
+    pub fn known(self) -> Option<OperationType> {
+        OperationType::parse(self.as_str())
+    }
+}
+
+impl From<OperationType> for EventOpType {
+    fn from(op: OperationType) -> Self {
+        match op {
+            OperationType::Create => Self::Create,
+            OperationType::Attach => Self::Attach,
+            OperationType::Detach => Self::Detach,
+            OperationType::Delete => Self::Delete,
+        }
+    }
+}
+
+impl std::fmt::Display for EventOpType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `data` of an event: the operation's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventData {
     pub operation_id: CommandId,
     pub command_id: CommandId,
-    pub correlation_id: Option<String>,
+    /// The command's correlation id, else its command id: the same value as the event's AMQP
+    /// `correlation_id` property, never null.
+    pub correlation_id: String,
     #[serde(rename = "type")]
-    pub op_type: OperationType,
+    pub op_type: EventOpType,
     pub status: OperationStatus,
     pub volume_id: Option<VolumeId>,
     pub vm_id: Option<VmId>,
@@ -126,18 +174,18 @@ pub struct EventData {
 
 impl EventData {
     /// The data of a failed event for `command_id` that never became an operation (a rejected
-    /// message): no volume, no duration.
+    /// message): no volume, no duration. Without a correlation id the command id stands in.
     pub fn rejected(
         command_id: CommandId,
-        op_type: OperationType,
+        op_type: EventOpType,
         correlation_id: Option<String>,
         error: EventError,
         at: DateTime<Utc>,
     ) -> Self {
         Self {
             operation_id: command_id.clone(),
+            correlation_id: correlation_or_command_id(correlation_id, &command_id),
             command_id,
-            correlation_id,
             op_type,
             status: OperationStatus::Failed,
             volume_id: None,
@@ -155,6 +203,11 @@ impl EventData {
             already_absent: None,
         }
     }
+}
+
+/// The correlation id an event carries: the command's, else its command id (CONTRACT §4).
+pub fn correlation_or_command_id(correlation_id: Option<String>, command_id: &CommandId) -> String {
+    correlation_id.unwrap_or_else(|| command_id.as_str().to_owned())
 }
 
 /// A CloudEvents 1.0 structured event.
@@ -191,12 +244,9 @@ impl CloudEvent {
         }
     }
 
-    /// The AMQP `correlation_id` of the event: the command's correlation id, else its id.
+    /// The AMQP `correlation_id` of the event: the same as `data.correlation_id`.
     pub fn amqp_correlation_id(&self) -> &str {
-        self.data
-            .correlation_id
-            .as_deref()
-            .unwrap_or(self.data.command_id.as_str())
+        &self.data.correlation_id
     }
 }
 
@@ -213,7 +263,7 @@ mod tests {
             .with_cloudstack_code(Some(431));
         let data = EventData::rejected(
             CommandId::parse("cmd-1").expect("id"),
-            OperationType::Create,
+            OperationType::Create.into(),
             None,
             error,
             t,
@@ -241,6 +291,10 @@ mod tests {
             "no volume id: no subject attribute at all"
         );
         assert_eq!(ev.amqp_correlation_id(), "cmd-1");
+        assert_eq!(
+            v["data"]["correlation_id"], "cmd-1",
+            "no correlation id: the command id stands in, never null"
+        );
         let back: CloudEvent = serde_json::from_value(v).expect("parse back");
         assert_eq!(back, ev);
     }

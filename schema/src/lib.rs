@@ -24,7 +24,9 @@ pub mod wire;
 
 pub use command::{Action, Command, InvalidCommand, MessageProps, OperationType};
 pub use error::{ErrorCode, EventError};
-pub use event::{CloudEvent, EventData, OperationStatus, VolumeInfo};
+pub use event::{
+    CloudEvent, EventData, EventOpType, OperationStatus, VolumeInfo, correlation_or_command_id,
+};
 pub use ids::{CommandId, DiskOfferingId, EventId, VmId, VolumeId, ZoneId};
 pub use size::ByteSize;
 pub use topology::Topology;

@@ -2,7 +2,7 @@
 //! never do.
 
 use crate::command::OperationType;
-use crate::event::OperationStatus;
+use crate::event::{EventOpType, OperationStatus};
 
 /// The exchange and queue names for one `AMQP_PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,7 +10,34 @@ pub struct Topology {
     prefix: String,
 }
 
+/// The longest `AMQP_PREFIX`: AMQP names are at most 255 bytes, and the longest name derived
+/// from the prefix is `<prefix>.commands.dead`.
+pub const MAX_PREFIX_BYTES: usize = 255 - ".commands.dead".len();
+
+/// An `AMQP_PREFIX` that cannot name exchanges and queues.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("the AMQP prefix is empty")]
+    Empty,
+    #[error(
+        "the AMQP prefix is {0} bytes; at most {MAX_PREFIX_BYTES} (names derived from it must fit AMQP's 255)"
+    )]
+    TooLong(usize),
+}
+
 impl Topology {
+    /// The names for `prefix`, checked: every derived name fits AMQP's 255 bytes.
+    pub fn parse(prefix: &str) -> Result<Self, PrefixError> {
+        if prefix.is_empty() {
+            return Err(PrefixError::Empty);
+        }
+        if prefix.len() > MAX_PREFIX_BYTES {
+            return Err(PrefixError::TooLong(prefix.len()));
+        }
+        Ok(Self::new(prefix))
+    }
+
+    /// The names for `prefix`, unchecked (see [`Topology::parse`]).
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
@@ -54,9 +81,10 @@ impl Topology {
         format!("volume.{}", op.as_str())
     }
 
-    /// Routing key and CloudEvent type of an event: `volume.<type>.<completed|failed>`.
-    pub fn event_type(op: OperationType, status: OperationStatus) -> String {
-        format!("volume.{}.{}", op.as_str(), status.as_str())
+    /// Routing key and CloudEvent type of an event: `volume.<type>.<completed|failed|cancelled>`
+    /// (`volume.unknown.failed` for a rejected message of unknown type).
+    pub fn event_type(op: impl Into<EventOpType>, status: OperationStatus) -> String {
+        format!("volume.{}.{}", op.into().as_str(), status.as_str())
     }
 }
 
@@ -71,6 +99,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_prefix_whose_names_do_not_fit_amqp_is_refused() {
+        let longest = "p".repeat(MAX_PREFIX_BYTES);
+        let t = Topology::parse(&longest).expect("the longest prefix");
+        assert_eq!(t.dead_letter_queue().len(), 255);
+        assert_eq!(
+            Topology::parse(&format!("{longest}x")),
+            Err(PrefixError::TooLong(MAX_PREFIX_BYTES + 1))
+        );
+        assert_eq!(Topology::parse(""), Err(PrefixError::Empty));
+    }
+
+    #[test]
     fn only_names_carry_the_prefix() {
         let t = Topology::new("acc7");
         assert_eq!(t.commands_exchange(), "acc7.commands");
@@ -83,6 +123,10 @@ mod tests {
         assert_eq!(
             Topology::event_type(OperationType::Create, OperationStatus::Completed),
             "volume.create.completed"
+        );
+        assert_eq!(
+            Topology::event_type(EventOpType::Unknown, OperationStatus::Failed),
+            "volume.unknown.failed"
         );
     }
 }

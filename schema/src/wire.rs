@@ -30,7 +30,7 @@ pub struct Envelope {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// A volume command (CONTRACT §3). Routing key `volume.<type>`, at most 64 KiB; unknown fields
+/// A volume command (docs/wire.md). Routing key `volume.<type>`, at most 64 KiB; unknown fields
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]

@@ -11,6 +11,40 @@ use crate::helpers::{EventTap, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// CONTRACT §4: `data.correlation_id` is never null and always equals the AMQP property: the
+/// command's correlation id, else its command id. Both a completed and a failed event.
+#[tokio::test]
+async fn without_a_correlation_id_events_carry_the_command_id_in_data_and_properties() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let mut tap = EventTap::new(&env.prefix).await;
+    let client = env.client().await;
+    let ok = create("no-corr", "1GiB");
+    let mut bad = create("no-corr-bad", "1GiB");
+    if let Action::Create(c) = &mut bad.action {
+        c.disk_offering_id =
+            Some(schema::DiskOfferingId::parse(&uuid::Uuid::new_v4().to_string()).expect("id"));
+    }
+    assert!(ok.correlation_id.is_none() && bad.correlation_id.is_none());
+
+    for cmd in [&ok, &bad] {
+        client.publish_only(cmd).await.expect("published");
+        let (props, raw) = tap.next_raw(WAIT).await.expect("an event");
+        let json: serde_json::Value = serde_json::from_slice(&raw).expect("event JSON");
+        let id = cmd.command_id.as_str();
+        assert_eq!(json["data"]["command_id"], id);
+        assert_eq!(
+            json["data"]["correlation_id"], id,
+            "data.correlation_id falls back to the command id: {json}"
+        );
+        assert_eq!(
+            props.correlation_id().as_ref().map(|s| s.as_str()),
+            Some(id),
+            "the AMQP property carries the same value"
+        );
+    }
+}
+
 #[tokio::test]
 async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {
     // Arrange
@@ -34,7 +68,7 @@ async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {
     assert_eq!(event.data.command_id.as_str(), id);
     assert_eq!(event.data.operation_id.as_str(), id);
     assert_eq!(event.data.status, OperationStatus::Completed);
-    assert_eq!(event.data.correlation_id.as_deref(), Some("corr-42"));
+    assert_eq!(event.data.correlation_id, "corr-42");
     assert_eq!(
         event.data.metadata.get("purpose").map(String::as_str),
         Some("migration")
@@ -221,6 +255,82 @@ async fn health_ready_and_metrics_answer() {
         metrics.contains("volume_daemon_operation_duration_seconds_bucket"),
         "{metrics}"
     );
+}
+
+/// The parser a Prometheus-compatible scraper would use, chosen by the served Content-Type
+/// (Python `prometheus_client`: the OpenMetrics parser for `application/openmetrics-text`,
+/// the classic text parser otherwise). Prints `name type` per family; fails on parse errors.
+const PARSE_METRICS_PY: &str = r#"
+import sys
+content_type, body = sys.argv[1], sys.stdin.read()
+if content_type.startswith("application/openmetrics-text"):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+elif content_type.startswith("text/plain"):
+    from prometheus_client.parser import text_string_to_metric_families
+else:
+    sys.exit("unexpected Content-Type " + content_type)
+for family in text_string_to_metric_families(body):
+    print(family.name, family.type)
+"#;
+
+/// CONTRACT §6: the Content-Type matches the body, so an independent parser picked by it reads
+/// every family with its type (with a mismatched header the counters come out untyped).
+#[tokio::test]
+async fn metrics_parse_with_the_parser_their_content_type_names_and_no_family_is_untyped() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    env.execute(&create("m", "1GiB")).await;
+    let response = crate::helpers::http()
+        .get(format!("http://{}/metrics", env.http_addr))
+        .send()
+        .await
+        .expect("metrics");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .expect("a Content-Type")
+        .to_owned();
+    let body = response.text().await.expect("text");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "prometheus-client encodes OpenMetrics: {content_type}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics body");
+
+    let mut python = tokio::process::Command::new("python3")
+        .args(["-c", PARSE_METRICS_PY, &content_type])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test installs prometheus_client)");
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = python.stdin.take().expect("stdin");
+    stdin.write_all(body.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = python.wait_with_output().await.expect("parser ends");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the parser rejected the scrape: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: Vec<(&str, &str)> = printed.lines().filter_map(|l| l.split_once(' ')).collect();
+    let untyped: Vec<_> = families
+        .iter()
+        .filter(|(_, t)| matches!(*t, "unknown" | "untyped"))
+        .collect();
+    assert!(untyped.is_empty(), "untyped families: {untyped:?}\n{body}");
+    for (name, kind) in [
+        ("volume_daemon_operations", "counter"),
+        ("volume_daemon_operation_duration_seconds", "histogram"),
+    ] {
+        assert!(
+            families.contains(&(name, kind)),
+            "{name} as a {kind}: {families:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -320,7 +320,7 @@ impl TestEnv {
     pub async fn operation(&mut self, id: &str) -> Option<OperationRow> {
         let pool = self.db().await;
         let row = sqlx::query(
-            "SELECT CAST(status AS CHAR) AS status, volume_id, CAST(request AS CHAR) AS request, \
+            "SELECT CAST(status AS CHAR) AS status, volume_id, vm_id, CAST(request AS CHAR) AS request, \
              CAST(response AS CHAR) AS response, error_code, cloudstack_job_id, event_id, attempts \
              FROM volume_operations WHERE id = ?",
         )
@@ -336,6 +336,7 @@ impl TestEnv {
         Some(OperationRow {
             status: row.try_get("status").expect("status"),
             volume_id: row.try_get("volume_id").expect("volume_id"),
+            vm_id: row.try_get("vm_id").expect("vm_id"),
             request: json("request"),
             response: json("response"),
             error_code: row.try_get("error_code").expect("error_code"),
@@ -546,6 +547,7 @@ pub fn http() -> reqwest::Client {
 pub struct OperationRow {
     pub status: String,
     pub volume_id: Option<String>,
+    pub vm_id: Option<String>,
     pub request: Option<serde_json::Value>,
     pub response: Option<serde_json::Value>,
     pub error_code: Option<String>,
@@ -651,6 +653,67 @@ impl EventTap {
         self.next(within)
             .await
             .unwrap_or_else(|| panic!("no event within {within:?}: expected {what}"))
+    }
+}
+
+/// A server-named exclusive queue (`amq.gen-…`) to name as a command's `reply_to`.
+pub struct ReplyQueue {
+    _conn: Connection,
+    pub name: String,
+    consumer: Consumer,
+}
+
+impl ReplyQueue {
+    pub async fn new() -> Self {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply queue");
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        Self {
+            _conn: conn,
+            name: q.name().to_string(),
+            consumer,
+        }
+    }
+
+    /// The next event in the queue, with its AMQP properties, or a panic naming what was awaited.
+    pub async fn expect(&mut self, what: &str, within: Duration) -> (BasicProperties, CloudEvent) {
+        let d = match tokio::time::timeout(within, self.consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            other => panic!("no reply within {within:?} ({what}): {other:?}"),
+        };
+        let event = serde_json::from_slice(&d.data).expect("a CloudEvent in the reply queue");
+        (d.properties, event)
+    }
+
+    /// Whether anything arrives within `within`.
+    pub async fn is_silent(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.consumer.next())
+            .await
+            .is_err()
     }
 }
 

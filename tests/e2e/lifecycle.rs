@@ -81,6 +81,15 @@ async fn create_attach_detach_delete_each_complete_with_their_fields() {
     completed(&detached, "detach");
     assert_eq!(detached.data.vm_id, Some(vm), "the VM it was detached from");
     assert_eq!(detached.data.already_detached, Some(false));
+    let row = env
+        .operation(detached.data.command_id.as_str())
+        .await
+        .expect("row");
+    assert_eq!(
+        row.vm_id,
+        Some(vm.to_string()),
+        "the detach row records the VM too"
+    );
     assert_eq!(env.sim.sim.attachment(volume), None);
     assert!(
         env.mappings().await.is_empty(),
@@ -115,6 +124,15 @@ async fn desired_state_retries_are_safe() {
     let deleted = run(&env, &cmd::delete(volume)).await;
     completed(&deleted, "delete");
     assert_eq!(deleted.data.vm_id, Some(vm), "detached from the VM first");
+    let row = env
+        .operation(deleted.data.command_id.as_str())
+        .await
+        .expect("row");
+    assert_eq!(
+        row.vm_id,
+        Some(vm.to_string()),
+        "the delete row records the VM too"
+    );
     assert_eq!(env.sim.sim.call_count("detachVolume"), 1);
     assert_eq!(env.sim.sim.volume_count(), 0);
 

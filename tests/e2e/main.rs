@@ -9,6 +9,7 @@ mod helpers;
 
 mod create;
 mod devices;
+mod docs;
 mod lifecycle;
 mod outages;
 mod producers;

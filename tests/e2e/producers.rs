@@ -12,7 +12,7 @@ use publisher::{Error, Subscription, VolumeClient};
 use schema::{Command, OperationStatus, Topology};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{AMQP_URL, EventTap, TestEnv, cmd, volumectl};
+use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv, cmd, volumectl};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -568,51 +568,77 @@ async fn volumectl_shows_elapsed_time_while_waiting_on_a_terminal() {
 async fn a_command_with_reply_to_also_gets_its_event_in_that_queue() {
     let mut env = TestEnv::new().await;
     env.start_daemon().await;
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker");
-    let ch = conn.create_channel().await.expect("channel");
-    let reply = ch
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let mut replies = ch
-        .basic_consume(
-            reply.name().clone(),
-            "".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
-    let command = cmd::create("with-reply", "1GiB").with_reply_to(reply.name().as_str());
+    let mut reply = ReplyQueue::new().await;
+    let command = cmd::create("with-reply", "1GiB").with_reply_to(&reply.name);
 
     let event = env.execute(&command).await;
 
-    use futures_util::StreamExt;
-    let delivery = tokio::time::timeout(WAIT, replies.next())
-        .await
-        .expect("a reply in time")
-        .expect("open")
-        .expect("delivery");
-    let replied: schema::CloudEvent = serde_json::from_slice(&delivery.data).expect("an event");
+    let (props, replied) = reply.expect("the create's event", WAIT).await;
     assert_eq!(replied, event, "the same event, also in the reply_to queue");
     assert_eq!(
-        delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string()),
+        props.message_id().as_ref().map(|m| m.to_string()),
         Some(event.id.to_string())
     );
+
+    // A duplicate of the ended command with a reply queue of its own gets the event there too.
+    let mut second = ReplyQueue::new().await;
+    let duplicate = command.clone().with_reply_to(&second.name);
+    env.client()
+        .await
+        .publish_only(&duplicate)
+        .await
+        .expect("duplicate published");
+    let (_, again) = second.expect("the duplicate's replay", WAIT).await;
+    assert_eq!(again.id, event.id, "the same event, replayed");
+    assert!(
+        reply.is_silent(Duration::from_millis(500)).await,
+        "the replay answers the duplicate, not the first command's queue"
+    );
+}
+
+/// Strings AMQP cannot carry (over 255 bytes) are errors naming what was too long, never panics.
+#[tokio::test]
+async fn strings_over_255_bytes_are_errors_not_panics() {
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let client = VolumeClient::connect(AMQP_URL, &prefix)
+        .await
+        .expect("broker");
+    let long = "c".repeat(300);
+
+    let command = cmd::create("long-corr", "1GiB").with_correlation_id(long.clone());
+    let err = client.publish_only(&command).await.expect_err("too long");
+    assert!(
+        matches!(&err, Error::TooLong { what, len: 300 } if what.contains("correlation id")),
+        "{err}"
+    );
+    let command = cmd::create("long-reply", "1GiB").with_reply_to(long.clone());
+    let err = client.publish_only(&command).await.expect_err("too long");
+    assert!(
+        matches!(&err, Error::TooLong { what, .. } if what.contains("reply_to")),
+        "{err}"
+    );
+
+    let sub = Subscription {
+        patterns: vec![long.clone()],
+        ..Subscription::default()
+    };
+    let err = client.subscribe(sub).await.expect_err("too long");
+    assert!(
+        matches!(&err, Error::TooLong { what, .. } if what.contains("pattern")),
+        "{err}"
+    );
+    let sub = Subscription {
+        queue: Some(long.clone()),
+        ..Subscription::default()
+    };
+    let err = client.subscribe(sub).await.expect_err("too long");
+    assert!(
+        matches!(&err, Error::TooLong { what, .. } if what.contains("queue")),
+        "{err}"
+    );
+
+    let err = VolumeClient::connect(AMQP_URL, &long)
+        .await
+        .expect_err("prefix too long");
+    assert!(err.to_string().contains("prefix"), "{err}");
 }

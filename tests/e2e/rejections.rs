@@ -6,9 +6,11 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use schema::{ErrorCode, Topology};
+use schema::{ErrorCode, EventOpType, Topology};
 
-use crate::helpers::{AMQP_URL, EventTap, TestEnv};
+use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(10);
 
 /// Publishes raw bytes to the commands exchange, with confirms.
 struct RawPublisher {
@@ -39,6 +41,10 @@ impl RawPublisher {
         if let Some(m) = message_id {
             props = props.with_message_id(m.into());
         }
+        self.publish_with(routing_key, body, props).await;
+    }
+
+    async fn publish_with(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
         self.channel
             .basic_publish(
                 self.exchange.as_str().into(),
@@ -109,6 +115,55 @@ async fn invalid_commands_are_dead_lettered_with_their_reason_and_answered() {
     assert_eq!(status, 200);
 }
 
+/// CONTRACT §3 rule 3: a readable command id with a type known neither from the body nor from
+/// the routing key is still answered, as `volume.unknown.failed`, also to its `reply_to`.
+#[tokio::test]
+async fn an_unknown_type_is_dead_lettered_and_answered_as_volume_unknown_failed() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let topology = Topology::new(env.prefix.clone());
+    let mut events = EventTap::new(&env.prefix).await;
+    let mut dead = EventTap::bound(&env.prefix, &topology.dead_letter_exchange(), "").await;
+    let mut reply = ReplyQueue::new().await;
+
+    let body = br#"{"command_id": "frob-1", "type": "frobnicate", "volume_id": "x"}"#;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_reply_to(reply.name.as_str().into());
+    RawPublisher::new(&env.prefix)
+        .await
+        .publish_with("volume.frobnicate", body, props)
+        .await;
+
+    let (props, body) = dead.next_raw(WAIT).await.expect("dead-lettered");
+    assert!(body.starts_with(br#"{"command_id": "frob-1""#));
+    let Some(AMQPValue::LongString(reason)) = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-rejection-reason").cloned())
+    else {
+        panic!("no reason header: {props:?}")
+    };
+    assert!(reason.to_string().contains("frobnicate"), "{reason}");
+
+    let (props, event) = events.expect("volume.unknown.failed", WAIT).await;
+    assert_eq!(event.event_type, "volume.unknown.failed");
+    assert_eq!(
+        props.kind().as_ref().map(|k| k.as_str()),
+        Some("volume.unknown.failed")
+    );
+    assert_eq!(event.data.op_type, EventOpType::Unknown);
+    assert_eq!(event.data.command_id.as_str(), "frob-1");
+    assert_eq!(event.data.correlation_id, "frob-1");
+    let error = event.data.error.clone().expect("error");
+    assert_eq!(error.code, ErrorCode::InvalidCommand);
+    assert!(!error.retryable);
+
+    let (_, replied) = reply.expect("the event in the reply_to queue", WAIT).await;
+    assert_eq!(replied, event);
+    assert!(env.operation("frob-1").await.is_none(), "not an operation");
+}
+
 /// One malformed message: routing key, body, AMQP message id, and whether the daemon can answer
 /// it with an INVALID_COMMAND event (a readable command id and a known type).
 struct Bad {
@@ -162,7 +217,7 @@ fn malformed(i: usize) -> Bad {
             "volume.resize",
             json(serde_json::json!({"command_id": id, "type": "resize", "volume_id": vol})),
             None,
-            false,
+            true,
         ),
         8 => (
             "volume.create",
@@ -216,7 +271,7 @@ fn malformed(i: usize) -> Bad {
             "volume.create",
             vec![0xff, 0xfe, 0x00, 0x7b],
             Some(id.clone()),
-            false,
+            true,
         ),
         _ => (
             "volume.create",

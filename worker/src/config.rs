@@ -29,7 +29,7 @@ pub struct Settings {
     )]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
-    #[arg(long, env = "AMQP_PREFIX", default_value = "volume")]
+    #[arg(long, env = "AMQP_PREFIX", default_value = "volume", value_parser = parse_prefix)]
     pub amqp_prefix: String,
     /// MySQL 8 / MariaDB 10.6+; the database is created if missing and migrated at start.
     #[arg(
@@ -45,8 +45,10 @@ pub struct Settings {
     /// CloudStack API endpoint; when unset the active `ossea_configs` row is used.
     #[arg(long, env = "CLOUDSTACK_API_URL")]
     pub cloudstack_api_url: Option<String>,
+    /// CloudStack API key (with CLOUDSTACK_API_URL; never logged).
     #[arg(long, env = "CLOUDSTACK_API_KEY", hide_env_values = true)]
     pub cloudstack_api_key: Option<String>,
+    /// CloudStack secret key that signs every request (never logged).
     #[arg(long, env = "CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
     pub cloudstack_secret_key: Option<String>,
     /// Zone used when a create names none (else `ossea_configs.zone`, else the first zone).
@@ -88,6 +90,11 @@ pub struct Settings {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
+fn parse_prefix(s: &str) -> Result<String, schema::topology::PrefixError> {
+    Topology::parse(s).map(|_| s.to_owned())
 }
 
 impl Settings {
@@ -183,6 +190,15 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("max-concurrent-operations"), "{err}");
+        let long = "p".repeat(300);
+        let err = Settings::try_parse_from(["volume-daemon", "--amqp-prefix", &long])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("amqp-prefix") && err.contains("300 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

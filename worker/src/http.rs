@@ -92,10 +92,7 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         s.metrics.set_outbox(b.count, age);
     }
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.encode(),
     )
         .into_response()

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use schema::ErrorCode;
 use schema::{
-    CloudEvent, Command, EventData, EventError, EventId, InvalidCommand, MessageProps,
+    CloudEvent, Command, EventData, EventError, EventId, EventOpType, InvalidCommand, MessageProps,
     OperationType, Topology,
 };
 
@@ -234,14 +234,18 @@ impl Intake {
 }
 
 /// The failed event telling a producer its command was invalid, when the message carried a
-/// valid command id and a known type (from its body, else its routing key).
+/// valid command id (CONTRACT §3 rule 3). Its type is the body's when that names a known
+/// command type, else the routing key's, else `unknown`.
 fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudEvent> {
     let command_id = invalid.command_id.clone()?;
-    let op_type = invalid.op_type.or_else(|| {
-        routing_key
-            .strip_prefix("volume.")
-            .and_then(OperationType::parse)
-    })?;
+    let op_type = invalid
+        .op_type
+        .or_else(|| {
+            routing_key
+                .strip_prefix("volume.")
+                .and_then(OperationType::parse)
+        })
+        .map_or(EventOpType::Unknown, EventOpType::from);
     let now = store::now();
     let error = EventError::new(ErrorCode::InvalidCommand, invalid.reason.clone());
     let data = EventData::rejected(

@@ -26,6 +26,8 @@ pub mod relay;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+pub mod testdb;
 
 pub use app::Application;
 pub use config::Settings;

@@ -38,6 +38,10 @@ struct ResultLabels {
     result: String,
 }
 
+/// What [`Metrics::encode`] produces: `prometheus-client` encodes OpenMetrics 1.0 text (`# EOF`,
+/// `_total` samples of `counter` families), and a scraper picks its parser by this header.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// The daemon's metrics. Handles are cheap atomics; the registry is only locked to encode.
 #[derive(Debug)]
 pub struct Metrics {

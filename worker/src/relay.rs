@@ -120,12 +120,22 @@ impl Relay {
             return Ok(0);
         }
         let mut confirms = Vec::with_capacity(rows.len());
+        let mut sent = Vec::with_capacity(rows.len());
         for row in &rows {
+            let (Some(exchange), Some(routing_key)) =
+                (short(&row.exchange), short(&row.routing_key))
+            else {
+                // Only a row edited by hand can hold names AMQP cannot carry: leave it in the
+                // backlog (visible on /ready) rather than panic or pretend it was published.
+                tracing::error!(event_id = %row.event_id, "outbox row names an exchange or routing key over 255 bytes; not publishing it");
+                continue;
+            };
+            sent.push(row);
             let props = properties(row);
             let confirm = channel
                 .basic_publish(
-                    row.exchange.as_str().into(),
-                    row.routing_key.as_str().into(),
+                    exchange,
+                    routing_key,
                     BasicPublishOptions::default(),
                     row.payload.as_bytes(),
                     props.clone(),
@@ -160,15 +170,15 @@ impl Relay {
         // Unconfirmed: the rows stay unpublished (the transaction rolls back) and are sent again
         // on a new connection; subscribers dedupe on the event id.
         confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
-        for row in &rows {
+        for row in &sent {
             outbox::mark_published(&mut tx, row.id).await?;
         }
         tx.commit().await?;
-        for row in &rows {
+        for row in &sent {
             self.metrics.event_published();
             tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
         }
-        Ok(rows.len())
+        Ok(sent.len())
     }
 }
 

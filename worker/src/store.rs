@@ -68,17 +68,19 @@ impl Store {
         match inserted {
             Ok(_) => Ok(Accepted::New(Box::new(Operation::new(command, created_at)))),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                self.duplicate(&command.command_id).await
+                self.duplicate(&command).await
             }
             Err(e) => Err(e),
         }
     }
 
-    async fn duplicate(&self, id: &CommandId) -> Result<Accepted, sqlx::Error> {
+    /// A command id seen before. An ended operation's event is queued again, to the events
+    /// exchange and to the duplicate's own `reply_to` (the first command's sender had its copy).
+    async fn duplicate(&self, command: &Command) -> Result<Accepted, sqlx::Error> {
         let row = sqlx::query(
             "SELECT CAST(status AS CHAR) AS status, event_id FROM volume_operations WHERE id = ?",
         )
-        .bind(id.as_str())
+        .bind(command.command_id.as_str())
         .fetch_one(&self.pool)
         .await?;
         let status: String = row.try_get("status")?;
@@ -87,9 +89,10 @@ impl Store {
             (Some(s), Some(event_id)) if s.is_terminal() => {
                 sqlx::query(
                     "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
-                     SELECT event_id, exchange, routing_key, payload, correlation_id, reply_to \
+                     SELECT event_id, exchange, routing_key, payload, correlation_id, ? \
                      FROM outbox WHERE event_id = ? ORDER BY id LIMIT 1",
                 )
+                .bind(command.reply_to.as_deref())
                 .bind(event_id)
                 .execute(&self.pool)
                 .await?;
@@ -181,12 +184,13 @@ impl Store {
         };
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), response = ?, \
-             error = ?, error_code = ?, event_id = ?, completed_at = ? \
-             WHERE id = ? AND status IN ('pending', 'executing')",
+            "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
+             vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, event_id = ?, \
+             completed_at = ? WHERE id = ? AND status IN ('pending', 'executing')",
         )
         .bind(event.data.status.as_str())
         .bind(event.data.volume_id.map(|v| v.to_string()))
+        .bind(event.data.vm_id.map(|v| v.to_string()))
         .bind(response)
         .bind(error)
         .bind(error_code)
@@ -246,8 +250,43 @@ impl Store {
             if let Some(v) = row.try_get::<Option<String>, _>("volume_id")? {
                 op.volume_id = VolumeId::parse(&v).ok().or(op.volume_id);
             }
+            op.prior_attempts = row.try_get("attempts")?;
             ops.push(op);
         }
         Ok(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb::TestDb;
+    use schema::VolumeId;
+
+    #[tokio::test]
+    async fn a_resumed_operation_sees_the_executions_started_before() {
+        let db = TestDb::new().await;
+        let store = Store::new(db.pool.clone(), Topology::new("unit"));
+        let command = Command::detach(VolumeId::new_random());
+        let id = command.command_id.clone();
+        assert!(matches!(
+            store.accept(command).await.expect("accept"),
+            Accepted::New(_)
+        ));
+        assert_eq!(
+            store.resumable().await.expect("resumable")[0].prior_attempts,
+            0
+        );
+
+        store.mark_executing(&id).await.expect("first run");
+        store.mark_executing(&id).await.expect("second run");
+
+        let resumed = store.resumable().await.expect("resumable");
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].id(), &id);
+        assert_eq!(
+            resumed[0].prior_attempts, 2,
+            "the stored attempts are loaded"
+        );
     }
 }

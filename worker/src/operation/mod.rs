@@ -115,8 +115,11 @@ pub fn event_for(
         EventData {
             operation_id: cmd.command_id.clone(),
             command_id: cmd.command_id.clone(),
-            correlation_id: cmd.correlation_id.clone(),
-            op_type: cmd.operation_type(),
+            correlation_id: schema::correlation_or_command_id(
+                cmd.correlation_id.clone(),
+                &cmd.command_id,
+            ),
+            op_type: cmd.operation_type().into(),
             status,
             volume_id: done.volume_id.or(op.volume_id),
             vm_id: done.vm_id.or(cmd.action.vm_id()),

@@ -1,0 +1,60 @@
+//! A database of its own for one unit test, on the local MySQL/MariaDB server (the one
+//! `scripts/test` starts), migrated like the daemon's and dropped when the test ends, even when
+//! it panics. A test that needs it fails loudly when the server is missing.
+
+use sqlx::mysql::MySqlPool;
+use sqlx::{Connection, MySqlConnection};
+
+/// The server the tests use (`TEST_MYSQL_SERVER` overrides it).
+fn server() -> String {
+    std::env::var("TEST_MYSQL_SERVER").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A migrated database named `vd_unit_<random>`.
+pub struct TestDb {
+    pub pool: MySqlPool,
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!(
+            "vd_unit_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let url = format!("{}/{name}", server());
+        let pool = crate::db::connect_and_migrate(&url, 4)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("unit tests of the persistence layer need MySQL/MariaDB (scripts/test starts it): {e}")
+            });
+        Self { pool, url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async: drop the database from a thread with its own runtime.
+        let (server, name) = (server(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = MySqlConnection::connect(&server).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS `{name}`"
+                )))
+                .execute(&mut conn)
+                .await
+                .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
