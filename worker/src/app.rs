@@ -30,7 +30,7 @@ use crate::devices::{self, Devices, Monitor};
 use crate::executor;
 use crate::http::{self, HttpState};
 use crate::intake::Intake;
-use crate::lease::Lease;
+use crate::lease::{self, Lease, Renewal};
 use crate::metrics::Metrics;
 use crate::operation::Operation;
 use crate::relay::Relay;
@@ -58,6 +58,8 @@ pub enum StartError {
 pub struct Application {
     settings: Settings,
     pool: MySqlPool,
+    /// A pool of its own for the execution lease: renewals never wait behind operations.
+    lease_pool: MySqlPool,
     listener: TcpListener,
     cloud: Cloud,
 }
@@ -83,6 +85,7 @@ impl Application {
         };
         let max_connections = u32::from(settings.max_concurrent_operations) + 4;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
+        let lease_pool = db::lease_pool(&settings.database_url)?;
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -108,6 +111,7 @@ impl Application {
         Ok(Self {
             settings,
             pool,
+            lease_pool,
             listener,
             cloud,
         })
@@ -128,6 +132,7 @@ impl Application {
         let Self {
             settings,
             pool,
+            lease_pool,
             listener,
             cloud,
         } = self;
@@ -181,11 +186,12 @@ impl Application {
             metrics: &metrics,
             devices: &devices,
         };
+        let holder = lease::holder_name();
         let roles = async {
             loop {
                 status.set_active(false);
                 let Some(lease) =
-                    Lease::acquire(&settings.database_url, &settings.amqp_prefix, &stopping).await
+                    Lease::acquire(&lease_pool, &settings.amqp_prefix, &holder, &stopping).await
                 else {
                     break;
                 };
@@ -210,6 +216,7 @@ impl Application {
             other => report("http", other.map(|_| ())),
         }
         pool.close().await;
+        lease_pool.close().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -231,9 +238,6 @@ struct Active<'a> {
     devices: &'a Devices,
 }
 
-/// How often the active instance checks that it still holds the lease.
-const LEASE_CHECK: Duration = Duration::from_secs(1);
-
 impl Active<'_> {
     /// Consumes, executes and relays while the lease is held.
     async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
@@ -242,14 +246,17 @@ impl Active<'_> {
         // Fires on shutdown and on lease loss; operations watch it.
         let halt = stopping.child_token();
         let abort = CancellationToken::new();
+        let fenced = CancellationToken::new();
+        let store = Store::new(self.pool.clone(), topology.clone(), lease.fence());
         let ctx = Arc::new(Context {
-            store: Store::new(self.pool.clone(), topology.clone()),
+            store: store.clone(),
             cloud: self.cloud.clone().with_observer(self.metrics.clone()),
             metrics: self.metrics.clone(),
             devices: self.devices.clone(),
             correlation_timeout: settings.correlation_timeout(),
             relay_wakeup: Arc::new(Notify::new()),
             shutdown: halt.clone(),
+            fenced: fenced.clone(),
             vm_locks: Default::default(),
         });
 
@@ -262,13 +269,16 @@ impl Active<'_> {
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
                 stop: relay_stop.clone(),
+                fence: lease.fence(),
+                fenced: fenced.clone(),
             }
             .run(),
         );
         let sync = tokio::spawn(devices::sync::run(
-            self.pool.clone(),
+            store,
             self.devices.clone(),
             halt.clone(),
+            fenced.clone(),
         ));
 
         let max = usize::from(settings.max_concurrent_operations);
@@ -300,19 +310,12 @@ impl Active<'_> {
             }
         });
 
-        let end = loop {
-            tokio::select! {
-                () = stopping.cancelled() => break ActiveEnd::Shutdown,
-                () = tokio::time::sleep(LEASE_CHECK) => {
-                    if !lease.held().await {
-                        break ActiveEnd::LeaseLost;
-                    }
-                }
-            }
-        };
+        let end = hold(&mut lease, stopping, &fenced).await;
         if let ActiveEnd::LeaseLost = end {
-            // Fence: another instance may hold the lease now.
+            // Fence: another instance may hold the lease soon. Nothing of this period may act
+            // on CloudStack or publish any more.
             abort.cancel();
+            relay_stop.cancel();
         }
         halt.cancel();
         report("intake", intake.await);
@@ -330,6 +333,34 @@ impl Active<'_> {
             lease.release().await;
         }
         end
+    }
+}
+
+/// Renews the lease every [`lease::RENEW_EVERY`] until shutdown, or until it is lost: taken
+/// over, a write found it fenced, or no renewal succeeded before the fence deadline (the
+/// renewal in progress is cut short by that deadline too).
+async fn hold(
+    lease: &mut Lease,
+    stopping: &CancellationToken,
+    fenced: &CancellationToken,
+) -> ActiveEnd {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return ActiveEnd::Shutdown,
+            () = fenced.cancelled() => return ActiveEnd::LeaseLost,
+            () = tokio::time::sleep(lease::RENEW_EVERY) => {}
+        }
+        let deadline = lease.fence_deadline();
+        let renewal = tokio::select! {
+            r = lease.renew() => r,
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::error!("no lease renewal succeeded in time; fencing");
+                Renewal::Lost
+            }
+        };
+        if renewal == Renewal::Lost {
+            return ActiveEnd::LeaseLost;
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::devices::Devices;
 use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
 use crate::operation::{Halt, Operation, Outcome};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
 pub struct Context {
@@ -31,6 +31,9 @@ pub struct Context {
     pub relay_wakeup: Arc<Notify>,
     /// Fires on SIGTERM, and when this instance loses the execution lease.
     pub shutdown: CancellationToken,
+    /// Cancelled by a write that found the lease taken over: the active period must fence
+    /// itself at once, without waiting for its next renewal.
+    pub fenced: CancellationToken,
     /// One attach or detach at a time per VM (CONTRACT §3 rule 4).
     pub vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -40,17 +43,23 @@ const DB_RETRY: Duration = Duration::from_millis(500);
 
 impl Context {
     /// Runs a database write until it succeeds, waiting between attempts while the database
-    /// is unreachable. `Err` only when shutdown (or loss of the lease) comes first: the
-    /// operation's row is then still pending or executing, and it resumes later.
-    pub async fn write<F, Fut>(&self, what: &str, write: F) -> Result<(), Halt>
+    /// is unreachable. `Err` when shutdown comes first, or when the write was fenced (another
+    /// instance holds the lease): the operation's row is then still pending or executing, and
+    /// whoever is active resumes it.
+    pub async fn write<T, F, Fut>(&self, what: &str, write: F) -> Result<T, Halt>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<(), sqlx::Error>>,
+        Fut: Future<Output = Result<T, StoreError>>,
     {
         loop {
             match write().await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
+                Ok(done) => return Ok(done),
+                Err(StoreError::Fenced(f)) => {
+                    tracing::error!(error = %f, "write refused: cannot {what}; fencing this instance");
+                    self.fenced.cancel();
+                    return Err(Halt::Interrupted(format!("fenced before it could {what}")));
+                }
+                Err(StoreError::Db(e)) => {
                     tracing::warn!(error = %e, "cannot {what}; retrying");
                     tokio::select! {
                         () = self.shutdown.cancelled() => {

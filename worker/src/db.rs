@@ -65,3 +65,16 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySq
         .map_err(|source| DbError::Migrate { url: shown, source })?;
     Ok(pool)
 }
+
+/// The execution lease's own pool: two connections, quick to give up, connected lazily (a
+/// standby outlives database outages).
+pub fn lease_pool(url: &str) -> Result<MySqlPool, DbError> {
+    MySqlPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(url)
+        .map_err(|source| DbError::Connect {
+            url: publisher::redact_url(url),
+            source,
+        })
+}

@@ -7,7 +7,7 @@
 //! stops receiving, the channel fills, the intake stops acknowledging, and the broker's
 //! prefetch limit stops deliveries: back-pressure all the way to the queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use schema::VolumeId;
+use schema::{CommandId, VolumeId};
 
 use crate::context::Context;
 use crate::operation::{self, Operation};
@@ -33,8 +33,10 @@ pub struct Stop {
 struct Lanes {
     /// Operations per volume, the running one at the front.
     waiting: HashMap<VolumeId, VecDeque<Operation>>,
-    /// Which volume each running task belongs to.
-    running: HashMap<Id, Option<VolumeId>>,
+    /// Which operation and volume each running task belongs to.
+    running: HashMap<Id, (CommandId, Option<VolumeId>)>,
+    /// Every operation in hand (running or waiting): a second copy of one is ignored.
+    held: HashSet<CommandId>,
     tasks: JoinSet<()>,
     permits: Arc<Semaphore>,
     ctx: Arc<Context>,
@@ -43,6 +45,7 @@ struct Lanes {
 impl Lanes {
     fn spawn(&mut self, op: Operation) {
         let volume = op.command.action.volume_id();
+        let id = op.id().clone();
         let (ctx, permits) = (self.ctx.clone(), self.permits.clone());
         let handle = self.tasks.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
@@ -50,11 +53,17 @@ impl Lanes {
             };
             operation::execute(ctx, op).await;
         });
-        self.running.insert(handle.id(), volume);
+        self.running.insert(handle.id(), (id, volume));
     }
 
-    /// Queues `op` behind earlier operations on its volume, or starts it.
+    /// Queues `op` behind earlier operations on its volume, or starts it. An operation already
+    /// in hand (the intake hands over in-flight duplicates, see [`crate::store::Accepted`]) is
+    /// ignored.
     fn admit(&mut self, op: Operation) {
+        if !self.held.insert(op.id().clone()) {
+            tracing::debug!(operation_id = %op.id(), "already in hand");
+            return;
+        }
         match op.command.action.volume_id() {
             None => self.spawn(op),
             Some(v) => {
@@ -69,7 +78,11 @@ impl Lanes {
 
     /// A task ended: start the next operation on its volume.
     fn finished(&mut self, id: Id, advance: bool) {
-        let Some(Some(volume)) = self.running.remove(&id) else {
+        let Some((op, volume)) = self.running.remove(&id) else {
+            return;
+        };
+        self.held.remove(&op);
+        let Some(volume) = volume else {
             return;
         };
         let Some(lane) = self.waiting.get_mut(&volume) else {
@@ -105,6 +118,7 @@ pub async fn run(
     let mut lanes = Lanes {
         waiting: HashMap::new(),
         running: HashMap::new(),
+        held: HashSet::new(),
         tasks: JoinSet::new(),
         permits: Arc::new(Semaphore::new(max_concurrent)),
         ctx,

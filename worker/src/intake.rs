@@ -28,7 +28,10 @@ use crate::broker::{self, Backoff};
 use crate::context::Context;
 use crate::operation::Operation;
 use crate::status::Status;
-use crate::store::{self, Accepted};
+use crate::store::{self, Accepted, StoreError};
+
+/// Recording one command gives up after this and tries again.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Header naming why a message was dead-lettered.
 pub const REJECTION_REASON_HEADER: &str = "x-rejection-reason";
@@ -131,15 +134,30 @@ impl Intake {
     async fn accept(&self, command: Command, delivery: Delivery) -> Result<(), IntakeError> {
         let id = command.command_id.clone();
         let accepted = loop {
-            match self.ctx.store.accept(command.clone()).await {
-                Ok(a) => break a,
-                Err(e) => {
-                    tracing::warn!(operation_id = %id, error = %e, "cannot record the command; retrying");
-                    tokio::select! {
-                        () = self.ctx.shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
+            // Bounded, and raced with shutdown: a half-open database connection must not keep
+            // this consumer (the queue's single active one) registered after a fence.
+            let attempt = tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return Ok(()),
+                a = tokio::time::timeout(ACCEPT_TIMEOUT, self.ctx.store.accept(command.clone())) => a,
+            };
+            match attempt {
+                Ok(Ok(a)) => break a,
+                Ok(Err(StoreError::Fenced(f))) => {
+                    // Not acknowledged: the delivery returns to the queue for the new holder.
+                    tracing::error!(operation_id = %id, error = %f, "command not recorded: fenced");
+                    self.ctx.fenced.cancel();
+                    return Ok(());
                 }
+                Ok(Err(e)) => {
+                    tracing::warn!(operation_id = %id, error = %e, "cannot record the command; retrying");
+                }
+                Err(_) => {
+                    tracing::warn!(operation_id = %id, timeout = ?ACCEPT_TIMEOUT, "recording the command timed out; retrying");
+                }
+            }
+            tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         };
         match accepted {
@@ -153,9 +171,15 @@ impl Intake {
                     return Ok(());
                 }
             }
-            Accepted::InFlight => {
+            Accepted::InFlight(op) => {
                 self.ctx.metrics.command_received("duplicate");
-                tracing::info!(operation_id = %id, "duplicate of an operation in flight; ignored");
+                // Usually the executor has it already and ignores this copy. After a lost commit
+                // acknowledgement (the INSERT committed, its answer never came) it does not:
+                // handing it over is what keeps the command from being acked and forgotten.
+                tracing::info!(operation_id = %id, "duplicate of an operation in flight; making sure it runs");
+                if self.ops.send(*op).await.is_err() {
+                    return Ok(());
+                }
             }
             Accepted::Ended => {
                 self.ctx.metrics.command_received("duplicate");

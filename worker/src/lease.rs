@@ -1,133 +1,390 @@
-//! The execution lease: at most one daemon executes operations (CONTRACT §3 rule 5).
+//! The execution lease: at most one daemon executes operations (CONTRACT §3 rule 5), and one
+//! that lost the lease can no longer change anything (fencing).
 //!
-//! The lease is a MySQL named lock (`GET_LOCK`) held by a dedicated connection. MySQL releases
-//! it when that connection ends, so a killed daemon frees it at once and a standby blocked in
-//! `GET_LOCK` takes over. The holder checks every second that it still owns the lock; when the
-//! connection breaks (a database outage) it must stop executing at once: another instance may
-//! already hold the lock.
+//! The lease is a row of `execution_lease` per AMQP prefix: `(holder, epoch, expires_at)`.
+//! - A standby takes the row only once `expires_at` has passed, in the **server's** clock, and
+//!   increments `epoch`. The holder renews it every [`RENEW_EVERY`], pushing `expires_at`
+//!   [`TTL`] ahead.
+//! - The holder **fences itself** (aborts its operations, stops consuming and relaying) when it
+//!   has had no successful renewal for [`FENCE_AFTER`], measured from when it *sent* the last
+//!   renewal that succeeded. Since that renewal was processed after it was sent, the server's
+//!   `expires_at` is at least `TTL` later in real time: the old holder is fenced at least
+//!   `TTL - FENCE_AFTER` before any other instance can take over. That gap covers requests
+//!   already on the wire to CloudStack when the fence came.
+//! - Every state write of an active period carries its epoch ([`Fence::check`]) inside the
+//!   write's own transaction, with a shared lock on the lease row: a takeover waits for writes
+//!   in progress, and no write of an older epoch commits after it.
+//!
+//! Why a table and not `GET_LOCK`: a named lock belongs to one connection. It is freed when a
+//! DBA or a proxy kills that session while its owner goes on executing (two actives), and kept
+//! when the owner vanishes without closing the connection (a silent partition: no takeover until
+//! the server's `wait_timeout`). It is also node-local on Galera and lost on a Group Replication
+//! primary switch. A row with an expiry in the server's clock has none of these problems, costs
+//! one small UPDATE a second, and the same row gives the fencing epoch.
 
 use std::time::Duration;
 
-use sqlx::{Connection, MySqlConnection, Row};
+use sqlx::{MySqlConnection, MySqlPool};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How long a renewal keeps the lease, in the server's clock.
+pub const TTL: Duration = Duration::from_secs(5);
+/// How often the holder renews (and a standby tries to take an expired lease).
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// The holder fences itself after this long without a successful renewal. Above a 2 s stall
+/// of the database (not a loss), below [`TTL`] by a margin for requests in flight.
+pub const FENCE_AFTER: Duration = Duration::from_secs(3);
+/// One lease query slower than this counts as failed.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("execution lease query on the database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("execution lease query timed out after {QUERY_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// The epoch of one holding, checked by every state write of that active period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    name: String,
+    epoch: u64,
+}
+
+/// A write was refused: another instance holds the lease now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "fenced: this instance's execution lease (epoch {ours}) was taken over (epoch now {current:?})"
+)]
+pub struct Fenced {
+    pub ours: u64,
+    pub current: Option<u64>,
+}
+
+impl Fence {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Inside the caller's transaction, just before it commits: `Ok(Err(Fenced))` when the lease
+    /// now has another epoch (the caller must roll back). The shared lock it takes makes a
+    /// takeover wait until this transaction ends.
+    pub async fn check(&self, tx: &mut MySqlConnection) -> Result<Result<(), Fenced>, sqlx::Error> {
+        let current: Option<u64> = sqlx::query_scalar(
+            "SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE",
+        )
+        .bind(&self.name)
+        .fetch_optional(tx)
+        .await?;
+        if current == Some(self.epoch) {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(Fenced {
+                ours: self.epoch,
+                current,
+            }))
+        }
+    }
+}
 
 /// A held lease.
 #[derive(Debug)]
 pub struct Lease {
-    conn: MySqlConnection,
-    name: String,
+    pool: MySqlPool,
+    holder: String,
+    fence: Fence,
+    /// When the last successful renewal (or the acquisition) was sent.
+    renewed: Instant,
 }
 
-/// How long one `GET_LOCK` waits inside MySQL before we look at shutdown again.
-const WAIT_STEP_S: i32 = 1;
-/// Connecting for the lease gives up after this and tries again.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A lease check slower than this counts as lost.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours.
+    Held,
+    /// The database did not answer in time; still ours until the fence deadline.
+    Unconfirmed,
+    /// Another instance holds it, or we passed the fence deadline: stop now.
+    Lost,
+}
 
-/// The lock name for one database and prefix (MySQL lock names are server-wide and at most
-/// 64 characters).
-pub fn lock_name(database: &str, prefix: &str) -> String {
-    let name = format!("volume-daemon:{database}:{prefix}");
-    if name.len() <= 64 {
-        return name;
-    }
-    // Long names: keep a readable start and a stable hash of the whole.
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{}:{hash:016x}", &name[..64 - 17])
+/// The lease row's name for one prefix.
+pub fn lease_name(prefix: &str) -> String {
+    format!("volume-daemon:{prefix}")
+}
+
+/// Runs one lease query with a timeout.
+async fn bounded<T>(q: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, LeaseError> {
+    tokio::time::timeout(QUERY_TIMEOUT, q)
+        .await
+        .map_err(|_| LeaseError::Timeout)?
+        .map_err(LeaseError::from)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl Lease {
     /// Waits until the lease is ours; `None` when shutdown came first. Database errors are
-    /// retried every second (a standby outlives database outages).
-    pub async fn acquire(url: &str, prefix: &str, shutdown: &CancellationToken) -> Option<Lease> {
-        let mut logged = false;
+    /// retried (a standby outlives database outages). `holder` names this process in the row.
+    pub async fn acquire(
+        pool: &MySqlPool,
+        prefix: &str,
+        holder: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Lease> {
+        let name = lease_name(prefix);
+        let mut logged_standby = false;
+        let mut logged_error = false;
         loop {
-            let attempt = async {
-                let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, MySqlConnection::connect(url))
-                    .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                let db: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
-                    .fetch_one(&mut conn)
-                    .await?;
-                let name = lock_name(db.as_deref().unwrap_or(""), prefix);
-                loop {
-                    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
-                        .bind(&name)
-                        .bind(WAIT_STEP_S)
-                        .fetch_one(&mut conn)
-                        .await?;
-                    if got == Some(1) {
-                        return Ok::<_, sqlx::Error>(Lease { conn, name });
+            let sent = Instant::now();
+            match Self::try_take(pool, &name, holder).await {
+                Ok(Some(epoch)) => {
+                    tracing::info!(lease = %name, epoch, "execution lease acquired; this instance is active");
+                    return Some(Lease {
+                        pool: pool.clone(),
+                        holder: holder.to_owned(),
+                        fence: Fence { name, epoch },
+                        renewed: sent,
+                    });
+                }
+                Ok(None) => {
+                    if !logged_standby {
+                        tracing::info!(lease = %name, "another instance holds the execution lease; standing by");
+                        logged_standby = true;
                     }
-                    if !logged {
-                        tracing::info!(lock = %name, "another instance holds the execution lease; standing by");
-                        logged = true;
+                    logged_error = false;
+                }
+                Err(e) => {
+                    if !logged_error {
+                        tracing::warn!(error = %e, "cannot reach the database for the execution lease; retrying");
+                        logged_error = true;
                     }
                 }
-            };
+            }
             tokio::select! {
                 () = shutdown.cancelled() => return None,
-                got = attempt => match got {
-                    Ok(lease) => {
-                        tracing::info!(lock = %lease.name, "execution lease acquired; this instance is active");
-                        return Some(lease);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot reach the database for the execution lease; retrying");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return None,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                },
+                () = tokio::time::sleep(RENEW_EVERY) => {}
             }
         }
     }
 
-    /// Whether this connection still owns the lock.
-    pub async fn held(&mut self) -> bool {
-        let check = sqlx::query("SELECT IS_USED_LOCK(?) = CONNECTION_ID() AS mine")
-            .bind(&self.name)
-            .fetch_one(&mut self.conn);
-        match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-            Ok(Ok(row)) => row.try_get::<Option<i64>, _>("mine").ok().flatten() == Some(1),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "execution lease check failed");
-                false
+    /// Takes the lease if it expired (or was released): the new epoch, or `None`.
+    async fn try_take(
+        pool: &MySqlPool,
+        name: &str,
+        holder: &str,
+    ) -> Result<Option<u64>, LeaseError> {
+        bounded(async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT IGNORE INTO execution_lease (name, holder, epoch, expires_at) \
+                 VALUES (?, '', 0, '1970-01-01 00:00:01')",
+            )
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+            let taken = sqlx::query(
+                "UPDATE execution_lease SET holder = ?, epoch = epoch + 1, \
+                 expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
+                 acquired_at = UTC_TIMESTAMP(3), renewed_at = UTC_TIMESTAMP(3) \
+                 WHERE name = ? AND expires_at < UTC_TIMESTAMP(3)",
+            )
+            .bind(holder)
+            .bind(micros(TTL))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+            if taken.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(None);
             }
-            Err(_) => {
-                tracing::warn!("execution lease check timed out");
-                false
+            let epoch: u64 = sqlx::query_scalar("SELECT epoch FROM execution_lease WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Some(epoch))
+        })
+        .await
+    }
+
+    /// The fencing token of this holding.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    /// When this holder must have stopped if no renewal succeeds before.
+    pub fn fence_deadline(&self) -> Instant {
+        self.renewed + FENCE_AFTER
+    }
+
+    /// Pushes the expiry ahead. Call every [`RENEW_EVERY`].
+    pub async fn renew(&mut self) -> Renewal {
+        let sent = Instant::now();
+        let renewed = bounded(
+            sqlx::query(
+                "UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
+                 renewed_at = UTC_TIMESTAMP(3) WHERE name = ? AND holder = ? AND epoch = ?",
+            )
+            .bind(micros(TTL))
+            .bind(&self.fence.name)
+            .bind(&self.holder)
+            .bind(self.fence.epoch)
+            .execute(&self.pool),
+        )
+        .await;
+        match renewed {
+            Ok(r) if r.rows_affected() == 1 => {
+                self.renewed = sent;
+                Renewal::Held
+            }
+            Ok(_) => {
+                tracing::error!(
+                    epoch = self.fence.epoch,
+                    "the execution lease was taken over by another instance"
+                );
+                Renewal::Lost
+            }
+            Err(e) if Instant::now() >= self.fence_deadline() => {
+                tracing::error!(error = %e, after = ?FENCE_AFTER, "no lease renewal succeeded in time; fencing");
+                Renewal::Lost
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the execution lease failed; retrying");
+                Renewal::Unconfirmed
             }
         }
     }
 
     /// Gives the lease up (a clean shutdown), so a standby takes over without waiting.
-    pub async fn release(mut self) {
-        let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
-            .bind(&self.name)
-            .execute(&mut self.conn)
-            .await;
-        let _ = self.conn.close().await;
+    pub async fn release(self) {
+        let released = bounded(
+            sqlx::query(
+                "UPDATE execution_lease SET expires_at = '1970-01-01 00:00:01' \
+                 WHERE name = ? AND holder = ? AND epoch = ?",
+            )
+            .bind(&self.fence.name)
+            .bind(&self.holder)
+            .bind(self.fence.epoch)
+            .execute(&self.pool),
+        )
+        .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "could not release the execution lease; it expires by itself");
+        }
     }
+}
+
+/// How the holder names itself in the lease row: host, process and a random part, so two
+/// processes never share a name.
+pub fn holder_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &tag[..8])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdb::TestDb;
 
     #[test]
-    fn lock_names_fit_mysqls_limit_and_stay_distinct() {
-        assert_eq!(
-            lock_name("volume_daemon", "volume"),
-            "volume-daemon:volume_daemon:volume"
+    fn the_fence_comes_well_before_the_expiry() {
+        assert!(FENCE_AFTER + Duration::from_secs(2) <= TTL);
+        assert!(
+            FENCE_AFTER > Duration::from_secs(2),
+            "a 2 s stall is not a loss"
         );
-        let a = lock_name(&"d".repeat(60), "p1");
-        let b = lock_name(&"d".repeat(60), "p2");
-        assert!(a.len() <= 64 && b.len() <= 64);
-        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn a_second_instance_waits_for_the_expiry_and_gets_a_higher_epoch() {
+        let db = TestDb::new().await;
+        let stop = CancellationToken::new();
+        let first = Lease::acquire(&db.pool, "p", "a", &stop)
+            .await
+            .expect("first");
+        assert_eq!(first.fence().epoch(), 1);
+        // While the first holds it, the second cannot take it.
+        assert_eq!(
+            Lease::try_take(&db.pool, &lease_name("p"), "b")
+                .await
+                .expect("try"),
+            None
+        );
+        // Another prefix is another lease.
+        let other = Lease::try_take(&db.pool, &lease_name("q"), "b")
+            .await
+            .expect("try");
+        assert_eq!(other, Some(1));
+
+        // Expire it by hand (as time would): the second takes it with the next epoch.
+        sqlx::query("UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) - INTERVAL 1 SECOND WHERE name = ?")
+            .bind(lease_name("p"))
+            .execute(&db.pool)
+            .await
+            .expect("expire");
+        let mut first = first;
+        let second = Lease::acquire(&db.pool, "p", "b", &stop)
+            .await
+            .expect("second");
+        assert_eq!(second.fence().epoch(), 2);
+        assert_eq!(
+            first.renew().await,
+            Renewal::Lost,
+            "the old holder learns it at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_of_an_old_epoch_is_refused_inside_its_transaction() {
+        let db = TestDb::new().await;
+        let stop = CancellationToken::new();
+        let lease = Lease::acquire(&db.pool, "p", "a", &stop)
+            .await
+            .expect("lease");
+        let fence = lease.fence();
+        let mut tx = db.pool.begin().await.expect("tx");
+        assert_eq!(fence.check(&mut tx).await.expect("check"), Ok(()));
+        tx.rollback().await.expect("rollback");
+
+        lease.release().await;
+        let next = Lease::acquire(&db.pool, "p", "b", &stop)
+            .await
+            .expect("taken over");
+        assert_eq!(next.fence().epoch(), 2, "a released lease is taken at once");
+        let mut tx = db.pool.begin().await.expect("tx");
+        assert_eq!(
+            fence.check(&mut tx).await.expect("check"),
+            Err(Fenced {
+                ours: 1,
+                current: Some(2)
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn renewing_keeps_the_lease_and_moves_the_fence_deadline() {
+        let db = TestDb::new().await;
+        let stop = CancellationToken::new();
+        let mut lease = Lease::acquire(&db.pool, "p", "a", &stop)
+            .await
+            .expect("lease");
+        let before = lease.fence_deadline();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(lease.renew().await, Renewal::Held);
+        assert!(lease.fence_deadline() > before);
+        assert_eq!(
+            Lease::try_take(&db.pool, &lease_name("p"), "b")
+                .await
+                .expect("try"),
+            None
+        );
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use schema::event::EVENT_CONTENT_TYPE;
 
 use crate::broker::{self, Backoff};
+use crate::lease::{Fence, Fenced};
 use crate::metrics::Metrics;
 use crate::outbox::{self, OutboxRow};
 use crate::status::Status;
@@ -37,6 +38,8 @@ enum RelayError {
         "the broker did not confirm {0} events within {CONFIRM_TIMEOUT:?} (blocked by a resource alarm?)"
     )]
     Unconfirmed(usize),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
 }
 
 /// How long a batch waits for the broker's confirms while holding its rows locked.
@@ -51,6 +54,10 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Stops the relay; the application fires it after the executor has drained.
     pub stop: CancellationToken,
+    /// This active period's lease epoch: marking rows published is a fenced write.
+    pub fence: Fence,
+    /// Cancelled when a write found the lease taken over.
+    pub fenced: CancellationToken,
 }
 
 impl Relay {
@@ -78,6 +85,11 @@ impl Relay {
                             () = self.wakeup.notified() => {}
                             () = tokio::time::sleep(IDLE_POLL) => {}
                         }
+                    }
+                    Err(RelayError::Fenced(f)) => {
+                        tracing::error!(error = %f, "relay fenced: another instance publishes now");
+                        self.fenced.cancel();
+                        break 'connect;
                     }
                     Err(RelayError::Db(e)) => {
                         tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
@@ -172,6 +184,12 @@ impl Relay {
         confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
         for row in &sent {
             outbox::mark_published(&mut tx, row.id).await?;
+        }
+        if let Err(fenced) = self.fence.check(&mut tx).await? {
+            // Published (at least once, as always), but not ours to mark: the new holder's
+            // relay publishes these rows again, with the same event ids.
+            tx.rollback().await?;
+            return Err(fenced.into());
         }
         tx.commit().await?;
         for row in &sent {

@@ -1,34 +1,60 @@
 //! The `volume_operations` table: accepting commands, recording progress, and ending an
 //! operation together with its outbox row.
+//!
+//! Every write is fenced: it runs in a transaction that checks, just before it commits, that
+//! the execution lease still has this active period's epoch ([`Fence::check`]). A write of an
+//! instance that lost the lease fails with [`StoreError::Fenced`] and changes nothing.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::{MySqlPool, Row};
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySqlPool, MySqlTransaction, Row};
 
 use cloudstack::response::JobId;
 use schema::{
     CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId,
 };
 
+use crate::lease::{Fence, Fenced};
 use crate::mappings::{self, MappingChange};
 use crate::operation::{Operation, Outcome, event_for};
 use crate::outbox;
+
+/// The columns [`operation_from_row`] reads (a macro, so queries stay `&'static str`).
+macro_rules! operation_columns {
+    () => {
+        "id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
+         volume_id, created_at, attempts"
+    };
+}
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
 
 /// What accepting a command found.
 #[derive(Debug)]
 pub enum Accepted {
     /// A new operation, committed as `pending`.
     New(Box<Operation>),
-    /// The same command id is already pending or executing: nothing to do.
-    InFlight,
+    /// The same command id is already pending or executing: the operation as stored. The
+    /// executor may already hold it (it ignores a second copy); after a lost commit
+    /// acknowledgement it does not, and this is how it gets it.
+    InFlight(Box<Operation>),
     /// The same command id already ended; its terminal event was queued again.
     Ended,
 }
 
-/// Access to the operations table. Cheap to clone (the pool is shared).
+/// Access to the operations table for one active period. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: MySqlPool,
     topology: Topology,
+    fence: Fence,
 }
 
 /// Timestamps are stored with millisecond precision; keep the in-memory copy identical.
@@ -37,19 +63,39 @@ pub fn now() -> DateTime<Utc> {
 }
 
 impl Store {
-    pub fn new(pool: MySqlPool, topology: Topology) -> Self {
-        Self { pool, topology }
+    pub fn new(pool: MySqlPool, topology: Topology, fence: Fence) -> Self {
+        Self {
+            pool,
+            topology,
+            fence,
+        }
     }
 
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
     }
 
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Commits `tx` if the lease still has our epoch; otherwise rolls it back.
+    pub async fn commit_fenced(&self, mut tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
+        match self.fence.check(&mut tx).await? {
+            Ok(()) => Ok(tx.commit().await?),
+            Err(fenced) => {
+                tx.rollback().await?;
+                Err(fenced.into())
+            }
+        }
+    }
+
     /// Commits `command` as a `pending` operation (CONTRACT §3 rule 1: only then is the message
     /// acknowledged). A command id seen before is not executed again (rule 2): if its operation
     /// ended, its terminal event is queued again with the same event id.
-    pub async fn accept(&self, command: Command) -> Result<Accepted, sqlx::Error> {
+    pub async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
         let created_at = now();
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO volume_operations \
              (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at) \
@@ -63,23 +109,29 @@ impl Store {
         .bind(command.reply_to.as_deref())
         .bind(command.to_body().to_string())
         .bind(created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
         match inserted {
-            Ok(_) => Ok(Accepted::New(Box::new(Operation::new(command, created_at)))),
+            Ok(_) => {
+                self.commit_fenced(tx).await?;
+                Ok(Accepted::New(Box::new(Operation::new(command, created_at))))
+            }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                tx.rollback().await?;
                 self.duplicate(&command).await
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// A command id seen before. An ended operation's event is queued again, to the events
     /// exchange and to the duplicate's own `reply_to` (the first command's sender had its copy).
-    async fn duplicate(&self, command: &Command) -> Result<Accepted, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT CAST(status AS CHAR) AS status, event_id FROM volume_operations WHERE id = ?",
-        )
+    async fn duplicate(&self, command: &Command) -> Result<Accepted, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT CAST(status AS CHAR) AS status, event_id, ",
+            operation_columns!(),
+            " FROM volume_operations WHERE id = ?"
+        ))
         .bind(command.command_id.as_str())
         .fetch_one(&self.pool)
         .await?;
@@ -87,6 +139,7 @@ impl Store {
         let event_id: Option<String> = row.try_get("event_id")?;
         match (OperationStatus::parse(&status), event_id) {
             (Some(s), Some(event_id)) if s.is_terminal() => {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
                      SELECT event_id, exchange, routing_key, payload, correlation_id, ? \
@@ -94,11 +147,16 @@ impl Store {
                 )
                 .bind(command.reply_to.as_deref())
                 .bind(event_id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                self.commit_fenced(tx).await?;
                 Ok(Accepted::Ended)
             }
-            _ => Ok(Accepted::InFlight),
+            _ => match operation_from_row(&row)? {
+                Some(op) => Ok(Accepted::InFlight(Box::new(op))),
+                // A stored request that no longer parses was edited by hand: leave it be.
+                None => Ok(Accepted::Ended),
+            },
         }
     }
 
@@ -108,7 +166,7 @@ impl Store {
         &self,
         event: &CloudEvent,
         reply_to: Option<&str>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let exists = sqlx::query("SELECT 1 FROM volume_operations WHERE id = ?")
             .bind(event.data.command_id.as_str())
@@ -118,7 +176,7 @@ impl Store {
         if !exists {
             outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
         }
-        tx.commit().await
+        self.commit_fenced(tx).await
     }
 
     /// Whether another create operation already owns `volume` (reconciliation must not take
@@ -136,16 +194,20 @@ impl Store {
         Ok(row.is_some())
     }
 
-    pub async fn mark_executing(&self, id: &CommandId) -> Result<(), sqlx::Error> {
-        sqlx::query(
+    /// Marks the operation executing (one more attempt). `false`: it is no longer pending or
+    /// executing (it ended meanwhile): not ours to execute.
+    pub async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
             "UPDATE volume_operations SET status = 'executing', attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('pending', 'executing')",
         )
         .bind(now())
         .bind(id.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        self.commit_fenced(tx).await?;
+        Ok(updated.rows_affected() == 1)
     }
 
     /// Records the CloudStack job (and, for a create, the new volume) before polling it, so a
@@ -155,16 +217,18 @@ impl Store {
         id: &CommandId,
         volume: Option<VolumeId>,
         job: &JobId,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE volume_operations SET cloudstack_job_id = ?, volume_id = COALESCE(?, volume_id) WHERE id = ?",
+            "UPDATE volume_operations SET cloudstack_job_id = ?, volume_id = COALESCE(?, volume_id) \
+             WHERE id = ? AND status IN ('pending', 'executing')",
         )
         .bind(&job.0)
         .bind(volume.map(|v| v.to_string()))
         .bind(id.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        self.commit_fenced(tx).await
     }
 
     /// Ends `op` with `outcome`: the row's terminal state, the change to `device_mappings` and
@@ -175,7 +239,7 @@ impl Store {
         op: &Operation,
         outcome: &Outcome,
         mapping: Option<&MappingChange>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), StoreError> {
         let completed_at = now();
         let event = event_for(op, outcome, EventId::new_random(), completed_at);
         let (response, error, error_code) = match outcome {
@@ -201,7 +265,7 @@ impl Store {
         .await?;
         if updated.rows_affected() == 0 {
             tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
-            return tx.rollback().await;
+            return Ok(tx.rollback().await?);
         }
         if let Some(change) = mapping {
             mappings::apply(&mut tx, change).await?;
@@ -213,48 +277,53 @@ impl Store {
             op.command.reply_to.as_deref(),
         )
         .await?;
-        tx.commit().await
+        self.commit_fenced(tx).await
     }
 
     /// Every `pending` and `executing` operation, oldest first, to resume at start.
     pub async fn resumable(&self) -> Result<Vec<Operation>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
-             volume_id, created_at, attempts FROM volume_operations \
-             WHERE status IN ('pending', 'executing') ORDER BY created_at, id",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            operation_columns!(),
+            " FROM volume_operations WHERE status IN ('pending', 'executing') ORDER BY created_at, id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         let mut ops = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: String = row.try_get("id")?;
-            let request: String = row.try_get("request")?;
-            let props = MessageProps {
-                message_id: Some(id.clone()),
-                correlation_id: row.try_get("correlation_id")?,
-                reply_to: row.try_get("reply_to")?,
-            };
-            let command = match Command::parse(request.as_bytes(), &props) {
-                Ok(c) => c,
-                Err(e) => {
-                    // Only valid commands are ever stored; a row that no longer parses was
-                    // edited by hand. Leave it for the operator rather than guess.
-                    tracing::error!(operation_id = %id, error = %e, "stored request does not parse; not resuming it");
-                    continue;
-                }
-            };
-            let mut op = Operation::new(command, row.try_get("created_at")?);
-            op.job_id = row
-                .try_get::<Option<String>, _>("cloudstack_job_id")?
-                .map(JobId);
-            if let Some(v) = row.try_get::<Option<String>, _>("volume_id")? {
-                op.volume_id = VolumeId::parse(&v).ok().or(op.volume_id);
-            }
-            op.prior_attempts = row.try_get("attempts")?;
-            ops.push(op);
+            ops.extend(operation_from_row(&row)?);
         }
         Ok(ops)
     }
+}
+
+/// An unfinished operation as stored; `None` (logged) when its request no longer parses.
+fn operation_from_row(row: &MySqlRow) -> Result<Option<Operation>, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let request: String = row.try_get("request")?;
+    let props = MessageProps {
+        message_id: Some(id.clone()),
+        correlation_id: row.try_get("correlation_id")?,
+        reply_to: row.try_get("reply_to")?,
+    };
+    let command = match Command::parse(request.as_bytes(), &props) {
+        Ok(c) => c,
+        Err(e) => {
+            // Only valid commands are ever stored; a row that no longer parses was edited by
+            // hand. Leave it for the operator rather than guess.
+            tracing::error!(operation_id = %id, error = %e, "stored request does not parse; not resuming it");
+            return Ok(None);
+        }
+    };
+    let mut op = Operation::new(command, row.try_get("created_at")?);
+    op.job_id = row
+        .try_get::<Option<String>, _>("cloudstack_job_id")?
+        .map(JobId);
+    if let Some(v) = row.try_get::<Option<String>, _>("volume_id")? {
+        op.volume_id = VolumeId::parse(&v).ok().or(op.volume_id);
+    }
+    op.prior_attempts = row.try_get("attempts")?;
+    Ok(Some(op))
 }
 
 #[cfg(test)]
@@ -266,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn a_resumed_operation_sees_the_executions_started_before() {
         let db = TestDb::new().await;
-        let store = Store::new(db.pool.clone(), Topology::new("unit"));
+        let store = db.store().await;
         let command = Command::detach(VolumeId::new_random());
         let id = command.command_id.clone();
         assert!(matches!(

@@ -31,6 +31,19 @@ impl TestDb {
             });
         Self { pool, url, name }
     }
+
+    /// A store fenced by a lease this test holds (prefix `unit`).
+    pub async fn store(&self) -> crate::store::Store {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let lease = crate::lease::Lease::acquire(&self.pool, "unit", "unit-test", &stop)
+            .await
+            .expect("the lease of a fresh database");
+        crate::store::Store::new(
+            self.pool.clone(),
+            schema::Topology::new("unit"),
+            lease.fence(),
+        )
+    }
 }
 
 impl Drop for TestDb {
@@ -44,6 +57,20 @@ impl Drop for TestDb {
                 .ok()?;
             rt.block_on(async {
                 let mut conn = MySqlConnection::connect(&server).await.ok()?;
+                // The test's own pool may still hold a transaction (its runtime is blocked in
+                // this drop): end those sessions, or DROP waits for their metadata locks.
+                let sessions: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM information_schema.processlist WHERE db = ? AND id <> CONNECTION_ID()",
+                )
+                .bind(&name)
+                .fetch_all(&mut conn)
+                .await
+                .ok()?;
+                for id in sessions {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL {id}")))
+                        .execute(&mut conn)
+                        .await;
+                }
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS `{name}`"
                 )))

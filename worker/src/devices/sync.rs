@@ -3,16 +3,26 @@
 //! `present` again with its (possibly new) path. Driven by the monitor's events; after a lag,
 //! and at start, every host mapping is recomputed from the device table.
 
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
-use crate::store::now;
+use crate::store::{Store, StoreError, now};
 
-pub async fn run(pool: MySqlPool, devices: Devices, shutdown: CancellationToken) {
+/// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
+/// fenced write cancels `fenced` and ends the task.
+pub async fn run(
+    store: Store,
+    devices: Devices,
+    shutdown: CancellationToken,
+    fenced: CancellationToken,
+) {
     let mut events = devices.subscribe();
-    resync(&pool, &devices.table()).await;
+    if resync(&store, &devices.table()).await.is_err() {
+        fenced.cancel();
+        return;
+    }
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -23,8 +33,16 @@ pub async fn run(pool: MySqlPool, devices: Devices, shutdown: CancellationToken)
                 if let DeviceChange::Removed = e.change {
                     devices.release_device(&e.device.name);
                 }
-                if let Err(err) = apply(&pool, &e).await {
-                    tracing::warn!(error = %err, device = %e.device.name, "cannot update device_mappings");
+                match apply(&store, &e).await {
+                    Ok(()) => {}
+                    Err(StoreError::Fenced(f)) => {
+                        tracing::error!(error = %f, "mapping sync fenced");
+                        fenced.cancel();
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, device = %e.device.name, "cannot update device_mappings");
+                    }
                 }
             }
             Err(RecvError::Lagged(missed)) => {
@@ -32,15 +50,19 @@ pub async fn run(pool: MySqlPool, devices: Devices, shutdown: CancellationToken)
                     missed,
                     "device events lagged; resynchronising mappings from the device table"
                 );
-                resync(&pool, &devices.table()).await;
+                if resync(&store, &devices.table()).await.is_err() {
+                    fenced.cancel();
+                    return;
+                }
             }
             Err(RecvError::Closed) => return,
         }
     }
 }
 
-async fn apply(pool: &MySqlPool, e: &DeviceEvent) -> Result<(), sqlx::Error> {
+async fn apply(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
     let path = format!("/dev/{}", e.device.name);
+    let mut tx = store.pool().begin().await?;
     match (&e.change, &e.device.serial) {
         (DeviceChange::Removed, _) => {
             sqlx::query(
@@ -49,7 +71,7 @@ async fn apply(pool: &MySqlPool, e: &DeviceEvent) -> Result<(), sqlx::Error> {
             )
             .bind(now())
             .bind(path)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         }
         (DeviceChange::Added, Some(serial)) => {
@@ -62,7 +84,7 @@ async fn apply(pool: &MySqlPool, e: &DeviceEvent) -> Result<(), sqlx::Error> {
             .bind(now())
             .bind(serial)
             .bind(&path)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         }
         (DeviceChange::Resized { .. }, _) => {
@@ -70,24 +92,24 @@ async fn apply(pool: &MySqlPool, e: &DeviceEvent) -> Result<(), sqlx::Error> {
                 .bind(e.device.size)
                 .bind(now())
                 .bind(path)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
         }
-        (DeviceChange::Added, None) => {}
+        (DeviceChange::Added, None) => return Ok(tx.rollback().await?),
     }
-    Ok(())
+    store.commit_fenced(tx).await
 }
 
-/// Recomputes every host mapping from the table.
-async fn resync(pool: &MySqlPool, table: &DeviceTable) {
+/// Recomputes every host mapping from the table. `Err` only when fenced.
+async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
     let rows = match sqlx::query("SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = 'oma'")
-        .fetch_all(pool)
+        .fetch_all(store.pool())
         .await
     {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read device_mappings to resynchronise");
-            return;
+            return Ok(());
         }
     };
     for row in rows {
@@ -111,15 +133,26 @@ async fn resync(pool: &MySqlPool, table: &DeviceTable) {
         if want_path == path && want_state == state {
             continue;
         }
-        let updated = sqlx::query("UPDATE device_mappings SET device_path = ?, linux_state = ?, last_sync = ? WHERE volume_id = ?")
-            .bind(want_path)
-            .bind(want_state)
-            .bind(now())
-            .bind(&volume)
-            .execute(pool)
-            .await;
-        if let Err(e) = updated {
-            tracing::warn!(error = %e, volume, "cannot resynchronise device mapping");
+        let updated = async {
+            let mut tx = store.pool().begin().await?;
+            sqlx::query("UPDATE device_mappings SET device_path = ?, linux_state = ?, last_sync = ? WHERE volume_id = ?")
+                .bind(want_path)
+                .bind(want_state)
+                .bind(now())
+                .bind(&volume)
+                .execute(&mut *tx)
+                .await?;
+            store.commit_fenced(tx).await
+        }
+        .await;
+        match updated {
+            Ok(()) => {}
+            Err(StoreError::Fenced(f)) => {
+                tracing::error!(error = %f, "mapping resync fenced");
+                return Err(());
+            }
+            Err(e) => tracing::warn!(error = %e, volume, "cannot resynchronise device mapping"),
         }
     }
+    Ok(())
 }

@@ -149,15 +149,20 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
     );
     async move {
         let id = op.id().clone();
-        if ctx
+        match ctx
             .write("mark the operation executing", || {
                 ctx.store.mark_executing(&id)
             })
             .await
-            .is_err()
         {
-            // Stopped first: the row is still pending and resumes later.
-            return;
+            Ok(true) => {}
+            Ok(false) => {
+                // Ended meanwhile (by an earlier holder of the lease): not ours to execute.
+                tracing::info!("operation already ended; not executing it again");
+                return;
+            }
+            // Stopped or fenced first: the row is still pending and resumes later.
+            Err(_) => return,
         }
         let mut result = run(&ctx, &mut op).await;
         if let Err(Halt::Fail(e, _)) = &result
