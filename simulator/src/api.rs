@@ -163,10 +163,10 @@ fn authenticate(
         .find(|(k, _)| k.eq_ignore_ascii_case("signature"))
         .map(|(_, v)| v.as_str())
         .ok_or_else(unauthorized)?;
-    let (api_key, secret_key) = sim.keys();
-    if params.get("apikey") != Some(&api_key) {
-        return Err(unauthorized());
-    }
+    let secret_key = params
+        .get("apikey")
+        .and_then(|k| sim.secret_of(k))
+        .ok_or_else(unauthorized)?;
     if params.get("signatureversion").map(String::as_str) == Some("3") {
         let expires = params.get("expires").ok_or_else(unauthorized)?;
         let expires = chrono::DateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S%z")

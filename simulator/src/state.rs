@@ -116,6 +116,8 @@ pub struct DeviceBehaviour {
 struct Inner {
     api_key: String,
     secret_key: String,
+    /// More accounts' key pairs, valid next to the main one (tests tell callers apart by key).
+    other_keys: Vec<(String, String)>,
     faults: Faults,
     devices: DeviceBehaviour,
     volumes: HashMap<VolumeId, SimVolume>,
@@ -161,6 +163,7 @@ impl Sim {
         Self {
             inner: Mutex::new(Inner {
                 api_key: config.api_key.clone(),
+                other_keys: Vec::new(),
                 secret_key: config.secret_key.clone(),
                 faults: config.faults.clone(),
                 devices: DeviceBehaviour::default(),
@@ -186,6 +189,26 @@ impl Sim {
     pub fn keys(&self) -> (String, String) {
         let i = self.lock();
         (i.api_key.clone(), i.secret_key.clone())
+    }
+
+    /// The secret key of `api_key`, if it is the main key or one added with [`Sim::add_keys`].
+    pub fn secret_of(&self, api_key: &str) -> Option<String> {
+        let i = self.lock();
+        if i.api_key == api_key {
+            return Some(i.secret_key.clone());
+        }
+        i.other_keys
+            .iter()
+            .find(|(k, _)| k == api_key)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Another valid key pair (another user of the same account); the call log records which
+    /// key signed each call.
+    pub fn add_keys(&self, api_key: &str, secret_key: &str) {
+        self.lock()
+            .other_keys
+            .push((api_key.to_owned(), secret_key.to_owned()));
     }
 
     /// Rotates the keys: requests signed with the old pair fail with 401 from now on.

@@ -129,14 +129,69 @@ impl TestEnv {
 
     /// Starts another daemon on the same prefix and database; returns its HTTP address.
     pub async fn spawn_other(&mut self) -> SocketAddr {
-        let (child, addr) = self.spawn_process().await;
+        self.spawn_other_with(&[]).await
+    }
+
+    /// [`Self::spawn_other`] with more environment, overriding the rest (its own
+    /// `DATABASE_URL`, its own CloudStack key...).
+    pub async fn spawn_other_with(&mut self, env: &[(&str, String)]) -> SocketAddr {
+        let (child, addr) = self.spawn_process_with(env).await;
         self.others.push(child);
         addr
+    }
+
+    /// A MySQL user of this test only (with a password, allowed on the test database), for a
+    /// daemon whose sessions the test must tell apart; its `DATABASE_URL`.
+    pub async fn db_user(&mut self, name: &str) -> (String, String) {
+        let user = format!("vd_{}_{name}", self.tag);
+        let password = format!("pw-{}", self.tag);
+        let admin = MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(MYSQL_SERVER)
+            .await
+            .expect("database server");
+        for sql in [
+            format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+            format!(
+                "GRANT ALL PRIVILEGES ON `{}`.* TO '{user}'@'127.0.0.1'",
+                self.db_name
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .expect("create the test user");
+        }
+        admin.close().await;
+        let url = format!("mysql://{user}:{password}@127.0.0.1:3306/{}", self.db_name);
+        (user, url)
+    }
+
+    /// `KILL`s every session of `user` (what a DBA, a failover or a proxy restart does);
+    /// returns how many there were.
+    pub async fn kill_sessions_of(&mut self, user: &str) -> usize {
+        let pool = self.db().await;
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM information_schema.processlist WHERE user = ?")
+                .bind(user)
+                .fetch_all(&pool)
+                .await
+                .expect("processlist");
+        for id in &ids {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+                .execute(&pool)
+                .await;
+        }
+        ids.len()
     }
 
     /// Starts a daemon process (HTTP on a port of its own choosing) and waits until it says
     /// where it listens.
     async fn spawn_process(&self) -> (Child, SocketAddr) {
+        self.spawn_process_with(&[]).await
+    }
+
+    async fn spawn_process_with(&self, env: &[(&str, String)]) -> (Child, SocketAddr) {
         let log_path = {
             let mut logs = self.logs.lock().expect("logs");
             let path = self
@@ -169,6 +224,7 @@ impl TestEnv {
                     .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
             )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -466,6 +522,7 @@ impl Drop for TestEnv {
         }
         let prefix = self.prefix.clone();
         let db = self.db_name.clone();
+        let tag = self.tag.clone();
         let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&self.sysfs);
         // Async clean-up on a thread of its own: Drop cannot await, and this runtime may be
@@ -475,7 +532,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(cleanup(&prefix, &db));
+            rt.block_on(cleanup(&prefix, &db, &tag));
             for log in logs {
                 let _ = std::fs::remove_file(log);
             }
@@ -487,7 +544,7 @@ impl Drop for TestEnv {
     }
 }
 
-async fn cleanup(prefix: &str, db: &str) {
+async fn cleanup(prefix: &str, db: &str, tag: &str) {
     let topology = schema::Topology::new(prefix);
     if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
         for q in [topology.commands_queue(), topology.dead_letter_queue()] {
@@ -513,8 +570,30 @@ async fn cleanup(prefix: &str, db: &str) {
         .connect(MYSQL_SERVER)
         .await
     {
+        // Sessions a proxy of the test still holds open would make DROP wait for their locks.
+        let sessions: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM information_schema.processlist WHERE db = ?")
+                .bind(db)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+        for id in sessions {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+                .execute(&pool)
+                .await;
+        }
         let drop = format!("DROP DATABASE IF EXISTS `{db}`");
         let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+        let users: Vec<String> =
+            sqlx::query_scalar("SELECT CAST(user AS CHAR) FROM mysql.user WHERE user LIKE ?")
+                .bind(format!("vd\\_{tag}\\_%"))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+        for user in users {
+            let drop = format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+        }
         pool.close().await;
     }
 }
@@ -718,9 +797,19 @@ impl ReplyQueue {
 }
 
 /// A TCP link between the daemon and a service that the test can cut and restore.
+/// The state of a [`TcpProxy`]'s link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    /// Connections dropped, new ones refused.
+    Cut,
+    /// Nothing forwarded, nothing closed: what a silent partition looks like from both ends.
+    Frozen,
+}
+
 pub struct TcpProxy {
     pub addr: SocketAddr,
-    up: watch::Sender<bool>,
+    up: watch::Sender<Link>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -728,7 +817,7 @@ impl TcpProxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
-        let (up, _) = watch::channel(true);
+        let (up, _) = watch::channel(Link::Up);
         let up_rx = up.subscribe();
         let task = tokio::spawn(async move {
             loop {
@@ -736,9 +825,21 @@ impl TcpProxy {
                     continue;
                 };
                 let mut state = up_rx.clone();
-                if !*state.borrow() {
-                    drop(inbound); // refused while cut
-                    continue;
+                let link = *state.borrow();
+                match link {
+                    Link::Cut => {
+                        drop(inbound); // refused while cut
+                        continue;
+                    }
+                    Link::Frozen => {
+                        // Accepted, never answered, never closed.
+                        tokio::spawn(async move {
+                            let _held = inbound;
+                            let _ = state.wait_for(|l| *l == Link::Cut).await;
+                        });
+                        continue;
+                    }
+                    Link::Up => {}
                 }
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
@@ -746,8 +847,13 @@ impl TcpProxy {
                     };
                     let (mut a, mut b) = (inbound, outbound);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                        _ = state.wait_for(|up| !*up) => {} // cut: both sockets drop
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => return,
+                        _ = state.wait_for(|l| *l != Link::Up) => {}
+                    }
+                    // Frozen: keep both sockets open and silent (a half-open link: no FIN,
+                    // no RST) until the link is cut or the proxy goes.
+                    if *state.borrow() == Link::Frozen {
+                        let _ = state.wait_for(|l| *l == Link::Cut).await;
                     }
                 });
             }
@@ -757,11 +863,16 @@ impl TcpProxy {
 
     /// Drops every open connection and refuses new ones.
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.up.send_replace(Link::Cut);
+    }
+
+    /// Stops forwarding without closing anything, for open and new connections alike.
+    pub fn freeze(&self) {
+        self.up.send_replace(Link::Frozen);
     }
 
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.up.send_replace(Link::Up);
     }
 }
 
@@ -769,6 +880,115 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A MySQL link that loses one commit acknowledgement: once armed with a marker (a command
+/// id), the first connection that sends the marker and then `COMMIT` gets the server's answer
+/// to that `COMMIT` thrown away and both sockets closed. The commit happened; the client never
+/// learns it (a connection reset right after the server's OK).
+pub struct CommitDropProxy {
+    pub addr: SocketAddr,
+    armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CommitDropProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>> = Default::default();
+        let fired = std::sync::Arc::new(AtomicBool::new(false));
+        let (armed2, fired2) = (armed.clone(), fired.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (armed, fired) = (armed2.clone(), fired2.clone());
+                tokio::spawn(async move {
+                    // 0: nothing seen, 1: the marker went by, 2: then COMMIT went by.
+                    let stage = AtomicU8::new(0);
+                    let (mut client_r, mut client_w) = inbound.into_split();
+                    let (mut server_r, mut server_w) = outbound.into_split();
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = client_r.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            let chunk = &buf[..n];
+                            let marker = armed.lock().expect("armed").clone();
+                            match stage.load(Ordering::SeqCst) {
+                                0 if marker.is_some_and(|m| contains(chunk, &m)) => {
+                                    stage.store(1, Ordering::SeqCst);
+                                }
+                                1 if contains(chunk, b"COMMIT") => stage.store(2, Ordering::SeqCst),
+                                _ => {}
+                            }
+                            if server_w.write_all(chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = server_r.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if stage.load(Ordering::SeqCst) == 2 {
+                                // The answer to COMMIT: lost, and the link with it.
+                                *armed.lock().expect("armed") = None;
+                                fired.store(true, Ordering::SeqCst);
+                                return;
+                            }
+                            if client_w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        () = upstream => {}
+                        () = downstream => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            armed,
+            fired,
+            task,
+        }
+    }
+
+    /// Loses the commit acknowledgement of the next transaction that sends `marker`.
+    pub fn arm(&self, marker: &str) {
+        *self.armed.lock().expect("armed") = Some(marker.as_bytes().to_vec());
+    }
+
+    /// Whether an acknowledgement was lost.
+    pub fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitDropProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Command builders.

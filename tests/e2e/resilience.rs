@@ -39,7 +39,7 @@ fn mixed_commands(env: &TestEnv) -> (Vec<Command>, Vec<VolumeId>) {
 }
 
 /// No CloudStack side effect happened twice.
-fn assert_no_duplicate_side_effects(calls: &[CallRecord]) {
+pub(crate) fn assert_no_duplicate_side_effects(calls: &[CallRecord]) {
     let mut effects: HashMap<String, usize> = HashMap::new();
     for c in calls.iter().filter(|c| c.status == 200) {
         let key = match c.command.as_str() {
@@ -56,7 +56,11 @@ fn assert_no_duplicate_side_effects(calls: &[CallRecord]) {
 }
 
 /// Every command ended exactly once (one terminal row), completed, with at least one event.
-async fn assert_all_ended(env: &mut TestEnv, commands: &[Command], events: &[schema::CloudEvent]) {
+pub(crate) async fn assert_all_ended(
+    env: &mut TestEnv,
+    commands: &[Command],
+    events: &[schema::CloudEvent],
+) {
     let statuses = env.statuses().await;
     for c in commands {
         let id = c.command_id.as_str();
@@ -247,7 +251,7 @@ async fn a_hot_standby_takes_over_within_ten_seconds_and_finishes_the_rest() {
 }
 
 /// `/ready` may answer 503 while starting: never panic on it.
-async fn get_json_ok(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+pub(crate) async fn get_json_ok(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     match crate::helpers::http()
         .get(format!("http://{addr}{path}"))
         .send()

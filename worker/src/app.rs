@@ -316,6 +316,9 @@ impl Active<'_> {
             // on CloudStack or publish any more.
             abort.cancel();
             relay_stop.cancel();
+            // Their writes are fenced anyway; do not wait for one stuck on a dead connection.
+            sync.abort();
+            relay.abort();
         }
         halt.cancel();
         report("intake", intake.await);
@@ -367,7 +370,12 @@ async fn hold(
 /// Hands every `pending` and `executing` operation to the executor, oldest first.
 async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
     let resumed = loop {
-        match ctx.store.resumable().await {
+        // Raced with shutdown: a half-open connection must not keep this period alive.
+        let listed = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            listed = ctx.store.resumable() => listed,
+        };
+        match listed {
             Ok(ops) => break ops,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list unfinished operations; retrying");

@@ -32,6 +32,26 @@ pub enum DbError {
     },
 }
 
+/// Session settings of the main pool's connections. `wait_timeout`: the server drops a
+/// session after 5 s of silence. A daemon that vanished without closing its connections (a
+/// silent partition, a frozen VM) would otherwise keep its sessions, their open transactions
+/// and their row locks (on the lease row, on operation rows) for the server's default of
+/// 8 hours, and the new active would wait behind them. A statement waits at most 10 s for a
+/// row lock, then fails and is retried.
+const MAIN_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 10";
+/// The lease pool's: a lease query never waits long behind a lock (it tries again a second
+/// later).
+const LEASE_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 1";
+/// Our pools close idle connections before the server does.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn bound_session(
+    conn: &mut sqlx::MySqlConnection,
+    sql: &'static str,
+) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, sql).await.map(|_| ())
+}
+
 /// Connects to `url`, creating the database if it does not exist, and applies migrations.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySqlPool, DbError> {
     let shown = publisher::redact_url(url);
@@ -53,6 +73,8 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySq
     let pool = MySqlPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(IDLE_TIMEOUT)
+        .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))
         .connect(url)
         .await
         .map_err(|source| DbError::Connect {
@@ -72,6 +94,8 @@ pub fn lease_pool(url: &str) -> Result<MySqlPool, DbError> {
     MySqlPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(2))
+        .idle_timeout(IDLE_TIMEOUT)
+        .after_connect(|conn, _| Box::pin(bound_session(conn, LEASE_SESSION)))
         .connect_lazy(url)
         .map_err(|source| DbError::Connect {
             url: publisher::redact_url(url),
