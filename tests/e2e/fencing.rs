@@ -50,10 +50,11 @@ fn two_waves(
     (first, second, volumes)
 }
 
+/// Who made a call (its API key), when it arrived and when it was answered.
+type Call = (String, DateTime<Utc>, DateTime<Utc>);
+
 /// The volume a mutating call is about (creates by name), with who made it and when.
-fn volume_calls(
-    calls: &[CallRecord],
-) -> HashMap<String, Vec<(String, DateTime<Utc>, DateTime<Utc>)>> {
+fn volume_calls(calls: &[CallRecord]) -> HashMap<String, Vec<Call>> {
     let mut by_volume: HashMap<String, Vec<_>> = HashMap::new();
     for c in calls {
         let key = match c.command.as_str() {
