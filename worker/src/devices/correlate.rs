@@ -290,6 +290,23 @@ mod tests {
         );
     }
 
+    /// A virtio-scsi guest: the volume's disk is `sdb`, its serial only in the VPD page.
+    #[test]
+    fn a_scsi_disk_is_matched_by_the_serial_of_its_vpd_page() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let v = VolumeId::new_random();
+        let e = d.expect(v, Some(1 << 30));
+        t.add_scsi("sda", GIB_SECTORS, &VolumeId::new_random().disk_serial());
+        t.add_scsi("sdb", GIB_SECTORS, &v.disk_serial());
+        m.step();
+        let f = d.try_match(&d.table(), &e).expect("sdb found");
+        assert_eq!(
+            (f.device_path.as_str(), f.matched_by),
+            ("/dev/sdb", MatchedBy::Serial)
+        );
+    }
+
     #[test]
     fn falls_back_to_the_by_id_link_then_to_a_unique_size() {
         let t = Tree::new();

@@ -1,4 +1,9 @@
-//! One scan of `$SYSFS_ROOT/block`: the `vd*` devices with their size, serial and controller.
+//! One scan of `$SYSFS_ROOT/block`: the `vd*` (virtio-blk) and `sd*` (virtio-scsi) devices
+//! with their size, serial and controller.
+//!
+//! A virtio-blk disk shows its serial in `serial`; a SCSI disk has no such file, its serial is
+//! the unit serial number VPD page (0x80) in `device/vpd_pg80`: a 4-byte header (peripheral
+//! type, page code 0x80, 16-bit length) then the serial, space-padded.
 //!
 //! Entries may be directories (the simulator's layout) or symlinks into `devices/` (a real
 //! guest: `/sys/block/vdb -> ../devices/pci0000:00/0000:00:06.0/virtio4/block/vdb`). Files that
@@ -44,7 +49,7 @@ pub fn scan(root: &Path) -> Scan {
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if !name.starts_with("vd") {
+        if !name.starts_with("vd") && !name.starts_with("sd") {
             continue;
         }
         // `join` then reading through the path follows a symlinked entry.
@@ -65,10 +70,8 @@ pub fn scan(root: &Path) -> Scan {
                 None
             }
         };
-        let serial = match std::fs::read_to_string(dir.join("serial")) {
-            Ok(s) => Some(s.trim().to_owned()).filter(|s| !s.is_empty()),
-            // Many disks (and some kernels) have no serial file: not worth a warning.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        let serial = match read_serial(&dir) {
+            Ok(serial) => serial,
             Err(e) => {
                 out.warnings
                     .push(format!("{name}: cannot read serial: {e}"));
@@ -97,10 +100,62 @@ pub fn scan(root: &Path) -> Scan {
     out
 }
 
+/// The disk serial: `serial` (virtio-blk), else the VPD page 0x80 (SCSI). `Ok(None)` when the
+/// device has neither (many disks have no serial: not worth a warning).
+fn read_serial(dir: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(dir.join("serial")) {
+        Ok(s) => return Ok(Some(s.trim().to_owned()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    match std::fs::read(dir.join("device").join("vpd_pg80")) {
+        Ok(page) => Ok(unit_serial(&page)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The serial of a unit serial number VPD page (SPC: byte 1 = 0x80, bytes 2-3 = length).
+fn unit_serial(page: &[u8]) -> Option<String> {
+    let (header, rest) = page.split_at_checked(4)?;
+    if header[1] != 0x80 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let serial = rest.get(..len).unwrap_or(rest);
+    let text = String::from_utf8_lossy(serial);
+    Some(text.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_owned()).filter(|s| !s.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::test_tree::Tree;
+
+    /// A virtio-scsi disk: `block/sdb` with no `serial` file, its serial in `device/vpd_pg80`.
+    #[test]
+    fn a_scsi_disk_is_read_with_its_serial_from_the_vpd_page() {
+        let t = Tree::new();
+        t.add_scsi("sdb", "2097152\n", "3106013ae175423ea090");
+        // Not a disk of ours: ignored.
+        std::fs::create_dir_all(t.0.join("block/loop0")).expect("loop");
+
+        let s = scan(&t.0);
+
+        assert_eq!(s.devices.keys().collect::<Vec<_>>(), ["sdb"]);
+        let d = &s.devices["sdb"];
+        assert_eq!(d.serial.as_deref(), Some("3106013ae175423ea090"));
+        assert_eq!(d.size, Some(1 << 30));
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn a_vpd_page_that_is_not_page_0x80_or_is_short_gives_no_serial() {
+        assert_eq!(unit_serial(&[0, 0x83, 0, 4, b'a', b'b', b'c', b'd']), None);
+        assert_eq!(unit_serial(&[0, 0x80]), None);
+        assert_eq!(unit_serial(&[0, 0x80, 0, 0]), None);
+        assert_eq!(unit_serial(&[0, 0x80, 0, 9, b'a', b'b']).as_deref(), Some("ab"));
+    }
 
     #[test]
     fn reads_the_directory_layout() {
@@ -134,10 +189,10 @@ mod tests {
     fn a_device_without_serial_and_other_entries() {
         let t = Tree::new();
         t.add_dir("vdd", "1024", None, "virtio5");
-        std::fs::create_dir_all(t.0.join("block/sda")).expect("sda");
+        std::fs::create_dir_all(t.0.join("block/sr0")).expect("cd-rom");
         std::fs::create_dir_all(t.0.join("block/loop0")).expect("loop");
         let s = scan(&t.0);
-        assert_eq!(s.devices.len(), 1, "only vd* devices");
+        assert_eq!(s.devices.len(), 1, "only vd* and sd* devices");
         assert_eq!(s.devices["vdd"].serial, None);
         assert!(
             s.warnings.is_empty(),

@@ -35,6 +35,18 @@ impl Tree {
         symlink(format!("../../devices/{controller}"), d.join("device")).expect("link");
     }
 
+    /// A virtio-scsi disk: no `serial` file, the serial in the VPD page `device/vpd_pg80`.
+    pub fn add_scsi(&self, name: &str, sectors: &str, serial: &str) {
+        let d = self.0.join("block").join(name);
+        std::fs::create_dir_all(d.join("device")).expect("dirs");
+        std::fs::write(d.join("size"), sectors).expect("size");
+        let len = u8::try_from(serial.len() + 2).expect("short serial");
+        let mut page = vec![0x00, 0x80, 0x00, len];
+        page.extend_from_slice(serial.as_bytes());
+        page.extend_from_slice(b"  ");
+        std::fs::write(d.join("device/vpd_pg80"), page).expect("vpd page");
+    }
+
     /// A real guest's layout: `block/<name>` is a symlink into `devices/`.
     pub fn add_real(&self, name: &str, sectors: &str, serial: &str, controller: &str) {
         let real = self.0.join(format!(
