@@ -87,9 +87,6 @@ pub struct Client {
     http: reqwest::Client,
     creds: Credentials,
     retry: RetryPolicy,
-    /// No retry starts after this instant: the deadline counts from the client's creation,
-    /// so a client built per operation bounds the whole operation's retries.
-    retry_until: tokio::time::Instant,
     observer: Option<std::sync::Arc<dyn Observer>>,
 }
 
@@ -117,7 +114,6 @@ impl Client {
             http,
             creds,
             retry,
-            retry_until: tokio::time::Instant::now() + retry.deadline,
             observer: None,
         }
     }
@@ -203,16 +199,18 @@ impl Client {
         result
     }
 
-    /// A request retried on transient errors. `answered_only` limits retries to errors that
-    /// CloudStack answered (it rejected the request, so re-sending cannot act twice); mutating
-    /// calls use it, read-only calls retry connection errors too.
+    /// A request retried on transient errors for at most the retry deadline, counted from
+    /// this request's first attempt (each request has its own budget: a long operation's late
+    /// calls are retried as well as its first ones). `answered_only` limits retries to errors
+    /// that CloudStack answered (it rejected the request, so re-sending cannot act twice);
+    /// mutating calls use it, read-only calls retry connection errors too.
     async fn request(
         &self,
         command: &str,
         params: &[(&str, String)],
         answered_only: bool,
     ) -> Result<Value, CloudStackError> {
-        let retry_until = self.retry_until;
+        let retry_until = tokio::time::Instant::now() + self.retry.deadline;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
@@ -320,7 +318,17 @@ impl Client {
         let started = tokio::time::Instant::now();
         let mut delay = polling.first_delay;
         loop {
-            match self.query_job(job).await?.status {
+            let status = match self.query_job(job).await {
+                Ok(j) => j.status,
+                // The job runs on whether or not we can ask about it: a transient error that
+                // outlasted its own retries is no reason to give up before the job's deadline.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(job = %job, error = %e, "cannot query the job for now; polling on");
+                    JobStatus::Pending
+                }
+                Err(e) => return Err(e),
+            };
+            match status {
                 JobStatus::Pending => {}
                 JobStatus::Succeeded(result) => return Ok(result),
                 JobStatus::Failed { code, text } => {
@@ -339,6 +347,7 @@ impl Client {
             if started.elapsed() + delay > polling.deadline {
                 return Err(CloudStackError::Deadline {
                     what: format!("job {job}"),
+                    job_id: Some(job.0.clone()),
                     after: polling.deadline,
                     last: "still in progress (jobstatus 0)".into(),
                 });

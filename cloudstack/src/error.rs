@@ -1,4 +1,4 @@
-//! Errors of CloudStack calls, classified the way shared/CLOUDSTACK.md §4 says to treat them.
+//! Errors of CloudStack calls, classified the way CloudStack says to treat them (docs/cloudstack.md).
 
 use std::time::Duration;
 
@@ -20,6 +20,15 @@ pub enum CloudStackError {
         #[source]
         source: reqwest::Error,
     },
+    /// Something in front of CloudStack (a load balancer, a proxy, the servlet container)
+    /// answered with an HTTP error and no CloudStack error object: whether CloudStack acted is
+    /// unknown, as after a lost connection.
+    #[error("CloudStack {command}: HTTP {status} from in front of CloudStack: {text}")]
+    Gateway {
+        command: String,
+        status: u16,
+        text: String,
+    },
     /// CloudStack answered something we cannot read.
     #[error("CloudStack {command}: unexpected response: {reason}")]
     Decode { command: String, reason: String },
@@ -37,6 +46,8 @@ pub enum CloudStackError {
     #[error("CloudStack {what} did not finish within {after:?}: {last}")]
     Deadline {
         what: String,
+        /// The job still running at the deadline, if the wait was for one: it may still finish.
+        job_id: Option<String>,
         after: Duration,
         last: String,
     },
@@ -61,7 +72,7 @@ impl CloudStackError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Api { code, .. } => RETRYABLE_CODES.contains(code),
-            Self::Transport { .. } => true,
+            Self::Transport { .. } | Self::Gateway { .. } => true,
             _ => false,
         }
     }
@@ -69,7 +80,7 @@ impl CloudStackError {
     /// Whether CloudStack answered, so that we know whether it acted. A transport error
     /// leaves that unknown.
     pub fn was_answered(&self) -> bool {
-        !matches!(self, Self::Transport { .. })
+        !matches!(self, Self::Transport { .. } | Self::Gateway { .. })
     }
 
     /// The delay a 429 asks for: "...please retry after [N] ms." (there is no Retry-After

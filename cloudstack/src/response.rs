@@ -138,14 +138,23 @@ pub fn parse_error(command: &str, status: u16, body: &str) -> CloudStackError {
         obj.values()
             .find_map(|inner| api_error(command, inner, Some(status)))
     });
-    parsed.unwrap_or_else(|| CloudStackError::Api {
-        command: command.to_owned(),
-        code: status,
-        cserrorcode: None,
-        text: if body.trim().is_empty() {
-            format!("HTTP {status} with an empty body")
-        } else {
-            snippet(body)
+    let text = if body.trim().is_empty() {
+        format!("HTTP {status} with an empty body")
+    } else {
+        snippet(body)
+    };
+    parsed.unwrap_or_else(|| match status {
+        // No CloudStack error object: a proxy or the container answered, not CloudStack.
+        500 | 502 | 503 | 504 => CloudStackError::Gateway {
+            command: command.to_owned(),
+            status,
+            text,
+        },
+        _ => CloudStackError::Api {
+            command: command.to_owned(),
+            code: status,
+            cserrorcode: None,
+            text,
         },
     })
 }

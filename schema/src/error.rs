@@ -54,11 +54,7 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::CloudstackLimit
-                | Self::CloudstackUnavailable
-                | Self::DeviceCorrelationTimeout
-                | Self::Timeout
-                | Self::Internal
+            Self::CloudstackUnavailable | Self::DeviceCorrelationTimeout | Self::Internal
         )
     }
 
@@ -86,7 +82,9 @@ impl ErrorCode {
             Self::DeviceCorrelationTimeout => {
                 "the volume is attached but no guest device appeared: check the VM's kernel log"
             }
-            Self::Timeout => "the operation passed its deadline: check CloudStack's job list",
+            Self::Timeout => {
+                "the operation passed its deadline and its job may still finish: check CloudStack's job list before acting again"
+            }
             Self::Internal => "see the daemon's log for this operation id",
         }
     }
@@ -128,6 +126,12 @@ impl EventError {
             cloudstack_error_code: None,
             hint: code.hint().to_owned(),
         }
+    }
+
+    /// A recovery suggestion more precise than the code's own (naming a job id, say).
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = hint.into();
+        self
     }
 
     pub fn with_cloudstack_code(mut self, code: Option<u16>) -> Self {

@@ -349,3 +349,87 @@ async fn a_key_rotated_in_ossea_configs_applies_to_the_next_operation() {
         "the secret never reaches the log"
     );
 }
+
+/// Each request has its own retry budget, and polling a stored job goes on through transient
+/// errors until the job's deadline: an error late in a long job does not fail it. Scaled down:
+/// a 2 s retry deadline and a 12 s job with CloudStack answering 503 to every poll from 3.5 s
+/// to 10.5 s (longer than one request's own retries with their backoff) stand for the default
+/// 120 s deadline and a 200 s job with a transient error 150 s in.
+#[tokio::test]
+async fn a_transient_error_late_in_a_long_job_does_not_fail_it() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        job_latency: Duration::from_secs(12),
+        ..SimConfig::default()
+    })
+    .await;
+    env.extra_env
+        .push(("CLOUDSTACK_RETRY_DEADLINE_S".into(), "2".into()));
+    env.start_daemon().await;
+    let client = env.client().await;
+    let command = cmd::create("long-job", "1GiB");
+    let pending = client.publish(&command).await.expect("published");
+
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    env.sim.sim.set_faults(Faults {
+        error_rates: BTreeMap::from([(503, 1.0)]),
+        commands: vec!["queryasyncjobresult".into()],
+        ..Faults::default()
+    });
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    env.sim.sim.set_faults(Faults::default());
+    let event = pending.wait(WAIT).await.expect("terminal event");
+
+    assert_eq!(
+        event.data.status,
+        OperationStatus::Completed,
+        "{:?}",
+        event.data.error
+    );
+    let refused = env
+        .sim
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.command == "queryAsyncJobResult" && c.status == 503)
+        .count();
+    assert!(refused >= 3, "the polls met the outage ({refused} refused)");
+    assert_eq!(env.sim.sim.call_count("createVolume"), 1);
+}
+
+/// A job still running at its type's deadline ends the operation `TIMEOUT`, not retryable (it
+/// may still finish), with a hint naming the job, and with exactly one terminal event.
+#[tokio::test]
+async fn a_job_past_its_deadline_ends_timeout_not_retryable_naming_the_job() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        job_latency: Duration::from_secs(4),
+        ..SimConfig::default()
+    })
+    .await;
+    env.extra_env
+        .push(("CREATE_JOB_TIMEOUT_S".into(), "1".into()));
+    env.start_daemon().await;
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    let command = cmd::create("slow-job", "1GiB");
+
+    let event = run(&env, &command).await;
+
+    let error = failed(&event, ErrorCode::Timeout);
+    assert!(!error.retryable, "the job may still finish: {error:?}");
+    let row = env
+        .operation(command.command_id.as_str())
+        .await
+        .expect("row");
+    let job = row.cloudstack_job_id.expect("the job id was stored");
+    assert!(
+        error.hint.contains(&job),
+        "the hint names job {job}: {}",
+        error.hint
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let terminal = collector
+        .events()
+        .iter()
+        .filter(|e| e.data.command_id == command.command_id)
+        .count();
+    assert_eq!(terminal, 1, "exactly one terminal event");
+}

@@ -180,22 +180,35 @@ fn parse_column<T, E: std::fmt::Display>(
     }
 }
 
-/// The event error for a CloudStack failure (CLOUDSTACK.md §4 → CONTRACT §4).
+/// The event error for a CloudStack failure (docs/cloudstack.md → the contract's codes).
 pub fn classify(e: &CloudStackError) -> EventError {
     let code = match e {
         CloudStackError::Api { code, .. } => match code {
             401 | 531 => ErrorCode::CloudstackUnauthorized,
             429 | 532 => ErrorCode::CloudstackLimit,
+            502 | 504 => ErrorCode::CloudstackUnavailable,
             430..=432 => ErrorCode::CloudstackInvalidParameter,
             536 => ErrorCode::VolumeInUse,
             503 | 530 | 533 | 534 => ErrorCode::CloudstackUnavailable,
             _ => ErrorCode::Internal,
         },
-        CloudStackError::Transport { .. } => ErrorCode::CloudstackUnavailable,
+        CloudStackError::Transport { .. } | CloudStackError::Gateway { .. } => {
+            ErrorCode::CloudstackUnavailable
+        }
         CloudStackError::JobFailed { .. } | CloudStackError::JobCancelled { .. } => {
             ErrorCode::CloudstackJobFailed
         }
-        CloudStackError::Deadline { .. } => ErrorCode::Timeout,
+        CloudStackError::Deadline {
+            job_id: Some(job), ..
+        } => {
+            // The job may still finish: not retryable (a retry could act twice), and the
+            // hint says which job to look at.
+            return EventError::new(ErrorCode::Timeout, e.to_string()).with_hint(format!(
+                "CloudStack job {job} was still running at the deadline and may still finish: \
+                 check it (queryAsyncJobResult) or the volume before acting again"
+            ));
+        }
+        CloudStackError::Deadline { job_id: None, .. } => ErrorCode::Timeout,
         CloudStackError::Decode { .. } => ErrorCode::Internal,
     };
     EventError::new(code, e.to_string()).with_cloudstack_code(e.cloudstack_code())
@@ -236,9 +249,17 @@ mod tests {
         assert_eq!(e.cloudstack_error_code, Some(530));
         let deadline = CloudStackError::Deadline {
             what: "job j".into(),
+            job_id: Some("j".into()),
             after: Duration::from_secs(1),
             last: "still in progress".into(),
         };
-        assert_eq!(classify(&deadline).code, ErrorCode::Timeout);
+        let timeout = classify(&deadline);
+        assert_eq!(timeout.code, ErrorCode::Timeout);
+        assert!(!timeout.retryable, "the job may still finish");
+        assert!(timeout.hint.contains("job j"), "{}", timeout.hint);
+        assert!(
+            !classify(&api(532)).retryable,
+            "532: CloudStack says no retry"
+        );
     }
 }

@@ -81,7 +81,7 @@ pub struct Settings {
     /// How long a detachVolume job may run (also the detach before a delete).
     #[arg(long, env = "DETACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub detach_job_timeout_s: u64,
-    /// How long transient CloudStack errors are retried before the operation fails.
+    /// How long one CloudStack request is retried on transient errors (job polling goes on until the job deadline).
     #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub cloudstack_retry_deadline_s: u64,
     /// How long in-flight operations get to reach a safe point after SIGTERM.

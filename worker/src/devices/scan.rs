@@ -124,7 +124,11 @@ fn unit_serial(page: &[u8]) -> Option<String> {
     let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
     let serial = rest.get(..len).unwrap_or(rest);
     let text = String::from_utf8_lossy(serial);
-    Some(text.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_owned()).filter(|s| !s.is_empty())
+    Some(
+        text.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_owned(),
+    )
+    .filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -154,7 +158,10 @@ mod tests {
         assert_eq!(unit_serial(&[0, 0x83, 0, 4, b'a', b'b', b'c', b'd']), None);
         assert_eq!(unit_serial(&[0, 0x80]), None);
         assert_eq!(unit_serial(&[0, 0x80, 0, 0]), None);
-        assert_eq!(unit_serial(&[0, 0x80, 0, 9, b'a', b'b']).as_deref(), Some("ab"));
+        assert_eq!(
+            unit_serial(&[0, 0x80, 0, 9, b'a', b'b']).as_deref(),
+            Some("ab")
+        );
     }
 
     #[test]
