@@ -388,11 +388,25 @@ mod tests {
             "{e:?}"
         );
 
+        // A proxy's 502 is not CloudStack's answer: like a lost connection, transient and
+        // unknown whether CloudStack acted.
         let e = parse_error("listVolumes", 502, "<html>Bad Gateway</html>");
         assert!(
-            matches!(&e, CloudStackError::Api { code: 502, .. }),
+            matches!(&e, CloudStackError::Gateway { status: 502, .. }),
             "{e:?}"
         );
+        assert!(e.is_transient() && !e.was_answered());
+        // CloudStack's own 503 (with its error object) stays an answer.
+        let e = parse_error(
+            "listVolumes",
+            503,
+            r#"{"listvolumesresponse":{"errorcode":503,"errortext":"maintenance"}}"#,
+        );
+        assert!(
+            matches!(&e, CloudStackError::Api { code: 503, .. }),
+            "{e:?}"
+        );
+        assert!(e.was_answered());
 
         // An error inside a 200 is still an error.
         let e = unwrap_success(
