@@ -32,6 +32,22 @@ impl TestDb {
         Self { pool, url, name }
     }
 
+    /// A user of this database only, with a password; its URL. Dropped with the database.
+    pub async fn user_with_password(&self, tag: &str) -> String {
+        let user = format!("{}_{tag}", self.name);
+        let password = format!("pw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        for sql in [
+            format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+            format!("GRANT ALL PRIVILEGES ON `{}`.* TO '{user}'@'127.0.0.1'", self.name),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await
+                .expect("create the test user");
+        }
+        format!("mysql://{user}:{password}@127.0.0.1:3306/{}", self.name)
+    }
+
     /// A store fenced by a lease this test holds (prefix `unit`).
     pub async fn store(&self) -> crate::store::Store {
         let stop = tokio_util::sync::CancellationToken::new();
@@ -70,6 +86,20 @@ impl Drop for TestDb {
                     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL {id}")))
                         .execute(&mut conn)
                         .await;
+                }
+                let users: Vec<String> = sqlx::query_scalar(
+                    "SELECT CAST(user AS CHAR) FROM mysql.user WHERE user LIKE CONCAT(?, '\\_%')",
+                )
+                .bind(&name)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_default();
+                for user in users {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP USER IF EXISTS '{user}'@'127.0.0.1'"
+                    )))
+                    .execute(&mut conn)
+                    .await;
                 }
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS `{name}`"
