@@ -257,6 +257,22 @@ impl TestEnv {
         }
     }
 
+    /// The daemon's peak resident memory so far (`VmHWM`), in bytes.
+    pub fn daemon_peak_rss(&self) -> u64 {
+        let pid = self
+            .daemon
+            .as_ref()
+            .and_then(Child::id)
+            .expect("daemon running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .expect("VmHWM")
+    }
+
     /// SIGKILL: no clean-up, no released lease, unacknowledged deliveries return to the queue.
     pub async fn kill_daemon(&mut self) {
         let mut child = self.daemon.take().expect("daemon running");

@@ -373,3 +373,108 @@ async fn five_hundred_malformed_messages_among_fifty_valid_ones() {
     );
     assert_eq!(env.sim.sim.call_count("createVolume"), 50);
 }
+
+/// `reply_to` only to queues `REPLY_TO_ALLOWED` allows: another queue gets no copy, and the
+/// event still leaves on the events exchange.
+#[tokio::test]
+async fn a_reply_to_outside_the_allowed_patterns_gets_no_copy() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let mut events = EventTap::new(&env.prefix).await;
+    // A named queue: neither `amq.gen-*` nor `<prefix>.reply.*`.
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    let elsewhere = format!("{}.elsewhere", env.prefix);
+    ch.queue_declare(
+        elsewhere.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    let command = crate::helpers::cmd::create("no-copy", "1GiB").with_reply_to(&elsewhere);
+
+    env.client()
+        .await
+        .publish_only(&command)
+        .await
+        .expect("published");
+
+    let (_, event) = events.expect("the event on the exchange", WAIT).await;
+    assert_eq!(event.data.command_id, command.command_id);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queue = ch
+        .queue_declare(
+            elsewhere.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(
+        queue.message_count(),
+        0,
+        "no copy in a queue outside REPLY_TO_ALLOWED"
+    );
+    assert!(
+        env.daemon_log().contains("outside REPLY_TO_ALLOWED"),
+        "a warning names it"
+    );
+}
+
+/// Oversized bodies are dead-lettered without the daemon's memory following them: 16 messages
+/// of 10 MiB (the broker's default limit accepts them), peak RSS below 128 MiB.
+#[tokio::test]
+async fn sixteen_ten_mib_messages_are_dead_lettered_within_128_mib() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let topology = Topology::new(env.prefix.clone());
+    let raw = RawPublisher::new(&env.prefix).await;
+    let big = vec![b'x'; 10 << 20];
+    for i in 0..16 {
+        raw.publish("volume.create", &big, Some(&format!("big-{i}")))
+            .await;
+    }
+
+    // All 16 reach the dead-letter queue.
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let dead = ch
+            .queue_declare(
+                topology.dead_letter_queue().as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        if dead.message_count() >= 16 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 16 dead-lettered",
+            dead.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let peak = env.daemon_peak_rss();
+    eprintln!("peak RSS with 16 messages of 10 MiB: {} MiB", peak >> 20);
+    assert!(peak < 128 << 20, "peak RSS {} MiB", peak >> 20);
+    let (status, _) = env.get_json("/ready").await;
+    assert_eq!(status, 200);
+}

@@ -294,7 +294,8 @@ impl Active<'_> {
         // arrival order per volume holds across restarts and takeovers.
         let intake = tokio::spawn({
             let (ctx, status, url) = (ctx.clone(), self.status.clone(), settings.amqp_url.clone());
-            let prefetch = settings.max_concurrent_operations;
+            let prefetch = intake_prefetch(settings.max_concurrent_operations);
+            let reply_to_allowed = settings.reply_to_allowed();
             async move {
                 resume(&ctx, &ops_tx).await;
                 Intake {
@@ -304,6 +305,7 @@ impl Active<'_> {
                     prefetch,
                     ops: ops_tx,
                     status,
+                    reply_to_allowed,
                 }
                 .run()
                 .await;
@@ -337,6 +339,14 @@ impl Active<'_> {
         }
         end
     }
+}
+
+/// Deliveries the broker may send ahead of the intake. The intake handles one at a time, so a
+/// few are enough to keep it busy; more only cost memory (each may be as large as the broker's
+/// `max_message_size`) and delivery attempts when a connection drops (each unacked delivery
+/// counts against the queue's delivery limit).
+fn intake_prefetch(max_concurrent_operations: u16) -> u16 {
+    max_concurrent_operations.clamp(1, 2)
 }
 
 /// Renews the lease every [`lease::RENEW_EVERY`] until shutdown, or until it is lost: taken

@@ -90,6 +90,34 @@ pub struct Settings {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Comma-separated glob patterns of the queues a command's `reply_to` may name (default
+    /// `amq.gen-*,<prefix>.reply.*`); others get no copy of the event, and a warning.
+    #[arg(long, env = "REPLY_TO_ALLOWED", value_parser = parse_patterns)]
+    pub reply_to_allowed: Option<ReplyToAllowed>,
+}
+
+/// The queues a `reply_to` may name.
+#[derive(Debug, Clone)]
+pub struct ReplyToAllowed(Vec<glob::Pattern>);
+
+impl ReplyToAllowed {
+    /// The default: server-named queues and `<prefix>.reply.*`.
+    pub fn default_for(prefix: &str) -> Self {
+        parse_patterns(&format!("amq.gen-*,{prefix}.reply.*")).unwrap_or_else(|_| Self(Vec::new()))
+    }
+
+    pub fn allows(&self, queue: &str) -> bool {
+        self.0.iter().any(|p| p.matches(queue))
+    }
+}
+
+fn parse_patterns(s: &str) -> Result<ReplyToAllowed, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| glob::Pattern::new(p).map_err(|e| format!("pattern {p:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(ReplyToAllowed)
 }
 
 /// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
@@ -105,6 +133,13 @@ impl Settings {
 
     pub fn topology(&self) -> Topology {
         Topology::new(self.amqp_prefix.clone())
+    }
+
+    /// `REPLY_TO_ALLOWED`, or its default for this prefix.
+    pub fn reply_to_allowed(&self) -> ReplyToAllowed {
+        self.reply_to_allowed
+            .clone()
+            .unwrap_or_else(|| ReplyToAllowed::default_for(&self.amqp_prefix))
     }
 
     /// The job deadline of each operation type.
@@ -199,6 +234,29 @@ mod tests {
             err.contains("amqp-prefix") && err.contains("300 bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reply_to_patterns_default_to_server_named_and_prefixed_reply_queues() {
+        let s =
+            Settings::try_parse_from(["volume-daemon", "--amqp-prefix", "acc7"]).expect("parse");
+        let allowed = s.reply_to_allowed();
+        assert!(allowed.allows("amq.gen-JzTY20BRgKO-HjmUJj0wLg"));
+        assert!(allowed.allows("acc7.reply.migration-1"));
+        assert!(
+            !allowed.allows("acc7.commands"),
+            "not the daemon's own queues"
+        );
+        assert!(!allowed.allows("volume.reply.x"), "not another prefix's");
+        let s = Settings::try_parse_from(["volume-daemon", "--reply-to-allowed", "engine-*, ops"])
+            .expect("parse");
+        assert!(s.reply_to_allowed().allows("engine-7") && s.reply_to_allowed().allows("ops"));
+        assert!(!s.reply_to_allowed().allows("amq.gen-x"));
+        let err = Settings::try_parse_from(["volume-daemon", "--reply-to-allowed", "a[b"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("reply-to-allowed"), "{err}");
     }
 
     #[test]

@@ -118,7 +118,9 @@ mod tests {
         let url = db.user_with_password("pw").await;
         assert!(url.contains(":pw-"), "the URL carries a password");
         for round in 0..2 {
-            let pool = connect_and_migrate(&url, 2).await.expect("connect with the password");
+            let pool = connect_and_migrate(&url, 2)
+                .await
+                .expect("connect with the password");
             let one: i64 = sqlx::query_scalar("SELECT 1")
                 .fetch_one(&pool)
                 .await

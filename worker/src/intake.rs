@@ -20,11 +20,12 @@ use tokio::sync::mpsc;
 
 use schema::ErrorCode;
 use schema::{
-    CloudEvent, Command, EventData, EventError, EventId, EventOpType, InvalidCommand, MessageProps,
-    OperationType, Topology,
+    CloudEvent, Command, CommandId, EventData, EventError, EventId, EventOpType, InvalidCommand,
+    MessageProps, OperationType, Topology,
 };
 
 use crate::broker::{self, Backoff};
+use crate::config::ReplyToAllowed;
 use crate::context::Context;
 use crate::operation::Operation;
 use crate::status::Status;
@@ -55,6 +56,8 @@ pub struct Intake {
     pub prefetch: u16,
     pub ops: mpsc::Sender<Operation>,
     pub status: Arc<Status>,
+    /// Queues a `reply_to` may name (`REPLY_TO_ALLOWED`).
+    pub reply_to_allowed: ReplyToAllowed,
 }
 
 impl Intake {
@@ -124,9 +127,28 @@ impl Intake {
             reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
         };
         match Command::parse(&delivery.data, &props) {
-            Ok(command) => self.accept(command, delivery).await,
-            Err(invalid) => self.reject(channel, delivery, invalid).await,
+            Ok(mut command) => {
+                command.reply_to = self.allowed_reply_to(&command.command_id, command.reply_to);
+                self.accept(command, delivery).await
+            }
+            Err(mut invalid) => {
+                let id = invalid.command_id.clone();
+                invalid.reply_to = id.and_then(|id| self.allowed_reply_to(&id, invalid.reply_to));
+                self.reject(channel, delivery, invalid).await
+            }
         }
+    }
+
+    /// `reply_to` if `REPLY_TO_ALLOWED` allows it. Any other queue gets no copy (a producer must
+    /// not make the daemon publish into queues of its choosing); the event still leaves on the
+    /// events exchange.
+    fn allowed_reply_to(&self, id: &CommandId, reply_to: Option<String>) -> Option<String> {
+        let queue = reply_to?;
+        if self.reply_to_allowed.allows(&queue) {
+            return Some(queue);
+        }
+        tracing::warn!(operation_id = %id, reply_to = %queue, "reply_to names a queue outside REPLY_TO_ALLOWED; the event goes to the events exchange only");
+        None
     }
 
     /// Commits the command, then acknowledges it. While the database is unreachable the
@@ -217,16 +239,7 @@ impl Intake {
             }
         }
 
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            REJECTION_REASON_HEADER.into(),
-            AMQPValue::LongString(LongString::from(invalid.reason.as_str())),
-        );
-        headers.insert(
-            "x-original-routing-key".into(),
-            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
-        );
-        let props = delivery.properties.clone().with_headers(headers);
+        let props = dead_letter_properties(&delivery, &invalid.reason);
         let published = async {
             channel
                 .basic_publish(
@@ -255,6 +268,61 @@ impl Intake {
         }
         Ok(())
     }
+}
+
+/// The reason header is cut to this many bytes: a hostile message cannot make it large.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// The properties a dead-lettered copy carries: only those that are safe to republish with
+/// the daemon's credentials and useful for inspection and replay. Never the producer's
+/// `user_id` (the broker refuses a publish whose `user_id` is not the connection's user, and
+/// closes the channel) and none of its own headers (of any size); our two headers say why and
+/// from where.
+fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProperties {
+    let p = &delivery.properties;
+    let mut reason = reason.to_owned();
+    if reason.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    let mut headers = FieldTable::default();
+    headers.insert(
+        REJECTION_REASON_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason.as_str())),
+    );
+    headers.insert(
+        "x-original-routing-key".into(),
+        AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+    );
+    let mut props = lapin::BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(v) = p.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = p.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        props = props.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        props = props.with_type(v.clone());
+    }
+    props
 }
 
 /// The failed event telling a producer its command was invalid, when the message carried a

@@ -38,7 +38,10 @@ impl TestDb {
         let password = format!("pw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         for sql in [
             format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
-            format!("GRANT ALL PRIVILEGES ON `{}`.* TO '{user}'@'127.0.0.1'", self.name),
+            format!(
+                "GRANT ALL PRIVILEGES ON `{}`.* TO '{user}'@'127.0.0.1'",
+                self.name
+            ),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&self.pool)
