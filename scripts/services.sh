@@ -70,9 +70,16 @@ ensure_py_module() { # module pip-name debian-package
   python3 -m pip install --quiet --disable-pip-version-check "$2" 2>/dev/null || apt_install "$3"
 }
 
+# The TLS tests: a TLS terminator in front of RabbitMQ, and openssl to make certificates.
+ensure_tls_tools() {
+  command -v stunnel4 >/dev/null || apt_install stunnel4
+  command -v openssl >/dev/null || apt_install openssl
+}
+
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb
+ensure_tls_tools
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 log "RabbitMQ and MariaDB are up"

@@ -16,3 +16,4 @@ mod outages;
 mod producers;
 mod rejections;
 mod resilience;
+mod tls;

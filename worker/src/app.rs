@@ -60,6 +60,7 @@ pub struct Application {
     pool: MySqlPool,
     /// A pool of its own for the execution lease: renewals never wait behind operations.
     lease_pool: MySqlPool,
+    broker: broker::Endpoint,
     listener: TcpListener,
     cloud: Cloud,
 }
@@ -86,6 +87,7 @@ impl Application {
         let max_connections = u32::from(settings.max_concurrent_operations) + 4;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
+        let broker = settings.broker_endpoint().map_err(StartError::Config)?;
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -112,6 +114,7 @@ impl Application {
             settings,
             pool,
             lease_pool,
+            broker,
             listener,
             cloud,
         })
@@ -133,6 +136,7 @@ impl Application {
             settings,
             pool,
             lease_pool,
+            broker,
             listener,
             cloud,
         } = self;
@@ -158,7 +162,7 @@ impl Application {
         let background_stop = CancellationToken::new();
         let monitor_task = tokio::spawn(monitor.run(background_stop.clone()));
         let probe_task = tokio::spawn(broker::probe(
-            settings.amqp_url.clone(),
+            broker.clone(),
             status.clone(),
             background_stop.clone(),
         ));
@@ -185,6 +189,7 @@ impl Application {
             status: &status,
             metrics: &metrics,
             devices: &devices,
+            broker: &broker,
         };
         let holder = lease::holder_name();
         let roles = async {
@@ -236,6 +241,7 @@ struct Active<'a> {
     status: &'a Arc<Status>,
     metrics: &'a Arc<Metrics>,
     devices: &'a Devices,
+    broker: &'a broker::Endpoint,
 }
 
 impl Active<'_> {
@@ -264,7 +270,7 @@ impl Active<'_> {
         let relay = tokio::spawn(
             Relay {
                 pool: self.pool.clone(),
-                amqp_url: settings.amqp_url.clone(),
+                broker: self.broker.clone(),
                 wakeup: ctx.relay_wakeup.clone(),
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
@@ -293,14 +299,14 @@ impl Active<'_> {
         // Unfinished operations first, in the order they were accepted; then new commands, so
         // arrival order per volume holds across restarts and takeovers.
         let intake = tokio::spawn({
-            let (ctx, status, url) = (ctx.clone(), self.status.clone(), settings.amqp_url.clone());
+            let (ctx, status, broker) = (ctx.clone(), self.status.clone(), self.broker.clone());
             let prefetch = intake_prefetch(settings.max_concurrent_operations);
             let reply_to_allowed = settings.reply_to_allowed();
             async move {
                 resume(&ctx, &ops_tx).await;
                 Intake {
                     ctx,
-                    amqp_url: url,
+                    broker,
                     topology,
                     prefetch,
                     ops: ops_tx,

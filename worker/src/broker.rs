@@ -5,13 +5,48 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
+/// Where the broker is: its URL and, for `amqps://`, the CA certificates (PEM) to trust besides
+/// the public roots. `amqps://` is always TLS (rustls); it never falls back to plaintext.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &publisher::redact_url(&self.url))
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Connecting gives up after this (a half-open network must not hang a reconnect loop).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Opens a connection named `name` (visible in the management UI).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: endpoint.ca_pem.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    let connecting = Connection::connect_with_config(&endpoint.url, props, tls, runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connected) => connected,
+        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
+            std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to the broker timed out after {CONNECT_TIMEOUT:?}"),
+            )),
+        ))),
+    }
 }
 
 /// Reconnection delays: 200 ms growing to 5 s, with jitter.
@@ -54,7 +89,7 @@ impl Backoff {
 /// Keeps one idle connection to the broker and reports whether it is up: how a standby (which
 /// neither consumes nor publishes) knows the broker is reachable.
 pub async fn probe(
-    url: String,
+    url: Endpoint,
     status: std::sync::Arc<crate::status::Status>,
     shutdown: CancellationToken,
 ) {

@@ -28,6 +28,9 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub amqp_url: String,
+    /// PEM file of CA certificates to trust for `amqps://` besides the public roots.
+    #[arg(long, env = "AMQP_TLS_CA_FILE")]
+    pub amqp_tls_ca_file: Option<std::path::PathBuf>,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", value_parser = parse_prefix)]
     pub amqp_prefix: String,
@@ -133,6 +136,20 @@ impl Settings {
 
     pub fn topology(&self) -> Topology {
         Topology::new(self.amqp_prefix.clone())
+    }
+
+    /// The broker to connect to (`AMQP_URL` with `AMQP_TLS_CA_FILE` read).
+    pub fn broker_endpoint(&self) -> Result<crate::broker::Endpoint, String> {
+        let ca_pem = match &self.amqp_tls_ca_file {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                format!("AMQP_TLS_CA_FILE {}: cannot read it: {e}", path.display())
+            })?),
+        };
+        Ok(crate::broker::Endpoint {
+            url: self.amqp_url.clone(),
+            ca_pem,
+        })
     }
 
     /// `REPLY_TO_ALLOWED`, or its default for this prefix.

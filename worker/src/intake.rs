@@ -24,7 +24,7 @@ use schema::{
     MessageProps, OperationType, Topology,
 };
 
-use crate::broker::{self, Backoff};
+use crate::broker::{self, Backoff, Endpoint};
 use crate::config::ReplyToAllowed;
 use crate::context::Context;
 use crate::operation::Operation;
@@ -49,7 +49,7 @@ pub enum IntakeError {
 #[derive(Debug)]
 pub struct Intake {
     pub ctx: Arc<Context>,
-    pub amqp_url: String,
+    pub broker: Endpoint,
     pub topology: Topology,
     /// Unacknowledged deliveries the broker may send ahead (per consumer: quorum queues reject
     /// a global prefetch).
@@ -81,7 +81,7 @@ impl Intake {
 
     /// One connection's life: declare, consume, handle deliveries one at a time.
     async fn session(&self, backoff: &mut Backoff) -> Result<(), IntakeError> {
-        let conn = broker::connect(&self.amqp_url, "volume-daemon intake").await?;
+        let conn = broker::connect(&self.broker, "volume-daemon intake").await?;
         let channel = conn.create_channel().await?;
         publisher::topology::declare(&channel, &self.topology).await?;
         channel

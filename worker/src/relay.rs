@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use schema::event::EVENT_CONTENT_TYPE;
 
-use crate::broker::{self, Backoff};
+use crate::broker::{self, Backoff, Endpoint};
 use crate::lease::{Fence, Fenced};
 use crate::metrics::Metrics;
 use crate::outbox::{self, OutboxRow};
@@ -48,7 +48,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Relay {
     pub pool: MySqlPool,
-    pub amqp_url: String,
+    pub broker: Endpoint,
     pub wakeup: Arc<Notify>,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
@@ -114,7 +114,7 @@ impl Relay {
 
     /// A fresh connection with a confirm-mode channel.
     async fn open(&self) -> Result<(Connection, Channel), lapin::Error> {
-        let conn = broker::connect(&self.amqp_url, "volume-daemon relay").await?;
+        let conn = broker::connect(&self.broker, "volume-daemon relay").await?;
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
