@@ -67,28 +67,28 @@ pub struct Settings {
     #[arg(long, env = "DEVICE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
     pub device_by_id_dir: PathBuf,
     /// Device scan period.
-    #[arg(long, env = "DEVICE_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+    #[arg(long, env = "DEVICE_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub device_poll_interval_ms: u64,
     /// How long an attach to the host VM waits for its device.
-    #[arg(long, env = "CORRELATION_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORRELATION_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub correlation_timeout_s: u64,
     /// Operations in flight at once.
     #[arg(long, env = "MAX_CONCURRENT_OPERATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_operations: u16,
     /// How long a createVolume job may run before the operation fails with TIMEOUT.
-    #[arg(long, env = "CREATE_JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CREATE_JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub create_job_timeout_s: u64,
     /// How long an attachVolume job may run.
-    #[arg(long, env = "ATTACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "ATTACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub attach_job_timeout_s: u64,
     /// How long a detachVolume job may run (also the detach before a delete).
-    #[arg(long, env = "DETACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "DETACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub detach_job_timeout_s: u64,
     /// How long one CloudStack request is retried on transient errors (job polling goes on until the job deadline).
-    #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub cloudstack_retry_deadline_s: u64,
     /// How long in-flight operations get to reach a safe point after SIGTERM.
-    #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 8)]
+    #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub shutdown_grace_s: u64,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -98,6 +98,10 @@ pub struct Settings {
     #[arg(long, env = "REPLY_TO_ALLOWED", value_parser = parse_patterns)]
     pub reply_to_allowed: Option<ReplyToAllowed>,
 }
+
+/// The longest duration a setting may ask for (a week): larger values would overflow the
+/// clock arithmetic they feed, and mean a typo anyway.
+const MAX_SECONDS: u64 = 7 * 24 * 3600;
 
 /// The queues a `reply_to` may name.
 #[derive(Debug, Clone)]
@@ -242,6 +246,16 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("max-concurrent-operations"), "{err}");
+        // Durations that would overflow clock arithmetic are refused, not a later panic.
+        let err = Settings::try_parse_from([
+            "volume-daemon",
+            "--cloudstack-retry-deadline-s",
+            "18446744073709551615",
+        ])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("cloudstack-retry-deadline-s"), "{err}");
         let long = "p".repeat(300);
         let err = Settings::try_parse_from(["volume-daemon", "--amqp-prefix", &long])
             .err()

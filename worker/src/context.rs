@@ -91,14 +91,14 @@ impl Context {
     }
 
     /// Waits for `vm`'s attach/detach lock.
+    /// Locks no longer held or awaited by anyone are dropped on the way, so the map holds only
+    /// the VMs with an attach or detach in progress (not every VM id ever seen).
     pub async fn lock_vm(&self, vm: VmId) -> OwnedMutexGuard<()> {
-        let lock = self
-            .vm_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(vm)
-            .or_default()
-            .clone();
+        let lock = {
+            let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(vm).or_default().clone()
+        };
         lock.lock_owned().await
     }
 

@@ -228,14 +228,19 @@ impl Intake {
             "invalid command; dead-lettering it"
         );
         if let Some(event) = rejection_event(&invalid, delivery.routing_key.as_str()) {
-            match self
-                .ctx
-                .store
-                .queue_rejection_event(&event, invalid.reply_to.as_deref())
-                .await
-            {
-                Ok(()) => self.ctx.relay_wakeup.notify_one(),
-                Err(e) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
+            let queued = tokio::time::timeout(
+                ACCEPT_TIMEOUT,
+                self.ctx
+                    .store
+                    .queue_rejection_event(&event, invalid.reply_to.as_deref()),
+            )
+            .await;
+            match queued {
+                Ok(Ok(())) => self.ctx.relay_wakeup.notify_one(),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
+                Err(_) => {
+                    tracing::error!(timeout = ?ACCEPT_TIMEOUT, "queueing the INVALID_COMMAND event timed out")
+                }
             }
         }
 

@@ -40,7 +40,12 @@ enum RelayError {
     Unconfirmed(usize),
     #[error(transparent)]
     Fenced(#[from] Fenced),
+    #[error("a batch took longer than {BATCH_TIMEOUT:?} (database or broker stalled)")]
+    Stalled,
 }
+
+/// The longest one batch (claim, publish, confirms, mark) may take.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// How long a batch waits for the broker's confirms while holding its rows locked.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,7 +82,12 @@ impl Relay {
             self.status.set_relay_connected(true);
             backoff.reset();
             loop {
-                match self.publish_batch(&channel).await {
+                // Bounded as a whole: a database call on a half-open connection must not stall
+                // the relay for the kernel's retransmission timeout.
+                let batch = tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(&channel))
+                    .await
+                    .unwrap_or(Err(RelayError::Stalled));
+                match batch {
                     Ok(n) if n == BATCH as usize => continue,
                     Ok(_) => {
                         tokio::select! {
