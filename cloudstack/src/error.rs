@@ -77,6 +77,12 @@ impl CloudStackError {
         }
     }
 
+    /// Whether the request timed out waiting for an answer: CloudStack may still be working on
+    /// it, so a check of its effect right away can miss what it is about to do.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Self::Transport { source, .. } if source.is_timeout())
+    }
+
     /// Whether CloudStack answered, so that we know whether it acted. A transport error
     /// leaves that unknown.
     pub fn was_answered(&self) -> bool {

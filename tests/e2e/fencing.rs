@@ -131,6 +131,26 @@ async fn wait_for_jobs(env: &TestEnv, n: usize) {
     }
 }
 
+/// Waits for every command of both waves to end, then checks the promise: each ended once,
+/// completed, no side effect twice, no two daemons on one volume at once, per-volume order.
+/// Returns the simulator's call log.
+async fn assert_every_command_ended_once(
+    env: &mut TestEnv,
+    collector: &Collector,
+    waves: &(Vec<Command>, Vec<Command>, Vec<VolumeId>),
+) -> Vec<CallRecord> {
+    let (first, second, volumes) = waves;
+    let all: Vec<Command> = first.iter().chain(second).cloned().collect();
+    let ids: Vec<String> = all.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(90)).await;
+    assert_all_ended(env, &all, &events).await;
+    let calls = env.sim.sim.calls();
+    assert_no_duplicate_side_effects(&calls);
+    assert_no_overlap_between_daemons(&calls);
+    assert_attach_then_detach(&events, volumes);
+    calls
+}
+
 async fn start_standby(env: &mut TestEnv, database_url: String) -> SocketAddr {
     env.sim.sim.add_keys(STANDBY_KEY.0, STANDBY_KEY.1);
     let standby = env
@@ -153,30 +173,23 @@ async fn killing_every_mysql_session_of_the_active_loses_and_repeats_nothing() {
     env.start_daemon().await;
     start_standby(&mut env, url_b).await;
     let collector = Collector::start(&env.prefix).await;
-    let (first, second, volumes) = two_waves(&env, 10, 8);
+    let waves = two_waves(&env, 10, 8);
     let client = env.client().await;
-    for c in &first {
+    for c in &waves.0 {
         client.publish_only(c).await.expect("published");
     }
 
     // Jobs in flight, then every session of the active daemon killed; commands keep coming.
     wait_for_jobs(&env, 6).await;
     let killed = env.kill_sessions_of(&user_a).await;
-    for c in &second {
+    for c in &waves.1 {
         client.publish_only(c).await.expect("published");
     }
     let killed_again = env.kill_sessions_of(&user_a).await;
     eprintln!("killed {killed} then {killed_again} sessions of the active daemon");
     assert!(killed >= 2, "the active daemon had sessions to kill");
 
-    let all: Vec<Command> = first.iter().chain(&second).cloned().collect();
-    let ids: Vec<String> = all.iter().map(|c| c.command_id.to_string()).collect();
-    let events = collector.wait_all(&ids, Duration::from_secs(90)).await;
-    assert_all_ended(&mut env, &all, &events).await;
-    let calls = env.sim.sim.calls();
-    assert_no_duplicate_side_effects(&calls);
-    assert_no_overlap_between_daemons(&calls);
-    assert_attach_then_detach(&events, &volumes);
+    assert_every_command_ended_once(&mut env, &collector, &waves).await;
     assert_eq!(
         env.sim.sim.call_count("createVolume"),
         20,
@@ -194,28 +207,20 @@ async fn a_silent_partition_from_mysql_hands_over_within_ten_seconds_and_fences_
     let direct = env.database_url();
     start_standby(&mut env, direct).await;
     let collector = Collector::start(&env.prefix).await;
-    let (first, second, volumes) = two_waves(&env, 12, 6);
+    let waves = two_waves(&env, 12, 6);
     let client = env.client().await;
-    for c in &first {
+    for c in &waves.0 {
         client.publish_only(c).await.expect("published");
     }
 
     wait_for_jobs(&env, 5).await;
     let frozen_at = Utc::now();
     link.freeze();
-    for c in &second {
+    for c in &waves.1 {
         client.publish_only(c).await.expect("published");
     }
 
-    let all: Vec<Command> = first.iter().chain(&second).cloned().collect();
-    let ids: Vec<String> = all.iter().map(|c| c.command_id.to_string()).collect();
-    let events = collector.wait_all(&ids, Duration::from_secs(90)).await;
-    assert_all_ended(&mut env, &all, &events).await;
-    let calls = env.sim.sim.calls();
-    assert_no_duplicate_side_effects(&calls);
-    assert_no_overlap_between_daemons(&calls);
-    assert_attach_then_detach(&events, &volumes);
-
+    let calls = assert_every_command_ended_once(&mut env, &collector, &waves).await;
     let (main_key, _) = env.sim.sim.keys();
     let times = |key: &str| -> Vec<DateTime<Utc>> {
         calls

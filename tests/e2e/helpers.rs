@@ -707,18 +707,7 @@ impl EventTap {
         )
         .await
         .expect("bind tap");
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume tap");
+        let consumer = consume_no_ack(&ch, q.name().as_str()).await;
         Self {
             _conn: conn,
             consumer,
@@ -751,6 +740,36 @@ impl EventTap {
     }
 }
 
+/// Consumes `queue` without acknowledgements (the test reads, nothing to redeliver).
+async fn consume_no_ack(ch: &lapin::Channel, queue: &str) -> Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume")
+}
+
+/// How many messages wait in `queue` (a passive declare: the queue must exist).
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
 /// A server-named exclusive queue (`amq.gen-…`) to name as a command's `reply_to`.
 pub struct ReplyQueue {
     _conn: Connection,
@@ -775,18 +794,7 @@ impl ReplyQueue {
             )
             .await
             .expect("reply queue");
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume replies");
+        let consumer = consume_no_ack(&ch, q.name().as_str()).await;
         Self {
             _conn: conn,
             name: q.name().to_string(),

@@ -8,7 +8,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use schema::{ErrorCode, EventOpType, Topology};
 
-use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv};
+use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv, queue_depth};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -408,19 +408,8 @@ async fn a_reply_to_outside_the_allowed_patterns_gets_no_copy() {
     let (_, event) = events.expect("the event on the exchange", WAIT).await;
     assert_eq!(event.data.command_id, command.command_id);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let queue = ch
-        .queue_declare(
-            elsewhere.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("passive declare");
     assert_eq!(
-        queue.message_count(),
+        queue_depth(&ch, &elsewhere).await,
         0,
         "no copy in a queue outside REPLY_TO_ALLOWED"
     );
@@ -451,24 +440,13 @@ async fn sixteen_ten_mib_messages_are_dead_lettered_within_128_mib() {
     let ch = conn.create_channel().await.expect("channel");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let dead = ch
-            .queue_declare(
-                topology.dead_letter_queue().as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        if dead.message_count() >= 16 {
+        let dead = queue_depth(&ch, &topology.dead_letter_queue()).await;
+        if dead >= 16 {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {} of 16 dead-lettered",
-            dead.message_count()
+            "only {dead} of 16 dead-lettered"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

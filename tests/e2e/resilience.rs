@@ -321,3 +321,49 @@ async fn status_shows_the_standby_role_and_readiness_stays_200() {
         "{active}"
     );
 }
+
+/// One volume with a long queue does not stall the intake for every other volume: with
+/// `MAX_CONCURRENT_OPERATIONS=2` (so two operations in hand would fill the old limit), 24
+/// attach/detach commands queued on one volume do not hold up a create published after them.
+#[tokio::test]
+async fn a_long_queue_on_one_volume_does_not_stall_other_volumes() {
+    let mut env = TestEnv::with_sim(sim(300)).await;
+    env.extra_env
+        .push(("MAX_CONCURRENT_OPERATIONS".into(), "2".into()));
+    env.start_daemon().await;
+    let collector = Collector::start(&env.prefix).await;
+    let vm = VmId::new_random();
+    env.sim.sim.add_vm(vm, "busy-vm");
+    let volume = env.sim.sim.seed_volume("busy", 1 << 30);
+    let client = env.client().await;
+    let mut queued = Vec::new();
+    for i in 0..24 {
+        let c = if i % 2 == 0 {
+            cmd::attach(volume, vm)
+        } else {
+            cmd::detach(volume)
+        };
+        client.publish_only(&c).await.expect("published");
+        queued.push(c.command_id.to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = cmd::create("not-behind-the-queue", "1GiB");
+    let published = tokio::time::Instant::now();
+    client.publish_only(&other).await.expect("published");
+
+    collector
+        .wait_all(&[other.command_id.to_string()], Duration::from_secs(30))
+        .await;
+    let waited = published.elapsed();
+    let events = collector.wait_all(&queued, Duration::from_secs(60)).await;
+    let busy_done = events
+        .iter()
+        .filter(|e| e.data.volume_id == Some(volume))
+        .count();
+    eprintln!("the create completed {waited:?} after it was published");
+    assert!(
+        waited < Duration::from_secs(3),
+        "the create waited {waited:?} behind another volume's queue"
+    );
+    assert_eq!(busy_done, 24, "the busy volume's commands all ended");
+}

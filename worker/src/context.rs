@@ -38,6 +38,30 @@ pub struct Context {
     pub vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A permanent database error is tried this many times in a row, then given up.
+const PERMANENT_ATTEMPTS: u32 = 3;
+
+/// Whether a database error will come back however often the write is tried: the server
+/// refused the statement itself. Lost connections, killed sessions, lock waits, deadlocks and
+/// connection limits are transient.
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    /// MySQL/MariaDB error numbers worth retrying: lock wait timeout, deadlock, too many
+    /// connections, shutdown in progress, query interrupted, server gone, lost connection,
+    /// connection killed.
+    const TRANSIENT: [u16; 8] = [1205, 1213, 1040, 1053, 1317, 2006, 2013, 1927];
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|m| !TRANSIENT.contains(&m.number())),
+        sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_) => true,
+        _ => false,
+    }
+}
+
 /// How long to wait between attempts to write to an unreachable database.
 const DB_RETRY: Duration = Duration::from_millis(500);
 
@@ -51,15 +75,27 @@ impl Context {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let mut permanent = 0;
         loop {
             match write().await {
                 Ok(done) => return Ok(done),
+                Err(StoreError::Db(e))
+                    if is_permanent(&e) && permanent + 1 >= PERMANENT_ATTEMPTS =>
+                {
+                    // Retrying cannot help (a schema mismatch, a value the column refuses): stop
+                    // here; the row keeps its state and the operation resumes at the next start.
+                    tracing::error!(error = %e, attempts = PERMANENT_ATTEMPTS, "cannot {what}: permanent database error; giving up until the next start");
+                    return Err(Halt::Interrupted(format!(
+                        "permanent database error: cannot {what}"
+                    )));
+                }
                 Err(StoreError::Fenced(f)) => {
                     tracing::error!(error = %f, "write refused: cannot {what}; fencing this instance");
                     self.fenced.cancel();
                     return Err(Halt::Interrupted(format!("fenced before it could {what}")));
                 }
                 Err(StoreError::Db(e)) => {
+                    permanent = if is_permanent(&e) { permanent + 1 } else { 0 };
                     tracing::warn!(error = %e, "cannot {what}; retrying");
                     tokio::select! {
                         () = self.shutdown.cancelled() => {
@@ -133,5 +169,37 @@ impl Context {
             Ok(()) => self.relay_wakeup.notify_one(),
             Err(_) => tracing::warn!("stopped before the outcome was recorded; it resumes later"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb::TestDb;
+
+    /// A statement the server refuses is permanent; a killed session or a lock wait is not.
+    #[tokio::test]
+    async fn the_servers_refusals_are_permanent_and_lost_sessions_are_not() {
+        let db = TestDb::new().await;
+        let refused = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+            .execute(&db.pool)
+            .await
+            .expect_err("no such table");
+        assert!(is_permanent(&refused), "{refused}");
+
+        let mut victim = db.pool.acquire().await.expect("connection");
+        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+            .fetch_one(&mut *victim)
+            .await
+            .expect("id");
+        sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+            .execute(&db.pool)
+            .await
+            .expect("kill");
+        let killed = sqlx::query("SELECT 1")
+            .execute(&mut *victim)
+            .await
+            .expect_err("the session was killed");
+        assert!(!is_permanent(&killed), "{killed}");
     }
 }

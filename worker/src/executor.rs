@@ -124,7 +124,13 @@ pub async fn run(
         ctx,
     };
     let limit = max_concurrent * 2;
+    // Past `limit`, operations are still taken while the cloud has idle capacity (fewer tasks
+    // than permits), up to `hard_cap`: one volume with a long queue must not stall the intake
+    // for every other volume (head-of-line blocking), and memory stays bounded.
+    let hard_cap = max_concurrent * 16;
     loop {
+        let room = lanes.in_hand() < limit
+            || (lanes.running.len() < max_concurrent && lanes.in_hand() < hard_cap);
         tokio::select! {
             biased;
             () = stop.drain.cancelled() => break,
@@ -133,7 +139,7 @@ pub async fn run(
                 let id = report(done);
                 lanes.finished(id, true);
             }
-            op = ops.recv(), if lanes.in_hand() < limit => match op {
+            op = ops.recv(), if room => match op {
                 Some(op) => lanes.admit(op),
                 None => break,
             },

@@ -1,8 +1,9 @@
 //! The outbox table: events waiting to be published.
 //!
-//! Rows are written in the same transaction as the result they announce ([`insert`]) and
-//! claimed by the relay with `FOR UPDATE SKIP LOCKED` ([`claim`]). There is no "highest id
-//! seen" cursor: auto-increment ids commit out of order, so every claim looks at all rows whose
+//! Rows are written in the same transaction as the result they announce ([`insert`]) and read
+//! by the relay without locks ([`unpublished`]): only the lease holder relays, and the relay
+//! must not hold row locks while it waits for the broker's confirms. There is no "highest id
+//! seen" cursor: auto-increment ids commit out of order, so every read looks at all rows whose
 //! `published_at` is still NULL.
 
 use chrono::{DateTime, Utc};
@@ -45,14 +46,14 @@ pub async fn insert(
     Ok(())
 }
 
-/// Locks up to `limit` unpublished rows, oldest first, skipping rows another transaction holds.
-pub async fn claim(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+/// Up to `limit` unpublished rows, oldest first (a plain read: no locks held).
+pub async fn unpublished(pool: &MySqlPool, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT id, event_id, exchange, routing_key, payload, correlation_id, reply_to \
-         FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
+         FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?",
     )
     .bind(limit)
-    .fetch_all(conn)
+    .fetch_all(pool)
     .await?;
     rows.into_iter()
         .map(|r| {

@@ -68,6 +68,9 @@ pub struct Relay {
 impl Relay {
     pub async fn run(self) {
         let mut backoff = Backoff::default();
+        // Database failures back off too: a batch published but not marked is sent again,
+        // at a falling rate rather than every second.
+        let mut db_backoff = Backoff::default();
         'connect: while !self.stop.is_cancelled() {
             let (_conn, channel) = match self.open().await {
                 Ok(c) => c,
@@ -87,6 +90,9 @@ impl Relay {
                 let batch = tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(&channel))
                     .await
                     .unwrap_or(Err(RelayError::Stalled));
+                if batch.is_ok() {
+                    db_backoff.reset();
+                }
                 match batch {
                     Ok(n) if n == BATCH as usize => continue,
                     Ok(_) => {
@@ -102,10 +108,9 @@ impl Relay {
                         break 'connect;
                     }
                     Err(RelayError::Db(e)) => {
-                        tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
-                        tokio::select! {
-                            () = self.stop.cancelled() => break 'connect,
-                            () = tokio::time::sleep(IDLE_POLL) => {}
+                        tracing::warn!(error = %e, "relay cannot read or mark the outbox; retrying");
+                        if !db_backoff.wait(&self.stop).await {
+                            break 'connect;
                         }
                     }
                     Err(e) => {
@@ -132,13 +137,12 @@ impl Relay {
         Ok((conn, channel))
     }
 
-    /// Claims a batch, publishes every row, waits for all confirms, then marks the rows
-    /// published in the same transaction. Returns how many rows were published.
+    /// Reads a batch, publishes every row, waits for all confirms, then marks the rows
+    /// published in a short fenced transaction: no row lock is held while the broker confirms.
+    /// Returns how many rows were published.
     async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = outbox::claim(&mut tx, BATCH).await?;
+        let rows = outbox::unpublished(&self.pool, BATCH).await?;
         if rows.is_empty() {
-            tx.commit().await?;
             return Ok(0);
         }
         let mut confirms = Vec::with_capacity(rows.len());
@@ -189,9 +193,10 @@ impl Relay {
             Ok(())
         })
         .await;
-        // Unconfirmed: the rows stay unpublished (the transaction rolls back) and are sent again
-        // on a new connection; subscribers dedupe on the event id.
+        // Unconfirmed: the rows stay unpublished and are sent again on a new connection;
+        // subscribers dedupe on the event id.
         confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
+        let mut tx = self.pool.begin().await?;
         for row in &sent {
             outbox::mark_published(&mut tx, row.id).await?;
         }

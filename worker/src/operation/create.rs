@@ -104,6 +104,7 @@ async fn issue(
             Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "no answer to createVolume; looking for the volume before re-issuing");
+                jobs::settle_after(ctx, &e).await?;
                 if let Some(listed) = find_created(ctx, op, client, create, zone).await? {
                     let id = listed.id;
                     return Ok((id, finish_found(ctx, op, client, polling, listed).await?));

@@ -6,6 +6,7 @@
 //! volume, and only re-issues the call when neither (CLOUDSTACK.md §4).
 
 use std::future::Future;
+use std::time::Duration;
 
 use cloudstack::{Client, CloudStackError, JobId, JobPolling, Volume};
 use schema::{ErrorCode, EventError, VolumeId};
@@ -13,6 +14,27 @@ use schema::{ErrorCode, EventError, VolumeId};
 use super::{Halt, Operation};
 use crate::cloud::classify;
 use crate::context::Context;
+
+/// After a request timed out, how long CloudStack gets to finish it before its effect is
+/// checked (a slow management server may still act on it).
+const SETTLE_AFTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits [`SETTLE_AFTER_TIMEOUT`] when `lost` was a timeout (not a refused or reset
+/// connection, where nothing is still in progress).
+pub async fn settle_after(ctx: &Context, lost: &CloudStackError) -> Result<(), Halt> {
+    if lost.timed_out() {
+        tracing::info!(
+            wait_s = SETTLE_AFTER_TIMEOUT.as_secs(),
+            "the request timed out: giving CloudStack time to finish it before checking"
+        );
+        ctx.until_shutdown(
+            "waiting for a timed-out request to settle",
+            tokio::time::sleep(SETTLE_AFTER_TIMEOUT),
+        )
+        .await?;
+    }
+    Ok(())
+}
 
 /// How many times a call whose answer was lost is tried in all.
 const ATTEMPTS: usize = 3;
@@ -111,6 +133,7 @@ where
             Err(e) => e,
         };
         tracing::warn!(error = %lost, attempt, "no answer from CloudStack; reconciling with listVolumes before re-issuing");
+        settle_after(ctx, &lost).await?;
         let now = current(client, volume).await?;
         if reached(&now) {
             tracing::info!("the call had taken effect");
