@@ -54,7 +54,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::CloudstackUnavailable | Self::DeviceCorrelationTimeout | Self::Internal
+            Self::CloudstackLimit
+                | Self::CloudstackUnavailable
+                | Self::DeviceCorrelationTimeout
+                | Self::Internal
         )
     }
 

@@ -211,7 +211,13 @@ pub fn classify(e: &CloudStackError) -> EventError {
         CloudStackError::Deadline { job_id: None, .. } => ErrorCode::Timeout,
         CloudStackError::Decode { .. } => ErrorCode::Internal,
     };
-    EventError::new(code, e.to_string()).with_cloudstack_code(e.cloudstack_code())
+    let mut error = EventError::new(code, e.to_string()).with_cloudstack_code(e.cloudstack_code());
+    if e.cloudstack_code() == Some(532) {
+        // An account resource limit: CloudStack says not to retry (a rate limit, 429, may be
+        // retried later).
+        error.retryable = false;
+    }
+    error
 }
 
 #[cfg(test)]
