@@ -25,6 +25,7 @@ use crate::broker;
 use crate::cloud::{Cloud, CloudEnv};
 use crate::config::Settings;
 use crate::context::Context;
+use crate::db::store::Store;
 use crate::db::{self, DbError};
 use crate::devices::{self, Devices, Monitor};
 use crate::executor;
@@ -35,7 +36,6 @@ use crate::metrics::Metrics;
 use crate::operation::Operation;
 use crate::relay::Relay;
 use crate::status::Status;
-use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

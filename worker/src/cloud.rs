@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use sqlx::{MySqlPool, Row};
+use sqlx::MySqlPool;
 
 use cloudstack::{Client, CloudStackError, Credentials, JobPolling, RetryPolicy};
 use schema::{ErrorCode, EventError, OperationType, VmId, ZoneId};
@@ -138,27 +138,18 @@ impl Cloud {
     }
 
     async fn active_config(&self) -> Result<Option<OsseaConfig>, EventError> {
-        let row = sqlx::query(
-            "SELECT name, api_url, api_key, secret_key, zone, oma_vm_id FROM ossea_configs \
-             WHERE is_active = TRUE ORDER BY updated_at DESC, id DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| internal(format!("reading ossea_configs failed: {e}")))?;
-        let Some(row) = row else { return Ok(None) };
-        let get = |col: &str| -> Result<Option<String>, EventError> {
-            row.try_get(col)
-                .map_err(|e| internal(format!("ossea_configs.{col}: {e}")))
-        };
-        Ok(Some(OsseaConfig {
-            name: get("name")?.unwrap_or_default(),
+        let row = crate::db::configs::active(&self.pool)
+            .await
+            .map_err(|e| internal(format!("reading ossea_configs failed: {e}")))?;
+        Ok(row.map(|r| OsseaConfig {
+            name: r.name,
             credentials: Credentials {
-                api_url: get("api_url")?.unwrap_or_default(),
-                api_key: get("api_key")?.unwrap_or_default(),
-                secret_key: get("secret_key")?.unwrap_or_default(),
+                api_url: r.api_url,
+                api_key: r.api_key,
+                secret_key: r.secret_key,
             },
-            zone: get("zone")?,
-            host_vm: get("oma_vm_id")?,
+            zone: r.zone,
+            host_vm: r.oma_vm_id,
         }))
     }
 }

@@ -12,11 +12,12 @@ use cloudstack::response::JobId;
 use schema::{VmId, VolumeId};
 
 use crate::cloud::Cloud;
+use crate::db::is_permanent;
+use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
 use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
 use crate::operation::{Halt, Operation, Outcome};
-use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
 pub struct Context {
@@ -40,27 +41,6 @@ pub struct Context {
 
 /// A permanent database error is tried this many times in a row, then given up.
 const PERMANENT_ATTEMPTS: u32 = 3;
-
-/// Whether a database error will come back however often the write is tried: the server
-/// refused the statement itself. Lost connections, killed sessions, lock waits, deadlocks and
-/// connection limits are transient.
-pub fn is_permanent(e: &sqlx::Error) -> bool {
-    /// MySQL/MariaDB error numbers worth retrying: lock wait timeout, deadlock, too many
-    /// connections, shutdown in progress, query interrupted, server gone, lost connection,
-    /// connection killed.
-    const TRANSIENT: [u16; 8] = [1205, 1213, 1040, 1053, 1317, 2006, 2013, 1927];
-    match e {
-        sqlx::Error::Database(db) => db
-            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .is_some_and(|m| !TRANSIENT.contains(&m.number())),
-        sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::Decode(_) => true,
-        _ => false,
-    }
-}
 
 /// How long to wait between attempts to write to an unreachable database.
 const DB_RETRY: Duration = Duration::from_millis(500);
@@ -169,37 +149,5 @@ impl Context {
             Ok(()) => self.relay_wakeup.notify_one(),
             Err(_) => tracing::warn!("stopped before the outcome was recorded; it resumes later"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testdb::TestDb;
-
-    /// A statement the server refuses is permanent; a killed session or a lock wait is not.
-    #[tokio::test]
-    async fn the_servers_refusals_are_permanent_and_lost_sessions_are_not() {
-        let db = TestDb::new().await;
-        let refused = sqlx::query("INSERT INTO no_such_table VALUES (1)")
-            .execute(&db.pool)
-            .await
-            .expect_err("no such table");
-        assert!(is_permanent(&refused), "{refused}");
-
-        let mut victim = db.pool.acquire().await.expect("connection");
-        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-            .fetch_one(&mut *victim)
-            .await
-            .expect("id");
-        sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
-            .execute(&db.pool)
-            .await
-            .expect("kill");
-        let killed = sqlx::query("SELECT 1")
-            .execute(&mut *victim)
-            .await
-            .expect_err("the session was killed");
-        assert!(!is_permanent(&killed), "{killed}");
     }
 }

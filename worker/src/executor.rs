@@ -57,7 +57,7 @@ impl Lanes {
     }
 
     /// Queues `op` behind earlier operations on its volume, or starts it. An operation already
-    /// in hand (the intake hands over in-flight duplicates, see [`crate::store::Accepted`]) is
+    /// in hand (the intake hands over in-flight duplicates, see [`crate::db::store::Accepted`]) is
     /// ignored.
     fn admit(&mut self, op: Operation) {
         if !self.held.insert(op.id().clone()) {

@@ -11,9 +11,9 @@ use axum::routing::get;
 use serde_json::json;
 use sqlx::MySqlPool;
 
+use crate::db::outbox;
 use crate::devices::Devices;
 use crate::metrics::Metrics;
-use crate::outbox;
 use crate::status::Status;
 
 #[derive(Debug, Clone)]

@@ -27,9 +27,9 @@ use schema::{
 use crate::broker::{self, Backoff, Endpoint};
 use crate::config::ReplyToAllowed;
 use crate::context::Context;
+use crate::db::store::{self, Accepted, StoreError};
 use crate::operation::Operation;
 use crate::status::Status;
-use crate::store::{self, Accepted, StoreError};
 
 /// Recording one command gives up after this and tries again.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -25,6 +25,8 @@
 use std::time::Duration;
 
 use sqlx::{MySqlConnection, MySqlPool};
+
+use crate::db;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -72,12 +74,7 @@ impl Fence {
     /// now has another epoch (the caller must roll back). The shared lock it takes makes a
     /// takeover wait until this transaction ends.
     pub async fn check(&self, tx: &mut MySqlConnection) -> Result<Result<(), Fenced>, sqlx::Error> {
-        let current: Option<u64> = sqlx::query_scalar(
-            "SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE",
-        )
-        .bind(&self.name)
-        .fetch_optional(tx)
-        .await?;
+        let current = db::lease::epoch_shared(tx, &self.name).await?;
         if current == Some(self.epoch) {
             Ok(Ok(()))
         } else {
@@ -178,38 +175,7 @@ impl Lease {
         name: &str,
         holder: &str,
     ) -> Result<Option<u64>, LeaseError> {
-        bounded(async {
-            let mut tx = pool.begin().await?;
-            sqlx::query(
-                "INSERT IGNORE INTO execution_lease (name, holder, epoch, expires_at) \
-                 VALUES (?, '', 0, '1970-01-01 00:00:01')",
-            )
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-            let taken = sqlx::query(
-                "UPDATE execution_lease SET holder = ?, epoch = epoch + 1, \
-                 expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
-                 acquired_at = UTC_TIMESTAMP(3), renewed_at = UTC_TIMESTAMP(3) \
-                 WHERE name = ? AND expires_at < UTC_TIMESTAMP(3)",
-            )
-            .bind(holder)
-            .bind(micros(TTL))
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-            if taken.rows_affected() == 0 {
-                tx.rollback().await?;
-                return Ok(None);
-            }
-            let epoch: u64 = sqlx::query_scalar("SELECT epoch FROM execution_lease WHERE name = ?")
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(Some(epoch))
-        })
-        .await
+        bounded(db::lease::take_if_expired(pool, name, holder, micros(TTL))).await
     }
 
     /// The fencing token of this holding.
@@ -225,24 +191,20 @@ impl Lease {
     /// Pushes the expiry ahead. Call every [`RENEW_EVERY`].
     pub async fn renew(&mut self) -> Renewal {
         let sent = Instant::now();
-        let renewed = bounded(
-            sqlx::query(
-                "UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
-                 renewed_at = UTC_TIMESTAMP(3) WHERE name = ? AND holder = ? AND epoch = ?",
-            )
-            .bind(micros(TTL))
-            .bind(&self.fence.name)
-            .bind(&self.holder)
-            .bind(self.fence.epoch)
-            .execute(&self.pool),
-        )
+        let renewed = bounded(db::lease::renew(
+            &self.pool,
+            &self.fence.name,
+            &self.holder,
+            self.fence.epoch,
+            micros(TTL),
+        ))
         .await;
         match renewed {
-            Ok(r) if r.rows_affected() == 1 => {
+            Ok(true) => {
                 self.renewed = sent;
                 Renewal::Held
             }
-            Ok(_) => {
+            Ok(false) => {
                 tracing::error!(
                     epoch = self.fence.epoch,
                     "the execution lease was taken over by another instance"
@@ -262,16 +224,12 @@ impl Lease {
 
     /// Gives the lease up (a clean shutdown), so a standby takes over without waiting.
     pub async fn release(self) {
-        let released = bounded(
-            sqlx::query(
-                "UPDATE execution_lease SET expires_at = '1970-01-01 00:00:01' \
-                 WHERE name = ? AND holder = ? AND epoch = ?",
-            )
-            .bind(&self.fence.name)
-            .bind(&self.holder)
-            .bind(self.fence.epoch)
-            .execute(&self.pool),
-        )
+        let released = bounded(db::lease::release(
+            &self.pool,
+            &self.fence.name,
+            &self.holder,
+            self.fence.epoch,
+        ))
         .await;
         if let Err(e) = released {
             tracing::warn!(error = %e, "could not release the execution lease; it expires by itself");
@@ -292,7 +250,7 @@ pub fn holder_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdb::TestDb;
+    use crate::db::testdb::TestDb;
 
     #[test]
     fn the_fence_comes_well_before_the_expiry() {
@@ -325,9 +283,7 @@ mod tests {
         assert_eq!(other, Some(1));
 
         // Expire it by hand (as time would): the second takes it with the next epoch.
-        sqlx::query("UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) - INTERVAL 1 SECOND WHERE name = ?")
-            .bind(lease_name("p"))
-            .execute(&db.pool)
+        db::lease::expire(&db.pool, &lease_name("p"))
             .await
             .expect("expire");
         let mut first = first;

@@ -21,13 +21,9 @@ pub mod lease;
 pub mod mappings;
 pub mod metrics;
 pub mod operation;
-pub mod outbox;
 pub mod relay;
 pub mod status;
-pub mod store;
 pub mod telemetry;
-#[cfg(test)]
-pub mod testdb;
 
 pub use app::Application;
 pub use config::Settings;

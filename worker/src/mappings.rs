@@ -1,8 +1,8 @@
-//! The `device_mappings` table: where each attached volume is. Written in the transaction that
-//! ends an attach or detach; kept current by the device monitor for host attachments.
+//! Where each attached volume is (`device_mappings`): the row type and the change an operation
+//! makes. Written by [`crate::db::mappings::apply`] in the transaction that ends an attach or
+//! detach; kept current by the device monitor for host attachments.
 
 use chrono::{DateTime, Utc};
-use sqlx::MySqlConnection;
 
 use schema::VmId;
 use schema::VolumeId;
@@ -33,58 +33,4 @@ pub struct DeviceMapping {
 pub enum MappingChange {
     Upsert(DeviceMapping),
     Remove(VolumeId),
-}
-
-fn mode_column(mode: AttachMode) -> &'static str {
-    match mode {
-        AttachMode::Host => "oma",
-        AttachMode::Remote => "failover",
-    }
-}
-
-/// Applies `change` inside the caller's transaction.
-pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result<(), sqlx::Error> {
-    match change {
-        MappingChange::Remove(volume) => {
-            sqlx::query("DELETE FROM device_mappings WHERE volume_id = ?")
-                .bind(volume.to_string())
-                .execute(conn)
-                .await?;
-        }
-        MappingChange::Upsert(m) => {
-            // A stale row may still claim this device path on this VM (a device that vanished
-            // and was reused by the kernel): the new attachment is the truth.
-            if let Some(path) = &m.device_path {
-                sqlx::query("DELETE FROM device_mappings WHERE vm_id = ? AND device_path = ? AND volume_id <> ?")
-                    .bind(m.vm_id.to_string())
-                    .bind(path)
-                    .bind(m.volume_id.to_string())
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            sqlx::query(
-                "INSERT INTO device_mappings (volume_id, vm_id, operation_mode, device_path, by_id_path, serial, \
-                 cloudstack_device_id, cloudstack_state, linux_state, size, last_sync) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE vm_id = VALUES(vm_id), operation_mode = VALUES(operation_mode), \
-                 device_path = VALUES(device_path), by_id_path = VALUES(by_id_path), serial = VALUES(serial), \
-                 cloudstack_device_id = VALUES(cloudstack_device_id), cloudstack_state = VALUES(cloudstack_state), \
-                 linux_state = VALUES(linux_state), size = VALUES(size), last_sync = VALUES(last_sync)",
-            )
-            .bind(m.volume_id.to_string())
-            .bind(m.vm_id.to_string())
-            .bind(mode_column(m.mode))
-            .bind(m.device_path.as_deref())
-            .bind(m.by_id_path.as_deref())
-            .bind(m.serial.as_deref())
-            .bind(m.cloudstack_device_id)
-            .bind(m.cloudstack_state)
-            .bind(m.linux_state)
-            .bind(m.size)
-            .bind(m.last_sync)
-            .execute(conn)
-            .await?;
-        }
-    }
-    Ok(())
 }

@@ -156,7 +156,7 @@ impl Metrics {
                 outcome,
             })
             .inc();
-        let seconds = (crate::store::now() - op.created_at)
+        let seconds = (crate::db::store::now() - op.created_at)
             .num_milliseconds()
             .max(0) as f64
             / 1000.0;

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use schema::event::EVENT_CONTENT_TYPE;
 
 use crate::broker::{self, Backoff, Endpoint};
+use crate::db::outbox::{self, OutboxRow};
 use crate::lease::{Fence, Fenced};
 use crate::metrics::Metrics;
-use crate::outbox::{self, OutboxRow};
 use crate::status::Status;
 
 /// Rows claimed per transaction.

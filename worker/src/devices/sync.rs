@@ -3,12 +3,12 @@
 //! `present` again with its (possibly new) path. Driven by the monitor's events; after a lag,
 //! and at start, every host mapping is recomputed from the device table.
 
-use sqlx::Row;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
-use crate::store::{Store, StoreError, now};
+use crate::db::devices;
+use crate::db::store::{Store, StoreError, now};
 
 /// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
 /// fenced write cancels `fenced` and ends the task.
@@ -64,36 +64,12 @@ async fn apply(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
     let path = format!("/dev/{}", e.device.name);
     let mut tx = store.pool().begin().await?;
     match (&e.change, &e.device.serial) {
-        (DeviceChange::Removed, _) => {
-            sqlx::query(
-                "UPDATE device_mappings SET linux_state = 'missing', device_path = NULL, last_sync = ? \
-                 WHERE operation_mode = 'oma' AND device_path = ?",
-            )
-            .bind(now())
-            .bind(path)
-            .execute(&mut *tx)
-            .await?;
-        }
+        (DeviceChange::Removed, _) => devices::device_removed(&mut tx, &path, now()).await?,
         (DeviceChange::Added, Some(serial)) => {
-            sqlx::query(
-                "UPDATE device_mappings SET linux_state = 'present', device_path = ?, size = COALESCE(?, size), last_sync = ? \
-                 WHERE operation_mode = 'oma' AND serial = ? AND (device_path IS NULL OR device_path <> ? OR linux_state <> 'present')",
-            )
-            .bind(&path)
-            .bind(e.device.size)
-            .bind(now())
-            .bind(serial)
-            .bind(&path)
-            .execute(&mut *tx)
-            .await?;
+            devices::device_added(&mut tx, serial, &path, e.device.size, now()).await?;
         }
         (DeviceChange::Resized { .. }, _) => {
-            sqlx::query("UPDATE device_mappings SET size = ?, last_sync = ? WHERE operation_mode = 'oma' AND device_path = ?")
-                .bind(e.device.size)
-                .bind(now())
-                .bind(path)
-                .execute(&mut *tx)
-                .await?;
+            devices::device_resized(&mut tx, &path, e.device.size, now()).await?;
         }
         (DeviceChange::Added, None) => return Ok(tx.rollback().await?),
     }
@@ -102,10 +78,7 @@ async fn apply(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
 
 /// Recomputes every host mapping from the table. `Err` only when fenced.
 async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
-    let rows = match sqlx::query("SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = 'oma'")
-        .fetch_all(store.pool())
-        .await
-    {
+    let rows = match devices::host_mappings(store.pool()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read device_mappings to resynchronise");
@@ -113,10 +86,12 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
         }
     };
     for row in rows {
-        let volume: String = row.try_get("volume_id").unwrap_or_default();
-        let serial: Option<String> = row.try_get("serial").unwrap_or_default();
-        let path: Option<String> = row.try_get("device_path").unwrap_or_default();
-        let state: String = row.try_get("linux_state").unwrap_or_default();
+        let devices::HostMapping {
+            volume_id: volume,
+            serial,
+            device_path: path,
+            linux_state: state,
+        } = row;
         let found = serial
             .as_deref()
             .and_then(|s| {
@@ -135,12 +110,7 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
         }
         let updated = async {
             let mut tx = store.pool().begin().await?;
-            sqlx::query("UPDATE device_mappings SET device_path = ?, linux_state = ?, last_sync = ? WHERE volume_id = ?")
-                .bind(want_path)
-                .bind(want_state)
-                .bind(now())
-                .bind(&volume)
-                .execute(&mut *tx)
+            devices::set_host_device(&mut tx, &volume, want_path.as_deref(), want_state, now())
                 .await?;
             store.commit_fenced(tx).await
         }

@@ -13,9 +13,9 @@ use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
 use super::{Completion, Halt, Operation, jobs};
 use crate::context::Context;
+use crate::db::store::now;
 use crate::devices::Found;
 use crate::mappings::{DeviceMapping, MappingChange};
-use crate::store::now;
 
 pub async fn run(
     ctx: &Context,

@@ -1,5 +1,21 @@
-//! The database: created when missing, migrated at start (migrations are embedded from the
-//! workspace's `migrations/`).
+//! The persistence layer: the only module that runs SQL. The database is created when missing
+//! and migrated at start (migrations are embedded from the workspace's `migrations/`).
+//!
+//! - [`store`]: `volume_operations` (accept, progress, finish with the outbox row), fenced.
+//! - [`outbox`]: events waiting to be published.
+//! - [`mappings`]: `device_mappings` changes.
+//! - [`lease`]: the `execution_lease` row and the fencing check.
+//! - [`configs`]: the active `ossea_configs` row.
+//! - [`devices`]: the mapping sync's updates of host mappings.
+
+pub mod configs;
+pub mod devices;
+pub mod lease;
+pub mod mappings;
+pub mod outbox;
+pub mod store;
+#[cfg(test)]
+pub mod testdb;
 
 use std::time::Duration;
 
@@ -50,6 +66,27 @@ async fn bound_session(
     sql: &'static str,
 ) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, sql).await.map(|_| ())
+}
+
+/// Whether a database error will come back however often the write is tried: the server
+/// refused the statement itself. Lost connections, killed sessions, lock waits, deadlocks and
+/// connection limits are transient.
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    /// MySQL/MariaDB error numbers worth retrying: lock wait timeout, deadlock, too many
+    /// connections, shutdown in progress, query interrupted, server gone, lost connection,
+    /// connection killed.
+    const TRANSIENT: [u16; 8] = [1205, 1213, 1040, 1053, 1317, 2006, 2013, 1927];
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|m| !TRANSIENT.contains(&m.number())),
+        sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_) => true,
+        _ => false,
+    }
 }
 
 /// Connects to `url`, creating the database if it does not exist, and applies migrations.
@@ -106,7 +143,7 @@ pub fn lease_pool(url: &str) -> Result<MySqlPool, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdb::TestDb;
+    use crate::db::testdb::TestDb;
 
     /// A user with a password (not the tests' passwordless root) connects again after its pool
     /// was dropped and rebuilt. (MariaDB has no `caching_sha2_password`: with MySQL 8, the
@@ -142,5 +179,31 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("cannot reach the database"), "{text}");
         assert!(!text.contains("pw-"), "no secret in the error: {text}");
+    }
+
+    /// A statement the server refuses is permanent; a killed session or a lock wait is not.
+    #[tokio::test]
+    async fn the_servers_refusals_are_permanent_and_lost_sessions_are_not() {
+        let db = TestDb::new().await;
+        let refused = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+            .execute(&db.pool)
+            .await
+            .expect_err("no such table");
+        assert!(is_permanent(&refused), "{refused}");
+
+        let mut victim = db.pool.acquire().await.expect("connection");
+        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+            .fetch_one(&mut *victim)
+            .await
+            .expect("id");
+        sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+            .execute(&db.pool)
+            .await
+            .expect("kill");
+        let killed = sqlx::query("SELECT 1")
+            .execute(&mut *victim)
+            .await
+            .expect_err("the session was killed");
+        assert!(!is_permanent(&killed), "{killed}");
     }
 }

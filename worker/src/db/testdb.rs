@@ -52,12 +52,12 @@ impl TestDb {
     }
 
     /// A store fenced by a lease this test holds (prefix `unit`).
-    pub async fn store(&self) -> crate::store::Store {
+    pub async fn store(&self) -> crate::db::store::Store {
         let stop = tokio_util::sync::CancellationToken::new();
         let lease = crate::lease::Lease::acquire(&self.pool, "unit", "unit-test", &stop)
             .await
             .expect("the lease of a fresh database");
-        crate::store::Store::new(
+        crate::db::store::Store::new(
             self.pool.clone(),
             schema::Topology::new("unit"),
             lease.fence(),

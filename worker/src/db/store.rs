@@ -14,10 +14,11 @@ use schema::{
     CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId,
 };
 
+use crate::db::mappings;
+use crate::db::outbox;
 use crate::lease::{Fence, Fenced};
-use crate::mappings::{self, MappingChange};
+use crate::mappings::MappingChange;
 use crate::operation::{Operation, Outcome, event_for};
-use crate::outbox;
 
 /// The columns [`operation_from_row`] reads (a macro, so queries stay `&'static str`).
 macro_rules! operation_columns {
@@ -329,7 +330,7 @@ fn operation_from_row(row: &MySqlRow) -> Result<Option<Operation>, sqlx::Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdb::TestDb;
+    use crate::db::testdb::TestDb;
     use schema::VolumeId;
 
     #[tokio::test]

@@ -1,0 +1,108 @@
+//! The `execution_lease` row's SQL. The rules (who may take it, when the holder fences itself)
+//! are in [`crate::lease`]; times here are the server's (`UTC_TIMESTAMP(3)`), so no two
+//! daemons' clocks are ever compared.
+
+use sqlx::{MySqlConnection, MySqlPool};
+
+/// The lease's current epoch, read with a shared lock inside the caller's transaction: a
+/// takeover (an exclusive update of the row) waits until that transaction ends.
+pub async fn epoch_shared(
+    tx: &mut MySqlConnection,
+    name: &str,
+) -> Result<Option<u64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE")
+        .bind(name)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Takes the lease for `holder` if it has expired (or was released): the new epoch, or `None`
+/// while another holder's lease runs.
+pub async fn take_if_expired(
+    pool: &MySqlPool,
+    name: &str,
+    holder: &str,
+    ttl_micros: u64,
+) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT IGNORE INTO execution_lease (name, holder, epoch, expires_at) \
+         VALUES (?, '', 0, '1970-01-01 00:00:01')",
+    )
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    let taken = sqlx::query(
+        "UPDATE execution_lease SET holder = ?, epoch = epoch + 1, \
+         expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
+         acquired_at = UTC_TIMESTAMP(3), renewed_at = UTC_TIMESTAMP(3) \
+         WHERE name = ? AND expires_at < UTC_TIMESTAMP(3)",
+    )
+    .bind(holder)
+    .bind(ttl_micros)
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    if taken.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let epoch: u64 = sqlx::query_scalar("SELECT epoch FROM execution_lease WHERE name = ?")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(epoch))
+}
+
+/// Pushes the expiry `ttl_micros` ahead if `holder` still holds `epoch`; `false` otherwise.
+pub async fn renew(
+    pool: &MySqlPool,
+    name: &str,
+    holder: &str,
+    epoch: u64,
+    ttl_micros: u64,
+) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
+        "UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
+         renewed_at = UTC_TIMESTAMP(3) WHERE name = ? AND holder = ? AND epoch = ?",
+    )
+    .bind(ttl_micros)
+    .bind(name)
+    .bind(holder)
+    .bind(epoch)
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
+/// Expires the lease now if `holder` still holds `epoch` (a clean shutdown).
+pub async fn release(
+    pool: &MySqlPool,
+    name: &str,
+    holder: &str,
+    epoch: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE execution_lease SET expires_at = '1970-01-01 00:00:01' \
+         WHERE name = ? AND holder = ? AND epoch = ?",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(epoch)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Makes the lease look expired, as time would (tests).
+#[cfg(test)]
+pub async fn expire(pool: &MySqlPool, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) - INTERVAL 1 SECOND WHERE name = ?",
+    )
+    .bind(name)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
