@@ -17,7 +17,7 @@ use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
 use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
-use crate::operation::{Halt, Operation, Outcome};
+use crate::model::{Halt, Operation, Outcome};
 
 #[derive(Debug)]
 pub struct Context {

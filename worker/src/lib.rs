@@ -20,6 +20,7 @@ pub mod intake;
 pub mod lease;
 pub mod mappings;
 pub mod metrics;
+pub mod model;
 pub mod operation;
 pub mod relay;
 pub mod status;

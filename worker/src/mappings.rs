@@ -1,5 +1,5 @@
 //! Where each attached volume is (`device_mappings`): the row type and the change an operation
-//! makes. Written by [`crate::db::mappings::apply`] in the transaction that ends an attach or
+//! makes. Written by the persistence layer (`db::mappings`) in the transaction that ends an attach or
 //! detach; kept current by the device monitor for host attachments.
 
 use chrono::{DateTime, Utc};

@@ -3,7 +3,7 @@
 
 use sqlx::MySqlPool;
 
-/// One `ossea_configs` row as stored (validated by its user, [`crate::cloud`]).
+/// One `ossea_configs` row as stored (its user validates the values).
 #[derive(Clone, sqlx::FromRow)]
 pub struct ConfigRow {
     pub name: String,

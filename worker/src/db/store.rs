@@ -18,7 +18,7 @@ use crate::db::mappings;
 use crate::db::outbox;
 use crate::lease::{Fence, Fenced};
 use crate::mappings::MappingChange;
-use crate::operation::{Operation, Outcome, event_for};
+use crate::model::{Operation, Outcome, event_for};
 
 /// The columns [`operation_from_row`] reads (a macro, so queries stay `&'static str`).
 macro_rules! operation_columns {

@@ -1,0 +1,128 @@
+//! An operation as data: an accepted command and what is known of its progress, how it ended
+//! ([`Outcome`]), why it stopped early ([`Halt`]), and the terminal event it ends with
+//! ([`event_for`]). A leaf module: the persistence layer, the metrics and the executor use these
+//! types without depending on how operations run (the `operation` module does that).
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use cloudstack::response::JobId;
+use schema::event::AttachMode;
+use schema::{
+    CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
+    VolumeId, VolumeInfo,
+};
+
+use crate::mappings::MappingChange;
+
+/// An accepted command and what is known of its progress.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub command: Command,
+    /// When the command was accepted (the row's `created_at`).
+    pub created_at: DateTime<Utc>,
+    /// The CloudStack job, once one was started and recorded.
+    pub job_id: Option<JobId>,
+    /// The volume, once known (a create learns it from CloudStack).
+    pub volume_id: Option<VolumeId>,
+    /// Executions started before this one (by an earlier run of a daemon): the operation may
+    /// have acted already and must reconcile before acting again.
+    pub prior_attempts: u32,
+}
+
+impl Operation {
+    pub fn new(command: Command, created_at: DateTime<Utc>) -> Self {
+        let volume_id = command.action.volume_id();
+        Self {
+            command,
+            created_at,
+            job_id: None,
+            volume_id,
+            prior_attempts: 0,
+        }
+    }
+
+    pub fn id(&self) -> &CommandId {
+        &self.command.command_id
+    }
+}
+
+/// What a successful operation reports.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    pub volume_id: Option<VolumeId>,
+    pub vm_id: Option<VmId>,
+    /// Stored as the operation's `response`.
+    pub response: Value,
+    pub volume: Option<VolumeInfo>,
+    pub device_path: Option<String>,
+    pub by_id_path: Option<String>,
+    pub mode: Option<AttachMode>,
+    pub already_detached: Option<bool>,
+    pub already_absent: Option<bool>,
+    /// What the operation does to `device_mappings`, in the transaction that ends it.
+    pub mapping: Option<MappingChange>,
+}
+
+/// How an operation ended: the result stored and announced.
+pub type Outcome = Result<Completion, EventError>;
+
+/// Why a command module stopped before its end.
+#[derive(Debug)]
+pub enum Halt {
+    /// The operation failed: this is its outcome, and what it leaves in `device_mappings`
+    /// (an attach whose device never appeared still records the attachment).
+    Fail(EventError, Option<Box<MappingChange>>),
+    /// Shutdown came first; the operation is left pending or executing and resumes at the
+    /// next start.
+    Interrupted(String),
+}
+
+impl From<EventError> for Halt {
+    fn from(e: EventError) -> Self {
+        Self::Fail(e, None)
+    }
+}
+
+/// The terminal event of `op` with `outcome`.
+pub fn event_for(
+    op: &Operation,
+    outcome: &Outcome,
+    id: EventId,
+    completed_at: DateTime<Utc>,
+) -> CloudEvent {
+    let cmd = &op.command;
+    let duration_ms = (completed_at - op.created_at).num_milliseconds().max(0) as u64;
+    let empty = Completion::default();
+    let (status, done, error) = match outcome {
+        Ok(c) => (OperationStatus::Completed, c, None),
+        Err(e) => (OperationStatus::Failed, &empty, Some(e.clone())),
+    };
+    CloudEvent::new(
+        id,
+        completed_at,
+        EventData {
+            operation_id: cmd.command_id.clone(),
+            command_id: cmd.command_id.clone(),
+            correlation_id: schema::correlation_or_command_id(
+                cmd.correlation_id.clone(),
+                &cmd.command_id,
+            ),
+            op_type: cmd.operation_type().into(),
+            status,
+            volume_id: done.volume_id.or(op.volume_id),
+            vm_id: done.vm_id.or(cmd.action.vm_id()),
+            device_path: done.device_path.clone(),
+            by_id_path: done.by_id_path.clone(),
+            mode: done.mode,
+            metadata: cmd.metadata.clone(),
+            error,
+            created_at: op.created_at,
+            completed_at,
+            duration_ms,
+            volume: done.volume.clone(),
+            already_detached: done.already_detached,
+            already_absent: done.already_absent,
+        },
+    )
+}
