@@ -294,7 +294,11 @@ impl Active<'_> {
             abort: abort.clone(),
             grace: settings.shutdown_grace(),
         };
-        let executor = tokio::spawn(executor::run(ctx.clone(), ops_rx, max, stop));
+        let runner = {
+            let ctx = ctx.clone();
+            move |op| crate::operation::execute(ctx.clone(), op)
+        };
+        let executor = tokio::spawn(executor::run(runner, ops_rx, max, stop));
 
         // Unfinished operations first, in the order they were accepted; then new commands, so
         // arrival order per volume holds across restarts and takeovers.

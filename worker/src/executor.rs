@@ -8,6 +8,7 @@
 //! prefetch limit stops deliveries: back-pressure all the way to the queue.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,22 @@ use tokio_util::sync::CancellationToken;
 
 use schema::{CommandId, VolumeId};
 
-use crate::context::Context;
-use crate::operation::{self, Operation};
+use crate::model::Operation;
+
+/// What runs one operation to its end (in the daemon, [`crate::operation::execute`]).
+pub trait Runner: Clone + Send + 'static {
+    fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static;
+}
+
+impl<F, Fut> Runner for F
+where
+    F: Fn(Operation) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static {
+        self(op)
+    }
+}
 
 /// When to stop.
 #[derive(Debug, Clone)]
@@ -30,7 +45,7 @@ pub struct Stop {
     pub grace: Duration,
 }
 
-struct Lanes {
+struct Lanes<R> {
     /// Operations per volume, the running one at the front.
     waiting: HashMap<VolumeId, VecDeque<Operation>>,
     /// Which operation and volume each running task belongs to.
@@ -39,19 +54,19 @@ struct Lanes {
     held: HashSet<CommandId>,
     tasks: JoinSet<()>,
     permits: Arc<Semaphore>,
-    ctx: Arc<Context>,
+    runner: R,
 }
 
-impl Lanes {
+impl<R: Runner> Lanes<R> {
     fn spawn(&mut self, op: Operation) {
         let volume = op.command.action.volume_id();
         let id = op.id().clone();
-        let (ctx, permits) = (self.ctx.clone(), self.permits.clone());
+        let (runner, permits) = (self.runner.clone(), self.permits.clone());
         let handle = self.tasks.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
-            operation::execute(ctx, op).await;
+            runner.run(op).await;
         });
         self.running.insert(handle.id(), (id, volume));
     }
@@ -109,8 +124,8 @@ impl Lanes {
     }
 }
 
-pub async fn run(
-    ctx: Arc<Context>,
+pub async fn run<R: Runner>(
+    runner: R,
     mut ops: mpsc::Receiver<Operation>,
     max_concurrent: usize,
     stop: Stop,
@@ -121,7 +136,7 @@ pub async fn run(
         held: HashSet::new(),
         tasks: JoinSet::new(),
         permits: Arc::new(Semaphore::new(max_concurrent)),
-        ctx,
+        runner,
     };
     let limit = max_concurrent * 2;
     // Past `limit`, operations are still taken while the cloud has idle capacity (fewer tasks
@@ -130,7 +145,7 @@ pub async fn run(
     let hard_cap = max_concurrent * 16;
     loop {
         let room = lanes.in_hand() < limit
-            || (lanes.running.len() < max_concurrent && lanes.in_hand() < hard_cap);
+            || (lanes.running.len() <= max_concurrent && lanes.in_hand() < hard_cap);
         tokio::select! {
             biased;
             () = stop.drain.cancelled() => break,
@@ -188,5 +203,238 @@ fn report(done: Result<(Id, ()), tokio::task::JoinError>) -> Id {
             }
             e.id()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use schema::{Command, VmId};
+
+    use super::*;
+
+    /// What the fake runner saw: (operation, "start" | "end") in order.
+    type Log = Arc<Mutex<Vec<(String, &'static str)>>>;
+
+    /// A runner that takes `work` per operation and logs its start and end.
+    fn runner(log: &Log, work: Duration) -> impl Runner {
+        let log = log.clone();
+        move |op: Operation| {
+            let log = log.clone();
+            async move {
+                let id = op.id().to_string();
+                log.lock().expect("log").push((id.clone(), "start"));
+                tokio::time::sleep(work).await;
+                log.lock().expect("log").push((id, "end"));
+            }
+        }
+    }
+
+    fn op(command: Command) -> Operation {
+        Operation::new(command, chrono::Utc::now())
+    }
+
+    fn stop(grace: Duration) -> Stop {
+        Stop {
+            drain: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            grace,
+        }
+    }
+
+    /// Runs the executor over `ops` until each distinct one ended (the intake stays connected
+    /// meanwhile: a closed channel means shutdown), then drains it; returns the log.
+    async fn run_all(
+        ops: Vec<Operation>,
+        max: usize,
+        work: Duration,
+    ) -> Vec<(String, &'static str)> {
+        let log: Log = Default::default();
+        let distinct: HashSet<String> = ops.iter().map(|o| o.id().to_string()).collect();
+        let (tx, rx) = mpsc::channel(ops.len().max(1));
+        for o in ops {
+            tx.send(o).await.expect("send");
+        }
+        let stop = stop(Duration::from_secs(1));
+        let drain = stop.drain.clone();
+        let executor = tokio::spawn(run(runner(&log, work), rx, max, stop));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        while log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|(_, e)| *e == "end")
+            .count()
+            < distinct.len()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operations did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A copy ignored by the executor would have run by now if it were not.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drain.cancel();
+        executor.await.expect("executor");
+        drop(tx);
+        log.lock().expect("log").clone()
+    }
+
+    fn started(log: &[(String, &'static str)]) -> Vec<String> {
+        log.iter()
+            .filter(|(_, e)| *e == "start")
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Most operations running at once, from the log.
+    fn peak(log: &[(String, &'static str)]) -> usize {
+        let (mut now, mut most) = (0usize, 0usize);
+        for (_, e) in log {
+            if *e == "start" {
+                now += 1;
+                most = most.max(now);
+            } else {
+                now -= 1;
+            }
+        }
+        most
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operations_on_one_volume_run_one_at_a_time_in_arrival_order() {
+        let volume = schema::VolumeId::new_random();
+        let ops: Vec<Operation> = (0..5).map(|_| op(Command::detach(volume))).collect();
+        let ids: Vec<String> = ops.iter().map(|o| o.id().to_string()).collect();
+
+        let log = run_all(ops, 4, Duration::from_millis(10)).await;
+
+        assert_eq!(started(&log), ids, "FIFO per volume");
+        assert_eq!(peak(&log), 1, "never two at once on one volume");
+        assert_eq!(log.len(), 10, "all ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_the_limit_run_at_once() {
+        let ops = (0..10)
+            .map(|i| {
+                op(Command::create(
+                    format!("c{i}"),
+                    "1GiB".parse().expect("size"),
+                ))
+            })
+            .collect();
+        let log = run_all(ops, 3, Duration::from_millis(10)).await;
+        assert_eq!(peak(&log), 3, "the concurrency cap");
+        assert_eq!(log.len(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn volumes_run_in_parallel_with_each_other() {
+        let ops = (0..4)
+            .map(|_| op(Command::detach(schema::VolumeId::new_random())))
+            .collect();
+        let log = run_all(ops, 4, Duration::from_millis(10)).await;
+        assert_eq!(peak(&log), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_copy_of_an_operation_in_hand_is_ignored() {
+        let first = op(Command::attach(
+            schema::VolumeId::new_random(),
+            VmId::new_random(),
+        ));
+        let copy = first.clone();
+        let log = run_all(vec![first, copy], 4, Duration::from_millis(10)).await;
+        assert_eq!(started(&log).len(), 1, "ran once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_queue_on_one_volume_does_not_hold_back_another() {
+        let busy = schema::VolumeId::new_random();
+        // 12 queued on one volume: more than the in-hand limit (2 × 1), less than the hard cap
+        // (16 × 1) that bounds how far ahead the executor looks.
+        let mut ops: Vec<Operation> = (0..12).map(|_| op(Command::detach(busy))).collect();
+        let other = op(Command::delete(schema::VolumeId::new_random()));
+        let other_id = other.id().to_string();
+        ops.push(other);
+        let log = run_all(ops, 1, Duration::from_millis(10)).await;
+        let position = started(&log)
+            .iter()
+            .position(|id| *id == other_id)
+            .expect("ran");
+        assert!(
+            position <= 2,
+            "the other volume started at position {position} of 13"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_lets_running_operations_finish_and_starts_no_more() {
+        let log: Log = Default::default();
+        let (tx, rx) = mpsc::channel(8);
+        let volume = schema::VolumeId::new_random();
+        for _ in 0..3 {
+            tx.send(op(Command::detach(volume))).await.expect("send");
+        }
+        let stop = stop(Duration::from_secs(5));
+        let drain = stop.drain.clone();
+        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(1)), rx, 4, stop));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain.cancel();
+        executor.await.expect("executor");
+        let log = log.lock().expect("log").clone();
+        assert_eq!(started(&log).len(), 1, "nothing new after the drain");
+        assert_eq!(log.len(), 2, "the running one finished within the grace");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abort_stops_running_operations_at_once() {
+        let log: Log = Default::default();
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(op(Command::detach(schema::VolumeId::new_random())))
+            .await
+            .expect("send");
+        let stop = stop(Duration::from_secs(5));
+        let abort = stop.abort.clone();
+        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(60)), rx, 4, stop));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = tokio::time::Instant::now();
+        abort.cancel();
+        executor.await.expect("executor");
+        assert!(
+            before.elapsed() < Duration::from_secs(1),
+            "no grace on abort"
+        );
+        let log = log.lock().expect("log").clone();
+        assert_eq!(log.len(), 1, "started, never ended: aborted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_past_the_grace_aborts_what_is_left() {
+        let log: Log = Default::default();
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(op(Command::detach(schema::VolumeId::new_random())))
+            .await
+            .expect("send");
+        let stop = stop(Duration::from_secs(2));
+        let drain = stop.drain.clone();
+        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(60)), rx, 4, stop));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = tokio::time::Instant::now();
+        drain.cancel();
+        executor.await.expect("executor");
+        let waited = before.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        assert_eq!(
+            log.lock().expect("log").len(),
+            1,
+            "aborted at the end of the grace"
+        );
     }
 }

@@ -98,3 +98,57 @@ pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
         oldest: row.try_get("oldest")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::testdb::TestDb;
+    use schema::{CommandId, EventData, EventError, EventId, OperationType};
+
+    fn event(id: &str) -> CloudEvent {
+        let data = EventData::rejected(
+            CommandId::parse(id).expect("id"),
+            OperationType::Create.into(),
+            None,
+            EventError::new(schema::ErrorCode::InvalidCommand, "x"),
+            chrono::Utc::now(),
+        );
+        CloudEvent::new(EventId::new_random(), chrono::Utc::now(), data)
+    }
+
+    /// Auto-increment ids commit out of order: a row with a lower id that commits later is
+    /// still read (there is no "last id seen" cursor), and marked rows are not read again.
+    #[tokio::test]
+    async fn rows_that_commit_out_of_order_are_not_skipped() {
+        let db = TestDb::new().await;
+        let mut slow = db.pool.begin().await.expect("tx");
+        insert(&mut slow, &event("first-id"), "x.events", None)
+            .await
+            .expect("insert");
+        let mut fast = db.pool.begin().await.expect("tx");
+        insert(
+            &mut fast,
+            &event("second-id"),
+            "x.events",
+            Some("amq.gen-r"),
+        )
+        .await
+        .expect("insert");
+        fast.commit().await.expect("commit");
+
+        let seen = unpublished(&db.pool, 10).await.expect("read");
+        assert_eq!(seen.len(), 1, "only the committed row");
+        let mut tx = db.pool.begin().await.expect("tx");
+        mark_published(&mut tx, seen[0].id).await.expect("mark");
+        tx.commit().await.expect("commit");
+        slow.commit().await.expect("commit");
+
+        let seen = unpublished(&db.pool, 10).await.expect("read");
+        assert_eq!(seen.len(), 1, "the lower id, committed last, is read");
+        assert!(seen[0].payload.contains("first-id"));
+        assert_eq!(seen[0].correlation_id.as_deref(), Some("first-id"));
+        let backlog = backlog(&db.pool).await.expect("backlog");
+        assert_eq!(backlog.count, 1);
+        assert!(backlog.oldest.is_some());
+    }
+}

@@ -359,4 +359,242 @@ mod tests {
             "the stored attempts are loaded"
         );
     }
+
+    fn attach_command() -> (Command, VolumeId, schema::VmId) {
+        let (volume, vm) = (VolumeId::new_random(), schema::VmId::new_random());
+        (Command::attach(volume, vm), volume, vm)
+    }
+
+    fn attached(volume: VolumeId, vm: schema::VmId) -> crate::model::Completion {
+        crate::model::Completion {
+            volume_id: Some(volume),
+            vm_id: Some(vm),
+            response: serde_json::json!({"attached": true}),
+            mapping: Some(MappingChange::Upsert(crate::mappings::DeviceMapping {
+                volume_id: volume,
+                vm_id: vm,
+                mode: schema::event::AttachMode::Remote,
+                device_path: None,
+                by_id_path: None,
+                serial: None,
+                cloudstack_device_id: Some(1),
+                cloudstack_state: "attached",
+                linux_state: "remote",
+                size: None,
+                last_sync: now(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    async fn count(pool: &MySqlPool, sql: &'static str, id: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    async fn outbox_rows(pool: &MySqlPool) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    async fn finish_ok(store: &Store, op: &Operation, done: crate::model::Completion) {
+        let mut outcome: Outcome = Ok(done);
+        let mapping = outcome.as_mut().ok().and_then(|c| c.mapping.take());
+        store
+            .finish(op, &outcome, mapping.as_ref())
+            .await
+            .expect("finish");
+    }
+
+    /// Accepting is idempotent: the same id again is in flight (with the stored operation), and
+    /// once ended, a duplicate re-queues the same event for its own reply queue.
+    #[tokio::test]
+    async fn accept_is_idempotent_and_an_ended_duplicate_queues_the_same_event() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let (command, volume, vm) = attach_command();
+        let id = command.command_id.clone();
+        let Accepted::New(op) = store.accept(command.clone()).await.expect("accept") else {
+            panic!("a new operation")
+        };
+        let Accepted::InFlight(again) = store.accept(command.clone()).await.expect("again") else {
+            panic!("in flight")
+        };
+        assert_eq!(again.id(), &id);
+        assert_eq!(again.command, command, "the stored command");
+
+        assert!(store.mark_executing(&id).await.expect("mark"));
+        finish_ok(&store, &op, attached(volume, vm)).await;
+        let duplicate = command.with_reply_to("amq.gen-dup");
+        assert!(matches!(
+            store.accept(duplicate).await.expect("dup"),
+            Accepted::Ended
+        ));
+
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT event_id, reply_to FROM outbox ORDER BY id")
+                .fetch_all(&db.pool)
+                .await
+                .expect("outbox");
+        assert_eq!(rows.len(), 2, "the event, then its replay");
+        assert_eq!(rows[0].0, rows[1].0, "the same event id");
+        assert_eq!(
+            rows[1].1.as_deref(),
+            Some("amq.gen-dup"),
+            "to the duplicate's reply queue"
+        );
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM volume_operations WHERE id = ?",
+                id.as_str()
+            )
+            .await,
+            1
+        );
+    }
+
+    /// Ending an operation writes its row, its mapping and its outbox row together; a second
+    /// outcome changes nothing, and an ended operation is not marked executing again.
+    #[tokio::test]
+    async fn only_pending_or_executing_rows_end_and_each_ending_writes_row_mapping_and_event() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let (command, volume, vm) = attach_command();
+        let id = command.command_id.clone();
+        let Accepted::New(op) = store.accept(command).await.expect("accept") else {
+            panic!("new")
+        };
+        assert!(store.mark_executing(&id).await.expect("mark"));
+        finish_ok(&store, &op, attached(volume, vm)).await;
+
+        let (status, vm_id): (String, Option<String>) = sqlx::query_as(
+            "SELECT CAST(status AS CHAR), vm_id FROM volume_operations WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+        assert_eq!(status, "completed");
+        assert_eq!(vm_id, Some(vm.to_string()));
+        let v = volume.to_string();
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM device_mappings WHERE volume_id = ?",
+                &v
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM outbox WHERE routing_key = ?",
+                "volume.attach.completed"
+            )
+            .await,
+            1
+        );
+
+        // A second outcome (say, from a stale copy) is refused without error and writes nothing.
+        let failed: Outcome = Err(schema::EventError::new(schema::ErrorCode::Internal, "late"));
+        store.finish(&op, &failed, None).await.expect("no-op");
+        assert_eq!(
+            outbox_rows(&db.pool).await,
+            1,
+            "still only the first outcome's event"
+        );
+        assert!(
+            !store.mark_executing(&id).await.expect("mark"),
+            "ended: not ours to execute"
+        );
+    }
+
+    /// A store of an epoch that was taken over changes nothing, and says so.
+    #[tokio::test]
+    async fn a_store_whose_lease_was_taken_over_writes_nothing() {
+        let db = TestDb::new().await;
+        let old = db.store().await;
+        let (command, volume, vm) = attach_command();
+        let id = command.command_id.clone();
+        let Accepted::New(op) = old.accept(command).await.expect("accept") else {
+            panic!("new")
+        };
+        crate::db::lease::expire(&db.pool, &crate::lease::lease_name("unit"))
+            .await
+            .expect("expire");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _new = crate::lease::Lease::acquire(&db.pool, "unit", "the-new-holder", &stop)
+            .await
+            .expect("taken over");
+
+        let fenced = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Fenced(_)));
+        assert!(matches!(
+            old.mark_executing(&id).await,
+            Err(StoreError::Fenced(_))
+        ));
+        assert!(fenced(
+            old.record_job(&id, Some(volume), &JobId("j".into())).await
+        ));
+        let mut outcome: Outcome = Ok(attached(volume, vm));
+        let mapping = outcome.as_mut().ok().and_then(|c| c.mapping.take());
+        assert!(fenced(old.finish(&op, &outcome, mapping.as_ref()).await));
+        assert!(matches!(
+            old.accept(Command::detach(volume)).await,
+            Err(StoreError::Fenced(_))
+        ));
+
+        let (status, job): (String, Option<String>) = sqlx::query_as(
+            "SELECT CAST(status AS CHAR), cloudstack_job_id FROM volume_operations WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+        assert_eq!(
+            (status.as_str(), job),
+            ("pending", None),
+            "nothing of the old epoch committed"
+        );
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM volume_operations WHERE id <> ?",
+                id.as_str()
+            )
+            .await,
+            0
+        );
+        assert_eq!(outbox_rows(&db.pool).await, 0);
+    }
+
+    /// The job id recorded before polling is what a resume starts from.
+    #[tokio::test]
+    async fn a_recorded_job_is_resumed_from() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let command = Command::create("c", "1GiB".parse().expect("size"));
+        let id = command.command_id.clone();
+        store.accept(command).await.expect("accept");
+        store.mark_executing(&id).await.expect("mark");
+        let volume = VolumeId::new_random();
+        store
+            .record_job(&id, Some(volume), &JobId("job-1".into()))
+            .await
+            .expect("record");
+
+        let resumed = store.resumable().await.expect("resumable");
+        assert_eq!(resumed[0].job_id, Some(JobId("job-1".into())));
+        assert_eq!(
+            resumed[0].volume_id,
+            Some(volume),
+            "a create learns its volume"
+        );
+    }
 }
