@@ -160,6 +160,13 @@ pub async fn run<R: Runner>(
             },
         }
     }
+    wind_down(&mut lanes, &stop).await;
+}
+
+/// After the loop: on a drain, running operations get `stop.grace` to reach their end (no
+/// queued one starts); on an abort, or past the grace, whatever still runs is aborted (it
+/// resumes from its row).
+async fn wind_down<R: Runner>(lanes: &mut Lanes<R>, stop: &Stop) {
     if !stop.abort.is_cancelled() && !lanes.tasks.is_empty() {
         tracing::info!(
             in_flight = lanes.tasks.len(),

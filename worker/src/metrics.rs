@@ -64,70 +64,81 @@ impl Default for Metrics {
     }
 }
 
+/// Registers a handle of `metric` under `name` and returns the metric.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("volume_daemon");
-        let operations = Family::<OperationLabels, Counter>::default();
-        registry.register(
+        let operations = registered(
+            &mut registry,
             "operations",
             "Operations ended, by type and outcome",
-            operations.clone(),
+            Family::<OperationLabels, Counter>::default(),
         );
-        let duration = Family::<TypeLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.05, 2.0, 14))
-        });
-        registry.register(
+        let duration = registered(
+            &mut registry,
             "operation_duration_seconds",
             "Time from acceptance to the end of an operation",
-            duration.clone(),
+            Family::<TypeLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.05, 2.0, 14))
+            }),
         );
-        let commands = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        let commands = registered(
+            &mut registry,
             "commands_received",
             "Command messages received, by result",
-            commands.clone(),
+            Family::<ResultLabels, Counter>::default(),
         );
-        let events_published = Counter::default();
-        registry.register(
+        let events_published = registered(
+            &mut registry,
             "events_published",
             "Events confirmed by the broker",
-            events_published.clone(),
+            Counter::default(),
         );
-        let outbox_backlog = Gauge::default();
-        registry.register(
+        let outbox_backlog = registered(
+            &mut registry,
             "outbox_backlog",
             "Events not yet confirmed by the broker",
-            outbox_backlog.clone(),
+            Gauge::default(),
         );
-        let outbox_oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
+        let outbox_oldest_age = registered(
+            &mut registry,
             "outbox_oldest_age_seconds",
             "Age of the oldest unpublished event (publish lag)",
-            outbox_oldest_age.clone(),
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
-        let device_events = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        let device_events = registered(
+            &mut registry,
             "device_events",
             "Device changes seen by the monitor, by kind",
-            device_events.clone(),
+            Family::<ResultLabels, Counter>::default(),
         );
-        let correlation = Histogram::new(exponential_buckets(0.01, 2.0, 14));
-        registry.register(
+        let correlation = registered(
+            &mut registry,
             "correlation_latency_seconds",
             "Time from registering a device expectation to finding the device",
-            correlation.clone(),
+            Histogram::new(exponential_buckets(0.01, 2.0, 14)),
         );
-        let cloudstack_calls = Family::<CallLabels, Counter>::default();
-        registry.register(
+        let cloudstack_calls = registered(
+            &mut registry,
             "cloudstack_calls",
             "CloudStack API calls, by command and result (ok, an error code, transport)",
-            cloudstack_calls.clone(),
+            Family::<CallLabels, Counter>::default(),
         );
-        let cloudstack_retries = Family::<CommandLabels, Counter>::default();
-        registry.register(
+        let cloudstack_retries = registered(
+            &mut registry,
             "cloudstack_retries",
             "CloudStack calls retried after a transient error",
-            cloudstack_retries.clone(),
+            Family::<CommandLabels, Counter>::default(),
         );
         Self {
             registry: Mutex::new(registry),

@@ -145,57 +145,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut confirms = Vec::with_capacity(rows.len());
-        let mut sent = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (Some(exchange), Some(routing_key)) =
-                (short(&row.exchange), short(&row.routing_key))
-            else {
-                // Only a row edited by hand can hold names AMQP cannot carry: leave it in the
-                // backlog (visible on /ready) rather than panic or pretend it was published.
-                tracing::error!(event_id = %row.event_id, "outbox row names an exchange or routing key over 255 bytes; not publishing it");
-                continue;
-            };
-            sent.push(row);
-            let props = properties(row);
-            let confirm = channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions::default(),
-                    row.payload.as_bytes(),
-                    props.clone(),
-                )
-                .await?;
-            confirms.push((row.event_id.clone(), confirm));
-            // The command asked for a direct answer too: through the default exchange.
-            if let Some(queue) = row.reply_to.as_deref().and_then(short) {
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue,
-                        BasicPublishOptions::default(),
-                        row.payload.as_bytes(),
-                        props,
-                    )
-                    .await?;
-                confirms.push((row.event_id.clone(), confirm));
-            }
-        }
-        let count = confirms.len();
-        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-            for (event_id, confirm) in confirms {
-                match confirm.await? {
-                    Confirmation::Ack(_) | Confirmation::NotRequested => {}
-                    Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
-                }
-            }
-            Ok(())
-        })
-        .await;
-        // Unconfirmed: the rows stay unpublished and are sent again on a new connection;
-        // subscribers dedupe on the event id.
-        confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
+        let sent = publish_confirmed(channel, &rows).await?;
         let mut tx = self.pool.begin().await?;
         for row in &sent {
             outbox::mark_published(&mut tx, row.id).await?;
@@ -213,6 +163,55 @@ impl Relay {
         }
         Ok(sent.len())
     }
+}
+
+/// Publishes `rows` (and the copies their commands asked for through `reply_to`) and waits for
+/// every confirm. Returns the rows sent; a row whose names AMQP cannot carry is skipped.
+async fn publish_confirmed<'r>(
+    channel: &Channel,
+    rows: &'r [OutboxRow],
+) -> Result<Vec<&'r OutboxRow>, RelayError> {
+    let mut confirms = Vec::with_capacity(rows.len());
+    let mut sent = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (Some(exchange), Some(routing_key)) = (short(&row.exchange), short(&row.routing_key))
+        else {
+            // Only a row edited by hand can hold names AMQP cannot carry: leave it in the
+            // backlog (visible on /ready) rather than panic or pretend it was published.
+            tracing::error!(event_id = %row.event_id, "outbox row names an exchange or routing key over 255 bytes; not publishing it");
+            continue;
+        };
+        sent.push(row);
+        let props = properties(row);
+        let body = row.payload.as_bytes();
+        let options = BasicPublishOptions::default();
+        let confirm = channel
+            .basic_publish(exchange, routing_key, options, body, props.clone())
+            .await?;
+        confirms.push((row.event_id.clone(), confirm));
+        // The command asked for a direct answer too: through the default exchange.
+        if let Some(queue) = row.reply_to.as_deref().and_then(short) {
+            let confirm = channel
+                .basic_publish("".into(), queue, options, body, props)
+                .await?;
+            confirms.push((row.event_id.clone(), confirm));
+        }
+    }
+    let count = confirms.len();
+    let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+        for (event_id, confirm) in confirms {
+            match confirm.await? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    // Unconfirmed: the rows stay unpublished and are sent again on a new connection;
+    // subscribers dedupe on the event id.
+    confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
+    Ok(sent)
 }
 
 /// A short string, or nothing if it is too long for AMQP (never panics on stored data).

@@ -165,7 +165,13 @@ impl Monitor {
             scans: self.table.scans + 1,
         };
         self.table_tx.send_replace(Arc::new(self.table.clone()));
-        for e in &events {
+        self.announce(&events);
+        events
+    }
+
+    /// Counts, logs and broadcasts one scan's events.
+    fn announce(&self, events: &[DeviceEvent]) {
+        for e in events {
             if let Some(m) = &self.metrics {
                 m.device_event(match e.change {
                     DeviceChange::Added => "added",
@@ -177,7 +183,6 @@ impl Monitor {
             // No subscriber is fine: the table holds the state.
             let _ = self.events_tx.send(e.clone());
         }
-        events
     }
 
     /// Scans every period until shutdown.

@@ -54,22 +54,7 @@ pub fn scan(root: &Path) -> Scan {
         }
         // `join` then reading through the path follows a symlinked entry.
         let dir = block.join(&name);
-        let size = match std::fs::read_to_string(dir.join("size")) {
-            Ok(s) => match s.trim().parse::<u64>() {
-                Ok(sectors) => Some(sectors.saturating_mul(512)),
-                Err(_) => {
-                    out.warnings.push(format!(
-                        "{name}: size {:?} is not a number (half-written?)",
-                        s.trim()
-                    ));
-                    None
-                }
-            },
-            Err(e) => {
-                out.warnings.push(format!("{name}: cannot read size: {e}"));
-                None
-            }
-        };
+        let size = read_size(&dir, &name, &mut out.warnings);
         let serial = match read_serial(&dir) {
             Ok(serial) => serial,
             Err(e) => {
@@ -98,6 +83,27 @@ pub fn scan(root: &Path) -> Scan {
         );
     }
     out
+}
+
+/// The size in bytes (`size` counts 512-byte sectors); `None`, with a warning, when it cannot
+/// be read or is half-written.
+fn read_size(dir: &Path, name: &str, warnings: &mut Vec<String>) -> Option<u64> {
+    match std::fs::read_to_string(dir.join("size")) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(sectors) => Some(sectors.saturating_mul(512)),
+            Err(_) => {
+                warnings.push(format!(
+                    "{name}: size {:?} is not a number (half-written?)",
+                    s.trim()
+                ));
+                None
+            }
+        },
+        Err(e) => {
+            warnings.push(format!("{name}: cannot read size: {e}"));
+            None
+        }
+    }
 }
 
 /// The disk serial: `serial` (virtio-blk), else the VPD page 0x80 (SCSI). `Ok(None)` when the

@@ -23,50 +23,21 @@ pub async fn run(
     attach: &AttachVolume,
 ) -> Result<Completion, Halt> {
     let cs = ctx.cloud.session().await?;
-    let client = &cs.client;
     let polling = cs.polling(OperationType::Attach);
     let (volume_id, vm) = (attach.volume_id, attach.vm_id);
-    let mode = if cs.host_vm == Some(vm) {
-        AttachMode::Host
-    } else {
-        AttachMode::Remote
-    };
+    let host = cs.host_vm == Some(vm);
     let _one_at_a_time = ctx.lock_vm(vm).await;
 
-    let listed = jobs::settled(ctx, op, client, polling, volume_id).await?;
-    let expectation =
-        (mode == AttachMode::Host).then(|| ctx.devices.expect(volume_id, listed.size));
-    let volume = match listed.virtualmachineid {
-        Some(v) if v == vm => {
-            tracing::info!(%vm, "already attached to this VM; nothing to do in CloudStack");
-            listed
-        }
-        Some(other) => {
-            return Err(EventError::new(
-                ErrorCode::VolumeInUse,
-                format!("volume {volume_id} is attached to VM {other}, not {vm}: detach it first"),
-            )
-            .into());
-        }
-        None => {
-            jobs::start_and_wait(
-                ctx,
-                op,
-                client,
-                polling,
-                volume_id,
-                || client.attach_volume(volume_id, vm, attach.device_id),
-                |v| v.virtualmachineid == Some(vm),
-            )
-            .await?
-        }
-    };
+    let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
+    // Registered before the attach is sent: a device that appears early is not missed.
+    let expectation = host.then(|| ctx.devices.expect(volume_id, listed.size));
+    let volume = ensure_attached(ctx, op, &cs.client, polling, attach, listed).await?;
     let response = json!({"volume": {
         "id": volume.id, "virtualmachineid": volume.virtualmachineid, "deviceid": volume.deviceid,
         "state": volume.state, "size": volume.size,
     }});
-    let Some(expectation) = expectation else {
-        return Ok(Completion {
+    match expectation {
+        None => Ok(Completion {
             volume_id: Some(volume_id),
             vm_id: Some(vm),
             mode: Some(AttachMode::Remote),
@@ -80,9 +51,58 @@ pub async fn run(
                 "remote",
             ))),
             ..Completion::default()
-        });
-    };
+        }),
+        Some(expectation) => find_device(ctx, &expectation, vm, &volume, response).await,
+    }
+}
 
+/// The volume attached to the command's VM: as it is when it already is, else after an
+/// `attachVolume` (started without doing it twice); `VOLUME_IN_USE` when another VM has it.
+async fn ensure_attached(
+    ctx: &Context,
+    op: &mut Operation,
+    client: &cloudstack::Client,
+    polling: cloudstack::JobPolling,
+    attach: &AttachVolume,
+    listed: Volume,
+) -> Result<Volume, Halt> {
+    let (volume_id, vm) = (attach.volume_id, attach.vm_id);
+    match listed.virtualmachineid {
+        Some(v) if v == vm => {
+            tracing::info!(%vm, "already attached to this VM; nothing to do in CloudStack");
+            Ok(listed)
+        }
+        Some(other) => Err(EventError::new(
+            ErrorCode::VolumeInUse,
+            format!("volume {volume_id} is attached to VM {other}, not {vm}: detach it first"),
+        )
+        .into()),
+        None => {
+            jobs::start_and_wait(
+                ctx,
+                op,
+                client,
+                polling,
+                volume_id,
+                || client.attach_volume(volume_id, vm, attach.device_id),
+                |v| v.virtualmachineid == Some(vm),
+            )
+            .await
+        }
+    }
+}
+
+/// A host attachment: waits for the guest device with the volume's serial. Without it the
+/// operation fails `DEVICE_CORRELATION_TIMEOUT`, and the mapping still records the truth
+/// (attached in CloudStack, missing in Linux).
+async fn find_device(
+    ctx: &Context,
+    expectation: &crate::devices::Expectation,
+    vm: VmId,
+    volume: &Volume,
+    mut response: serde_json::Value,
+) -> Result<Completion, Halt> {
+    let volume_id = volume.id;
     // At least two scans after the job ended, whatever the job took.
     let waited = expectation.registered.elapsed();
     let timeout = ctx
@@ -90,13 +110,12 @@ pub async fn run(
         .max(waited + ctx.devices_period() * 2);
     match ctx
         .devices
-        .correlate(&expectation, timeout, &ctx.shutdown)
+        .correlate(expectation, timeout, &ctx.shutdown)
         .await
     {
         Ok(found) => {
             tracing::info!(device = %found.device_path, matched_by = ?found.matched_by, "device correlated");
             ctx.metrics.correlated(expectation.registered.elapsed());
-            let mut response = response;
             response["device_path"] = json!(found.device_path);
             Ok(Completion {
                 volume_id: Some(volume_id),
@@ -109,7 +128,7 @@ pub async fn run(
                     volume_id,
                     vm,
                     AttachMode::Host,
-                    &volume,
+                    volume,
                     Some(&found),
                     "present",
                 ))),
@@ -119,28 +138,35 @@ pub async fn run(
         Err(_) if ctx.shutdown.is_cancelled() => Err(Halt::Interrupted(
             "shut down while waiting for the device".into(),
         )),
-        Err(candidates) => {
-            let seen = if candidates.is_empty() {
-                "none".to_owned()
-            } else {
-                candidates.join(", ")
-            };
-            let error = EventError::new(
-                ErrorCode::DeviceCorrelationTimeout,
-                format!(
-                    "volume {volume_id} is attached to host VM {vm} but no device with serial {} appeared within {}s; new devices seen: {seen}",
-                    expectation.serial,
-                    timeout.as_secs()
-                ),
-            );
-            // The mapping records the truth: attached in CloudStack, missing in Linux.
-            let truth = mapping(volume_id, vm, AttachMode::Host, &volume, None, "missing");
-            Err(Halt::Fail(
-                error,
-                Some(Box::new(MappingChange::Upsert(truth))),
-            ))
-        }
+        Err(candidates) => Err(no_device(expectation, vm, volume, &candidates, timeout)),
     }
+}
+
+/// The failure of a host attachment whose device never appeared, with the mapping that records
+/// the truth (attached in CloudStack, missing in Linux).
+fn no_device(
+    expectation: &crate::devices::Expectation,
+    vm: VmId,
+    volume: &Volume,
+    candidates: &[String],
+    timeout: std::time::Duration,
+) -> Halt {
+    let seen = if candidates.is_empty() {
+        "none".to_owned()
+    } else {
+        candidates.join(", ")
+    };
+    let error = EventError::new(
+        ErrorCode::DeviceCorrelationTimeout,
+        format!(
+            "volume {} is attached to host VM {vm} but no device with serial {} appeared within {}s; new devices seen: {seen}",
+            volume.id,
+            expectation.serial,
+            timeout.as_secs()
+        ),
+    );
+    let truth = mapping(volume.id, vm, AttachMode::Host, volume, None, "missing");
+    Halt::Fail(error, Some(Box::new(MappingChange::Upsert(truth))))
 }
 
 fn mapping(

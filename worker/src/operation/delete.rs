@@ -44,30 +44,8 @@ pub async fn run(
         detach::detach_now(ctx, op, client, polling, volume_id, vm).await?;
     }
 
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match client.delete_volume(volume_id).await {
-            Ok(()) => break,
-            // Gone meanwhile (CloudStack's answer for an id it does not know).
-            Err(CloudStackError::Api {
-                code: 431,
-                cserrorcode: Some(9999),
-                ..
-            }) => return Ok(absent(detached_from)),
-            Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
-            Err(e) => {
-                tracing::warn!(error = %e, attempt, "no answer to deleteVolume; checking whether it took effect");
-                if client
-                    .get_volume(volume_id)
-                    .await
-                    .map_err(|e| classify(&e))?
-                    .is_none()
-                {
-                    break;
-                }
-            }
-        }
+    if !delete_now(client, volume_id).await? {
+        return Ok(absent(detached_from));
     }
     Ok(Completion {
         volume_id: Some(volume_id),
@@ -77,4 +55,34 @@ pub async fn run(
         mapping: Some(MappingChange::Remove(volume_id)),
         ..Completion::default()
     })
+}
+
+/// `deleteVolume` (synchronous), checking with `listVolumes` after a lost answer before sending
+/// it again. `false`: the volume was already gone.
+async fn delete_now(client: &cloudstack::Client, volume_id: VolumeId) -> Result<bool, Halt> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.delete_volume(volume_id).await {
+            Ok(()) => return Ok(true),
+            // Gone meanwhile (CloudStack's answer for an id it does not know).
+            Err(CloudStackError::Api {
+                code: 431,
+                cserrorcode: Some(9999),
+                ..
+            }) => return Ok(false),
+            Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "no answer to deleteVolume; checking whether it took effect");
+                if client
+                    .get_volume(volume_id)
+                    .await
+                    .map_err(|e| classify(&e))?
+                    .is_none()
+                {
+                    return Ok(true);
+                }
+            }
+        }
+    }
 }
