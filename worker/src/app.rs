@@ -151,35 +151,17 @@ impl Application {
         };
 
         // Both roles: device monitor, broker probe, HTTP.
-        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
-            .with_metrics(metrics.clone());
-        let devices = Devices::new(
-            monitor.table(),
-            monitor.events(),
-            settings.device_by_id_dir.clone(),
-            settings.device_poll_interval(),
-        );
         let background_stop = CancellationToken::new();
-        let monitor_task = tokio::spawn(monitor.run(background_stop.clone()));
-        let probe_task = tokio::spawn(broker::probe(
-            broker.clone(),
-            status.clone(),
-            background_stop.clone(),
-        ));
-        let http_task = tokio::spawn({
-            let app = http::router(HttpState {
-                pool: pool.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-                devices: devices.clone(),
-            });
-            let stop = background_stop.clone();
-            async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            }
-        });
+        let background = Background::spawn(
+            &settings,
+            &pool,
+            &broker,
+            &status,
+            &metrics,
+            listener,
+            &background_stop,
+        );
+        let devices = background.devices.clone();
         tracing::info!(http_addr = %http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
 
         let active = Active {
@@ -191,39 +173,72 @@ impl Application {
             devices: &devices,
             broker: &broker,
         };
-        let holder = lease::holder_name();
-        let roles = async {
-            loop {
-                status.set_active(false);
-                let Some(lease) =
-                    Lease::acquire(&lease_pool, &settings.amqp_prefix, &holder, &stopping).await
-                else {
-                    break;
-                };
-                status.set_active(true);
-                match active.run(lease, &stopping).await {
-                    ActiveEnd::Shutdown => break,
-                    ActiveEnd::LeaseLost => tracing::error!(
-                        "execution lease lost: operations stopped; standing by to take it again"
-                    ),
-                }
-            }
-            status.set_active(false);
-        };
+        let roles = active.take_turns(&lease_pool, &stopping);
         // Both in this task: the shutdown future need not be `Send`.
         tokio::join!(watch_shutdown, roles);
 
         background_stop.cancel();
-        report("device monitor", monitor_task.await);
-        report("broker probe", probe_task.await);
-        match http_task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
-            other => report("http", other.map(|_| ())),
-        }
+        background.join().await;
         pool.close().await;
         lease_pool.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// What runs in both roles: the device monitor, the broker probe and the HTTP server.
+struct Background {
+    devices: Devices,
+    monitor: tokio::task::JoinHandle<()>,
+    probe: tokio::task::JoinHandle<()>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Background {
+    fn spawn(
+        settings: &Settings,
+        pool: &MySqlPool,
+        broker: &broker::Endpoint,
+        status: &Arc<Status>,
+        metrics: &Arc<Metrics>,
+        listener: TcpListener,
+        stop: &CancellationToken,
+    ) -> Self {
+        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
+            .with_metrics(metrics.clone());
+        let devices = Devices::new(
+            monitor.table(),
+            monitor.events(),
+            settings.device_by_id_dir.clone(),
+            settings.device_poll_interval(),
+        );
+        let app = http::router(HttpState {
+            pool: pool.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            devices: devices.clone(),
+        });
+        let http_stop = stop.clone();
+        Self {
+            devices,
+            monitor: tokio::spawn(monitor.run(stop.clone())),
+            probe: tokio::spawn(broker::probe(broker.clone(), status.clone(), stop.clone())),
+            http: tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_stop.cancelled_owned())
+                    .await
+            }),
+        }
+    }
+
+    /// Waits for the three to end (after their stop token fired).
+    async fn join(self) {
+        report("device monitor", self.monitor.await);
+        report("broker probe", self.probe.await);
+        match self.http.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
+            other => report("http", other.map(|_| ())),
+        }
     }
 }
 
@@ -245,90 +260,65 @@ struct Active<'a> {
 }
 
 impl Active<'_> {
+    /// The role loop: standby until the lease is ours, active until shutdown or lease loss,
+    /// then standby again.
+    async fn take_turns(&self, lease_pool: &MySqlPool, stopping: &CancellationToken) {
+        let holder = lease::holder_name();
+        loop {
+            self.status.set_active(false);
+            let prefix = &self.settings.amqp_prefix;
+            let Some(lease) = Lease::acquire(lease_pool, prefix, &holder, stopping).await else {
+                break;
+            };
+            self.status.set_active(true);
+            match self.run(lease, stopping).await {
+                ActiveEnd::Shutdown => break,
+                ActiveEnd::LeaseLost => tracing::error!(
+                    "execution lease lost: operations stopped; standing by to take it again"
+                ),
+            }
+        }
+        self.status.set_active(false);
+    }
+
     /// Consumes, executes and relays while the lease is held.
     async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
-        let settings = self.settings;
-        let topology = settings.topology();
-        // Fires on shutdown and on lease loss; operations watch it.
+        // `halt` fires on shutdown and on lease loss (operations watch it); `abort` only on
+        // loss; `fenced` when a write found the lease taken over.
         let halt = stopping.child_token();
         let abort = CancellationToken::new();
         let fenced = CancellationToken::new();
-        let store = Store::new(self.pool.clone(), topology.clone(), lease.fence());
-        let ctx = Arc::new(Context {
-            store: store.clone(),
-            cloud: self.cloud.clone().with_observer(self.metrics.clone()),
-            metrics: self.metrics.clone(),
-            devices: self.devices.clone(),
-            correlation_timeout: settings.correlation_timeout(),
-            relay_wakeup: Arc::new(Notify::new()),
-            shutdown: halt.clone(),
-            fenced: fenced.clone(),
-            vm_locks: Default::default(),
-        });
-
+        let store = Store::new(self.pool.clone(), self.settings.topology(), lease.fence());
+        let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
         let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(
-            Relay {
-                pool: self.pool.clone(),
-                broker: self.broker.clone(),
-                wakeup: ctx.relay_wakeup.clone(),
-                status: self.status.clone(),
-                metrics: self.metrics.clone(),
-                stop: relay_stop.clone(),
-                fence: lease.fence(),
-                fenced: fenced.clone(),
-            }
-            .run(),
-        );
+        let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());
         let sync = tokio::spawn(devices::sync::run(
             store,
             self.devices.clone(),
             halt.clone(),
             fenced.clone(),
         ));
-
-        let max = usize::from(settings.max_concurrent_operations);
+        let max = usize::from(self.settings.max_concurrent_operations);
         let (ops_tx, ops_rx) = mpsc::channel(max);
         let stop = executor::Stop {
             drain: halt.clone(),
             abort: abort.clone(),
-            grace: settings.shutdown_grace(),
+            grace: self.settings.shutdown_grace(),
         };
         let runner = {
             let ctx = ctx.clone();
             move |op| crate::operation::execute(ctx.clone(), op)
         };
         let executor = tokio::spawn(executor::run(runner, ops_rx, max, stop));
-
-        // Unfinished operations first, in the order they were accepted; then new commands, so
-        // arrival order per volume holds across restarts and takeovers.
-        let intake = tokio::spawn({
-            let (ctx, status, broker) = (ctx.clone(), self.status.clone(), self.broker.clone());
-            let prefetch = intake_prefetch(settings.max_concurrent_operations);
-            let reply_to_allowed = settings.reply_to_allowed();
-            async move {
-                resume(&ctx, &ops_tx).await;
-                Intake {
-                    ctx,
-                    broker,
-                    topology,
-                    prefetch,
-                    ops: ops_tx,
-                    status,
-                    reply_to_allowed,
-                }
-                .run()
-                .await;
-            }
-        });
+        let intake = self.spawn_intake(ctx, ops_tx);
 
         let end = hold(&mut lease, stopping, &fenced).await;
         if let ActiveEnd::LeaseLost = end {
             // Fence: another instance may hold the lease soon. Nothing of this period may act
-            // on CloudStack or publish any more.
+            // on CloudStack or publish any more; their writes are fenced anyway, so do not
+            // wait for one stuck on a dead connection.
             abort.cancel();
             relay_stop.cancel();
-            // Their writes are fenced anyway; do not wait for one stuck on a dead connection.
             sync.abort();
             relay.abort();
         }
@@ -348,6 +338,71 @@ impl Active<'_> {
             lease.release().await;
         }
         end
+    }
+
+    /// What every operation of this period shares.
+    fn context(
+        &self,
+        store: Store,
+        halt: CancellationToken,
+        fenced: CancellationToken,
+    ) -> Arc<Context> {
+        Arc::new(Context {
+            store,
+            cloud: self.cloud.clone().with_observer(self.metrics.clone()),
+            metrics: self.metrics.clone(),
+            devices: self.devices.clone(),
+            correlation_timeout: self.settings.correlation_timeout(),
+            relay_wakeup: Arc::new(Notify::new()),
+            shutdown: halt,
+            fenced,
+            vm_locks: Default::default(),
+        })
+    }
+
+    fn spawn_relay(
+        &self,
+        ctx: &Context,
+        lease: &Lease,
+        stop: CancellationToken,
+        fenced: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(
+            Relay {
+                pool: self.pool.clone(),
+                broker: self.broker.clone(),
+                wakeup: ctx.relay_wakeup.clone(),
+                status: self.status.clone(),
+                metrics: self.metrics.clone(),
+                stop,
+                fence: lease.fence(),
+                fenced,
+            }
+            .run(),
+        )
+    }
+
+    /// Unfinished operations first, in the order they were accepted; then new commands, so
+    /// arrival order per volume holds across restarts and takeovers.
+    fn spawn_intake(
+        &self,
+        ctx: Arc<Context>,
+        ops: mpsc::Sender<Operation>,
+    ) -> tokio::task::JoinHandle<()> {
+        let intake = Intake {
+            ctx: ctx.clone(),
+            broker: self.broker.clone(),
+            topology: self.settings.topology(),
+            prefetch: intake_prefetch(self.settings.max_concurrent_operations),
+            ops: ops.clone(),
+            status: self.status.clone(),
+            reply_to_allowed: self.settings.reply_to_allowed(),
+        };
+        tokio::spawn(async move {
+            resume(&ctx, &ops).await;
+            drop(ops);
+            intake.run().await;
+        })
     }
 }
 

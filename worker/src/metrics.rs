@@ -64,84 +64,110 @@ impl Default for Metrics {
     }
 }
 
-/// Registers a handle of `metric` under `name` and returns the metric.
+/// Registers a handle of `metric` under its name and help, and returns the metric.
 fn registered<M: prometheus_client::registry::Metric + Clone>(
     registry: &mut Registry,
-    name: &str,
-    help: &str,
+    (name, help): (&str, &str),
     metric: M,
 ) -> M {
     registry.register(name, help, metric.clone());
     metric
 }
 
+/// Every family's name (after the `volume_daemon_` prefix) and help text.
+mod names {
+    /// `volume_daemon_operations`.
+    pub const OPERATIONS: (&str, &str) = ("operations", "Operations ended, by type and outcome");
+    /// `volume_daemon_operation_duration_seconds`.
+    pub const DURATION: (&str, &str) = (
+        "operation_duration_seconds",
+        "Time from acceptance to the end of an operation",
+    );
+    /// `volume_daemon_commands_received`.
+    pub const COMMANDS: (&str, &str) =
+        ("commands_received", "Command messages received, by result");
+    /// `volume_daemon_events_published`.
+    pub const EVENTS_PUBLISHED: (&str, &str) =
+        ("events_published", "Events confirmed by the broker");
+    /// `volume_daemon_outbox_backlog`.
+    pub const OUTBOX_BACKLOG: (&str, &str) =
+        ("outbox_backlog", "Events not yet confirmed by the broker");
+    /// `volume_daemon_outbox_oldest_age_seconds`.
+    pub const OUTBOX_OLDEST_AGE: (&str, &str) = (
+        "outbox_oldest_age_seconds",
+        "Age of the oldest unpublished event (publish lag)",
+    );
+    /// `volume_daemon_device_events`.
+    pub const DEVICE_EVENTS: (&str, &str) = (
+        "device_events",
+        "Device changes seen by the monitor, by kind",
+    );
+    /// `volume_daemon_correlation_latency_seconds`.
+    pub const CORRELATION: (&str, &str) = (
+        "correlation_latency_seconds",
+        "Time from registering a device expectation to finding the device",
+    );
+    /// `volume_daemon_cloudstack_calls`.
+    pub const CLOUDSTACK_CALLS: (&str, &str) = (
+        "cloudstack_calls",
+        "CloudStack API calls, by command and result (ok, an error code, transport)",
+    );
+    /// `volume_daemon_cloudstack_retries`.
+    pub const CLOUDSTACK_RETRIES: (&str, &str) = (
+        "cloudstack_retries",
+        "CloudStack calls retried after a transient error",
+    );
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("volume_daemon");
+        let mut r = Registry::with_prefix("volume_daemon");
         let operations = registered(
-            &mut registry,
-            "operations",
-            "Operations ended, by type and outcome",
+            &mut r,
+            names::OPERATIONS,
             Family::<OperationLabels, Counter>::default(),
         );
         let duration = registered(
-            &mut registry,
-            "operation_duration_seconds",
-            "Time from acceptance to the end of an operation",
+            &mut r,
+            names::DURATION,
             Family::<TypeLabels, Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.05, 2.0, 14))
             }),
         );
         let commands = registered(
-            &mut registry,
-            "commands_received",
-            "Command messages received, by result",
+            &mut r,
+            names::COMMANDS,
             Family::<ResultLabels, Counter>::default(),
         );
-        let events_published = registered(
-            &mut registry,
-            "events_published",
-            "Events confirmed by the broker",
-            Counter::default(),
-        );
-        let outbox_backlog = registered(
-            &mut registry,
-            "outbox_backlog",
-            "Events not yet confirmed by the broker",
-            Gauge::default(),
-        );
+        let events_published = registered(&mut r, names::EVENTS_PUBLISHED, Counter::default());
+        let outbox_backlog = registered(&mut r, names::OUTBOX_BACKLOG, Gauge::default());
         let outbox_oldest_age = registered(
-            &mut registry,
-            "outbox_oldest_age_seconds",
-            "Age of the oldest unpublished event (publish lag)",
+            &mut r,
+            names::OUTBOX_OLDEST_AGE,
             Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
         let device_events = registered(
-            &mut registry,
-            "device_events",
-            "Device changes seen by the monitor, by kind",
+            &mut r,
+            names::DEVICE_EVENTS,
             Family::<ResultLabels, Counter>::default(),
         );
         let correlation = registered(
-            &mut registry,
-            "correlation_latency_seconds",
-            "Time from registering a device expectation to finding the device",
+            &mut r,
+            names::CORRELATION,
             Histogram::new(exponential_buckets(0.01, 2.0, 14)),
         );
         let cloudstack_calls = registered(
-            &mut registry,
-            "cloudstack_calls",
-            "CloudStack API calls, by command and result (ok, an error code, transport)",
+            &mut r,
+            names::CLOUDSTACK_CALLS,
             Family::<CallLabels, Counter>::default(),
         );
         let cloudstack_retries = registered(
-            &mut registry,
-            "cloudstack_retries",
-            "CloudStack calls retried after a transient error",
+            &mut r,
+            names::CLOUDSTACK_RETRIES,
             Family::<CommandLabels, Counter>::default(),
         );
         Self {
-            registry: Mutex::new(registry),
+            registry: Mutex::new(r),
             cloudstack_calls,
             cloudstack_retries,
             device_events,
