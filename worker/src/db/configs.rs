@@ -35,3 +35,39 @@ pub async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::Error> 
     .fetch_optional(pool)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::testdb::TestDb;
+
+    /// The newest active row wins; inactive rows are never read; the secret stays out of
+    /// `Debug`.
+    #[tokio::test]
+    async fn the_newest_active_row_is_read_and_its_secret_is_not_printed() {
+        let db = TestDb::new().await;
+        assert!(
+            active(&db.pool).await.expect("read").is_none(),
+            "no row yet"
+        );
+        for (name, active_, at) in [
+            ("old", true, "2026-01-01 00:00:00"),
+            ("new", true, "2026-06-01 00:00:00"),
+            ("off", false, "2026-12-01 00:00:00"),
+        ] {
+            sqlx::query(
+                "INSERT INTO ossea_configs (name, api_url, api_key, secret_key, is_active, updated_at) \
+                 VALUES (?, 'http://cs/client/api', 'key', 'hush-hush', ?, ?)",
+            )
+            .bind(name)
+            .bind(active_)
+            .bind(at)
+            .execute(&db.pool)
+            .await
+            .expect("insert");
+        }
+        let row = active(&db.pool).await.expect("read").expect("a row");
+        assert_eq!(row.name, "new");
+        assert!(!format!("{row:?}").contains("hush-hush"));
+    }
+}

@@ -98,3 +98,87 @@ pub async fn set_host_device(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::testdb::TestDb;
+
+    async fn insert_host_mapping(pool: &MySqlPool, volume: &str, serial: &str, path: &str) {
+        sqlx::query(
+            "INSERT INTO device_mappings (volume_id, vm_id, operation_mode, device_path, serial, \
+             cloudstack_state, linux_state) VALUES (?, 'vm', 'oma', ?, ?, 'attached', 'present')",
+        )
+        .bind(volume)
+        .bind(path)
+        .bind(serial)
+        .execute(pool)
+        .await
+        .expect("insert");
+    }
+
+    /// A device that vanishes leaves its mapping `missing` without a path; when it comes back
+    /// under another name, the mapping follows it by serial.
+    #[tokio::test]
+    async fn host_mappings_follow_their_device_by_serial() {
+        let db = TestDb::new().await;
+        insert_host_mapping(&db.pool, "vol-a", "serial-a", "/dev/vdb").await;
+        let mut tx = db.pool.begin().await.expect("tx");
+        device_removed(&mut tx, "/dev/vdb", chrono::Utc::now())
+            .await
+            .expect("removed");
+        tx.commit().await.expect("commit");
+        let rows = host_mappings(&db.pool).await.expect("read");
+        assert_eq!(
+            (rows[0].device_path.as_deref(), rows[0].linux_state.as_str()),
+            (None, "missing")
+        );
+
+        let mut tx = db.pool.begin().await.expect("tx");
+        device_added(
+            &mut tx,
+            "serial-a",
+            "/dev/vdc",
+            Some(1 << 30),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("added");
+        device_added(
+            &mut tx,
+            "serial-other",
+            "/dev/vdd",
+            None,
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("another serial changes nothing");
+        tx.commit().await.expect("commit");
+        let rows = host_mappings(&db.pool).await.expect("read");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].device_path.as_deref(), rows[0].linux_state.as_str()),
+            (Some("/dev/vdc"), "present")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resync_sets_the_device_of_one_volume_only() {
+        let db = TestDb::new().await;
+        insert_host_mapping(&db.pool, "vol-a", "serial-a", "/dev/vdb").await;
+        insert_host_mapping(&db.pool, "vol-b", "serial-b", "/dev/vdc").await;
+        let mut tx = db.pool.begin().await.expect("tx");
+        set_host_device(&mut tx, "vol-a", None, "missing", chrono::Utc::now())
+            .await
+            .expect("set");
+        tx.commit().await.expect("commit");
+        let mut rows = host_mappings(&db.pool).await.expect("read");
+        rows.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        assert_eq!(rows[0].linux_state, "missing");
+        assert_eq!(
+            rows[1].device_path.as_deref(),
+            Some("/dev/vdc"),
+            "untouched"
+        );
+    }
+}

@@ -597,4 +597,35 @@ mod tests {
             "a create learns its volume"
         );
     }
+
+    /// An INVALID_COMMAND event is queued for an unknown id, never for one that names an
+    /// operation (that operation's event stays its only terminal one).
+    #[tokio::test]
+    async fn a_rejection_event_is_never_queued_for_an_id_that_names_an_operation() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let (command, _, _) = attach_command();
+        store.accept(command.clone()).await.expect("accept");
+        let rejected = |id: &CommandId| {
+            let data = schema::EventData::rejected(
+                id.clone(),
+                schema::OperationType::Attach.into(),
+                None,
+                schema::EventError::new(schema::ErrorCode::InvalidCommand, "bad"),
+                now(),
+            );
+            CloudEvent::new(EventId::new_random(), now(), data)
+        };
+        store
+            .queue_rejection_event(&rejected(&command.command_id), None)
+            .await
+            .expect("queue");
+        assert_eq!(outbox_rows(&db.pool).await, 0, "the id names an operation");
+        let unknown = CommandId::parse("never-accepted").expect("id");
+        store
+            .queue_rejection_event(&rejected(&unknown), Some("amq.gen-x"))
+            .await
+            .expect("queue");
+        assert_eq!(outbox_rows(&db.pool).await, 1);
+    }
 }
