@@ -135,6 +135,11 @@ impl TestEnv {
     /// [`Self::spawn_other`] with more environment, overriding the rest (its own
     /// `DATABASE_URL`, its own CloudStack key...).
     pub async fn spawn_other_with(&mut self, env: &[(&str, String)]) -> SocketAddr {
+        // Another daemon is a standby only once the first holds the lease: `start_daemon`
+        // returns at `/ready` 200, which a daemon still acquiring the lease answers too.
+        if self.daemon.is_some() {
+            self.wait_active(Duration::from_secs(30)).await;
+        }
         let (child, addr) = self.spawn_process_with(env).await;
         self.others.push(child);
         addr
@@ -183,6 +188,23 @@ impl TestEnv {
                 .await;
         }
         ids.len()
+    }
+
+    /// Waits until the test's main daemon reports `role: active`.
+    pub async fn wait_active(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (_, body) = get_json(self.http_addr, "/ready").await;
+            if body["role"] == "active" {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon did not become active within {within:?}: {body}\n{}",
+                self.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts a daemon process (HTTP on a port of its own choosing) and waits until it says
