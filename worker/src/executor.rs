@@ -378,70 +378,79 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn drain_lets_running_operations_finish_and_starts_no_more() {
+    /// Starts the executor on `ops` (each taking `work`), lets them start, then fires the token
+    /// `pick` chooses (drain or abort). Returns how long the executor took to end after it,
+    /// and the log.
+    async fn stop_after_start(
+        ops: Vec<Operation>,
+        work: Duration,
+        grace: Duration,
+        pick: fn(&Stop) -> CancellationToken,
+    ) -> (Duration, Vec<(String, &'static str)>) {
         let log: Log = Default::default();
         let (tx, rx) = mpsc::channel(8);
-        let volume = schema::VolumeId::new_random();
-        for _ in 0..3 {
-            tx.send(op(Command::detach(volume))).await.expect("send");
+        for o in ops {
+            tx.send(o).await.expect("send");
         }
-        let stop = stop(Duration::from_secs(5));
-        let drain = stop.drain.clone();
-        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(1)), rx, 4, stop));
+        let stop = stop(grace);
+        let token = pick(&stop);
+        let executor = tokio::spawn(run(runner(&log, work), rx, 4, stop));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        drain.cancel();
+        let before = tokio::time::Instant::now();
+        token.cancel();
         executor.await.expect("executor");
         let log = log.lock().expect("log").clone();
+        (before.elapsed(), log)
+    }
+
+    fn drain(s: &Stop) -> CancellationToken {
+        s.drain.clone()
+    }
+
+    fn abort(s: &Stop) -> CancellationToken {
+        s.abort.clone()
+    }
+
+    fn one_op() -> Vec<Operation> {
+        vec![op(Command::detach(schema::VolumeId::new_random()))]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_lets_running_operations_finish_and_starts_no_more() {
+        let volume = schema::VolumeId::new_random();
+        let ops = (0..3).map(|_| op(Command::detach(volume))).collect();
+        let (_, log) =
+            stop_after_start(ops, Duration::from_secs(1), Duration::from_secs(5), drain).await;
         assert_eq!(started(&log).len(), 1, "nothing new after the drain");
         assert_eq!(log.len(), 2, "the running one finished within the grace");
     }
 
     #[tokio::test(start_paused = true)]
     async fn abort_stops_running_operations_at_once() {
-        let log: Log = Default::default();
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(op(Command::detach(schema::VolumeId::new_random())))
-            .await
-            .expect("send");
-        let stop = stop(Duration::from_secs(5));
-        let abort = stop.abort.clone();
-        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(60)), rx, 4, stop));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let before = tokio::time::Instant::now();
-        abort.cancel();
-        executor.await.expect("executor");
-        assert!(
-            before.elapsed() < Duration::from_secs(1),
-            "no grace on abort"
-        );
-        let log = log.lock().expect("log").clone();
+        let (took, log) = stop_after_start(
+            one_op(),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            abort,
+        )
+        .await;
+        assert!(took < Duration::from_secs(1), "no grace on abort");
         assert_eq!(log.len(), 1, "started, never ended: aborted");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_drain_past_the_grace_aborts_what_is_left() {
-        let log: Log = Default::default();
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(op(Command::detach(schema::VolumeId::new_random())))
-            .await
-            .expect("send");
-        let stop = stop(Duration::from_secs(2));
-        let drain = stop.drain.clone();
-        let executor = tokio::spawn(run(runner(&log, Duration::from_secs(60)), rx, 4, stop));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let before = tokio::time::Instant::now();
-        drain.cancel();
-        executor.await.expect("executor");
-        let waited = before.elapsed();
+        let (waited, log) = stop_after_start(
+            one_op(),
+            Duration::from_secs(60),
+            Duration::from_secs(2),
+            drain,
+        )
+        .await;
         assert!(
             waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
             "{waited:?}"
         );
-        assert_eq!(
-            log.lock().expect("log").len(),
-            1,
-            "aborted at the end of the grace"
-        );
+        assert_eq!(log.len(), 1, "aborted at the end of the grace");
     }
 }

@@ -66,6 +66,18 @@ pub struct Fenced {
 }
 
 impl Fence {
+    /// Commits `tx` if the lease still has this epoch; otherwise rolls it back and returns
+    /// `Ok(Err(Fenced))`. Every fenced write ends this way.
+    pub async fn commit(
+        &self,
+        mut tx: sqlx::MySqlTransaction<'_>,
+    ) -> Result<Result<(), Fenced>, sqlx::Error> {
+        match self.check(&mut tx).await? {
+            Ok(()) => tx.commit().await.map(Ok),
+            Err(fenced) => tx.rollback().await.map(|()| Err(fenced)),
+        }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

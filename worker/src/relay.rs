@@ -150,13 +150,9 @@ impl Relay {
         for row in &sent {
             outbox::mark_published(&mut tx, row.id).await?;
         }
-        if let Err(fenced) = self.fence.check(&mut tx).await? {
-            // Published (at least once, as always), but not ours to mark: the new holder's
-            // relay publishes these rows again, with the same event ids.
-            tx.rollback().await?;
-            return Err(fenced.into());
-        }
-        tx.commit().await?;
+        // Fenced: published (at least once, as always) but not ours to mark; the new holder's
+        // relay publishes these rows again, with the same event ids.
+        self.fence.commit(tx).await??;
         for row in &sent {
             self.metrics.event_published();
             tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");

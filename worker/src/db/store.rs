@@ -81,14 +81,8 @@ impl Store {
     }
 
     /// Commits `tx` if the lease still has our epoch; otherwise rolls it back.
-    pub async fn commit_fenced(&self, mut tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
-        match self.fence.check(&mut tx).await? {
-            Ok(()) => Ok(tx.commit().await?),
-            Err(fenced) => {
-                tx.rollback().await?;
-                Err(fenced.into())
-            }
-        }
+    pub async fn commit_fenced(&self, tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
+        Ok(self.fence.commit(tx).await??)
     }
 
     /// Commits `command` as a `pending` operation (CONTRACT §3 rule 1: only then is the message
