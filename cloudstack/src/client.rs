@@ -8,6 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use serde_json::Value;
 
+use schema::secret::{ExposeSecret, SecretString};
 use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
 
 use crate::error::CloudStackError;
@@ -18,22 +19,13 @@ use crate::signing;
 
 /// Where and as whom to call CloudStack. Re-read for every operation, so a rotated key
 /// applies at once.
-#[derive(Clone, PartialEq, Eq)]
+/// The secret key is a [`SecretString`]: its `Debug` shows nothing, so no log can leak it.
+#[derive(Debug, Clone)]
 pub struct Credentials {
     /// e.g. `http://cloudstack:8080/client/api`
     pub api_url: String,
     pub api_key: String,
-    pub secret_key: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("api_url", &self.api_url)
-            .field("api_key", &self.api_key)
-            .field("secret_key", &"<redacted>")
-            .finish()
-    }
+    pub secret_key: SecretString,
 }
 
 /// How transient errors are retried: exponential backoff with jitter, bounded by a deadline.
@@ -142,7 +134,7 @@ impl Client {
             ("expires", expires.as_str()),
         ];
         all.extend(params.iter().map(|(k, v)| (*k, v.as_str())));
-        let signature = signing::sign(&self.creds.secret_key, all.iter().copied());
+        let signature = signing::sign(self.creds.secret_key.expose_secret(), all.iter().copied());
         all.iter()
             .map(|(k, v)| format!("{k}={}", signing::encode_value(v)))
             .chain(std::iter::once(format!(

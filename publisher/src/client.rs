@@ -110,7 +110,7 @@ impl VolumeClient {
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .map_err(|source| Error::Connect {
-                url: crate::redact_url(url),
+                url: schema::secret::redact_url(url),
                 source,
             })?;
         let channel = conn
@@ -134,7 +134,7 @@ impl VolumeClient {
 
     /// Declares the exchanges and queues of CONTRACT §2 (idempotent).
     pub async fn declare_topology(&self) -> Result<(), Error> {
-        crate::topology::declare(&self.channel, &self.topology)
+        schema::amqp::declare(&self.channel, &self.topology)
             .await
             .map_err(amqp(format!(
                 "declaring the topology for prefix {:?}",

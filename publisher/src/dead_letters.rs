@@ -7,7 +7,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use crate::client::{Error, VolumeClient, amqp, missing_or};
 
 /// Header the daemon sets on a message it dead-letters.
-pub const REASON_HEADER: &str = "x-rejection-reason";
+use schema::topology::headers::{ORIGINAL_ROUTING_KEY, REJECTION_REASON as REASON_HEADER};
 
 /// A dead-lettered command.
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ impl DeadLetter {
     fn replay_properties(&self) -> BasicProperties {
         const DROPPED: [&str; 6] = [
             REASON_HEADER,
-            "x-original-routing-key",
+            ORIGINAL_ROUTING_KEY,
             "x-death",
             "x-first-death-exchange",
             "x-first-death-queue",

@@ -1,7 +1,7 @@
 //! The AMQP side of volume-daemon's contract, for producers and subscribers written in Rust.
 //!
-//! - [`topology`]: declares the exchanges and queues of CONTRACT §2 (idempotent; the daemon
-//!   uses the same code).
+//! - [`topology`]: declares the exchanges and queues of CONTRACT §2 (idempotent); it is
+//!   `schema::amqp`, the one declaration the daemon uses too.
 //! - [`client`]: [`VolumeClient`] publishes commands with publisher confirms and the mandatory
 //!   flag, and returns a [`PendingCommand`] whose [`wait`](PendingCommand::wait) resolves to the
 //!   terminal event. The listener is bound before the command leaves, so no event is missed.
@@ -28,40 +28,10 @@
 pub mod client;
 pub mod dead_letters;
 pub mod events;
-pub mod topology;
+
+/// The contract's topology declaration, shared with the daemon (`schema::amqp`).
+pub use schema::amqp as topology;
 
 pub use client::{Error, PendingCommand, VolumeClient};
 pub use dead_letters::DeadLetter;
 pub use events::{EventStream, ReceivedEvent, Subscription};
-
-/// `amqp://user:password@host/vhost` with the password replaced, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_the_password_only() {
-        assert_eq!(
-            super::redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(super::redact_url("mysql://root@db/x"), "mysql://root@db/x");
-        assert_eq!(super::redact_url("amqp://host"), "amqp://host");
-    }
-}

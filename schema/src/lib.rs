@@ -2,8 +2,8 @@
 //!
 //! This crate is the **API boundary** of the project: it alone owns the JSON shapes of
 //! commands (CONTRACT §3) and events (CONTRACT §4), the error codes, and the broker names
-//! (CONTRACT §2). It knows nothing of RabbitMQ clients, databases or CloudStack: the worker
-//! and the publisher convert at their edges.
+//! (CONTRACT §2, with their declaration under the `amqp` feature). It knows nothing of databases
+//! or CloudStack: the worker and the publisher convert at their edges.
 //!
 //! # Layout
 //! - [`ids`]: validated identifiers (`CommandId`, `VolumeId`, `VmId`, ...).
@@ -12,12 +12,18 @@
 //! - [`event`]: CloudEvents 1.0 completion events.
 //! - [`error`]: [`ErrorCode`] and the structured error carried by failed events.
 //! - [`topology`]: exchange, queue and routing-key names for a given `AMQP_PREFIX`.
+//! - [`topology::headers`]: header names the daemon sets on dead-lettered commands.
+//! - `amqp` (feature `amqp`): declares that topology with lapin, for the daemon and the library.
+//! - [`secret`]: [`SecretUrl`] and [`SecretString`], whose `Debug` cannot leak them.
 //! - [`wire`]: command bodies as they travel, and the JSON Schemas of commands and events.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod command;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod secret;
 pub mod size;
 pub mod topology;
 pub mod wire;
@@ -28,5 +34,6 @@ pub use event::{
     CloudEvent, EventData, EventOpType, OperationStatus, VolumeInfo, correlation_or_command_id,
 };
 pub use ids::{CommandId, DiskOfferingId, EventId, VmId, VolumeId, ZoneId};
+pub use secret::{SecretString, SecretUrl};
 pub use size::ByteSize;
 pub use topology::Topology;

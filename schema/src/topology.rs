@@ -4,6 +4,18 @@
 use crate::command::OperationType;
 use crate::event::{EventOpType, OperationStatus};
 
+/// Poison messages go to the dead-letter queue after this many deliveries (`x-delivery-limit`).
+pub const DELIVERY_LIMIT: i32 = 5;
+
+/// Header names the daemon sets on messages it dead-letters (CONTRACT §2), read back by
+/// `volumectl dead-letters`.
+pub mod headers {
+    /// Why the daemon rejected the command (at most 1 KiB of text).
+    pub const REJECTION_REASON: &str = "x-rejection-reason";
+    /// The routing key the command was published with.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+}
+
 /// The exchange and queue names for one `AMQP_PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {

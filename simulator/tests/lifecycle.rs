@@ -29,7 +29,7 @@ fn client(sim: &RunningSim) -> Client {
         Credentials {
             api_url: sim.api_url(),
             api_key,
-            secret_key,
+            secret_key: secret_key.into(),
         },
         RetryPolicy {
             deadline: Duration::from_secs(2),

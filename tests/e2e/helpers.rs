@@ -705,7 +705,7 @@ impl EventTap {
             .await
             .expect("broker");
         let ch = conn.create_channel().await.expect("channel");
-        publisher::topology::declare(&ch, &schema::Topology::new(prefix))
+        schema::amqp::declare(&ch, &schema::Topology::new(prefix))
             .await
             .expect("topology");
         let q = ch

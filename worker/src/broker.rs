@@ -7,23 +7,16 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
+use schema::SecretUrl;
 use tokio_util::sync::CancellationToken;
 
 /// Where the broker is: its URL and, for `amqps://`, the CA certificates (PEM) to trust besides
 /// the public roots. `amqps://` is always TLS (rustls); it never falls back to plaintext.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Endpoint {
-    pub url: String,
+    pub url: SecretUrl,
+    /// Public certificates, not a secret.
     pub ca_pem: Option<String>,
-}
-
-impl std::fmt::Debug for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("url", &publisher::redact_url(&self.url))
-            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<set>"))
-            .finish()
-    }
 }
 
 /// Connecting gives up after this (a half-open network must not hang a reconnect loop).
@@ -37,7 +30,7 @@ pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapi
         cert_chain: endpoint.ca_pem.clone(),
     };
     let runtime = lapin::runtime::default_runtime()?;
-    let connecting = Connection::connect_with_config(&endpoint.url, props, tls, runtime);
+    let connecting = Connection::connect_with_config(endpoint.url.expose(), props, tls, runtime);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(connected) => connected,
         Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(

@@ -1,13 +1,12 @@
 //! The daemon's settings (CONTRACT §1), read once at start from the environment.
 //! `volume-daemon --help` lists every variable with its default.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use schema::{Topology, VmId, ZoneId};
+use schema::{SecretString, SecretUrl, Topology, VmId, ZoneId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -17,7 +16,10 @@ pub enum LogFormat {
 
 /// volume-daemon executes volume commands from RabbitMQ against CloudStack, records each in
 /// MySQL with an outbox, and publishes completion events.
-#[derive(Clone, Parser)]
+///
+/// Secrets are typed ([`SecretUrl`], [`SecretString`]), so the derived `Debug` shows URLs
+/// without passwords and keys not at all.
+#[derive(Debug, Clone, Parser)]
 #[command(name = "volume-daemon", version, about, long_about = None)]
 pub struct Settings {
     /// Broker URL.
@@ -27,7 +29,7 @@ pub struct Settings {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     /// PEM file of CA certificates to trust for `amqps://` besides the public roots.
     #[arg(long, env = "AMQP_TLS_CA_FILE")]
     pub amqp_tls_ca_file: Option<std::path::PathBuf>,
@@ -41,7 +43,7 @@ pub struct Settings {
         default_value = "mysql://root@127.0.0.1:3306/volume_daemon",
         hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// Address of the health, readiness and metrics server.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8090")]
     pub http_addr: SocketAddr,
@@ -52,8 +54,8 @@ pub struct Settings {
     #[arg(long, env = "CLOUDSTACK_API_KEY", hide_env_values = true)]
     pub cloudstack_api_key: Option<String>,
     /// CloudStack secret key that signs every request (never logged).
-    #[arg(long, env = "CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
-    pub cloudstack_secret_key: Option<String>,
+    #[arg(long, env = "CLOUDSTACK_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub cloudstack_secret_key: Option<SecretString>,
     /// Zone used when a create names none (else `ossea_configs.zone`, else the first zone).
     #[arg(long, env = "CLOUDSTACK_ZONE_ID")]
     pub cloudstack_zone_id: Option<ZoneId>,
@@ -127,6 +129,10 @@ fn parse_patterns(s: &str) -> Result<ReplyToAllowed, String> {
         .map(ReplyToAllowed)
 }
 
+fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
+}
+
 /// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
 fn parse_prefix(s: &str) -> Result<String, schema::topology::PrefixError> {
     Topology::parse(s).map(|_| s.to_owned())
@@ -182,37 +188,6 @@ impl Settings {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_s)
-    }
-}
-
-/// Secrets stay out of `Debug`: URLs lose their passwords, keys are hidden.
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("amqp_url", &publisher::redact_url(&self.amqp_url))
-            .field("amqp_prefix", &self.amqp_prefix)
-            .field("database_url", &publisher::redact_url(&self.database_url))
-            .field("http_addr", &self.http_addr)
-            .field("cloudstack_api_url", &self.cloudstack_api_url)
-            .field(
-                "cloudstack_api_key",
-                &self.cloudstack_api_key.as_ref().map(|_| "<set>"),
-            )
-            .field(
-                "cloudstack_secret_key",
-                &self.cloudstack_secret_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("cloudstack_zone_id", &self.cloudstack_zone_id)
-            .field("host_vm_id", &self.host_vm_id)
-            .field("sysfs_root", &self.sysfs_root)
-            .field("device_poll_interval_ms", &self.device_poll_interval_ms)
-            .field("correlation_timeout_s", &self.correlation_timeout_s)
-            .field("max_concurrent_operations", &self.max_concurrent_operations)
-            .field("create_job_timeout_s", &self.create_job_timeout_s)
-            .field("attach_job_timeout_s", &self.attach_job_timeout_s)
-            .field("detach_job_timeout_s", &self.detach_job_timeout_s)
-            .field("log_format", &self.log_format)
-            .finish()
     }
 }
 

@@ -19,6 +19,7 @@ use lapin::{Channel, Confirmation};
 use tokio::sync::mpsc;
 
 use schema::ErrorCode;
+use schema::topology::headers;
 use schema::{
     CloudEvent, Command, CommandId, EventData, EventError, EventId, EventOpType, InvalidCommand,
     MessageProps, OperationType, Topology,
@@ -35,7 +36,6 @@ use crate::status::Status;
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Header naming why a message was dead-lettered.
-pub const REJECTION_REASON_HEADER: &str = "x-rejection-reason";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
@@ -83,7 +83,7 @@ impl Intake {
     async fn session(&self, backoff: &mut Backoff) -> Result<(), IntakeError> {
         let conn = broker::connect(&self.broker, "volume-daemon intake").await?;
         let channel = conn.create_channel().await?;
-        publisher::topology::declare(&channel, &self.topology).await?;
+        schema::amqp::declare(&channel, &self.topology).await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions { global: false })
             .await?;
@@ -296,11 +296,11 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
     }
     let mut headers = FieldTable::default();
     headers.insert(
-        REJECTION_REASON_HEADER.into(),
+        headers::REJECTION_REASON.into(),
         AMQPValue::LongString(LongString::from(reason.as_str())),
     );
     headers.insert(
-        "x-original-routing-key".into(),
+        headers::ORIGINAL_ROUTING_KEY.into(),
         AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
     );
     let mut props = lapin::BasicProperties::default()

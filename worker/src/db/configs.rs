@@ -1,29 +1,19 @@
 //! The active row of `ossea_configs`: CloudStack settings kept in the database, read again for
 //! every operation (so rotated keys apply without a restart).
 
+use schema::SecretString;
 use sqlx::MySqlPool;
 
 /// One `ossea_configs` row as stored (its user validates the values).
-#[derive(Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ConfigRow {
     pub name: String,
     pub api_url: String,
     pub api_key: String,
-    pub secret_key: String,
+    #[sqlx(try_from = "String")]
+    pub secret_key: SecretString,
     pub zone: Option<String>,
     pub oma_vm_id: Option<String>,
-}
-
-impl std::fmt::Debug for ConfigRow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConfigRow")
-            .field("name", &self.name)
-            .field("api_url", &self.api_url)
-            .field("secret_key", &"<redacted>")
-            .field("zone", &self.zone)
-            .field("oma_vm_id", &self.oma_vm_id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The active row (the most recently updated one if several are marked active).

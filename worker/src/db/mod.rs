@@ -19,6 +19,7 @@ pub mod testdb;
 
 use std::time::Duration;
 
+use schema::SecretUrl;
 use sqlx::MySql;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
@@ -90,8 +91,12 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
 }
 
 /// Connects to `url`, creating the database if it does not exist, and applies migrations.
-pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySqlPool, DbError> {
-    let shown = publisher::redact_url(url);
+pub async fn connect_and_migrate(
+    url: &SecretUrl,
+    max_connections: u32,
+) -> Result<MySqlPool, DbError> {
+    let shown = url.redacted().to_owned();
+    let url = url.expose();
     let exists = MySql::database_exists(url)
         .await
         .map_err(|source| DbError::Connect {
@@ -127,15 +132,15 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<MySq
 
 /// The execution lease's own pool: two connections, quick to give up, connected lazily (a
 /// standby outlives database outages).
-pub fn lease_pool(url: &str) -> Result<MySqlPool, DbError> {
+pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
     MySqlPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(2))
         .idle_timeout(IDLE_TIMEOUT)
         .after_connect(|conn, _| Box::pin(bound_session(conn, LEASE_SESSION)))
-        .connect_lazy(url)
+        .connect_lazy(url.expose())
         .map_err(|source| DbError::Connect {
-            url: publisher::redact_url(url),
+            url: url.redacted().to_owned(),
             source,
         })
 }
@@ -155,7 +160,7 @@ mod tests {
         let url = db.user_with_password("pw").await;
         assert!(url.contains(":pw-"), "the URL carries a password");
         for round in 0..2 {
-            let pool = connect_and_migrate(&url, 2)
+            let pool = connect_and_migrate(&url.as_str().into(), 2)
                 .await
                 .expect("connect with the password");
             let one: i64 = sqlx::query_scalar("SELECT 1")
@@ -173,7 +178,7 @@ mod tests {
     async fn required_tls_to_a_server_without_it_is_an_error_not_plaintext() {
         let db = TestDb::new().await;
         let url = format!("{}?ssl-mode=REQUIRED", db.url);
-        let err = connect_and_migrate(&url, 1)
+        let err = connect_and_migrate(&url.as_str().into(), 1)
             .await
             .expect_err("the local server has TLS disabled");
         let text = err.to_string();

@@ -24,7 +24,7 @@ impl TestDb {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         let url = format!("{}/{name}", server());
-        let pool = crate::db::connect_and_migrate(&url, 4)
+        let pool = crate::db::connect_and_migrate(&url.as_str().into(), 4)
             .await
             .unwrap_or_else(|e| {
                 panic!("unit tests of the persistence layer need MySQL/MariaDB (scripts/test starts it): {e}")

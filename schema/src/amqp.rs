@@ -1,13 +1,12 @@
-//! Declares the broker topology of CONTRACT §2. Every declaration is idempotent, so the daemon,
-//! `volumectl` and tests may all call [`declare`].
+//! Declares the broker topology of CONTRACT §2 with lapin (feature `amqp`). Every declaration
+//! is idempotent, so the daemon, `volumectl` and tests all call the same [`declare`]; the names
+//! come from [`Topology`], the arguments from here, and nowhere else.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
-use schema::Topology;
 
-/// Poison messages go to the dead-letter queue after this many deliveries.
-pub const DELIVERY_LIMIT: i32 = 5;
+use crate::topology::{DELIVERY_LIMIT, Topology};
 
 /// The commands queue's arguments: quorum, single active consumer, dead-lettering.
 pub fn commands_queue_arguments(topology: &Topology) -> FieldTable {

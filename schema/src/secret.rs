@@ -1,0 +1,116 @@
+//! Secrets that must never reach a log by drift: a `Debug` or `Display` of a setting, an error
+//! message, a span field. [`SecretString`] (from `secrecy`) holds keys; [`SecretUrl`] holds a
+//! URL whose password is secret but whose host is worth showing. Both reveal their value only
+//! through an explicit `expose`.
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use secrecy::{ExposeSecret, SecretString};
+
+/// A connection URL (`amqp://user:password@host/vhost`, `mysql://…`). `Debug` and `Display`
+/// show it with the password replaced by `***`; [`SecretUrl::expose`] gives the real one.
+#[derive(Clone)]
+pub struct SecretUrl {
+    url: SecretString,
+    shown: String,
+}
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        let url: String = url.into();
+        let shown = redact_url(&url);
+        Self {
+            url: SecretString::from(url),
+            shown,
+        }
+    }
+
+    /// The URL with its password, for the one call that connects.
+    pub fn expose(&self) -> &str {
+        self.url.expose_secret()
+    }
+
+    /// The URL with its password replaced, for messages and logs.
+    pub fn redacted(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> Self {
+        Self::new(url)
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(s))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.shown, f)
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// `scheme://user:password@host/…` with the password replaced by `***`; a URL without one is
+/// returned as it is.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("mysql://root@db/x"), "mysql://root@db/x");
+        assert_eq!(redact_url("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn a_secret_url_shows_no_password_in_debug_or_display() {
+        let url: SecretUrl = "mysql://app:hunter2@db:3306/vd"
+            .parse()
+            .expect("infallible");
+        assert_eq!(url.expose(), "mysql://app:hunter2@db:3306/vd");
+        for shown in [
+            format!("{url:?}"),
+            url.to_string(),
+            format!("{:?}", Some(&url)),
+        ] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("app:***@db:3306"), "{shown}");
+        }
+        let key = SecretString::from("s3cret");
+        assert!(!format!("{key:?}").contains("s3cret"));
+    }
+}
