@@ -132,6 +132,14 @@ macro_rules! uuid_id {
                 Self::parse(s)
             }
         }
+
+        /// For columns and fields read as text (`#[sqlx(try_from = "String")]`).
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse(&s)
+            }
+        }
     };
 }
 

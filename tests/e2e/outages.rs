@@ -59,3 +59,51 @@ async fn events_written_while_the_broker_is_unreachable_are_published_when_it_re
         "marked published after the confirm"
     );
 }
+
+/// Reading `ossea_configs` (every operation does, for rotated keys) has the writes' policy:
+/// a failing read never fails the operation with `INTERNAL`. Here the error is one that
+/// retrying cannot cure (the table is gone), so after a few attempts the operation is left
+/// executing, to resume at the next start; it completes then.
+#[tokio::test]
+async fn an_unreadable_ossea_configs_interrupts_an_operation_instead_of_failing_it() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let db = env.db().await;
+    sqlx::query("RENAME TABLE ossea_configs TO ossea_configs_away")
+        .execute(&db)
+        .await
+        .expect("hide the table");
+    let mut tap = EventTap::new(&env.prefix).await;
+    let client = env.client().await;
+    let cmd = crate::helpers::cmd::create("while-configs-unreadable", "1GiB");
+    let id = cmd.command_id.to_string();
+
+    client.publish_only(&cmd).await.expect("published");
+    env.wait_for_operation(&id, Duration::from_secs(20), |r| r.status == "executing")
+        .await;
+    assert!(
+        tap.next(Duration::from_secs(3)).await.is_none(),
+        "no event while the configuration cannot be read"
+    );
+    let log = env.daemon_log();
+    assert!(
+        log.contains("cannot read ossea_configs: permanent database error"),
+        "the stop is logged: {log}"
+    );
+    sqlx::query("RENAME TABLE ossea_configs_away TO ossea_configs")
+        .execute(&db)
+        .await
+        .expect("restore the table");
+    env.stop_daemon().await;
+    env.start_daemon().await;
+
+    let (_, event) = tap
+        .expect("the create, after the restart", Duration::from_secs(20))
+        .await;
+    assert_eq!(event.data.command_id.as_str(), id);
+    assert_eq!(
+        event.event_type, "volume.create.completed",
+        "{:?}",
+        event.data.error
+    );
+}

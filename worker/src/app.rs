@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::operation::Operation;
 use crate::relay::Relay;
 use crate::status::Status;
+use crate::stop::Stop;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -103,13 +104,7 @@ impl Application {
             zone: settings.cloudstack_zone_id,
             host_vm: settings.host_vm_id,
         };
-        let cloud = Cloud::new(
-            Client::http()?,
-            pool.clone(),
-            env,
-            retry,
-            settings.job_deadlines(),
-        );
+        let cloud = Cloud::new(Client::http()?, env, retry, settings.job_deadlines());
         Ok(Self {
             settings,
             pool,
@@ -242,6 +237,9 @@ impl Background {
     }
 }
 
+/// How long the relay may take to publish what the outbox holds at shutdown.
+const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 /// Why an active period ended.
 enum ActiveEnd {
     Shutdown,
@@ -283,14 +281,15 @@ impl Active<'_> {
 
     /// Consumes, executes and relays while the lease is held.
     async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
-        // `halt` fires on shutdown and on lease loss (operations watch it); `abort` only on
-        // loss; `fenced` when a write found the lease taken over.
+        // `halt` fires on shutdown and on lease loss (operations watch it); the executor and
+        // the relay each get a two-level `Stop` (drain on shutdown, abort on lease loss);
+        // `fenced` fires when a write found the lease taken over.
         let halt = stopping.child_token();
-        let abort = CancellationToken::new();
+        let executor_stop = Stop::new();
         let fenced = CancellationToken::new();
         let store = Store::new(self.pool.clone(), self.settings.topology(), lease.fence());
         let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
-        let relay_stop = CancellationToken::new();
+        let relay_stop = Stop::new();
         let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());
         let sync = tokio::spawn(devices::sync::run(
             store,
@@ -298,46 +297,57 @@ impl Active<'_> {
             halt.clone(),
             fenced.clone(),
         ));
-        let max = usize::from(self.settings.max_concurrent_operations);
-        let (ops_tx, ops_rx) = mpsc::channel(max);
-        let stop = executor::Stop {
-            drain: halt.clone(),
-            abort: abort.clone(),
-            grace: self.settings.shutdown_grace(),
-        };
-        let runner = {
-            let ctx = ctx.clone();
-            move |op| crate::operation::execute(ctx.clone(), op)
-        };
-        let executor = tokio::spawn(executor::run(runner, ops_rx, max, stop));
+        let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
+        let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
         let intake = self.spawn_intake(ctx, ops_tx);
 
         let end = hold(&mut lease, stopping, &fenced).await;
-        if let ActiveEnd::LeaseLost = end {
-            // Fence: another instance may hold the lease soon. Nothing of this period may act
-            // on CloudStack or publish any more; their writes are fenced anyway, so do not
-            // wait for one stuck on a dead connection.
-            abort.cancel();
-            relay_stop.cancel();
-            sync.abort();
-            relay.abort();
+        match end {
+            ActiveEnd::Shutdown => executor_stop.drain(),
+            ActiveEnd::LeaseLost => {
+                // Fence: another instance may hold the lease soon. Nothing of this period may
+                // act on CloudStack or publish any more; their writes are fenced anyway, so do
+                // not wait for one stuck on a dead connection.
+                executor_stop.abort();
+                relay_stop.abort();
+                sync.abort();
+                relay.abort();
+            }
         }
         halt.cancel();
         report("intake", intake.await);
         report("executor", executor.await);
         report("mapping sync", sync.await);
-        if let ActiveEnd::Shutdown = end {
-            // Give the relay a moment to publish the outcomes just recorded.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        relay_stop.cancel();
-        report("relay", relay.await);
+        // The outcomes recorded up to now are in the outbox: the relay publishes them and
+        // returns (bounded: a broker that is gone gets them at the next start).
+        report("relay", drain_relay(relay, &relay_stop).await);
         self.status.set_intake_connected(false);
         self.status.set_relay_connected(false);
         if let ActiveEnd::Shutdown = end {
             lease.release().await;
         }
         end
+    }
+
+    /// The executor of this period: operations run with `ctx`, at most
+    /// `MAX_CONCURRENT_OPERATIONS` at once.
+    fn spawn_executor(
+        &self,
+        ctx: &Arc<Context>,
+        ops: mpsc::Receiver<Operation>,
+        stop: Stop,
+    ) -> tokio::task::JoinHandle<()> {
+        let runner = {
+            let ctx = ctx.clone();
+            move |op| crate::operation::execute(ctx.clone(), op)
+        };
+        tokio::spawn(executor::run(
+            runner,
+            ops,
+            usize::from(self.settings.max_concurrent_operations),
+            stop,
+            self.settings.shutdown_grace(),
+        ))
     }
 
     /// What every operation of this period shares.
@@ -364,7 +374,7 @@ impl Active<'_> {
         &self,
         ctx: &Context,
         lease: &Lease,
-        stop: CancellationToken,
+        stop: Stop,
         fenced: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(
@@ -467,6 +477,26 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
     for op in resumed {
         if ops.send(op).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Asks the relay to drain and waits for it, at most [`RELAY_DRAIN_LIMIT`] (a broker that is
+/// gone gets the rest at the next start); an aborted relay returns at once.
+async fn drain_relay(
+    mut relay: tokio::task::JoinHandle<()>,
+    stop: &Stop,
+) -> Result<(), tokio::task::JoinError> {
+    stop.drain();
+    match tokio::time::timeout(RELAY_DRAIN_LIMIT, &mut relay).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(
+                limit_s = RELAY_DRAIN_LIMIT.as_secs(),
+                "the relay did not empty the outbox in time; the rest is published at the next start"
+            );
+            stop.abort();
+            relay.await
         }
     }
 }

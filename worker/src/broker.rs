@@ -64,11 +64,11 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// Sleeps for the next delay; `false` when shutdown came first.
-    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+    /// Sleeps for the next delay; `false` when `stop` resolved first.
+    pub async fn wait(&mut self, stop: impl Future<Output = ()>) -> bool {
         let delay = self.delays.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
-            () = shutdown.cancelled() => false,
+            () = stop => false,
             () = tokio::time::sleep(delay) => true,
         }
     }
@@ -118,7 +118,7 @@ pub async fn probe(
                 tracing::debug!(error = %e, "broker probe cannot connect");
             }
         }
-        if !backoff.wait(&shutdown).await {
+        if !backoff.wait(shutdown.cancelled()).await {
             return;
         }
     }

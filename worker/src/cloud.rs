@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use sqlx::MySqlPool;
-
 use cloudstack::{Client, CloudStackError, Credentials, JobPolling, RetryPolicy};
 use schema::{ErrorCode, EventError, OperationType, VmId, ZoneId};
+
+use crate::db::configs::ConfigRow;
 
 /// How long each kind of async job may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,6 @@ pub struct Cloud {
     http: reqwest::Client,
     /// Told about every CloudStack call (metrics).
     observer: Option<std::sync::Arc<dyn cloudstack::Observer>>,
-    pool: MySqlPool,
     env: CloudEnv,
     retry: RetryPolicy,
     deadlines: JobDeadlines,
@@ -75,14 +74,9 @@ struct OsseaConfig {
     host_vm: Option<String>,
 }
 
-fn internal(what: impl std::fmt::Display) -> EventError {
-    EventError::new(ErrorCode::Internal, what.to_string())
-}
-
 impl Cloud {
     pub fn new(
         http: reqwest::Client,
-        pool: MySqlPool,
         env: CloudEnv,
         retry: RetryPolicy,
         deadlines: JobDeadlines,
@@ -90,7 +84,6 @@ impl Cloud {
         Self {
             http,
             observer: None,
-            pool,
             env,
             retry,
             deadlines,
@@ -102,9 +95,10 @@ impl Cloud {
         self
     }
 
-    /// The CloudStack access in force now.
-    pub async fn session(&self) -> Result<Session, EventError> {
-        let row = self.active_config().await?;
+    /// The CloudStack access in force now, given the active `ossea_configs` row (read by the
+    /// caller, which owns the database's retry policy).
+    pub fn session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
+        let row = row.map(OsseaConfig::from);
         let credentials = match (&self.env.credentials, &row) {
             (Some(c), _) => c.clone(),
             (None, Some(r)) => r.credentials.clone(),
@@ -136,12 +130,11 @@ impl Cloud {
             deadlines: self.deadlines,
         })
     }
+}
 
-    async fn active_config(&self) -> Result<Option<OsseaConfig>, EventError> {
-        let row = crate::db::configs::active(&self.pool)
-            .await
-            .map_err(|e| internal(format!("reading ossea_configs failed: {e}")))?;
-        Ok(row.map(|r| OsseaConfig {
+impl From<ConfigRow> for OsseaConfig {
+    fn from(r: ConfigRow) -> Self {
+        Self {
             name: r.name,
             credentials: Credentials {
                 api_url: r.api_url,
@@ -150,7 +143,7 @@ impl Cloud {
             },
             zone: r.zone,
             host_vm: r.oma_vm_id,
-        }))
+        }
     }
 }
 

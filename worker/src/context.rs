@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use cloudstack::response::JobId;
 use schema::{VmId, VolumeId};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, Session};
+use crate::db::configs;
 use crate::db::is_permanent;
 use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
@@ -86,6 +87,18 @@ impl Context {
                 }
             }
         }
+    }
+
+    /// The CloudStack access in force now. Reading `ossea_configs` has the policy of the
+    /// writes: a database that is down delays the operation (it never fails it with
+    /// `INTERNAL`), and a shutdown interrupts it.
+    pub async fn session(&self) -> Result<Session, Halt> {
+        let row = self
+            .write("read ossea_configs", || async {
+                Ok(configs::active(self.store.pool()).await?)
+            })
+            .await?;
+        Ok(self.cloud.session(row)?)
     }
 
     /// Stores the job id of `op` before it is polled, so a restart resumes the job instead of

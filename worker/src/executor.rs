@@ -12,9 +12,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::stop::Stop;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{Id, JoinSet};
-use tokio_util::sync::CancellationToken;
 
 use schema::{CommandId, VolumeId};
 
@@ -33,16 +33,6 @@ where
     fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static {
         self(op)
     }
-}
-
-/// When to stop.
-#[derive(Debug, Clone)]
-pub struct Stop {
-    /// Stop taking operations, then give running ones `grace` to reach a safe point.
-    pub drain: CancellationToken,
-    /// Abort everything now (the lease was lost: another instance may be executing).
-    pub abort: CancellationToken,
-    pub grace: Duration,
 }
 
 struct Lanes<R> {
@@ -129,6 +119,7 @@ pub async fn run<R: Runner>(
     mut ops: mpsc::Receiver<Operation>,
     max_concurrent: usize,
     stop: Stop,
+    grace: Duration,
 ) {
     let mut lanes = Lanes {
         waiting: HashMap::new(),
@@ -148,8 +139,7 @@ pub async fn run<R: Runner>(
             || (lanes.running.len() <= max_concurrent && lanes.in_hand() < hard_cap);
         tokio::select! {
             biased;
-            () = stop.drain.cancelled() => break,
-            () = stop.abort.cancelled() => break,
+            () = stop.draining() => break,
             Some(done) = lanes.tasks.join_next_with_id(), if !lanes.tasks.is_empty() => {
                 let id = report(done);
                 lanes.finished(id, true);
@@ -160,22 +150,22 @@ pub async fn run<R: Runner>(
             },
         }
     }
-    wind_down(&mut lanes, &stop).await;
+    wind_down(&mut lanes, &stop, grace).await;
 }
 
-/// After the loop: on a drain, running operations get `stop.grace` to reach their end (no
+/// After the loop: on a drain, running operations get `grace` to reach their end (no
 /// queued one starts); on an abort, or past the grace, whatever still runs is aborted (it
 /// resumes from its row).
-async fn wind_down<R: Runner>(lanes: &mut Lanes<R>, stop: &Stop) {
-    if !stop.abort.is_cancelled() && !lanes.tasks.is_empty() {
+async fn wind_down<R: Runner>(lanes: &mut Lanes<R>, stop: &Stop, grace: Duration) {
+    if !stop.is_aborted() && !lanes.tasks.is_empty() {
         tracing::info!(
             in_flight = lanes.tasks.len(),
-            grace_s = stop.grace.as_secs(),
+            grace_s = grace.as_secs(),
             "waiting for in-flight operations"
         );
-        let drained = tokio::time::timeout(stop.grace, async {
+        let drained = tokio::time::timeout(grace, async {
             tokio::select! {
-                () = stop.abort.cancelled() => {}
+                () = stop.aborted() => {}
                 () = async {
                     while let Some(done) = lanes.tasks.join_next_with_id().await {
                         let id = report(done);
@@ -242,14 +232,6 @@ mod tests {
         Operation::new(command, chrono::Utc::now())
     }
 
-    fn stop(grace: Duration) -> Stop {
-        Stop {
-            drain: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            grace,
-        }
-    }
-
     /// Runs the executor over `ops` until each distinct one ended (the intake stays connected
     /// meanwhile: a closed channel means shutdown), then drains it; returns the log.
     async fn run_all(
@@ -263,9 +245,14 @@ mod tests {
         for o in ops {
             tx.send(o).await.expect("send");
         }
-        let stop = stop(Duration::from_secs(1));
-        let drain = stop.drain.clone();
-        let executor = tokio::spawn(run(runner(&log, work), rx, max, stop));
+        let stop = Stop::new();
+        let executor = tokio::spawn(run(
+            runner(&log, work),
+            rx,
+            max,
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
         while log
             .lock()
@@ -283,7 +270,7 @@ mod tests {
         }
         // A copy ignored by the executor would have run by now if it were not.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        drain.cancel();
+        stop.drain();
         executor.await.expect("executor");
         drop(tx);
         log.lock().expect("log").clone()
@@ -385,30 +372,29 @@ mod tests {
         ops: Vec<Operation>,
         work: Duration,
         grace: Duration,
-        pick: fn(&Stop) -> CancellationToken,
+        pick: fn(&Stop),
     ) -> (Duration, Vec<(String, &'static str)>) {
         let log: Log = Default::default();
         let (tx, rx) = mpsc::channel(8);
         for o in ops {
             tx.send(o).await.expect("send");
         }
-        let stop = stop(grace);
-        let token = pick(&stop);
-        let executor = tokio::spawn(run(runner(&log, work), rx, 4, stop));
+        let stop = Stop::new();
+        let executor = tokio::spawn(run(runner(&log, work), rx, 4, stop.clone(), grace));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = tokio::time::Instant::now();
-        token.cancel();
+        pick(&stop);
         executor.await.expect("executor");
         let log = log.lock().expect("log").clone();
         (before.elapsed(), log)
     }
 
-    fn drain(s: &Stop) -> CancellationToken {
-        s.drain.clone()
+    fn drain(s: &Stop) {
+        s.drain();
     }
 
-    fn abort(s: &Stop) -> CancellationToken {
-        s.abort.clone()
+    fn abort(s: &Stop) {
+        s.abort();
     }
 
     fn one_op() -> Vec<Operation> {

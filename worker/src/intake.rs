@@ -70,7 +70,7 @@ impl Intake {
                 Err(e) => {
                     self.status.set_intake_connected(false);
                     tracing::warn!(error = %e, "intake lost the broker; reconnecting");
-                    if !backoff.wait(&self.ctx.shutdown).await {
+                    if !backoff.wait(self.ctx.shutdown.cancelled()).await {
                         break;
                     }
                 }

@@ -24,6 +24,7 @@ pub mod model;
 pub mod operation;
 pub mod relay;
 pub mod status;
+pub mod stop;
 pub mod telemetry;
 
 pub use app::Application;

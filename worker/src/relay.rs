@@ -19,6 +19,7 @@ use crate::db::outbox::{self, OutboxRow};
 use crate::lease::{Fence, Fenced};
 use crate::metrics::Metrics;
 use crate::status::Status;
+use crate::stop::Stop;
 
 /// Rows claimed per transaction.
 const BATCH: u32 = 100;
@@ -57,12 +58,19 @@ pub struct Relay {
     pub wakeup: Arc<Notify>,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
-    /// Stops the relay; the application fires it after the executor has drained.
-    pub stop: CancellationToken,
+    /// A drain publishes what the outbox holds, then returns (the application asks for it
+    /// after the executor has drained); an abort returns at once (lease lost).
+    pub stop: Stop,
     /// This active period's lease epoch: marking rows published is a fenced write.
     pub fence: Fence,
     /// Cancelled when a write found the lease taken over.
     pub fenced: CancellationToken,
+}
+
+/// What the relay does after its channel's loop ended.
+enum Next {
+    Stop,
+    Reconnect,
 }
 
 impl Relay {
@@ -71,12 +79,12 @@ impl Relay {
         // Database failures back off too: a batch published but not marked is sent again,
         // at a falling rate rather than every second.
         let mut db_backoff = Backoff::default();
-        'connect: while !self.stop.is_cancelled() {
+        while !self.stop.is_aborted() {
             let (_conn, channel) = match self.open().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot reach the broker; retrying");
-                    if !backoff.wait(&self.stop).await {
+                    if !backoff.wait(self.stop.aborted()).await {
                         break;
                     }
                     continue;
@@ -84,47 +92,59 @@ impl Relay {
             };
             self.status.set_relay_connected(true);
             backoff.reset();
-            loop {
-                // Bounded as a whole: a database call on a half-open connection must not stall
-                // the relay for the kernel's retransmission timeout.
-                let batch = tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(&channel))
-                    .await
-                    .unwrap_or(Err(RelayError::Stalled));
-                if batch.is_ok() {
-                    db_backoff.reset();
-                }
-                match batch {
-                    Ok(n) if n == BATCH as usize => continue,
-                    Ok(_) => {
-                        tokio::select! {
-                            () = self.stop.cancelled() => break 'connect,
-                            () = self.wakeup.notified() => {}
-                            () = tokio::time::sleep(IDLE_POLL) => {}
-                        }
-                    }
-                    Err(RelayError::Fenced(f)) => {
-                        tracing::error!(error = %f, "relay fenced: another instance publishes now");
-                        self.fenced.cancel();
-                        break 'connect;
-                    }
-                    Err(RelayError::Db(e)) => {
-                        tracing::warn!(error = %e, "relay cannot read or mark the outbox; retrying");
-                        if !db_backoff.wait(&self.stop).await {
-                            break 'connect;
-                        }
-                    }
-                    Err(e) => {
-                        self.status.set_relay_connected(false);
-                        tracing::warn!(error = %e, "relay lost the broker; events stay in the outbox");
-                        if !backoff.wait(&self.stop).await {
-                            break 'connect;
-                        }
-                        continue 'connect;
+            match self.publish_on(&channel, &mut db_backoff).await {
+                Next::Stop => break,
+                Next::Reconnect => {
+                    self.status.set_relay_connected(false);
+                    if !backoff.wait(self.stop.aborted()).await {
+                        break;
                     }
                 }
             }
         }
         self.status.set_relay_connected(false);
+    }
+
+    /// Publishes batches on `channel` until it breaks ([`Next::Reconnect`]), or the relay is
+    /// fenced, aborted, or drained: a drain returns once a batch finds the outbox empty, so
+    /// every event recorded before it is out.
+    async fn publish_on(&self, channel: &Channel, db_backoff: &mut Backoff) -> Next {
+        loop {
+            // Bounded as a whole: a database call on a half-open connection must not stall
+            // the relay for the kernel's retransmission timeout.
+            let batch = tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel))
+                .await
+                .unwrap_or(Err(RelayError::Stalled));
+            if batch.is_ok() {
+                db_backoff.reset();
+            }
+            match batch {
+                Ok(n) if n == BATCH as usize => continue,
+                Ok(_) if self.stop.is_draining() => return Next::Stop,
+                Ok(_) => {
+                    tokio::select! {
+                        () = self.stop.draining() => {}
+                        () = self.wakeup.notified() => {}
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+                Err(RelayError::Fenced(f)) => {
+                    tracing::error!(error = %f, "relay fenced: another instance publishes now");
+                    self.fenced.cancel();
+                    return Next::Stop;
+                }
+                Err(RelayError::Db(e)) => {
+                    tracing::warn!(error = %e, "relay cannot read or mark the outbox; retrying");
+                    if !db_backoff.wait(self.stop.aborted()).await {
+                        return Next::Stop;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay lost the broker; events stay in the outbox");
+                    return Next::Reconnect;
+                }
+            }
+        }
     }
 
     /// A fresh connection with a confirm-mode channel.
@@ -231,4 +251,128 @@ fn properties(row: &OutboxRow) -> BasicProperties {
         props = props.with_correlation_id(c);
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::testdb::TestDb;
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use schema::{CloudEvent, CommandId, EventData, EventError, EventId, OperationType};
+
+    /// The broker the unit tests use (`TEST_AMQP_URL` overrides it).
+    fn broker_url() -> String {
+        std::env::var("TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    fn event(n: usize) -> CloudEvent {
+        let data = EventData::rejected(
+            CommandId::parse(&format!("drain-{n}")).expect("id"),
+            OperationType::Create.into(),
+            None,
+            EventError::new(schema::ErrorCode::InvalidCommand, "x"),
+            chrono::Utc::now(),
+        );
+        CloudEvent::new(EventId::new_random(), chrono::Utc::now(), data)
+    }
+
+    /// Asked to drain before it even connected (as at shutdown, right after the executor
+    /// recorded its last outcomes), the relay still publishes every row of the outbox, over
+    /// several batches, and then returns by itself.
+    #[tokio::test]
+    async fn a_drained_relay_publishes_the_whole_outbox_then_returns() {
+        let db = TestDb::new().await;
+        let lease = db.lease().await;
+        let rows = 2 * BATCH as usize + 50;
+        // An exchange of this test only, auto-deleted with the exclusive queue bound to it.
+        let exchange = format!(
+            "vd-unit-{}.events",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let conn = broker::connect(
+            &Endpoint {
+                url: broker_url().as_str().into(),
+                ca_pem: None,
+            },
+            "relay unit test",
+        )
+        .await
+        .expect("unit tests of the relay need RabbitMQ (scripts/test starts it)");
+        let ch = conn.create_channel().await.expect("channel");
+        let auto_delete = ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            auto_delete,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let queue = ch
+            .queue_declare("".into(), exclusive, FieldTable::default())
+            .await
+            .expect("queue");
+        ch.queue_bind(
+            queue.name().clone(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let mut tx = db.pool.begin().await.expect("tx");
+        for n in 0..rows {
+            outbox::insert(&mut tx, &event(n), &exchange, None)
+                .await
+                .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+
+        let stop = Stop::new();
+        stop.drain();
+        let relay = Relay {
+            pool: db.pool.clone(),
+            broker: Endpoint {
+                url: broker_url().as_str().into(),
+                ca_pem: None,
+            },
+            wakeup: Arc::new(Notify::new()),
+            status: Arc::new(Status::default()),
+            metrics: Arc::new(Metrics::new()),
+            stop,
+            fence: lease.fence(),
+            fenced: CancellationToken::new(),
+        };
+        tokio::time::timeout(Duration::from_secs(60), relay.run())
+            .await
+            .expect("a drained relay returns once the outbox is empty");
+
+        let left = outbox::backlog(&db.pool).await.expect("backlog");
+        assert_eq!(left.count, 0, "every row marked published");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let seen = ch
+            .queue_declare(queue.name().clone(), passive, FieldTable::default())
+            .await
+            .expect("queue");
+        assert_eq!(
+            seen.message_count() as usize,
+            rows,
+            "every event reached the exchange"
+        );
+        conn.close(0, "done".into()).await.expect("close");
+    }
 }

@@ -2,15 +2,25 @@
 //! Each runs inside the caller's (fenced) transaction.
 
 use chrono::{DateTime, Utc};
+use schema::VolumeId;
 use sqlx::{MySqlConnection, MySqlPool};
+
+use crate::db::mappings::mode_column;
+use crate::mappings::LinuxState;
+use schema::event::AttachMode;
+
+/// `operation_mode` of host mappings.
+const HOST: &str = mode_column(AttachMode::Host);
 
 /// A host mapping as the sync sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct HostMapping {
-    pub volume_id: String,
+    #[sqlx(try_from = "String")]
+    pub volume_id: VolumeId,
     pub serial: Option<String>,
     pub device_path: Option<String>,
-    pub linux_state: String,
+    #[sqlx(try_from = "String")]
+    pub linux_state: LinuxState,
 }
 
 /// The device at `path` vanished: its mapping has no device any more.
@@ -20,10 +30,12 @@ pub async fn device_removed(
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE device_mappings SET linux_state = 'missing', device_path = NULL, last_sync = ? \
-         WHERE operation_mode = 'oma' AND device_path = ?",
+        "UPDATE device_mappings SET linux_state = ?, device_path = NULL, last_sync = ? \
+         WHERE operation_mode = ? AND device_path = ?",
     )
+    .bind(LinuxState::Missing.as_str())
     .bind(at)
+    .bind(HOST)
     .bind(path)
     .execute(tx)
     .await?;
@@ -39,14 +51,17 @@ pub async fn device_added(
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE device_mappings SET linux_state = 'present', device_path = ?, size = COALESCE(?, size), last_sync = ? \
-         WHERE operation_mode = 'oma' AND serial = ? AND (device_path IS NULL OR device_path <> ? OR linux_state <> 'present')",
+        "UPDATE device_mappings SET linux_state = ?, device_path = ?, size = COALESCE(?, size), last_sync = ? \
+         WHERE operation_mode = ? AND serial = ? AND (device_path IS NULL OR device_path <> ? OR linux_state <> ?)",
     )
+    .bind(LinuxState::Present.as_str())
     .bind(path)
     .bind(size)
     .bind(at)
+    .bind(HOST)
     .bind(serial)
     .bind(path)
+    .bind(LinuxState::Present.as_str())
     .execute(tx)
     .await?;
     Ok(())
@@ -60,10 +75,11 @@ pub async fn device_resized(
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE device_mappings SET size = ?, last_sync = ? WHERE operation_mode = 'oma' AND device_path = ?",
+        "UPDATE device_mappings SET size = ?, last_sync = ? WHERE operation_mode = ? AND device_path = ?",
     )
     .bind(size)
     .bind(at)
+    .bind(HOST)
     .bind(path)
     .execute(tx)
     .await?;
@@ -73,8 +89,9 @@ pub async fn device_resized(
 /// Every host mapping.
 pub async fn host_mappings(pool: &MySqlPool) -> Result<Vec<HostMapping>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = 'oma'",
+        "SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = ?",
     )
+    .bind(HOST)
     .fetch_all(pool)
     .await
 }
@@ -82,18 +99,18 @@ pub async fn host_mappings(pool: &MySqlPool) -> Result<Vec<HostMapping>, sqlx::E
 /// Sets where `volume`'s device is (or that it is missing).
 pub async fn set_host_device(
     tx: &mut MySqlConnection,
-    volume: &str,
+    volume: VolumeId,
     path: Option<&str>,
-    linux_state: &str,
+    linux_state: LinuxState,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE device_mappings SET device_path = ?, linux_state = ?, last_sync = ? WHERE volume_id = ?",
     )
     .bind(path)
-    .bind(linux_state)
+    .bind(linux_state.as_str())
     .bind(at)
-    .bind(volume)
+    .bind(volume.to_string())
     .execute(tx)
     .await?;
     Ok(())
@@ -104,12 +121,12 @@ mod tests {
     use super::*;
     use crate::db::testdb::TestDb;
 
-    async fn insert_host_mapping(pool: &MySqlPool, volume: &str, serial: &str, path: &str) {
+    async fn insert_host_mapping(pool: &MySqlPool, volume: VolumeId, serial: &str, path: &str) {
         sqlx::query(
             "INSERT INTO device_mappings (volume_id, vm_id, operation_mode, device_path, serial, \
              cloudstack_state, linux_state) VALUES (?, 'vm', 'oma', ?, ?, 'attached', 'present')",
         )
-        .bind(volume)
+        .bind(volume.to_string())
         .bind(path)
         .bind(serial)
         .execute(pool)
@@ -122,7 +139,7 @@ mod tests {
     #[tokio::test]
     async fn host_mappings_follow_their_device_by_serial() {
         let db = TestDb::new().await;
-        insert_host_mapping(&db.pool, "vol-a", "serial-a", "/dev/vdb").await;
+        insert_host_mapping(&db.pool, VolumeId::new_random(), "serial-a", "/dev/vdb").await;
         let mut tx = db.pool.begin().await.expect("tx");
         device_removed(&mut tx, "/dev/vdb", chrono::Utc::now())
             .await
@@ -130,8 +147,8 @@ mod tests {
         tx.commit().await.expect("commit");
         let rows = host_mappings(&db.pool).await.expect("read");
         assert_eq!(
-            (rows[0].device_path.as_deref(), rows[0].linux_state.as_str()),
-            (None, "missing")
+            (rows[0].device_path.as_deref(), rows[0].linux_state),
+            (None, LinuxState::Missing)
         );
 
         let mut tx = db.pool.begin().await.expect("tx");
@@ -157,28 +174,25 @@ mod tests {
         let rows = host_mappings(&db.pool).await.expect("read");
         assert_eq!(rows.len(), 1);
         assert_eq!(
-            (rows[0].device_path.as_deref(), rows[0].linux_state.as_str()),
-            (Some("/dev/vdc"), "present")
+            (rows[0].device_path.as_deref(), rows[0].linux_state),
+            (Some("/dev/vdc"), LinuxState::Present)
         );
     }
 
     #[tokio::test]
     async fn a_resync_sets_the_device_of_one_volume_only() {
         let db = TestDb::new().await;
-        insert_host_mapping(&db.pool, "vol-a", "serial-a", "/dev/vdb").await;
-        insert_host_mapping(&db.pool, "vol-b", "serial-b", "/dev/vdc").await;
+        let (a, b) = (VolumeId::new_random(), VolumeId::new_random());
+        insert_host_mapping(&db.pool, a, "serial-a", "/dev/vdb").await;
+        insert_host_mapping(&db.pool, b, "serial-b", "/dev/vdc").await;
         let mut tx = db.pool.begin().await.expect("tx");
-        set_host_device(&mut tx, "vol-a", None, "missing", chrono::Utc::now())
+        set_host_device(&mut tx, a, None, LinuxState::Missing, chrono::Utc::now())
             .await
             .expect("set");
         tx.commit().await.expect("commit");
-        let mut rows = host_mappings(&db.pool).await.expect("read");
-        rows.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        assert_eq!(rows[0].linux_state, "missing");
-        assert_eq!(
-            rows[1].device_path.as_deref(),
-            Some("/dev/vdc"),
-            "untouched"
-        );
+        let rows = host_mappings(&db.pool).await.expect("read");
+        let row = |v| rows.iter().find(|r| r.volume_id == v).expect("row");
+        assert_eq!(row(a).linux_state, LinuxState::Missing);
+        assert_eq!(row(b).device_path.as_deref(), Some("/dev/vdc"), "untouched");
     }
 }

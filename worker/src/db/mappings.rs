@@ -6,7 +6,8 @@ use schema::event::AttachMode;
 
 use crate::mappings::MappingChange;
 
-fn mode_column(mode: AttachMode) -> &'static str {
+/// `operation_mode`: how the daemon names an [`AttachMode`] in SQL (the one place).
+pub const fn mode_column(mode: AttachMode) -> &'static str {
     match mode {
         AttachMode::Host => "oma",
         AttachMode::Remote => "failover",
@@ -49,8 +50,8 @@ pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result
             .bind(m.by_id_path.as_deref())
             .bind(m.serial.as_deref())
             .bind(m.cloudstack_device_id)
-            .bind(m.cloudstack_state)
-            .bind(m.linux_state)
+            .bind(m.cloudstack_state.as_str())
+            .bind(m.linux_state.as_str())
             .bind(m.size)
             .bind(m.last_sync)
             .execute(conn)

@@ -28,6 +28,15 @@ macro_rules! operation_columns {
     };
 }
 
+/// The rows of operations that have not ended (`OperationStatus::Pending`, `Executing`): the
+/// only ones a daemon may still change. Every status the daemon writes is bound from
+/// [`OperationStatus`]; this is the one place its values appear in SQL.
+macro_rules! unended {
+    () => {
+        "status IN ('pending', 'executing')"
+    };
+}
+
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,10 +103,11 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO volume_operations \
              (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at) \
-             VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(command.command_id.as_str())
         .bind(command.operation_type().as_str())
+        .bind(OperationStatus::Pending.as_str())
         .bind(command.action.volume_id().map(|v| v.to_string()))
         .bind(command.action.vm_id().map(|v| v.to_string()))
         .bind(command.correlation_id.as_deref())
@@ -193,10 +203,12 @@ impl Store {
     /// executing (it ended meanwhile): not ours to execute.
     pub async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE volume_operations SET status = 'executing', attempts = attempts + 1, \
-             started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('pending', 'executing')",
-        )
+        let updated = sqlx::query(concat!(
+            "UPDATE volume_operations SET status = ?, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, ?) WHERE id = ? AND ",
+            unended!()
+        ))
+        .bind(OperationStatus::Executing.as_str())
         .bind(now())
         .bind(id.as_str())
         .execute(&mut *tx)
@@ -214,10 +226,11 @@ impl Store {
         job: &JobId,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query(concat!(
             "UPDATE volume_operations SET cloudstack_job_id = ?, volume_id = COALESCE(?, volume_id) \
-             WHERE id = ? AND status IN ('pending', 'executing')",
-        )
+             WHERE id = ? AND ",
+            unended!()
+        ))
         .bind(&job.0)
         .bind(volume.map(|v| v.to_string()))
         .bind(id.as_str())
@@ -242,11 +255,12 @@ impl Store {
             Err(e) => (None, Some(e.message.as_str()), Some(e.code.as_str())),
         };
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
+        let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, event_id = ?, \
-             completed_at = ? WHERE id = ? AND status IN ('pending', 'executing')",
-        )
+             completed_at = ? WHERE id = ? AND ",
+            unended!()
+        ))
         .bind(event.data.status.as_str())
         .bind(event.data.volume_id.map(|v| v.to_string()))
         .bind(event.data.vm_id.map(|v| v.to_string()))
@@ -280,7 +294,9 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             operation_columns!(),
-            " FROM volume_operations WHERE status IN ('pending', 'executing') ORDER BY created_at, id"
+            " FROM volume_operations WHERE ",
+            unended!(),
+            " ORDER BY created_at, id"
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -325,7 +341,17 @@ fn operation_from_row(row: &MySqlRow) -> Result<Option<Operation>, sqlx::Error> 
 mod tests {
     use super::*;
     use crate::db::testdb::TestDb;
+    use crate::mappings::{CloudStackState, LinuxState};
     use schema::VolumeId;
+
+    #[test]
+    fn unended_names_exactly_the_statuses_that_are_not_terminal() {
+        use OperationStatus::*;
+        for status in [Pending, Executing, Completed, Failed, Cancelled] {
+            let named = unended!().contains(&format!("'{}'", status.as_str()));
+            assert_eq!(named, !status.is_terminal(), "{status:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_resumed_operation_sees_the_executions_started_before() {
@@ -372,8 +398,8 @@ mod tests {
                 by_id_path: None,
                 serial: None,
                 cloudstack_device_id: Some(1),
-                cloudstack_state: "attached",
-                linux_state: "remote",
+                cloudstack_state: CloudStackState::Attached,
+                linux_state: LinuxState::Remote,
                 size: None,
                 last_sync: now(),
             })),

@@ -51,12 +51,17 @@ impl TestDb {
         format!("mysql://{user}:{password}@127.0.0.1:3306/{}", self.name)
     }
 
+    /// The execution lease of this database (prefix `unit`), held by this test.
+    pub async fn lease(&self) -> crate::lease::Lease {
+        let stop = tokio_util::sync::CancellationToken::new();
+        crate::lease::Lease::acquire(&self.pool, "unit", "unit-test", &stop)
+            .await
+            .expect("the lease of a fresh database")
+    }
+
     /// A store fenced by a lease this test holds (prefix `unit`).
     pub async fn store(&self) -> crate::db::store::Store {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let lease = crate::lease::Lease::acquire(&self.pool, "unit", "unit-test", &stop)
-            .await
-            .expect("the lease of a fresh database");
+        let lease = self.lease().await;
         crate::db::store::Store::new(
             self.pool.clone(),
             schema::Topology::new("unit"),

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
 use crate::db::devices;
 use crate::db::store::{Store, StoreError, now};
+use crate::mappings::LinuxState;
 
 /// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
 /// fenced write cancels `fenced` and ends the task.
@@ -102,15 +103,15 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
             })
             .map(|p| format!("/dev/{}", p.device.name));
         let (want_path, want_state) = match &found {
-            Some(p) => (Some(p.clone()), "present"),
-            None => (None, "missing"),
+            Some(p) => (Some(p.clone()), LinuxState::Present),
+            None => (None, LinuxState::Missing),
         };
         if want_path == path && want_state == state {
             continue;
         }
         let updated = async {
             let mut tx = store.pool().begin().await?;
-            devices::set_host_device(&mut tx, &volume, want_path.as_deref(), want_state, now())
+            devices::set_host_device(&mut tx, volume, want_path.as_deref(), want_state, now())
                 .await?;
             store.commit_fenced(tx).await
         }
@@ -121,7 +122,7 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
                 tracing::error!(error = %f, "mapping resync fenced");
                 return Err(());
             }
-            Err(e) => tracing::warn!(error = %e, volume, "cannot resynchronise device mapping"),
+            Err(e) => tracing::warn!(error = %e, %volume, "cannot resynchronise device mapping"),
         }
     }
     Ok(())

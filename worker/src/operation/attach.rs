@@ -15,14 +15,14 @@ use super::{Completion, Halt, Operation, jobs};
 use crate::context::Context;
 use crate::db::store::now;
 use crate::devices::Found;
-use crate::mappings::{DeviceMapping, MappingChange};
+use crate::mappings::{CloudStackState, DeviceMapping, LinuxState, MappingChange};
 
 pub async fn run(
     ctx: &Context,
     op: &mut Operation,
     attach: &AttachVolume,
 ) -> Result<Completion, Halt> {
-    let cs = ctx.cloud.session().await?;
+    let cs = ctx.session().await?;
     let polling = cs.polling(OperationType::Attach);
     let (volume_id, vm) = (attach.volume_id, attach.vm_id);
     let host = cs.host_vm == Some(vm);
@@ -48,7 +48,7 @@ pub async fn run(
                 AttachMode::Remote,
                 &volume,
                 None,
-                "remote",
+                LinuxState::Remote,
             ))),
             ..Completion::default()
         }),
@@ -130,7 +130,7 @@ async fn find_device(
                     AttachMode::Host,
                     volume,
                     Some(&found),
-                    "present",
+                    LinuxState::Present,
                 ))),
                 ..Completion::default()
             })
@@ -165,7 +165,14 @@ fn no_device(
             timeout.as_secs()
         ),
     );
-    let truth = mapping(volume.id, vm, AttachMode::Host, volume, None, "missing");
+    let truth = mapping(
+        volume.id,
+        vm,
+        AttachMode::Host,
+        volume,
+        None,
+        LinuxState::Missing,
+    );
     Halt::Fail(error, Some(Box::new(MappingChange::Upsert(truth))))
 }
 
@@ -175,7 +182,7 @@ fn mapping(
     mode: AttachMode,
     volume: &Volume,
     found: Option<&Found>,
-    linux_state: &'static str,
+    linux_state: LinuxState,
 ) -> DeviceMapping {
     DeviceMapping {
         volume_id,
@@ -185,7 +192,7 @@ fn mapping(
         by_id_path: found.and_then(|f| f.by_id_path.clone()),
         serial: Some(volume_id.disk_serial()),
         cloudstack_device_id: volume.deviceid,
-        cloudstack_state: "attached",
+        cloudstack_state: CloudStackState::Attached,
         linux_state,
         size: found.and_then(|f| f.size).or(volume.size),
         last_sync: now(),

@@ -23,7 +23,7 @@ pub async fn run(
     op: &mut Operation,
     create: &CreateVolume,
 ) -> Result<Completion, Halt> {
-    let cs = ctx.cloud.session().await?;
+    let cs = ctx.session().await?;
     let client = &cs.client;
     let polling = cs.polling(OperationType::Create);
 

@@ -19,7 +19,7 @@ pub async fn run(
     op: &mut Operation,
     volume_id: VolumeId,
 ) -> Result<Completion, Halt> {
-    let cs = ctx.cloud.session().await?;
+    let cs = ctx.session().await?;
     let client = &cs.client;
     let polling = cs.polling(OperationType::Delete);
     let absent = |vm| Completion {

@@ -15,7 +15,7 @@ pub async fn run(
     op: &mut Operation,
     volume_id: VolumeId,
 ) -> Result<Completion, Halt> {
-    let cs = ctx.cloud.session().await?;
+    let cs = ctx.session().await?;
     let polling = cs.polling(OperationType::Detach);
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
