@@ -76,10 +76,17 @@ ensure_tls_tools() {
   command -v openssl >/dev/null || apt_install openssl
 }
 
+# The host appliance tests: a real NBD server (nbdkit) and client tools (nbdinfo, nbdcopy).
+ensure_nbd_tools() {
+  command -v nbdkit >/dev/null || apt_install nbdkit
+  command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || apt_install libnbd-bin
+}
+
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb
 ensure_tls_tools
+ensure_nbd_tools
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 log "RabbitMQ and MariaDB are up"

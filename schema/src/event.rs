@@ -64,6 +64,21 @@ pub enum AttachMode {
     Remote,
 }
 
+/// An NBD export of a host attachment: `url` is `NBD_URL/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NbdExport {
+    /// `migration-vol-<volume_id>`.
+    pub name: String,
+    pub url: String,
+}
+
+impl NbdExport {
+    /// The export name of `volume` (CONTRACT §8).
+    pub fn name_of(volume: VolumeId) -> String {
+        format!("migration-vol-{volume}")
+    }
+}
+
 /// The `volume` object of a create event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeInfo {
@@ -151,6 +166,12 @@ pub struct EventData {
     pub device_path: Option<String>,
     pub by_id_path: Option<String>,
     pub mode: Option<AttachMode>,
+    /// Host attach only: the volume's persistent path (CONTRACT §8), stable across re-attaches.
+    #[serde(default)]
+    pub persistent_path: Option<String>,
+    /// Host attach with exports on: the NBD export the replication engine writes through.
+    #[serde(default)]
+    pub nbd_export: Option<NbdExport>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub error: Option<EventError>,
@@ -193,6 +214,8 @@ impl EventData {
             device_path: None,
             by_id_path: None,
             mode: None,
+            persistent_path: None,
+            nbd_export: None,
             metadata: BTreeMap::new(),
             error: Some(error),
             created_at: at,

@@ -50,6 +50,11 @@ pub struct SimConfig {
     pub host_vm_id: Option<VmId>,
     /// Where guest devices of the host VM appear (`block/vdX`).
     pub sysfs_root: Option<PathBuf>,
+    /// With a sysfs root: where the host VM's by-id links appear (`virtio-<serial>`), each to
+    /// a sparse backing file of the volume's size (`<sysfs_root>/backing/<volume_id>.img`), so
+    /// a client can write through the whole chain. The file stays across detaches (it is the
+    /// volume's content) and goes with the volume.
+    pub by_id_dir: Option<PathBuf>,
     /// Other VMs that exist.
     pub vms: Vec<VmId>,
     /// Faults in force at start.
@@ -70,6 +75,7 @@ impl Default for SimConfig {
             job_latency: Duration::from_millis(200),
             host_vm_id: None,
             sysfs_root: None,
+            by_id_dir: None,
             vms: DEMO_VMS.to_vec(),
             faults: Faults::default(),
         }

@@ -37,6 +37,10 @@ struct Args {
     /// Where guest devices of the host VM appear.
     #[arg(long, env = "SIM_SYSFS_ROOT")]
     sysfs_root: Option<PathBuf>,
+    /// Where the host VM's by-id links appear, each to a sparse backing file under
+    /// <sysfs-root>/backing (give the daemon the same DEVICE_BY_ID_DIR).
+    #[arg(long, env = "SIM_BY_ID_DIR")]
+    by_id_dir: Option<PathBuf>,
     /// Another VM that exists (repeatable; default: two demo VMs).
     #[arg(long = "vm")]
     vms: Vec<VmId>,
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         job_latency: Duration::from_millis(args.job_latency_ms),
         host_vm_id: args.host_vm_id,
         sysfs_root: args.sysfs_root,
+        by_id_dir: args.by_id_dir,
         vms: if args.vms.is_empty() {
             cloudstack_sim::DEMO_VMS.to_vec()
         } else {

@@ -543,6 +543,7 @@ impl Sim {
         let fails = inner.faults.job_fails();
         drop(inner);
         let root = self.config.sysfs_root.clone();
+        let by_id = self.config.by_id_dir.clone();
         self.finish_job_later(
             job_id.clone(),
             fails.then(|| format!("Failed to detach volume {id}: injected job failure")),
@@ -559,6 +560,11 @@ impl Sim {
                     && let Err(e) = sysfs::remove_device(&root, &name)
                 {
                     tracing::warn!(error = %e, device = name, "cannot remove the simulated device");
+                }
+                if let Some(by_id) = by_id
+                    && let Err(e) = sysfs::remove_by_id(&by_id, &id.disk_serial())
+                {
+                    tracing::warn!(error = %e, volume = %id, "cannot remove the simulated by-id link");
                 }
                 Ok(out)
             },
@@ -577,6 +583,11 @@ impl Sim {
             ));
         }
         inner.volumes.remove(&id);
+        if let Some(root) = &self.config.sysfs_root
+            && let Err(e) = sysfs::remove_backing(root, &id.to_string())
+        {
+            tracing::warn!(error = %e, volume = %id, "cannot remove the simulated backing file");
+        }
         Ok(json!({"success": true}))
     }
 
@@ -694,6 +705,19 @@ impl Sim {
             let name = sysfs::next_free_name(&root, &taken);
             let controller = inner.next_controller;
             inner.next_controller += 1;
+            // The by-id link first, so a daemon that sees the device finds its link too.
+            if let Some(by_id) = &sim.config.by_id_dir {
+                let made = sysfs::create_backing(
+                    &root,
+                    by_id,
+                    &volume.to_string(),
+                    &volume.disk_serial(),
+                    size_bytes,
+                );
+                if let Err(e) = made {
+                    tracing::warn!(error = %e, %volume, "cannot create the simulated backing file");
+                }
+            }
             match sysfs::create_device(&root, &name, &volume.disk_serial(), size_bytes, controller)
             {
                 Ok(_) => {

@@ -32,6 +32,50 @@ pub fn create_device(
     Ok(dest)
 }
 
+/// The backing file of `volume` under `root` (what its by-id link points at).
+pub fn backing_file(root: &Path, volume: &str) -> PathBuf {
+    root.join("backing").join(format!("{volume}.img"))
+}
+
+/// Creates the sparse backing file of `volume` (when missing: it keeps the volume's content
+/// across attaches) and points `by_id_dir/virtio-<serial>` at it, atomically.
+pub fn create_backing(
+    root: &Path,
+    by_id_dir: &Path,
+    volume: &str,
+    serial: &str,
+    size_bytes: u64,
+) -> io::Result<PathBuf> {
+    let file = backing_file(root, volume);
+    std::fs::create_dir_all(root.join("backing"))?;
+    std::fs::create_dir_all(by_id_dir)?;
+    if !file.exists() {
+        std::fs::File::create(&file)?.set_len(size_bytes)?;
+    }
+    let link = by_id_dir.join(format!("virtio-{serial}"));
+    let tmp = by_id_dir.join(format!(".virtio-{serial}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&file, &tmp)?;
+    std::fs::rename(&tmp, &link)?;
+    Ok(link)
+}
+
+/// Removes the by-id link of `serial` (the device left the host VM).
+pub fn remove_by_id(by_id_dir: &Path, serial: &str) -> io::Result<()> {
+    match std::fs::remove_file(by_id_dir.join(format!("virtio-{serial}"))) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes the backing file of a deleted volume.
+pub fn remove_backing(root: &Path, volume: &str) -> io::Result<()> {
+    match std::fs::remove_file(backing_file(root, volume)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 pub fn remove_device(root: &Path, name: &str) -> io::Result<()> {
     match std::fs::remove_dir_all(root.join("block").join(name)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

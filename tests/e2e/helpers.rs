@@ -88,6 +88,7 @@ impl TestEnv {
         let host_vm = config.host_vm_id;
         if host_vm.is_some() {
             config.sysfs_root = Some(sysfs.clone());
+            config.by_id_dir = Some(sysfs.join("by-id"));
         }
         let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
             .await
@@ -239,6 +240,7 @@ impl TestEnv {
             .env("SHUTDOWN_GRACE_S", "5")
             .env("SYSFS_ROOT", &self.sysfs)
             .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
+            .env("PERSISTENT_DEVICE_DIR", self.sysfs.join("persistent"))
             .env("RUST_LOG", "info,worker=debug")
             .envs(self.cloudstack_env())
             .envs(

@@ -10,6 +10,7 @@ mod helpers;
 mod create;
 mod devices;
 mod docs;
+mod exports;
 mod fencing;
 mod lifecycle;
 mod outages;

@@ -52,6 +52,8 @@ pub enum StartError {
     Config(String),
     #[error("cannot build the HTTP client for CloudStack: {0}")]
     Http(#[from] cloudstack::CloudStackError),
+    #[error("host appliance files: {0}")]
+    Host(#[from] crate::host::HostError),
 }
 
 /// A daemon ready to run.
@@ -85,6 +87,7 @@ impl Application {
                 ));
             }
         };
+        settings.host_files().prepare().await?;
         let max_connections = u32::from(settings.max_concurrent_operations) + 4;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
@@ -212,6 +215,7 @@ impl Background {
             status: status.clone(),
             metrics: metrics.clone(),
             devices: devices.clone(),
+            host: settings.host_files(),
         });
         let http_stop = stop.clone();
         Self {
@@ -294,11 +298,13 @@ impl Active<'_> {
         let sync = tokio::spawn(devices::sync::run(
             store,
             self.devices.clone(),
+            self.settings.host_files(),
             halt.clone(),
             fenced.clone(),
         ));
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
         let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
+        reconcile_host(&ctx.store, &ctx.host).await;
         let intake = self.spawn_intake(ctx, ops_tx);
 
         let end = hold(&mut lease, stopping, &fenced).await;
@@ -363,6 +369,7 @@ impl Active<'_> {
             metrics: self.metrics.clone(),
             devices: self.devices.clone(),
             correlation_timeout: self.settings.correlation_timeout(),
+            host: self.settings.host_files(),
             relay_wakeup: Arc::new(Notify::new()),
             shutdown: halt,
             fenced,
@@ -478,6 +485,24 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
         if ops.send(op).await.is_err() {
             return;
         }
+    }
+}
+
+/// Makes the host appliance's directories and tables agree before commands are taken (only
+/// the active instance writes either). A failure is logged; attaches repair their own files.
+async fn reconcile_host(store: &Store, files: &crate::host::HostFiles) {
+    match crate::host::reconcile::run(store, files).await {
+        Ok(r) if r == Default::default() => {
+            tracing::info!("host files and tables agree")
+        }
+        Ok(r) => tracing::warn!(
+            links = r.links,
+            rows = r.rows,
+            dropped = r.dropped,
+            strays = r.strays,
+            "host files and tables repaired"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot reconcile the host files with the tables"),
     }
 }
 

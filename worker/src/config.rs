@@ -68,6 +68,20 @@ pub struct Settings {
     /// Where `/dev/disk/by-id` links are looked up (fallback for devices without a serial).
     #[arg(long, env = "DEVICE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
     pub device_by_id_dir: PathBuf,
+    /// Where the persistent device names of host attachments live (created if missing).
+    #[arg(
+        long,
+        env = "PERSISTENT_DEVICE_DIR",
+        default_value = "/run/volume-daemon/devices"
+    )]
+    pub persistent_device_dir: PathBuf,
+    /// A directory an NBD server serves (`nbdkit file dir=`): one entry per export of a host
+    /// attachment. Unset: no exports.
+    #[arg(long, env = "NBD_EXPORT_DIR")]
+    pub nbd_export_dir: Option<PathBuf>,
+    /// How clients reach that NBD server (echoed in events; probed by `/ready`).
+    #[arg(long, env = "NBD_URL", default_value = "nbd://127.0.0.1:10809")]
+    pub nbd_url: crate::host::NbdUrl,
     /// Device scan period.
     #[arg(long, env = "DEVICE_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub device_poll_interval_ms: u64,
@@ -160,6 +174,15 @@ impl Settings {
             url: self.amqp_url.clone(),
             ca_pem,
         })
+    }
+
+    /// The host appliance's directories and NBD server.
+    pub fn host_files(&self) -> crate::host::HostFiles {
+        crate::host::HostFiles::new(
+            self.persistent_device_dir.clone(),
+            self.nbd_export_dir.clone(),
+            self.nbd_url.clone(),
+        )
     }
 
     /// `REPLY_TO_ALLOWED`, or its default for this prefix.

@@ -16,6 +16,7 @@ use crate::db::configs;
 use crate::db::is_permanent;
 use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
+use crate::host::HostFiles;
 use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
 use crate::model::{Halt, Operation, Outcome};
@@ -29,6 +30,8 @@ pub struct Context {
     pub devices: Devices,
     /// How long an attach to the host VM waits for its device.
     pub correlation_timeout: Duration,
+    /// Persistent names and NBD exports of host attachments.
+    pub host: HostFiles,
     /// Wakes the relay when an outbox row was committed.
     pub relay_wakeup: Arc<Notify>,
     /// Fires on SIGTERM, and when this instance loses the execution lease.
@@ -89,12 +92,21 @@ impl Context {
         }
     }
 
+    /// A read an operation cannot go on without: the policy of [`Context::write`].
+    pub async fn read<T, F, Fut>(&self, what: &str, read: F) -> Result<T, Halt>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.write(what, read).await
+    }
+
     /// The CloudStack access in force now. Reading `ossea_configs` has the policy of the
     /// writes: a database that is down delays the operation (it never fails it with
     /// `INTERNAL`), and a shutdown interrupts it.
     pub async fn session(&self) -> Result<Session, Halt> {
         let row = self
-            .write("read ossea_configs", || async {
+            .read("read ossea_configs", || async {
                 Ok(configs::active(self.store.pool()).await?)
             })
             .await?;

@@ -13,6 +13,7 @@ use sqlx::MySqlPool;
 
 use crate::db::outbox;
 use crate::devices::Devices;
+use crate::host::HostFiles;
 use crate::metrics::Metrics;
 use crate::status::Status;
 
@@ -22,6 +23,7 @@ pub struct HttpState {
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
     pub devices: Devices,
+    pub host: HostFiles,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -59,6 +61,12 @@ async fn ready(State(s): State<HttpState>) -> Response {
         s.metrics.set_outbox(b.count, oldest_age_s.unwrap_or(0.0));
     }
     let up = |ok: bool| if ok { "up" } else { "down" };
+    // Reported, not gating: exports are one consumer of the appliance among others.
+    let nbd = if !s.host.exports_on() {
+        "off"
+    } else {
+        up(s.host.nbd_url().reachable().await)
+    };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "role": s.status.role(),
@@ -68,6 +76,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
             "broker_intake": if active { up(intake) } else { "idle" },
             "broker_relay": if active { up(relay) } else { "idle" },
             "device_monitor": if monitor { "running" } else { "stalled" },
+            "nbd": nbd,
         },
         "outbox": {
             "backlog": backlog.map(|b| b.count),

@@ -15,6 +15,7 @@ pub mod context;
 pub mod db;
 pub mod devices;
 pub mod executor;
+pub mod host;
 pub mod http;
 pub mod intake;
 pub mod lease;

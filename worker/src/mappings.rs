@@ -24,6 +24,18 @@ pub struct DeviceMapping {
     /// Bytes.
     pub size: Option<u64>,
     pub last_sync: DateTime<Utc>,
+    /// A host attachment's persistent name and export, once made.
+    pub host: Option<Box<HostRecord>>,
+}
+
+/// The files of a host attachment (CONTRACT §8) as recorded with its mapping: the persistent
+/// name (`persistent_device_name`, `symlink_path`) and, with exports on, its `nbd_exports` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    pub persistent_name: String,
+    pub symlink_path: String,
+    /// `(export_name, target_path)`.
+    pub export: Option<(String, String)>,
 }
 
 /// What CloudStack says of the attachment (`cloudstack_state`).

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use cloudstack::response::JobId;
-use schema::event::AttachMode;
+use schema::event::{AttachMode, NbdExport};
 use schema::{
     CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
     VolumeId, VolumeInfo,
@@ -58,6 +58,9 @@ pub struct Completion {
     pub device_path: Option<String>,
     pub by_id_path: Option<String>,
     pub mode: Option<AttachMode>,
+    /// Host attach: the persistent name's path, and the export when exports are on.
+    pub persistent_path: Option<String>,
+    pub nbd_export: Option<NbdExport>,
     pub already_detached: Option<bool>,
     pub already_absent: Option<bool>,
     /// What the operation does to `device_mappings`, in the transaction that ends it.
@@ -115,6 +118,8 @@ pub fn event_for(
             device_path: done.device_path.clone(),
             by_id_path: done.by_id_path.clone(),
             mode: done.mode,
+            persistent_path: done.persistent_path.clone(),
+            nbd_export: done.nbd_export.clone(),
             metadata: cmd.metadata.clone(),
             error,
             created_at: op.created_at,

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use schema::VolumeId;
 use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::db::mappings::mode_column;
+use crate::db::mode_column;
 use crate::mappings::LinuxState;
 use schema::event::AttachMode;
 

@@ -2,17 +2,8 @@
 
 use sqlx::MySqlConnection;
 
-use schema::event::AttachMode;
-
+use crate::db::{exports, mode_column};
 use crate::mappings::MappingChange;
-
-/// `operation_mode`: how the daemon names an [`AttachMode`] in SQL (the one place).
-pub const fn mode_column(mode: AttachMode) -> &'static str {
-    match mode {
-        AttachMode::Host => "oma",
-        AttachMode::Remote => "failover",
-    }
-}
 
 /// Applies `change` inside the caller's transaction.
 pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result<(), sqlx::Error> {
@@ -20,8 +11,10 @@ pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result
         MappingChange::Remove(volume) => {
             sqlx::query("DELETE FROM device_mappings WHERE volume_id = ?")
                 .bind(volume.to_string())
-                .execute(conn)
+                .execute(&mut *conn)
                 .await?;
+            // Exports exist only for host attachments: the volume's, if any, went with it.
+            exports::mark_removed(conn, *volume).await?;
         }
         MappingChange::Upsert(m) => {
             // A stale row may still claim this device path on this VM (a device that vanished
@@ -36,12 +29,14 @@ pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result
             }
             sqlx::query(
                 "INSERT INTO device_mappings (volume_id, vm_id, operation_mode, device_path, by_id_path, serial, \
-                 cloudstack_device_id, cloudstack_state, linux_state, size, last_sync) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 cloudstack_device_id, cloudstack_state, linux_state, size, last_sync, \
+                 persistent_device_name, symlink_path) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON DUPLICATE KEY UPDATE vm_id = VALUES(vm_id), operation_mode = VALUES(operation_mode), \
                  device_path = VALUES(device_path), by_id_path = VALUES(by_id_path), serial = VALUES(serial), \
                  cloudstack_device_id = VALUES(cloudstack_device_id), cloudstack_state = VALUES(cloudstack_state), \
-                 linux_state = VALUES(linux_state), size = VALUES(size), last_sync = VALUES(last_sync)",
+                 linux_state = VALUES(linux_state), size = VALUES(size), last_sync = VALUES(last_sync), \
+                 persistent_device_name = VALUES(persistent_device_name), symlink_path = VALUES(symlink_path)",
             )
             .bind(m.volume_id.to_string())
             .bind(m.vm_id.to_string())
@@ -54,8 +49,13 @@ pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result
             .bind(m.linux_state.as_str())
             .bind(m.size)
             .bind(m.last_sync)
-            .execute(conn)
+            .bind(m.host.as_ref().map(|h| h.persistent_name.as_str()))
+            .bind(m.host.as_ref().map(|h| h.symlink_path.as_str()))
+            .execute(&mut *conn)
             .await?;
+            if let Some((name, target)) = m.host.as_ref().and_then(|h| h.export.as_ref()) {
+                exports::upsert_active(conn, m.volume_id, name, target).await?;
+            }
         }
     }
     Ok(())

@@ -7,9 +7,11 @@
 //! - [`lease`]: the `execution_lease` row and the fencing check.
 //! - [`configs`]: the active `ossea_configs` row.
 //! - [`devices`]: the mapping sync's updates of host mappings.
+//! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
 
 pub mod configs;
 pub mod devices;
+pub mod exports;
 pub mod lease;
 pub mod mappings;
 pub mod outbox;
@@ -20,6 +22,7 @@ pub mod testdb;
 use std::time::Duration;
 
 use schema::SecretUrl;
+use schema::event::AttachMode;
 use sqlx::MySql;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
@@ -67,6 +70,14 @@ async fn bound_session(
     sql: &'static str,
 ) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, sql).await.map(|_| ())
+}
+
+/// `operation_mode`: how the daemon names an [`AttachMode`] in SQL (the one place).
+pub const fn mode_column(mode: AttachMode) -> &'static str {
+    match mode {
+        AttachMode::Host => "oma",
+        AttachMode::Remote => "failover",
+    }
 }
 
 /// Whether a database error will come back however often the write is tried: the server

@@ -402,6 +402,7 @@ mod tests {
                 linux_state: LinuxState::Remote,
                 size: None,
                 last_sync: now(),
+                host: None,
             })),
             ..Default::default()
         }

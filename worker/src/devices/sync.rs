@@ -7,8 +7,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
-use crate::db::devices;
 use crate::db::store::{Store, StoreError, now};
+use crate::db::{devices, exports};
+use crate::host::{self, HostFiles};
 use crate::mappings::LinuxState;
 
 /// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
@@ -16,6 +17,7 @@ use crate::mappings::LinuxState;
 pub async fn run(
     store: Store,
     devices: Devices,
+    host: HostFiles,
     shutdown: CancellationToken,
     fenced: CancellationToken,
 ) {
@@ -24,6 +26,7 @@ pub async fn run(
         fenced.cancel();
         return;
     }
+    repoint(&store, &host).await;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -35,6 +38,9 @@ pub async fn run(
                     devices.release_device(&e.device.name);
                 }
                 match apply(&store, &e).await {
+                    Ok(()) if matches!(e.change, DeviceChange::Added) => {
+                        repoint(&store, &host).await;
+                    }
                     Ok(()) => {}
                     Err(StoreError::Fenced(f)) => {
                         tracing::error!(error = %f, "mapping sync fenced");
@@ -57,6 +63,33 @@ pub async fn run(
                 }
             }
             Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Points every persistent name at its device again (a device that came back under another
+/// name, with no by-id link to follow it). Only names that point elsewhere are rewritten.
+async fn repoint(store: &Store, host: &HostFiles) {
+    let rows = match exports::host_links(store.pool()).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read host mappings to re-point persistent names");
+            return;
+        }
+    };
+    for row in rows {
+        let (Some(name), Some(device)) = (&row.persistent_device_name, &row.device_path) else {
+            continue;
+        };
+        let target = host::link_target(row.by_id_path.as_deref(), device).await;
+        match host.repoint(name, &target).await {
+            Ok(true) => {
+                tracing::info!(volume = %row.volume_id, name, target = %target.display(), "persistent name re-pointed")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, volume = %row.volume_id, "cannot re-point persistent name")
+            }
         }
     }
 }

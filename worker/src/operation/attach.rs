@@ -13,9 +13,11 @@ use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
 use super::{Completion, Halt, Operation, jobs};
 use crate::context::Context;
+use crate::db::exports;
 use crate::db::store::now;
 use crate::devices::Found;
-use crate::mappings::{CloudStackState, DeviceMapping, LinuxState, MappingChange};
+use crate::host::{self, HostLinks};
+use crate::mappings::{CloudStackState, DeviceMapping, HostRecord, LinuxState, MappingChange};
 
 pub async fn run(
     ctx: &Context,
@@ -117,21 +119,35 @@ async fn find_device(
             tracing::info!(device = %found.device_path, matched_by = ?found.matched_by, "device correlated");
             ctx.metrics.correlated(expectation.registered.elapsed());
             response["device_path"] = json!(found.device_path);
+            let mut mapping = mapping(
+                volume_id,
+                vm,
+                AttachMode::Host,
+                volume,
+                Some(&found),
+                LinuxState::Present,
+            );
+            let links = host_links(ctx, &found, &mapping).await?;
+            let persistent_path = links.persistent_path.display().to_string();
+            response["persistent_path"] = json!(persistent_path);
+            mapping.host = Some(Box::new(HostRecord {
+                persistent_name: links.persistent_name.clone(),
+                symlink_path: persistent_path.clone(),
+                export: links
+                    .export
+                    .as_ref()
+                    .map(|e| (e.name.clone(), persistent_path.clone())),
+            }));
             Ok(Completion {
                 volume_id: Some(volume_id),
                 vm_id: Some(vm),
                 mode: Some(AttachMode::Host),
                 device_path: Some(found.device_path.clone()),
                 by_id_path: found.by_id_path.clone(),
+                persistent_path: Some(persistent_path),
+                nbd_export: links.export.as_ref().map(|e| e.event()),
                 response,
-                mapping: Some(MappingChange::Upsert(mapping(
-                    volume_id,
-                    vm,
-                    AttachMode::Host,
-                    volume,
-                    Some(&found),
-                    LinuxState::Present,
-                ))),
+                mapping: Some(MappingChange::Upsert(mapping)),
                 ..Completion::default()
             })
         }
@@ -140,6 +156,32 @@ async fn find_device(
         )),
         Err(candidates) => Err(no_device(expectation, vm, volume, &candidates, timeout)),
     }
+}
+
+/// The persistent name (and export) of a host attachment whose device was found. The name
+/// depends on the volume alone, so a re-attach gets it back; on failure the operation fails
+/// `INTERNAL` and the mapping still records the attachment.
+async fn host_links(
+    ctx: &Context,
+    found: &Found,
+    truth: &DeviceMapping,
+) -> Result<HostLinks, Halt> {
+    let volume = truth.volume_id;
+    let in_use = ctx
+        .read("read the persistent names in use", || async {
+            Ok(exports::names_in_use(ctx.store.pool(), volume).await?)
+        })
+        .await?;
+    let name = host::persistent_name(volume, &in_use);
+    let target = host::link_target(found.by_id_path.as_deref(), &found.device_path).await;
+    ctx.host.link(volume, &name, &target).await.map_err(|e| {
+        let error = EventError::new(
+            ErrorCode::Internal,
+            format!("volume {volume} is attached to the host VM at {} but {e}", found.device_path),
+        )
+        .with_hint("check that the daemon may write PERSISTENT_DEVICE_DIR and NBD_EXPORT_DIR, then reconcile");
+        Halt::Fail(error, Some(Box::new(MappingChange::Upsert(truth.clone()))))
+    })
 }
 
 /// The failure of a host attachment whose device never appeared, with the mapping that records
@@ -196,5 +238,6 @@ fn mapping(
         linux_state,
         size: found.and_then(|f| f.size).or(volume.size),
         last_sync: now(),
+        host: None,
     }
 }

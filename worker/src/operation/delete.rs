@@ -34,14 +34,19 @@ pub async fn run(
         Ok(v) => v,
         Err(Halt::Fail(e, _)) if e.code == schema::ErrorCode::VolumeNotFound => {
             tracing::info!("volume does not exist; nothing to delete");
+            detach::release_host_files(ctx, volume_id, false).await?;
             return Ok(absent(None));
         }
         Err(e) => return Err(e),
     };
     let detached_from = listed.virtualmachineid;
-    if let Some(vm) = detached_from {
-        tracing::info!(%vm, "volume is attached; detaching it first");
-        detach::detach_now(ctx, op, client, polling, volume_id, vm).await?;
+    match detached_from {
+        Some(vm) => {
+            tracing::info!(%vm, "volume is attached; detaching it first");
+            let on_host = cs.host_vm == Some(vm);
+            detach::detach_now(ctx, op, client, polling, volume_id, vm, on_host).await?;
+        }
+        None => detach::release_host_files(ctx, volume_id, false).await?,
     }
 
     if !delete_now(client, volume_id).await? {

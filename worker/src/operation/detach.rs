@@ -4,10 +4,11 @@
 use serde_json::json;
 
 use cloudstack::{Client, JobPolling, Volume};
-use schema::{OperationType, VmId, VolumeId};
+use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
 use super::{Completion, Halt, Operation, jobs};
 use crate::context::Context;
+use crate::db::exports;
 use crate::mappings::MappingChange;
 
 pub async fn run(
@@ -20,6 +21,7 @@ pub async fn run(
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
         tracing::info!("not attached; nothing to do in CloudStack");
+        release_host_files(ctx, volume_id, false).await?;
         return Ok(Completion {
             volume_id: Some(volume_id),
             already_detached: Some(true),
@@ -28,7 +30,8 @@ pub async fn run(
             ..Completion::default()
         });
     };
-    let volume = detach_now(ctx, op, &cs.client, polling, volume_id, vm).await?;
+    let on_host = cs.host_vm == Some(vm);
+    let volume = detach_now(ctx, op, &cs.client, polling, volume_id, vm, on_host).await?;
     Ok(Completion {
         volume_id: Some(volume_id),
         vm_id: Some(vm),
@@ -40,7 +43,8 @@ pub async fn run(
 }
 
 /// Detaches `volume` from `vm` (reconciling after a lost answer) and gives up its guest
-/// device. Holds `vm`'s attach/detach lock meanwhile.
+/// device and, when `vm` is the host VM, its export and persistent name. Holds `vm`'s
+/// attach/detach lock meanwhile.
 pub(super) async fn detach_now(
     ctx: &Context,
     op: &mut Operation,
@@ -48,6 +52,7 @@ pub(super) async fn detach_now(
     polling: JobPolling,
     volume: VolumeId,
     vm: VmId,
+    on_host: bool,
 ) -> Result<Volume, Halt> {
     let _one_at_a_time = ctx.lock_vm(vm).await;
     let detached = jobs::start_and_wait(
@@ -61,5 +66,40 @@ pub(super) async fn detach_now(
     )
     .await?;
     ctx.devices.release(volume);
+    release_host_files(ctx, volume, on_host).await?;
     Ok(detached)
+}
+
+/// Removes `volume`'s export entry and persistent name, and only when it was a host
+/// attachment: CloudStack had it on the host VM (`on_host`), or its mapping or export row says
+/// so (a detach resumed after the CloudStack side was done). A detach from any other VM never
+/// touches an export (the v1.2.1 lesson). A failure fails the operation; retrying the command
+/// finds the volume detached and tries again.
+pub(super) async fn release_host_files(
+    ctx: &Context,
+    volume: VolumeId,
+    on_host: bool,
+) -> Result<(), Halt> {
+    let pool = ctx.store.pool();
+    let name = ctx
+        .read("read the persistent name", || async {
+            Ok(exports::persistent_name_of(pool, volume).await?)
+        })
+        .await?;
+    let exported = ctx
+        .read("read the export", || async {
+            Ok(exports::has_active(pool, volume).await?)
+        })
+        .await?;
+    if !(on_host || name.is_some() || exported) {
+        return Ok(());
+    }
+    ctx.host.unlink(volume, name.as_deref()).await.map_err(|e| {
+        EventError::new(
+            ErrorCode::Internal,
+            format!("volume {volume} left the host VM but {e}"),
+        )
+        .with_hint("check that the daemon may write PERSISTENT_DEVICE_DIR and NBD_EXPORT_DIR, then send the command again")
+        .into()
+    })
 }

@@ -1,0 +1,435 @@
+//! The host appliance end to end (CONTRACT §8), with a real NBD server (`nbdkit file dir=`)
+//! and the real `libnbd` tools: persistent names, exports that appear and vanish with host
+//! attachments only, bytes written through `export → persistent name → by-id → backing file`,
+//! and the repair of the directory and the table at start.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cloudstack_sim::{DEMO_VMS, SimConfig};
+use schema::VolumeId;
+use schema::event::NbdExport;
+use sqlx::Row;
+use tokio::process::{Child, Command};
+
+use crate::helpers::{TestEnv, cmd};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `nbdkit file dir=<dir>` on a port of its own, stopped when dropped.
+struct NbdServer {
+    child: Child,
+    url: String,
+}
+
+impl NbdServer {
+    async fn start(dir: &Path) -> Self {
+        for _ in 0..5 {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+                l.local_addr().expect("addr").port()
+            };
+            let mut child = Command::new("nbdkit")
+                .args(["-f", "--ip-addr", "127.0.0.1", "--port", &port.to_string()])
+                .arg("file")
+                .arg(format!("dir={}", dir.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("nbdkit runs (scripts/test installs the nbdkit package)");
+            for _ in 0..50 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Self {
+                        child,
+                        url: format!("nbd://127.0.0.1:{port}"),
+                    };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // the port was taken meanwhile: another one
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = child.kill().await;
+        }
+        panic!("nbdkit did not start");
+    }
+
+    /// The export names `nbdinfo --list` shows.
+    async fn list(&self) -> Vec<String> {
+        let out = Command::new("nbdinfo")
+            .args(["--list", "--json", &self.url])
+            .output()
+            .await
+            .expect("nbdinfo runs (scripts/test installs libnbd-bin)");
+        assert!(out.status.success(), "nbdinfo --list: {out:?}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo JSON");
+        let mut names: Vec<String> = json["exports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A test environment on a host VM with exports on: its own export directory and server.
+async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
+    let mut env = TestEnv::with_host_vm(SimConfig {
+        job_latency: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = env.sysfs.join("exports");
+    std::fs::create_dir_all(&dir).expect("export dir");
+    let nbd = NbdServer::start(&dir).await;
+    env.extra_env
+        .push(("NBD_EXPORT_DIR".into(), dir.display().to_string()));
+    env.extra_env.push(("NBD_URL".into(), nbd.url.clone()));
+    env.start_daemon().await;
+    (env, nbd, dir)
+}
+
+/// `nbd_exports` rows: volume id → (export name, target path, status).
+async fn export_rows(env: &mut TestEnv) -> Vec<(String, String, String, String)> {
+    let pool = env.db().await;
+    sqlx::query(
+        "SELECT volume_id, export_name, target_path, CAST(status AS CHAR) AS status FROM nbd_exports ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("nbd_exports")
+    .into_iter()
+    .map(|r| {
+        (
+            r.get("volume_id"),
+            r.get("export_name"),
+            r.get("target_path"),
+            r.get("status"),
+        )
+    })
+    .collect()
+}
+
+/// The persistent-name columns of `volume`'s mapping.
+async fn persistent_columns(
+    env: &mut TestEnv,
+    volume: VolumeId,
+) -> (Option<String>, Option<String>) {
+    let pool = env.db().await;
+    let row = sqlx::query(
+        "SELECT persistent_device_name, symlink_path FROM device_mappings WHERE volume_id = ?",
+    )
+    .bind(volume.to_string())
+    .fetch_one(&pool)
+    .await
+    .expect("mapping");
+    (row.get(0), row.get(1))
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+async fn attach(env: &TestEnv, volume: VolumeId, vm: schema::VmId) -> schema::CloudEvent {
+    let e = env.execute(&cmd::attach(volume, vm)).await;
+    assert_eq!(
+        e.event_type, "volume.attach.completed",
+        "{:?}",
+        e.data.error
+    );
+    e
+}
+
+async fn detach(env: &TestEnv, volume: VolumeId) {
+    let e = env.execute(&cmd::detach(volume)).await;
+    assert_eq!(
+        e.event_type, "volume.detach.completed",
+        "{:?}",
+        e.data.error
+    );
+}
+
+/// Acceptance 1: the export is listed, bytes written through it land in the backing file, and
+/// the event, the mapping and `nbd_exports` agree on names and paths.
+#[tokio::test]
+async fn a_host_attach_is_exported_and_written_through_to_the_backing_file() {
+    let (mut env, nbd, dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let v = env.sim.sim.seed_volume("exported", 64 << 20);
+
+    let event = attach(&env, v, host).await;
+
+    let name = NbdExport::name_of(v);
+    assert_eq!(nbd.list().await, vec![name.clone()]);
+    let export = event
+        .data
+        .nbd_export
+        .clone()
+        .expect("the event names the export");
+    assert_eq!(export.name, name);
+    assert_eq!(export.url, format!("{}/{name}", nbd.url));
+    let persistent = event.data.persistent_path.clone().expect("persistent path");
+    let hex = v.as_uuid().simple().to_string();
+    assert!(
+        persistent.ends_with(&format!("/vol{}", &hex[..8])),
+        "{persistent}"
+    );
+    assert_eq!(
+        persistent_columns(&mut env, v).await,
+        (Some(format!("vol{}", &hex[..8])), Some(persistent.clone()))
+    );
+    assert_eq!(
+        export_rows(&mut env).await,
+        vec![(
+            v.to_string(),
+            name.clone(),
+            persistent.clone(),
+            "active".into()
+        )]
+    );
+    assert_eq!(
+        std::fs::read_link(dir.join(&name)).expect("export entry"),
+        PathBuf::from(&persistent)
+    );
+
+    // Write a known pattern through the export; read it back from the volume's backing file.
+    let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let src = env.sysfs.join("pattern.bin");
+    std::fs::write(&src, &pattern).expect("pattern");
+    let copied = Command::new("nbdcopy")
+        .arg(&src)
+        .arg(&export.url)
+        .output()
+        .await
+        .expect("nbdcopy runs");
+    assert!(copied.status.success(), "nbdcopy: {copied:?}");
+    let backing = cloudstack_sim::sysfs::backing_file(&env.sysfs, &v.to_string());
+    let written = std::fs::read(&backing).expect("backing file");
+    assert_eq!(written.len(), 64 << 20, "the volume's size");
+    assert!(
+        written[..pattern.len()] == pattern[..],
+        "the bytes landed in the volume"
+    );
+}
+
+/// Acceptance 2: a remote attach and detach of B leaves A's export alone and makes nothing for
+/// B; detaching A from the host removes its export; delete removes the persistent name.
+#[tokio::test]
+async fn only_host_attachments_touch_exports() {
+    let (mut env, nbd, dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let a = env.sim.sim.seed_volume("a", 16 << 20);
+    let b = env.sim.sim.seed_volume("b", 16 << 20);
+    let persistent_dir = env.sysfs.join("persistent");
+    attach(&env, a, host).await;
+    let before = (
+        entries(&dir),
+        export_rows(&mut env).await,
+        entries(&persistent_dir),
+    );
+
+    let remote = attach(&env, b, DEMO_VMS[0]).await;
+    assert_eq!(
+        (remote.data.persistent_path, remote.data.nbd_export),
+        (None, None)
+    );
+    detach(&env, b).await;
+
+    assert_eq!(
+        (
+            entries(&dir),
+            export_rows(&mut env).await,
+            entries(&persistent_dir)
+        ),
+        before,
+        "B's remote attach and detach changed nothing of A's, and made nothing for B"
+    );
+    assert_eq!(nbd.list().await, vec![NbdExport::name_of(a)]);
+
+    detach(&env, a).await;
+    assert!(entries(&dir).is_empty(), "A's export entry removed");
+    assert_eq!(export_rows(&mut env).await[0].3, "removed");
+    assert!(nbd.list().await.is_empty());
+    assert!(entries(&persistent_dir).is_empty(), "A left the host VM");
+
+    // Deleting a volume attached to the host detaches it: export and persistent name go.
+    attach(&env, a, host).await;
+    assert_eq!(entries(&persistent_dir).len(), 1);
+    let deleted = env.execute(&cmd::delete(a)).await;
+    assert_eq!(
+        deleted.event_type, "volume.delete.completed",
+        "{:?}",
+        deleted.data.error
+    );
+    assert!(
+        entries(&persistent_dir).is_empty(),
+        "delete removed the persistent name"
+    );
+    assert!(entries(&dir).is_empty());
+}
+
+/// Acceptance 3: adding and removing another export while a long copy writes to one does not
+/// disturb the copy.
+#[tokio::test]
+async fn a_long_copy_survives_another_export_coming_and_going() {
+    let (env, _nbd, _dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let a = env.sim.sim.seed_volume("copied-into", 128 << 20);
+    let b = env.sim.sim.seed_volume("comes-and-goes", 16 << 20);
+    let export = attach(&env, a, host).await.data.nbd_export.expect("export");
+
+    // 64 MiB of nbdkit's pattern (each 8 bytes: their offset, big-endian), at 160 Mbit/s.
+    let size = 64u64 << 20;
+    let mut copy = Command::new("nbdcopy")
+        .args(["--", "[", "nbdkit", "--filter=rate", "pattern"])
+        .arg(format!("size={size}"))
+        .arg("rate=160M")
+        .args(["]", &export.url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdcopy runs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    attach(&env, b, host).await;
+    detach(&env, b).await;
+    assert!(
+        copy.try_wait().expect("copy state").is_none(),
+        "the copy was still running while B came and went (make it slower otherwise)"
+    );
+
+    let done = tokio::time::timeout(WAIT, copy.wait_with_output())
+        .await
+        .expect("the copy ends")
+        .expect("copy output");
+    assert!(
+        done.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let backing = cloudstack_sim::sysfs::backing_file(&env.sysfs, &a.to_string());
+    let bytes = std::fs::read(&backing).expect("backing");
+    let wrong = bytes[..size as usize]
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(i, c)| u64::from_be_bytes((*c).try_into().expect("8 bytes")) != (*i as u64) * 8)
+        .count();
+    assert_eq!(
+        wrong, 0,
+        "every 8-byte word is its offset: the data is intact"
+    );
+}
+
+/// Acceptance 4: detached and attached again under another `vdX`, the volume keeps its
+/// persistent path and export name, and they reach the new device.
+#[tokio::test]
+async fn a_reattach_under_another_device_name_keeps_the_persistent_path_and_export() {
+    let (mut env, nbd, _dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let a = env.sim.sim.seed_volume("moves", 16 << 20);
+    let other = env.sim.sim.seed_volume("takes-vdb", 16 << 20);
+    let first = attach(&env, a, host).await;
+    detach(&env, a).await;
+    attach(&env, other, host).await; // takes A's old device name
+    let second = attach(&env, a, host).await;
+
+    assert_ne!(
+        first.data.device_path, second.data.device_path,
+        "another vdX"
+    );
+    assert_eq!(first.data.persistent_path, second.data.persistent_path);
+    assert_eq!(first.data.nbd_export, second.data.nbd_export);
+    let persistent = PathBuf::from(second.data.persistent_path.expect("path"));
+    let reached = std::fs::canonicalize(&persistent).expect("the chain resolves");
+    assert_eq!(
+        reached,
+        std::fs::canonicalize(cloudstack_sim::sysfs::backing_file(
+            &env.sysfs,
+            &a.to_string()
+        ))
+        .expect("backing"),
+        "the persistent name reaches A's disk"
+    );
+    assert_eq!(
+        persistent_columns(&mut env, a).await.1,
+        Some(persistent.display().to_string())
+    );
+    assert_eq!(nbd.list().await, {
+        let mut both = vec![NbdExport::name_of(a), NbdExport::name_of(other)];
+        both.sort();
+        both
+    });
+}
+
+/// Acceptance 5: with the daemon down, an export entry deleted and a stray one added by hand;
+/// at the next start the directory and the table agree again, and the log says so.
+#[tokio::test]
+async fn at_start_the_export_directory_and_the_table_are_made_to_agree() {
+    let (mut env, nbd, dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let a = env.sim.sim.seed_volume("kept", 16 << 20);
+    let b = env.sim.sim.seed_volume("entry-lost", 16 << 20);
+    attach(&env, a, host).await;
+    attach(&env, b, host).await;
+    env.kill_daemon().await;
+
+    std::fs::remove_file(dir.join(NbdExport::name_of(b))).expect("delete B's entry");
+    let stray = dir.join("migration-vol-00000000-0000-4000-8000-000000000000");
+    std::os::unix::fs::symlink("/dev/null", &stray).expect("stray entry");
+    env.start_daemon().await;
+    env.wait_active(WAIT).await;
+
+    let want = {
+        let mut w = vec![NbdExport::name_of(a), NbdExport::name_of(b)];
+        w.sort();
+        w
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while entries(&dir) != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not repaired: {:?}",
+            entries(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(nbd.list().await, want);
+    let rows = export_rows(&mut env).await;
+    assert!(
+        rows.iter().all(|r| r.3 == "active") && rows.len() == 2,
+        "{rows:?}"
+    );
+    let log = env.daemon_log();
+    assert!(
+        log.contains("persistent name or export entry was missing or wrong: repaired"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stray export entry (no host attachment has it): removed"),
+        "{log}"
+    );
+}

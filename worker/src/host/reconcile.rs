@@ -1,0 +1,139 @@
+//! Makes the host appliance's directories and tables agree (CONTRACT §8). Run by an instance
+//! when it becomes active, before it takes commands (and by `reconcile` once that exists):
+//!
+//! - every host mapping whose device is known has its persistent name, pointing at the device,
+//!   and (exports on) its export entry and an active `nbd_exports` row;
+//! - an active `nbd_exports` row of a volume no longer attached to the host VM is removed;
+//! - an entry of either directory that belongs to no host mapping is removed.
+//!
+//! Every repair is logged. Rows are written in fenced transactions, so an instance that lost
+//! the lease meanwhile repairs nothing in the tables.
+
+use std::collections::HashSet;
+
+use schema::event::NbdExport;
+
+use super::{HostError, HostFiles, link_target, persistent_name};
+use crate::db::exports::{self, HostLinkRow};
+use crate::db::store::{Store, StoreError};
+
+/// What the reconcile repaired.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repairs {
+    /// Persistent names or export entries made or re-pointed.
+    pub links: usize,
+    /// Rows written (a missing persistent name or active export recorded).
+    pub rows: usize,
+    /// Exports of volumes no longer on the host VM, removed with their row.
+    pub dropped: usize,
+    /// Entries that belonged to no host mapping, removed.
+    pub strays: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Files(#[from] HostError),
+}
+
+pub async fn run(store: &Store, files: &HostFiles) -> Result<Repairs, ReconcileError> {
+    let mut repairs = Repairs::default();
+    let mappings = exports::host_links(store.pool()).await?;
+    let mut names: Vec<String> = mappings
+        .iter()
+        .filter_map(|m| m.persistent_device_name.clone())
+        .collect();
+    for m in &mappings {
+        repair_mapping(store, files, m, &mut names, &mut repairs).await?;
+    }
+    let on_host: HashSet<_> = mappings.iter().map(|m| m.volume_id).collect();
+    if files.exports_on() {
+        for row in exports::active(store.pool()).await? {
+            if !on_host.contains(&row.volume_id) {
+                tracing::warn!(volume = %row.volume_id, export = row.export_name, "export of a volume not attached to the host VM: removed");
+                files.unlink(row.volume_id, None).await?;
+                let mut tx = store.pool().begin().await?;
+                exports::mark_removed(&mut tx, row.volume_id).await?;
+                store.commit_fenced(tx).await?;
+                repairs.dropped += 1;
+            }
+        }
+    }
+    let wanted: HashSet<String> = on_host.iter().map(|v| NbdExport::name_of(*v)).collect();
+    for entry in files.export_entries().await? {
+        if !wanted.contains(&entry) {
+            tracing::warn!(
+                entry,
+                "stray export entry (no host attachment has it): removed"
+            );
+            files.remove_stray(true, &entry).await?;
+            repairs.strays += 1;
+        }
+    }
+    let kept: HashSet<&String> = names.iter().collect();
+    for entry in files.persistent_entries().await? {
+        if !kept.contains(&entry) {
+            tracing::warn!(
+                entry,
+                "stray persistent name (no host attachment has it): removed"
+            );
+            files.remove_stray(false, &entry).await?;
+            repairs.strays += 1;
+        }
+    }
+    Ok(repairs)
+}
+
+/// One host mapping: its files made right, a missing name or export row recorded. A mapping
+/// whose device is not known (missing) keeps what it has.
+async fn repair_mapping(
+    store: &Store,
+    files: &HostFiles,
+    m: &HostLinkRow,
+    names: &mut Vec<String>,
+    repairs: &mut Repairs,
+) -> Result<(), ReconcileError> {
+    let Some(device) = m.device_path.as_deref() else {
+        return Ok(());
+    };
+    let target = link_target(m.by_id_path.as_deref(), device).await;
+    let recorded = m.persistent_device_name.clone();
+    let name = match &recorded {
+        Some(n) => n.clone(),
+        None => {
+            let others: Vec<String> = names.clone();
+            let n = persistent_name(m.volume_id, &others);
+            names.push(n.clone());
+            n
+        }
+    };
+    if files.ensure(m.volume_id, &name, &target).await? {
+        tracing::warn!(volume = %m.volume_id, name, target = %target.display(), "persistent name or export entry was missing or wrong: repaired");
+        repairs.links += 1;
+    }
+    let path = files.persistent_path(&name);
+    let export = files.export_of(m.volume_id, &path);
+    let has_row = match &export {
+        Some(_) => exports::has_active(store.pool(), m.volume_id).await?,
+        None => true,
+    };
+    if recorded.is_some() && has_row {
+        return Ok(());
+    }
+    let mut tx = store.pool().begin().await?;
+    let shown = path.display().to_string();
+    if recorded.is_none() {
+        exports::set_persistent_name(&mut tx, m.volume_id, &name, &shown).await?;
+    }
+    if let Some(e) = export.filter(|_| !has_row) {
+        exports::upsert_active(&mut tx, m.volume_id, &e.name, &shown).await?;
+    }
+    store.commit_fenced(tx).await?;
+    tracing::warn!(volume = %m.volume_id, name, "host mapping's persistent name or export row was missing: recorded");
+    repairs.rows += 1;
+    Ok(())
+}
