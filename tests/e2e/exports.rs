@@ -235,6 +235,24 @@ async fn a_host_attach_is_exported_and_written_through_to_the_backing_file() {
         written[..pattern.len()] == pattern[..],
         "the bytes landed in the volume"
     );
+
+    // `/ready` reports the NBD server without gating on it.
+    let (code, ready) = env.get_json("/ready").await;
+    assert_eq!(
+        (code, &ready["components"]["nbd"]),
+        (200, &serde_json::json!("up"))
+    );
+    drop(nbd);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, ready) = env.get_json("/ready").await;
+        if ready["components"]["nbd"] == "down" {
+            assert_eq!(code, 200, "the NBD server does not gate readiness");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Acceptance 2: a remote attach and detach of B leaves A's export alone and makes nothing for
