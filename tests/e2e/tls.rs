@@ -245,6 +245,7 @@ async fn with_tls_required_and_unavailable_nothing_falls_back_to_plaintext() {
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("AMQP_PREFIX", &env.prefix)
+        .env("PERSISTENT_DEVICE_DIR", env.sysfs.join("persistent"))
         .env(
             "DATABASE_URL",
             format!("{}?ssl-mode=REQUIRED", env.database_url()),
