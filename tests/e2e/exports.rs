@@ -236,6 +236,12 @@ async fn a_host_attach_is_exported_and_written_through_to_the_backing_file() {
         "the bytes landed in the volume"
     );
 
+    let metrics = crate::helpers::get_text(env.http_addr, "/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "volume_daemon_nbd_exports 1"),
+        "{metrics}"
+    );
+
     // `/ready` reports the NBD server without gating on it.
     let (code, ready) = env.get_json("/ready").await;
     assert_eq!(

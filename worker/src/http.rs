@@ -11,7 +11,7 @@ use axum::routing::get;
 use serde_json::json;
 use sqlx::MySqlPool;
 
-use crate::db::outbox;
+use crate::db::{exports, outbox};
 use crate::devices::Devices;
 use crate::host::HostFiles;
 use crate::metrics::Metrics;
@@ -99,6 +99,11 @@ async fn metrics(State(s): State<HttpState>) -> Response {
             .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
         s.metrics.set_outbox(b.count, age);
+    }
+    if let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_secs(2), exports::active_count(&s.pool)).await
+    {
+        s.metrics.set_nbd_exports(n);
     }
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],

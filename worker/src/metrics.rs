@@ -52,6 +52,7 @@ pub struct Metrics {
     events_published: Counter,
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    nbd_exports: Gauge,
     device_events: Family<ResultLabels, Counter>,
     correlation: Histogram,
     cloudstack_calls: Family<CallLabels, Counter>,
@@ -63,6 +64,9 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// A family of counters by label set.
+type Counters<L> = Family<L, Counter>;
 
 /// Registers a handle of `metric` under its name and help, and returns the metric.
 fn registered<M: prometheus_client::registry::Metric + Clone>(
@@ -97,6 +101,11 @@ mod names {
         "outbox_oldest_age_seconds",
         "Age of the oldest unpublished event (publish lag)",
     );
+    /// `volume_daemon_nbd_exports`.
+    pub const NBD_EXPORTS: (&str, &str) = (
+        "nbd_exports",
+        "Active NBD exports (host attachments exported)",
+    );
     /// `volume_daemon_device_events`.
     pub const DEVICE_EVENTS: (&str, &str) = (
         "device_events",
@@ -125,7 +134,7 @@ impl Metrics {
         let operations = registered(
             &mut r,
             names::OPERATIONS,
-            Family::<OperationLabels, Counter>::default(),
+            Counters::<OperationLabels>::default(),
         );
         let duration = registered(
             &mut r,
@@ -134,11 +143,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.05, 2.0, 14))
             }),
         );
-        let commands = registered(
-            &mut r,
-            names::COMMANDS,
-            Family::<ResultLabels, Counter>::default(),
-        );
+        let commands = registered(&mut r, names::COMMANDS, Counters::<ResultLabels>::default());
         let events_published = registered(&mut r, names::EVENTS_PUBLISHED, Counter::default());
         let outbox_backlog = registered(&mut r, names::OUTBOX_BACKLOG, Gauge::default());
         let outbox_oldest_age = registered(
@@ -146,10 +151,11 @@ impl Metrics {
             names::OUTBOX_OLDEST_AGE,
             Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
+        let nbd_exports = registered(&mut r, names::NBD_EXPORTS, Gauge::default());
         let device_events = registered(
             &mut r,
             names::DEVICE_EVENTS,
-            Family::<ResultLabels, Counter>::default(),
+            Counters::<ResultLabels>::default(),
         );
         let correlation = registered(
             &mut r,
@@ -159,12 +165,12 @@ impl Metrics {
         let cloudstack_calls = registered(
             &mut r,
             names::CLOUDSTACK_CALLS,
-            Family::<CallLabels, Counter>::default(),
+            Counters::<CallLabels>::default(),
         );
         let cloudstack_retries = registered(
             &mut r,
             names::CLOUDSTACK_RETRIES,
-            Family::<CommandLabels, Counter>::default(),
+            Counters::<CommandLabels>::default(),
         );
         Self {
             registry: Mutex::new(r),
@@ -178,6 +184,7 @@ impl Metrics {
             events_published,
             outbox_backlog,
             outbox_oldest_age,
+            nbd_exports,
         }
     }
 
@@ -232,6 +239,11 @@ impl Metrics {
         self.outbox_backlog
             .set(i64::try_from(backlog).unwrap_or(i64::MAX));
         self.outbox_oldest_age.set(oldest_age_seconds);
+    }
+
+    pub fn set_nbd_exports(&self, active: u64) {
+        self.nbd_exports
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.

@@ -74,6 +74,15 @@ pub async fn active(pool: &MySqlPool) -> Result<Vec<ExportRow>, sqlx::Error> {
     .await
 }
 
+/// How many exports are active (`/metrics`).
+pub async fn active_count(pool: &MySqlPool) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports WHERE status = ?")
+        .bind(ACTIVE)
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// Every host mapping, with its persistent name.
 pub async fn host_links(pool: &MySqlPool) -> Result<Vec<HostLinkRow>, sqlx::Error> {
     sqlx::query_as(
