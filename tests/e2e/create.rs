@@ -138,7 +138,7 @@ async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {
     );
     assert!(row.cloudstack_job_id.is_some(), "the job id was stored");
     assert_eq!(row.event_id.as_deref(), Some(event.id.to_string().as_str()));
-    let outbox = env.outbox().await;
+    let outbox = env.outbox_once_published(WAIT).await;
     assert_eq!(outbox.len(), 1, "{outbox:?}");
     assert_eq!(outbox[0].0, event.id.to_string());
     assert!(outbox[0].2, "the outbox row is marked published");

@@ -484,6 +484,20 @@ impl TestEnv {
             .collect()
     }
 
+    /// The outbox once every row is marked published, or as it is after `within`. A row is
+    /// marked only after the broker's confirm, so possibly just after a subscriber got the
+    /// event.
+    pub async fn outbox_once_published(&mut self, within: Duration) -> Vec<(String, String, bool)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let outbox = self.outbox().await;
+            if outbox.iter().all(|r| r.2) || tokio::time::Instant::now() > deadline {
+                return outbox;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `device_mappings` rows: volume id → (vm, mode, device_path, linux_state, cloudstack_state).
     pub async fn mappings(&mut self) -> std::collections::BTreeMap<String, MappingRow> {
         let pool = self.db().await;

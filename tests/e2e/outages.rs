@@ -55,7 +55,7 @@ async fn events_written_while_the_broker_is_unreachable_are_published_when_it_re
     assert_eq!(event.event_type, "volume.create.completed");
     env.wait_ready(Duration::from_secs(20)).await;
     assert!(
-        env.outbox().await[0].2,
+        env.outbox_once_published(Duration::from_secs(20)).await[0].2,
         "marked published after the confirm"
     );
 }
