@@ -256,26 +256,14 @@ fn properties(row: &OutboxRow) -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::testdb::TestDb;
+    use crate::db::testdb::{TestDb, rejected_event};
     use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
-    use schema::{CloudEvent, CommandId, EventData, EventError, EventId, OperationType};
 
     /// The broker the unit tests use (`TEST_AMQP_URL` overrides it).
     fn broker_url() -> String {
         std::env::var("TEST_AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-    }
-
-    fn event(n: usize) -> CloudEvent {
-        let data = EventData::rejected(
-            CommandId::parse(&format!("drain-{n}")).expect("id"),
-            OperationType::Create.into(),
-            None,
-            EventError::new(schema::ErrorCode::InvalidCommand, "x"),
-            chrono::Utc::now(),
-        );
-        CloudEvent::new(EventId::new_random(), chrono::Utc::now(), data)
     }
 
     /// Asked to drain before it even connected (as at shutdown, right after the executor
@@ -291,15 +279,13 @@ mod tests {
             "vd-unit-{}.events",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let conn = broker::connect(
-            &Endpoint {
-                url: broker_url().as_str().into(),
-                ca_pem: None,
-            },
-            "relay unit test",
-        )
-        .await
-        .expect("unit tests of the relay need RabbitMQ (scripts/test starts it)");
+        let endpoint = Endpoint {
+            url: broker_url().as_str().into(),
+            ca_pem: None,
+        };
+        let conn = broker::connect(&endpoint, "relay unit test")
+            .await
+            .expect("unit tests of the relay need RabbitMQ (scripts/test starts it)");
         let ch = conn.create_channel().await.expect("channel");
         let auto_delete = ExchangeDeclareOptions {
             auto_delete: true,
@@ -333,9 +319,14 @@ mod tests {
         .expect("bind");
         let mut tx = db.pool.begin().await.expect("tx");
         for n in 0..rows {
-            outbox::insert(&mut tx, &event(n), &exchange, None)
-                .await
-                .expect("insert");
+            outbox::insert(
+                &mut tx,
+                &rejected_event(&format!("drain-{n}")),
+                &exchange,
+                None,
+            )
+            .await
+            .expect("insert");
         }
         tx.commit().await.expect("commit");
 
@@ -343,10 +334,7 @@ mod tests {
         stop.drain();
         let relay = Relay {
             pool: db.pool.clone(),
-            broker: Endpoint {
-                url: broker_url().as_str().into(),
-                ca_pem: None,
-            },
+            broker: endpoint,
             wakeup: Arc::new(Notify::new()),
             status: Arc::new(Status::default()),
             metrics: Arc::new(Metrics::new()),

@@ -5,12 +5,8 @@ use chrono::{DateTime, Utc};
 use schema::VolumeId;
 use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::db::mode_column;
+use crate::db::HOST_MODE as HOST;
 use crate::mappings::LinuxState;
-use schema::event::AttachMode;
-
-/// `operation_mode` of host mappings.
-const HOST: &str = mode_column(AttachMode::Host);
 
 /// A host mapping as the sync sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]

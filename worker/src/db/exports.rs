@@ -5,11 +5,9 @@
 use sqlx::{MySqlConnection, MySqlPool};
 
 use schema::VolumeId;
-use schema::event::AttachMode;
 
-use crate::db::mode_column;
+use crate::db::HOST_MODE as HOST;
 
-const HOST: &str = mode_column(AttachMode::Host);
 const ACTIVE: &str = "active";
 const REMOVED: &str = "removed";
 

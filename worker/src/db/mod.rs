@@ -80,6 +80,9 @@ pub const fn mode_column(mode: AttachMode) -> &'static str {
     }
 }
 
+/// `operation_mode` of host mappings.
+pub const HOST_MODE: &str = mode_column(AttachMode::Host);
+
 /// Whether a database error will come back however often the write is tried: the server
 /// refused the statement itself. Lost connections, killed sessions, lock waits, deadlocks and
 /// connection limits are transient.

@@ -102,19 +102,7 @@ pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::testdb::TestDb;
-    use schema::{CommandId, EventData, EventError, EventId, OperationType};
-
-    fn event(id: &str) -> CloudEvent {
-        let data = EventData::rejected(
-            CommandId::parse(id).expect("id"),
-            OperationType::Create.into(),
-            None,
-            EventError::new(schema::ErrorCode::InvalidCommand, "x"),
-            chrono::Utc::now(),
-        );
-        CloudEvent::new(EventId::new_random(), chrono::Utc::now(), data)
-    }
+    use crate::db::testdb::{TestDb, rejected_event as event};
 
     /// Auto-increment ids commit out of order: a row with a lower id that commits later is
     /// still read (there is no "last id seen" cursor), and marked rows are not read again.

@@ -10,6 +10,18 @@ fn server() -> String {
     std::env::var("TEST_MYSQL_SERVER").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
+/// A failed event of `command_id` (a rejected message): what outbox and relay tests store.
+pub fn rejected_event(command_id: &str) -> schema::CloudEvent {
+    let data = schema::EventData::rejected(
+        schema::CommandId::parse(command_id).expect("a command id"),
+        schema::OperationType::Create.into(),
+        None,
+        schema::EventError::new(schema::ErrorCode::InvalidCommand, "x"),
+        chrono::Utc::now(),
+    );
+    schema::CloudEvent::new(schema::EventId::new_random(), chrono::Utc::now(), data)
+}
+
 /// A migrated database named `vd_unit_<random>`.
 pub struct TestDb {
     pub pool: MySqlPool,

@@ -105,8 +105,7 @@ async fn repair_mapping(
     let name = match &recorded {
         Some(n) => n.clone(),
         None => {
-            let others: Vec<String> = names.clone();
-            let n = persistent_name(m.volume_id, &others);
+            let n = persistent_name(m.volume_id, names);
             names.push(n.clone());
             n
         }
