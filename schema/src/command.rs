@@ -13,7 +13,8 @@ use crate::size::ByteSize;
 /// Largest accepted command body (CONTRACT §3).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
-/// The four kinds of volume operation.
+/// The kinds of operation: the four volume commands, and `cancel` and `reconcile`, which act
+/// on the daemon's own records (CONTRACT §3).
 #[derive(
     Debug,
     Clone,
@@ -31,10 +32,19 @@ pub enum OperationType {
     Attach,
     Detach,
     Delete,
+    Cancel,
+    Reconcile,
 }
 
 impl OperationType {
-    pub const ALL: [OperationType; 4] = [Self::Create, Self::Attach, Self::Detach, Self::Delete];
+    pub const ALL: [OperationType; 6] = [
+        Self::Create,
+        Self::Attach,
+        Self::Detach,
+        Self::Delete,
+        Self::Cancel,
+        Self::Reconcile,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,7 +52,15 @@ impl OperationType {
             Self::Attach => "attach",
             Self::Detach => "detach",
             Self::Delete => "delete",
+            Self::Cancel => "cancel",
+            Self::Reconcile => "reconcile",
         }
+    }
+
+    /// Whether operations of this type call CloudStack's mutating API (cancel and reconcile
+    /// never do).
+    pub fn mutates_cloudstack(self) -> bool {
+        !matches!(self, Self::Cancel | Self::Reconcile)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -82,8 +100,21 @@ pub struct Command {
 pub enum Action {
     Create(CreateVolume),
     Attach(AttachVolume),
-    Detach { volume_id: VolumeId },
-    Delete { volume_id: VolumeId },
+    Detach {
+        volume_id: VolumeId,
+    },
+    Delete {
+        volume_id: VolumeId,
+    },
+    /// End a `pending` operation as `cancelled`.
+    Cancel {
+        target: CommandId,
+    },
+    /// Repair `device_mappings` (and `nbd_exports`) from CloudStack and the device monitor:
+    /// one VM, or every VM that has mappings and the host VM.
+    Reconcile {
+        vm_id: Option<VmId>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -185,13 +216,15 @@ impl Action {
             Self::Attach(_) => OperationType::Attach,
             Self::Detach { .. } => OperationType::Detach,
             Self::Delete { .. } => OperationType::Delete,
+            Self::Cancel { .. } => OperationType::Cancel,
+            Self::Reconcile { .. } => OperationType::Reconcile,
         }
     }
 
     /// The volume the command is about, when it names one (a create does not yet).
     pub fn volume_id(&self) -> Option<VolumeId> {
         match self {
-            Self::Create(_) => None,
+            Self::Create(_) | Self::Cancel { .. } | Self::Reconcile { .. } => None,
             Self::Attach(a) => Some(a.volume_id),
             Self::Detach { volume_id } | Self::Delete { volume_id } => Some(*volume_id),
         }
@@ -200,6 +233,7 @@ impl Action {
     pub fn vm_id(&self) -> Option<VmId> {
         match self {
             Self::Attach(a) => Some(a.vm_id),
+            Self::Reconcile { vm_id } => *vm_id,
             _ => None,
         }
     }
@@ -241,6 +275,16 @@ impl Command {
     /// `delete` (an attached volume is detached first).
     pub fn delete(volume_id: VolumeId) -> Self {
         Command::new(Action::Delete { volume_id })
+    }
+
+    /// `cancel` of the pending operation `target`.
+    pub fn cancel(target: CommandId) -> Self {
+        Command::new(Action::Cancel { target })
+    }
+
+    /// `reconcile` of one VM, or (`None`) of every VM with mappings and the host VM.
+    pub fn reconcile(vm_id: Option<VmId>) -> Self {
+        Command::new(Action::Reconcile { vm_id })
     }
 
     /// Replaces the random command id: reuse an id to retry safely.
@@ -377,7 +421,9 @@ type Metadata = BTreeMap<String, String>;
 fn parse_body(obj: &Map<String, Value>) -> Result<(Action, Metadata), String> {
     let ty = match obj.get("type") {
         Some(Value::String(t)) => OperationType::parse(t).ok_or_else(|| {
-            format!("field `type`: unknown type {t:?}; expected create, attach, detach or delete")
+            format!(
+                "field `type`: unknown type {t:?}; expected create, attach, detach, delete, cancel or reconcile"
+            )
         })?,
         Some(other) => {
             return Err(format!(
@@ -404,6 +450,12 @@ fn parse_body(obj: &Map<String, Value>) -> Result<(Action, Metadata), String> {
         },
         OperationType::Delete => Action::Delete {
             volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+        },
+        OperationType::Cancel => Action::Cancel {
+            target: req_id(obj, "target", CommandId::parse)?,
+        },
+        OperationType::Reconcile => Action::Reconcile {
+            vm_id: opt_id(obj, "vm_id", VmId::parse)?,
         },
     };
     Ok((action, metadata(obj)?))

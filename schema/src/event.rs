@@ -113,6 +113,8 @@ pub enum EventOpType {
     Attach,
     Detach,
     Delete,
+    Cancel,
+    Reconcile,
     Unknown,
 }
 
@@ -123,6 +125,8 @@ impl EventOpType {
             Self::Attach => "attach",
             Self::Detach => "detach",
             Self::Delete => "delete",
+            Self::Cancel => "cancel",
+            Self::Reconcile => "reconcile",
             Self::Unknown => "unknown",
         }
     }
@@ -140,6 +144,8 @@ impl From<OperationType> for EventOpType {
             OperationType::Attach => Self::Attach,
             OperationType::Detach => Self::Detach,
             OperationType::Delete => Self::Delete,
+            OperationType::Cancel => Self::Cancel,
+            OperationType::Reconcile => Self::Reconcile,
         }
     }
 }
@@ -191,6 +197,41 @@ pub struct EventData {
     /// Delete only: the volume did not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub already_absent: Option<bool>,
+    /// Cancel only: the command id of the operation it cancelled (or tried to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<CommandId>,
+    /// Reconcile only: what it repaired (empty when nothing had drifted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<Change>>,
+}
+
+/// One repair a reconcile made (CONTRACT §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Change {
+    pub volume_id: VolumeId,
+    /// The VM the mapping is on after the change (before it, for a removed mapping).
+    pub vm_id: Option<VmId>,
+    pub what: ChangeKind,
+    /// The value before the change (a VM id, a device path or an export name), null if none.
+    pub before: Option<String>,
+    /// The value after the change, null if none.
+    pub after: Option<String>,
+}
+
+/// What a reconcile changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// A mapping row for an attachment CloudStack shows and the daemon did not record.
+    MappingAdded,
+    /// CloudStack shows the volume detached (or gone): the row was removed.
+    MappingRemoved,
+    /// CloudStack shows the volume on another VM.
+    MappingMoved,
+    /// A host attachment's Linux device changed name.
+    DeviceChanged,
+    ExportAdded,
+    ExportRemoved,
 }
 
 impl EventData {
@@ -224,6 +265,8 @@ impl EventData {
             volume: None,
             already_detached: None,
             already_absent: None,
+            target: None,
+            changes: None,
         }
     }
 }

@@ -19,6 +19,7 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod api;
 pub mod command;
 pub mod error;
 pub mod event;

@@ -76,6 +76,22 @@ pub enum CommandBody {
         envelope: Envelope,
         volume_id: VolumeId,
     },
+    /// End a `pending` operation as `cancelled` (its target gets `volume.<type>.cancelled`).
+    Cancel {
+        #[serde(flatten)]
+        envelope: Envelope,
+        /// The command id of the operation to cancel.
+        target: CommandId,
+    },
+    /// Repair the daemon's mappings and exports from CloudStack and the local devices; never
+    /// calls a mutating CloudStack API.
+    Reconcile {
+        #[serde(flatten)]
+        envelope: Envelope,
+        /// One VM; default every VM that has mappings, and the host VM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm_id: Option<VmId>,
+    },
 }
 
 impl From<&Command> for CommandBody {
@@ -106,6 +122,14 @@ impl From<&Command> for CommandBody {
             Action::Delete { volume_id } => CommandBody::Delete {
                 envelope,
                 volume_id: *volume_id,
+            },
+            Action::Cancel { target } => CommandBody::Cancel {
+                envelope,
+                target: target.clone(),
+            },
+            Action::Reconcile { vm_id } => CommandBody::Reconcile {
+                envelope,
+                vm_id: *vm_id,
             },
         }
     }
@@ -166,6 +190,9 @@ mod tests {
                 .expect("attach"),
             Command::detach(vol),
             Command::delete(vol),
+            Command::cancel(CommandId::parse("op-1").expect("id")),
+            Command::reconcile(Some(vm)),
+            Command::reconcile(None),
         ];
         for c in commands {
             let body = c.to_body();

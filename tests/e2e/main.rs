@@ -13,6 +13,7 @@ mod docs;
 mod exports;
 mod fencing;
 mod lifecycle;
+mod operator;
 mod outages;
 mod producers;
 mod rejections;

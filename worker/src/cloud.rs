@@ -58,6 +58,8 @@ impl Session {
             OperationType::Create => self.deadlines.create,
             OperationType::Attach => self.deadlines.attach,
             OperationType::Detach | OperationType::Delete => self.deadlines.detach,
+            // They start no job; a listVolumes is bounded by the request deadline.
+            OperationType::Cancel | OperationType::Reconcile => self.deadlines.detach,
         };
         JobPolling {
             deadline,

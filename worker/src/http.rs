@@ -27,11 +27,17 @@ pub struct HttpState {
 }
 
 pub fn router(state: HttpState) -> Router {
+    let api = crate::api::ApiState {
+        pool: state.pool.clone(),
+        devices: state.devices.clone(),
+        nbd_url: state.host.nbd_url().clone(),
+    };
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(crate::api::routes(api))
 }
 
 /// Liveness: the process runs.

@@ -7,6 +7,7 @@
 //! health, readiness and metrics. [`app`] wires it all; `main` only parses settings.
 //! See ARCHITECTURE.md for the path of one command and the invariants.
 
+pub mod api;
 pub mod app;
 pub mod broker;
 pub mod cloud;

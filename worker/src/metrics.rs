@@ -209,6 +209,16 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// A pending operation of type `ty` was cancelled (outcome `cancelled`; no duration).
+    pub fn operation_cancelled(&self, ty: schema::OperationType) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                r#type: ty.as_str().to_owned(),
+                outcome: "cancelled".to_owned(),
+            })
+            .inc();
+    }
+
     /// `accepted`, `duplicate` or `invalid`.
     pub fn command_received(&self, result: &str) {
         self.commands

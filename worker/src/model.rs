@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use cloudstack::response::JobId;
-use schema::event::{AttachMode, NbdExport};
+use schema::event::{AttachMode, Change, NbdExport};
 use schema::{
-    CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
+    Action, CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
     VolumeId, VolumeInfo,
 };
 
@@ -63,6 +63,8 @@ pub struct Completion {
     pub nbd_export: Option<NbdExport>,
     pub already_detached: Option<bool>,
     pub already_absent: Option<bool>,
+    /// Reconcile: what it repaired.
+    pub changes: Option<Vec<Change>>,
     /// What the operation does to `device_mappings`, in the transaction that ends it.
     pub mapping: Option<MappingChange>,
 }
@@ -94,13 +96,38 @@ pub fn event_for(
     id: EventId,
     completed_at: DateTime<Utc>,
 ) -> CloudEvent {
-    let cmd = &op.command;
-    let duration_ms = (completed_at - op.created_at).num_milliseconds().max(0) as u64;
     let empty = Completion::default();
     let (status, done, error) = match outcome {
         Ok(c) => (OperationStatus::Completed, c, None),
         Err(e) => (OperationStatus::Failed, &empty, Some(e.clone())),
     };
+    event_with(op, status, done, error, id, completed_at)
+}
+
+/// The terminal event of `op` cancelled by a `cancel` operation (CONTRACT §3): status
+/// `cancelled`, no error.
+pub fn cancelled_event(op: &Operation, id: EventId, completed_at: DateTime<Utc>) -> CloudEvent {
+    let done = Completion::default();
+    event_with(
+        op,
+        OperationStatus::Cancelled,
+        &done,
+        None,
+        id,
+        completed_at,
+    )
+}
+
+fn event_with(
+    op: &Operation,
+    status: OperationStatus,
+    done: &Completion,
+    error: Option<EventError>,
+    id: EventId,
+    completed_at: DateTime<Utc>,
+) -> CloudEvent {
+    let cmd = &op.command;
+    let duration_ms = (completed_at - op.created_at).num_milliseconds().max(0) as u64;
     CloudEvent::new(
         id,
         completed_at,
@@ -128,6 +155,11 @@ pub fn event_for(
             volume: done.volume.clone(),
             already_detached: done.already_detached,
             already_absent: done.already_absent,
+            target: match &cmd.action {
+                Action::Cancel { target } => Some(target.clone()),
+                _ => None,
+            },
+            changes: done.changes.clone(),
         },
     )
 }

@@ -8,6 +8,7 @@
 //! - [`configs`]: the active `ossea_configs` row.
 //! - [`devices`]: the mapping sync's updates of host mappings.
 //! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
+//! - [`read`]: the read API's queries.
 
 pub mod configs;
 pub mod devices;
@@ -15,6 +16,7 @@ pub mod exports;
 pub mod lease;
 pub mod mappings;
 pub mod outbox;
+pub mod read;
 pub mod store;
 #[cfg(test)]
 pub mod testdb;

@@ -11,14 +11,15 @@ use sqlx::{MySqlPool, MySqlTransaction, Row};
 
 use cloudstack::response::JobId;
 use schema::{
-    CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, Topology, VolumeId,
+    CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, OperationType,
+    Topology, VolumeId,
 };
 
 use crate::db::mappings;
 use crate::db::outbox;
 use crate::lease::{Fence, Fenced};
 use crate::mappings::MappingChange;
-use crate::model::{Operation, Outcome, event_for};
+use crate::model::{Operation, Outcome, cancelled_event, event_for};
 
 /// The columns [`operation_from_row`] reads (a macro, so queries stay `&'static str`).
 macro_rules! operation_columns {
@@ -57,6 +58,21 @@ pub enum Accepted {
     InFlight(Box<Operation>),
     /// The same command id already ended; its terminal event was queued again.
     Ended,
+}
+
+/// What a cancel found its target to be (CONTRACT §3 `cancel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelFound {
+    /// The target was pending: it is now `cancelled`, its event queued.
+    Cancelled(OperationType),
+    /// An earlier run of this same cancel (interrupted before it ended) cancelled it.
+    CancelledBefore(OperationType),
+    /// It started at CloudStack: too late to cancel.
+    Executing,
+    /// It had already ended, with this status.
+    Ended(OperationStatus),
+    /// No operation has that id.
+    Unknown,
 }
 
 /// Access to the operations table for one active period. Cheap to clone (the pool is shared).
@@ -250,15 +266,20 @@ impl Store {
     ) -> Result<(), StoreError> {
         let completed_at = now();
         let event = event_for(op, outcome, EventId::new_random(), completed_at);
-        let (response, error, error_code) = match outcome {
-            Ok(c) => (Some(c.response.to_string()), None, None),
-            Err(e) => (None, Some(e.message.as_str()), Some(e.code.as_str())),
+        let (response, error, error_code, detail) = match outcome {
+            Ok(c) => (Some(c.response.to_string()), None, None, None),
+            Err(e) => (
+                None,
+                Some(e.message.as_str()),
+                Some(e.code.as_str()),
+                serde_json::to_string(e).ok(),
+            ),
         };
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
-             vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, event_id = ?, \
-             completed_at = ? WHERE id = ? AND ",
+             vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
+             event_id = ?, completed_at = ? WHERE id = ? AND ",
             unended!()
         ))
         .bind(event.data.status.as_str())
@@ -267,6 +288,7 @@ impl Store {
         .bind(response)
         .bind(error)
         .bind(error_code)
+        .bind(detail)
         .bind(event.id.to_string())
         .bind(completed_at)
         .bind(op.id().as_str())
@@ -286,6 +308,76 @@ impl Store {
             op.command.reply_to.as_deref(),
         )
         .await?;
+        self.commit_fenced(tx).await
+    }
+
+    /// Ends the `pending` operation `target` as `cancelled`, with its terminal event, on behalf
+    /// of the cancel operation `by` (recorded in the target's `response`, so a cancel that is
+    /// resumed after a crash recognises its own work). The row is locked first: a concurrent
+    /// [`Store::mark_executing`] either ran before (the target is `executing`: too late) or
+    /// finds it ended and skips it.
+    pub async fn cancel_pending(
+        &self,
+        target: &CommandId,
+        by: &CommandId,
+    ) -> Result<CancelFound, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "SELECT CAST(status AS CHAR) AS status, JSON_UNQUOTE(JSON_EXTRACT(response, '$.cancelled_by')) AS cancelled_by, CAST(type AS CHAR) AS op_type, ",
+            operation_columns!(),
+            " FROM volume_operations WHERE id = ? FOR UPDATE"
+        ))
+        .bind(target.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(CancelFound::Unknown);
+        };
+        let status: String = row.try_get("status")?;
+        let cancelled_by: Option<String> = row.try_get("cancelled_by")?;
+        let ty: String = row.try_get("op_type")?;
+        let ty = OperationType::parse(&ty).unwrap_or(OperationType::Create);
+        match OperationStatus::parse(&status) {
+            Some(OperationStatus::Pending) => {}
+            Some(OperationStatus::Executing) => return Ok(CancelFound::Executing),
+            Some(OperationStatus::Cancelled) if cancelled_by.as_deref() == Some(by.as_str()) => {
+                return Ok(CancelFound::CancelledBefore(ty));
+            }
+            Some(other) => return Ok(CancelFound::Ended(other)),
+            None => return Ok(CancelFound::Unknown),
+        }
+        // A stored request that no longer parses was edited by hand: leave it be.
+        let Some(op) = operation_from_row(&row)? else {
+            return Ok(CancelFound::Unknown);
+        };
+        let completed_at = now();
+        let event = cancelled_event(&op, EventId::new_random(), completed_at);
+        sqlx::query(concat!(
+            "UPDATE volume_operations SET status = ?, response = ?, event_id = ?, completed_at = ?              WHERE id = ? AND ",
+            unended!()
+        ))
+        .bind(OperationStatus::Cancelled.as_str())
+        .bind(serde_json::json!({"cancelled_by": by.as_str()}).to_string())
+        .bind(event.id.to_string())
+        .bind(completed_at)
+        .bind(target.as_str())
+        .execute(&mut *tx)
+        .await?;
+        outbox::insert(
+            &mut tx,
+            &event,
+            &self.topology.events_exchange(),
+            op.command.reply_to.as_deref(),
+        )
+        .await?;
+        self.commit_fenced(tx).await?;
+        Ok(CancelFound::Cancelled(op.command.operation_type()))
+    }
+
+    /// Applies one mapping change on its own (a reconcile's repair), fenced.
+    pub async fn apply_mapping(&self, change: &MappingChange) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        mappings::apply(&mut tx, change).await?;
         self.commit_fenced(tx).await
     }
 

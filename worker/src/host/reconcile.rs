@@ -11,14 +11,14 @@
 
 use std::collections::HashSet;
 
-use schema::event::NbdExport;
+use schema::event::{Change, ChangeKind, NbdExport};
 
 use super::{HostError, HostFiles, link_target, persistent_name};
 use crate::db::exports::{self, HostLinkRow};
 use crate::db::store::{Store, StoreError};
 
 /// What the reconcile repaired.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Repairs {
     /// Persistent names or export entries made or re-pointed.
     pub links: usize,
@@ -28,6 +28,23 @@ pub struct Repairs {
     pub dropped: usize,
     /// Entries that belonged to no host mapping, removed.
     pub strays: usize,
+    /// The `nbd_exports` rows recorded or removed, as a reconcile reports them.
+    pub exports: Vec<Change>,
+}
+
+fn export_change(volume: schema::VolumeId, what: ChangeKind, name: &str) -> Change {
+    let name = Some(name.to_owned());
+    let (before, after) = match what {
+        ChangeKind::ExportRemoved => (name, None),
+        _ => (None, name),
+    };
+    Change {
+        volume_id: volume,
+        vm_id: None,
+        what,
+        before,
+        after,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +77,11 @@ pub async fn run(store: &Store, files: &HostFiles) -> Result<Repairs, ReconcileE
                 exports::mark_removed(&mut tx, row.volume_id).await?;
                 store.commit_fenced(tx).await?;
                 repairs.dropped += 1;
+                repairs.exports.push(export_change(
+                    row.volume_id,
+                    ChangeKind::ExportRemoved,
+                    &row.export_name,
+                ));
             }
         }
     }
@@ -128,10 +150,16 @@ async fn repair_mapping(
     if recorded.is_none() {
         exports::set_persistent_name(&mut tx, m.volume_id, &name, &shown).await?;
     }
-    if let Some(e) = export.filter(|_| !has_row) {
+    let added = export.filter(|_| !has_row);
+    if let Some(e) = &added {
         exports::upsert_active(&mut tx, m.volume_id, &e.name, &shown).await?;
     }
     store.commit_fenced(tx).await?;
+    if let Some(e) = added {
+        repairs
+            .exports
+            .push(export_change(m.volume_id, ChangeKind::ExportAdded, &e.name));
+    }
     tracing::warn!(volume = %m.volume_id, name, "host mapping's persistent name or export row was missing: recorded");
     repairs.rows += 1;
     Ok(())

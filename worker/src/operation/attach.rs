@@ -130,14 +130,7 @@ async fn find_device(
             let links = host_links(ctx, &found, &mapping).await?;
             let persistent_path = links.persistent_path.display().to_string();
             response["persistent_path"] = json!(persistent_path);
-            mapping.host = Some(Box::new(HostRecord {
-                persistent_name: links.persistent_name.clone(),
-                symlink_path: persistent_path.clone(),
-                export: links
-                    .export
-                    .as_ref()
-                    .map(|e| (e.name.clone(), persistent_path.clone())),
-            }));
+            mapping.host = Some(Box::new(host_record(&links)));
             Ok(Completion {
                 volume_id: Some(volume_id),
                 vm_id: Some(vm),
@@ -156,6 +149,64 @@ async fn find_device(
         )),
         Err(candidates) => Err(no_device(expectation, vm, volume, &candidates, timeout)),
     }
+}
+
+/// What the mapping records of a host attachment's files.
+fn host_record(links: &HostLinks) -> HostRecord {
+    let persistent_path = links.persistent_path.display().to_string();
+    HostRecord {
+        persistent_name: links.persistent_name.clone(),
+        symlink_path: persistent_path.clone(),
+        export: links
+            .export
+            .as_ref()
+            .map(|e| (e.name.clone(), persistent_path)),
+    }
+}
+
+/// The mapping of `volume`, which CloudStack lists on the host VM `vm`, with its device as the
+/// monitor's table shows it now (no wait: `missing` when absent) and, when the device is there,
+/// its persistent name and export made. For a reconcile, which records what is.
+pub(super) async fn host_mapping_now(
+    ctx: &Context,
+    vm: VmId,
+    volume: &Volume,
+) -> Result<DeviceMapping, Halt> {
+    let expectation = ctx.devices.expect(volume.id, volume.size);
+    let table = ctx.devices.table();
+    let Some(found) = ctx.devices.try_match(&table, &expectation) else {
+        return Ok(mapping(
+            volume.id,
+            vm,
+            AttachMode::Host,
+            volume,
+            None,
+            LinuxState::Missing,
+        ));
+    };
+    let mut truth = mapping(
+        volume.id,
+        vm,
+        AttachMode::Host,
+        volume,
+        Some(&found),
+        LinuxState::Present,
+    );
+    let links = host_links(ctx, &found, &truth).await?;
+    truth.host = Some(Box::new(host_record(&links)));
+    Ok(truth)
+}
+
+/// The mapping of `volume`, which CloudStack lists on the VM `vm` (not the host VM).
+pub(super) fn remote_mapping(vm: VmId, volume: &Volume) -> DeviceMapping {
+    mapping(
+        volume.id,
+        vm,
+        AttachMode::Remote,
+        volume,
+        None,
+        LinuxState::Remote,
+    )
 }
 
 /// The persistent name (and export) of a host attachment whose device was found. The name

@@ -5,10 +5,12 @@
 //! with its event. Each command type has its own file.
 
 mod attach;
+mod cancel;
 mod create;
 mod delete;
 mod detach;
 pub mod jobs;
+mod reconcile;
 
 use std::sync::Arc;
 
@@ -89,5 +91,7 @@ async fn run(ctx: &Context, op: &mut Operation) -> Result<Completion, Halt> {
         Action::Attach(attach) => attach::run(ctx, op, &attach).await,
         Action::Detach { volume_id } => detach::run(ctx, op, volume_id).await,
         Action::Delete { volume_id } => delete::run(ctx, op, volume_id).await,
+        Action::Cancel { target } => cancel::run(ctx, op, &target).await,
+        Action::Reconcile { vm_id } => reconcile::run(ctx, op, vm_id).await,
     }
 }

@@ -1,0 +1,12 @@
+-- The operator's view (CONTRACT §3, §6): `cancel` and `reconcile` are operations too, and the
+-- retention sweep deletes ended operations by `completed_at` (and published outbox rows by
+-- `published_at`, already indexed) in small batches.
+ALTER TABLE volume_operations
+    MODIFY type ENUM('create', 'attach', 'detach', 'delete', 'cancel', 'reconcile') NOT NULL,
+    ADD KEY idx_volume_operations_completed (completed_at),
+    ADD KEY idx_volume_operations_vm (vm_id, created_at),
+    ADD KEY idx_volume_operations_created (created_at, id);
+
+-- The failed event's whole error object (code, message, retryable, hint, CloudStack's code),
+-- served by the read API; `error` and `error_code` keep their meaning.
+ALTER TABLE volume_operations ADD COLUMN error_detail JSON NULL;

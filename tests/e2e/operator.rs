@@ -1,0 +1,422 @@
+//! The operator's view: the read API (CONTRACT §6), `cancel` and `reconcile` (CONTRACT §3).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use cloudstack_sim::{DEMO_VMS, SimConfig};
+use schema::api::{OperationPage, OperationView, VmVolumes, VolumeView};
+use schema::event::ChangeKind;
+use schema::{CloudEvent, Command, CommandId, ErrorCode, OperationStatus, VmId, VolumeId};
+
+use crate::helpers::{TestEnv, cmd};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn run(env: &TestEnv, command: &Command) -> CloudEvent {
+    env.client()
+        .await
+        .publish(command)
+        .await
+        .expect("published")
+        .wait(WAIT)
+        .await
+        .expect("terminal event")
+}
+
+fn volume_of(event: &CloudEvent) -> VolumeId {
+    assert_eq!(
+        event.data.status,
+        OperationStatus::Completed,
+        "{:?}",
+        event.data.error
+    );
+    event.data.volume_id.expect("volume id")
+}
+
+/// The body of a 4xx: `{"error": {"code", "message"}}`, with the code expected.
+fn error_body(status: u16, body: &serde_json::Value, want: u16, code: &str) -> String {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(!message.is_empty());
+    message
+}
+
+#[tokio::test]
+async fn the_read_api_shows_an_attached_host_volume_in_every_view() {
+    let mut env = TestEnv::with_host_vm(SimConfig::default()).await;
+    env.start_daemon().await;
+    let host = env.host_vm.expect("host VM");
+
+    let create = cmd::create("read-api-0", "1GiB");
+    let volume = volume_of(&run(&env, &create).await);
+    let attach = cmd::attach(volume, host);
+    let attached = run(&env, &attach).await;
+    volume_of(&attached);
+    let device = attached
+        .data
+        .device_path
+        .clone()
+        .expect("host attach has a device");
+    let name = device.trim_start_matches("/dev/").to_owned();
+
+    // The operation list, newest first, filtered by volume.
+    let (status, body) = env
+        .get_json(&format!("/api/v1/operations?volume_id={volume}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let page: OperationPage = serde_json::from_value(body).expect("an operation page");
+    let ids: Vec<&str> = page.items.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [attach.command_id.as_str(), create.command_id.as_str()],
+        "newest first"
+    );
+    assert_eq!(page.next_cursor, None);
+
+    // One operation by id.
+    let (status, body) = env
+        .get_json(&format!("/api/v1/operations/{}", attach.command_id))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let op: OperationView = serde_json::from_value(body.clone()).expect("an operation");
+    assert_eq!(op.status, OperationStatus::Completed);
+    assert_eq!(op.volume_id, Some(volume));
+    assert_eq!(op.vm_id, Some(host));
+    assert_eq!(op.attempts, 1);
+    assert!(op.completed_at.is_some() && op.error.is_none());
+    assert_eq!(op.request["type"], "attach");
+    assert_eq!(
+        op.response.as_ref().expect("response")["device_path"],
+        device
+    );
+    assert!(
+        body["created_at"].as_str().expect("time").ends_with('Z'),
+        "RFC 3339 UTC: {body}"
+    );
+
+    // The volume: mapping, export (off here) and last operation.
+    let (status, body) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
+    assert_eq!(status, 200, "{body}");
+    let view: VolumeView = serde_json::from_value(body).expect("a volume view");
+    let mapping = view.mapping.expect("mapped");
+    assert_eq!(mapping.vm_id, host);
+    assert_eq!(mapping.mode, schema::api::MappingMode::Oma);
+    assert_eq!(mapping.device_path.as_deref(), Some(device.as_str()));
+    assert_eq!(mapping.linux_state, "present");
+    assert!(mapping.persistent_path.is_some());
+    assert_eq!(view.nbd_export, None);
+    assert_eq!(view.last_operation.expect("last").id, attach.command_id);
+
+    // The VM's volumes.
+    let (status, body) = env.get_json(&format!("/api/v1/vms/{host}/volumes")).await;
+    assert_eq!(status, 200, "{body}");
+    let vm: VmVolumes = serde_json::from_value(body).expect("a VM's volumes");
+    assert_eq!(vm.items.len(), 1);
+    assert_eq!(vm.items[0].volume_id, volume);
+
+    // The device table and device → volume.
+    let (status, body) = env.get_json("/api/v1/devices").await;
+    assert_eq!(status, 200, "{body}");
+    let row = body
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|d| d["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} is in the device table: {body}"));
+    assert_eq!(row["volume_id"], volume.to_string());
+    assert_eq!(row["serial"], volume.disk_serial());
+    let (status, body) = env
+        .get_json(&format!("/api/v1/devices/{name}/volume"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["volume_id"], volume.to_string());
+
+    let (status, body) = env.get_json("/api/v1/exports").await;
+    assert_eq!((status, body), (200, serde_json::json!({"items": []})));
+
+    // Bad input is a 400 naming it; unknown ids are 404s.
+    for path in [
+        "/api/v1/operations/not%20an%20id",
+        "/api/v1/volumes/nope",
+        "/api/v1/vms/123/volumes",
+        "/api/v1/devices/..%2Fetc/volume",
+        "/api/v1/operations?limit=0",
+        "/api/v1/operations?limit=501",
+        "/api/v1/operations?status=done",
+        "/api/v1/operations?type=resize",
+        "/api/v1/operations?cursor=garbage",
+        "/api/v1/operations?volume=x",
+    ] {
+        let (status, body) = env.get_json(path).await;
+        error_body(status, &body, 400, "BAD_REQUEST");
+    }
+    let unknown = VolumeId::new_random();
+    for path in [
+        "/api/v1/operations/no-such-op".to_owned(),
+        format!("/api/v1/volumes/{unknown}"),
+        "/api/v1/devices/vdzz/volume".to_owned(),
+    ] {
+        let (status, body) = env.get_json(&path).await;
+        let message = error_body(status, &body, 404, "NOT_FOUND");
+        assert!(
+            message.contains("no-such-op")
+                || message.contains(&unknown.to_string())
+                || message.contains("vdzz"),
+            "the message names the id: {message}"
+        );
+    }
+    // A VM with nothing mapped is not an error: an empty list.
+    let (status, body) = env
+        .get_json(&format!("/api/v1/vms/{}/volumes", VmId::new_random()))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["items"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn cursors_page_through_120_operations_without_gaps_or_repeats() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let client = env.client().await;
+    // Detaches of unknown volumes: 120 operations that end at once (VOLUME_NOT_FOUND).
+    let mut pending = Vec::new();
+    for _ in 0..120 {
+        pending.push(
+            client
+                .publish(&cmd::detach(VolumeId::new_random()))
+                .await
+                .expect("published"),
+        );
+    }
+    let mut want = HashSet::new();
+    for p in pending {
+        let event = p.wait(WAIT).await.expect("event");
+        want.insert(event.data.operation_id.as_str().to_owned());
+    }
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/api/v1/operations?limit=7&type=detach".to_owned(),
+            Some(c) => format!("/api/v1/operations?limit=7&type=detach&cursor={c}"),
+        };
+        let (status, body) = env.get_json(&path).await;
+        assert_eq!(status, 200, "{body}");
+        let page: OperationPage = serde_json::from_value(body).expect("page");
+        assert!(page.items.len() <= 7);
+        seen.extend(
+            page.items
+                .iter()
+                .map(|o| (o.created_at, o.id.as_str().to_owned())),
+        );
+        pages += 1;
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        assert!(pages < 100, "the cursor never ends");
+    }
+    assert_eq!(pages, 18, "120 operations in pages of 7");
+    let ids: HashSet<String> = seen.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids.len(), seen.len(), "no operation appears twice");
+    assert_eq!(ids, want, "every operation appears");
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first across pages");
+
+    let (status, body) = env
+        .get_json("/api/v1/operations?status=failed&limit=500")
+        .await;
+    assert_eq!(status, 200);
+    let page: OperationPage = serde_json::from_value(body).expect("page");
+    assert_eq!(page.items.len(), 120);
+    assert!(
+        page.items
+            .iter()
+            .all(|o| { o.error.as_ref().map(|e| e.code) == Some(ErrorCode::VolumeNotFound) })
+    );
+}
+
+#[tokio::test]
+async fn cancel_ends_a_pending_operation_before_cloudstack_and_refuses_an_executing_one() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        job_latency: Duration::from_millis(2500),
+        ..SimConfig::default()
+    })
+    .await;
+    env.start_daemon().await;
+    let vm = DEMO_VMS[0];
+    let volume = volume_of(&run(&env, &cmd::create("cancel-0", "1GiB")).await);
+    let client = env.client().await;
+    let detaches_before = env.sim.sim.call_count("detachVolume");
+
+    // A slow attach, then a detach queued behind it on the same volume.
+    let attach = cmd::attach(volume, vm);
+    let attach_wait = client.publish(&attach).await.expect("attach published");
+    let detach = cmd::detach(volume);
+    let detach_wait = client.publish(&detach).await.expect("detach published");
+    let attach_id = attach.command_id.as_str().to_owned();
+    env.wait_for_operation(&attach_id, WAIT, |r| r.status == "executing")
+        .await;
+    let detach_id = detach.command_id.as_str().to_owned();
+    assert_eq!(
+        env.operation(&detach_id).await.expect("row").status,
+        "pending"
+    );
+
+    let cancel = Command::cancel(detach.command_id.clone());
+    let cancelled = run(&env, &cancel).await;
+    assert_eq!(
+        cancelled.event_type, "volume.cancel.completed",
+        "{:?}",
+        cancelled.data.error
+    );
+    assert_eq!(cancelled.data.target.as_ref(), Some(&detach.command_id));
+    let target = detach_wait.wait(WAIT).await.expect("the target's event");
+    assert_eq!(target.event_type, "volume.detach.cancelled");
+    assert_eq!(target.data.status, OperationStatus::Cancelled);
+    assert!(target.data.error.is_none());
+
+    // The attach is executing: its cancel fails and changes nothing.
+    let refused = run(&env, &Command::cancel(attach.command_id.clone())).await;
+    assert_eq!(refused.event_type, "volume.cancel.failed");
+    let error = refused.data.error.clone().expect("error");
+    assert_eq!(error.code, ErrorCode::VolumeInUse, "{}", error.message);
+    assert!(error.message.contains(&attach_id), "{}", error.message);
+    assert_eq!(refused.data.target.as_ref(), Some(&attach.command_id));
+    let attached = attach_wait.wait(WAIT).await.expect("attach event");
+    assert_eq!(attached.event_type, "volume.attach.completed");
+
+    // Unknown and ended targets fail INVALID_COMMAND.
+    for target in [
+        CommandId::parse("no-such-op").expect("id"),
+        detach.command_id.clone(),
+    ] {
+        let refused = run(&env, &Command::cancel(target)).await;
+        assert_eq!(
+            refused.data.error.expect("error").code,
+            ErrorCode::InvalidCommand
+        );
+    }
+
+    // The cancelled detach never reached CloudStack, and the volume stays attached.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.sim.sim.call_count("detachVolume"), detaches_before);
+    assert_eq!(env.sim.sim.attachment(volume).map(|a| a.0), Some(vm));
+    let statuses = env.statuses().await;
+    assert_eq!(statuses[&detach_id], "cancelled");
+    assert_eq!(statuses[&attach_id], "completed");
+    let (_, body) = env
+        .get_json(&format!("/api/v1/operations/{detach_id}"))
+        .await;
+    assert_eq!(body["status"], "cancelled");
+    assert_eq!(body["response"]["cancelled_by"], cancel.command_id.as_str());
+}
+
+/// Waits until the simulator shows `volume` on `vm` (or on none).
+async fn sim_settles(env: &TestEnv, volume: VolumeId, vm: Option<VmId>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.sim.sim.attachment(volume).map(|a| a.0) != vm {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the simulator's job did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn by_id(volume: VolumeId) -> HashMap<String, String> {
+    HashMap::from([("id".to_owned(), volume.to_string())])
+}
+
+#[tokio::test]
+async fn reconcile_repairs_mappings_changed_behind_the_daemons_back_and_then_reports_none() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let (vm, other) = (DEMO_VMS[0], DEMO_VMS[1]);
+    let gone = volume_of(&run(&env, &cmd::create("reconcile-gone", "1GiB")).await);
+    let moved = volume_of(&run(&env, &cmd::create("reconcile-moved", "1GiB")).await);
+    for v in [gone, moved] {
+        volume_of(&run(&env, &cmd::attach(v, vm)).await);
+    }
+    assert_eq!(env.mappings().await.len(), 2);
+
+    // Behind the daemon's back: one volume detached, one moved to another VM.
+    let sim = env.sim.sim.clone();
+    sim.detach_volume(&by_id(gone))
+        .expect("detach in the simulator");
+    sim.detach_volume(&by_id(moved))
+        .expect("detach in the simulator");
+    sim_settles(&env, gone, None).await;
+    sim_settles(&env, moved, None).await;
+    let mut attach = by_id(moved);
+    attach.insert("virtualmachineid".into(), other.to_string());
+    sim.attach_volume(&attach).expect("attach in the simulator");
+    sim_settles(&env, moved, Some(other)).await;
+    let mutating_before: usize = [
+        "attachVolume",
+        "detachVolume",
+        "createVolume",
+        "deleteVolume",
+    ]
+    .iter()
+    .map(|c| sim.call_count(c))
+    .sum();
+
+    let first = run(&env, &Command::reconcile(None)).await;
+    assert_eq!(
+        first.event_type, "volume.reconcile.completed",
+        "{:?}",
+        first.data.error
+    );
+    let changes = first.data.changes.clone().expect("changes");
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    let removed = changes.iter().find(|c| c.volume_id == gone).expect("gone");
+    assert_eq!(removed.what, ChangeKind::MappingRemoved);
+    assert_eq!(removed.before.as_deref(), Some(vm.to_string().as_str()));
+    assert_eq!(removed.after, None);
+    let moved_change = changes
+        .iter()
+        .find(|c| c.volume_id == moved)
+        .expect("moved");
+    assert_eq!(moved_change.what, ChangeKind::MappingMoved);
+    assert_eq!(
+        moved_change.before.as_deref(),
+        Some(vm.to_string().as_str())
+    );
+    assert_eq!(
+        moved_change.after.as_deref(),
+        Some(other.to_string().as_str())
+    );
+
+    let mappings = env.mappings().await;
+    assert_eq!(mappings.len(), 1, "{mappings:?}");
+    assert_eq!(mappings[&moved.to_string()].vm_id, other.to_string());
+
+    let second = run(&env, &Command::reconcile(None)).await;
+    assert_eq!(second.data.changes, Some(vec![]), "nothing drifted since");
+    let one_vm = run(&env, &Command::reconcile(Some(other))).await;
+    assert_eq!(one_vm.data.changes, Some(vec![]));
+    assert_eq!(one_vm.data.vm_id, Some(other));
+
+    let mutating_after: usize = [
+        "attachVolume",
+        "detachVolume",
+        "createVolume",
+        "deleteVolume",
+    ]
+    .iter()
+    .map(|c| sim.call_count(c))
+    .sum();
+    assert_eq!(
+        mutating_after, mutating_before,
+        "reconcile calls no mutating API"
+    );
+    assert!(sim.call_count("listVolumes") > 0);
+}

@@ -1,0 +1,218 @@
+//! `reconcile` (the old daemon's force-sync): make `device_mappings` and `nbd_exports` say what
+//! CloudStack and the guest say (CONTRACT §3). Only `listVolumes` is called; nothing in
+//! CloudStack changes.
+//!
+//! In scope are one VM, or every VM that has mappings and the host VM. For each:
+//! 1. CloudStack's attachments (`listVolumes virtualmachineid=`; root disks are not the
+//!    daemon's and are left out).
+//! 2. Each recorded mapping on a VM in scope: CloudStack no longer lists it there → it is
+//!    looked up by id: on another VM (`mapping_moved`) or on none (`mapping_removed`). Still
+//!    there and on the host VM → its device is compared with the monitor's table
+//!    (`device_changed`).
+//! 3. Each attachment CloudStack lists that no mapping records → `mapping_added`.
+//! 4. The host files and export rows are made to agree (`export_added`, `export_removed`).
+//!
+//! Each repair is committed on its own (fenced) and reported in the order it was made.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use serde_json::json;
+
+use cloudstack::Volume;
+use schema::api::{MappingMode, MappingView};
+use schema::event::{Change, ChangeKind};
+use schema::{VmId, VolumeId};
+
+use super::{Completion, Halt, Operation, attach, detach, jobs};
+use crate::cloud::{Session, classify};
+use crate::context::Context;
+use crate::db::read;
+use crate::mappings::{DeviceMapping, MappingChange};
+
+pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<Completion, Halt> {
+    let cs = ctx.session().await?;
+    let changes = reconcile(ctx, &cs, scope).await?;
+    if changes.is_empty() {
+        tracing::info!("reconcile: mappings agree with CloudStack and the guest");
+    } else {
+        tracing::warn!(changes = changes.len(), "reconcile repaired drift");
+    }
+    Ok(Completion {
+        vm_id: scope,
+        response: json!({"changes": changes}),
+        changes: Some(changes),
+        ..Completion::default()
+    })
+}
+
+/// Compares and repairs; returns what changed. Also the periodic reconcile's body.
+pub async fn reconcile(
+    ctx: &Context,
+    cs: &Session,
+    scope: Option<VmId>,
+) -> Result<Vec<Change>, Halt> {
+    let pool = ctx.store.pool();
+    let recorded = ctx
+        .read("read the mappings", || async {
+            Ok(read::mappings(pool, None).await?)
+        })
+        .await?;
+    let vms: BTreeSet<VmId> = match scope {
+        Some(vm) => [vm].into(),
+        None => recorded.iter().map(|m| m.vm_id).chain(cs.host_vm).collect(),
+    };
+    let mut listed: HashMap<VolumeId, (VmId, Volume)> = HashMap::new();
+    for vm in &vms {
+        for v in attached_to(cs, *vm).await? {
+            listed.insert(v.id, (*vm, v));
+        }
+    }
+    let mut changes = Vec::new();
+    for m in recorded.iter().filter(|m| vms.contains(&m.vm_id)) {
+        match listed.get(&m.volume_id) {
+            Some((_, v)) => {
+                if m.mode == MappingMode::Oma {
+                    changes.extend(device_drift(ctx, cs, m, v).await?);
+                }
+            }
+            None => changes.push(gone_from(ctx, cs, m).await?),
+        }
+    }
+    let known: HashSet<VolumeId> = recorded.iter().map(|m| m.volume_id).collect();
+    for (vm, v) in listed.values().filter(|(_, v)| !known.contains(&v.id)) {
+        let mapping = mapping_of(ctx, cs, *vm, v).await?;
+        apply(ctx, MappingChange::Upsert(mapping)).await?;
+        tracing::warn!(volume = %v.id, %vm, "reconcile: attachment made outside the daemon recorded");
+        changes.push(change(
+            v.id,
+            Some(*vm),
+            ChangeKind::MappingAdded,
+            None,
+            Some(vm.to_string()),
+        ));
+    }
+    let repairs = crate::host::reconcile::run(&ctx.store, &ctx.host)
+        .await
+        .map_err(|e| Halt::from(host_error(e)))?;
+    changes.extend(repairs.exports);
+    Ok(changes)
+}
+
+/// The data disks CloudStack lists on `vm`.
+async fn attached_to(cs: &Session, vm: VmId) -> Result<Vec<Volume>, Halt> {
+    let volumes = cs
+        .client
+        .list_volumes(&[("virtualmachineid", vm.to_string())])
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(volumes
+        .into_iter()
+        .filter(|v| v.kind.as_deref() != Some("ROOT"))
+        .filter(|v| v.virtualmachineid == Some(vm))
+        .collect())
+}
+
+/// A recorded mapping CloudStack no longer lists on its VM: moved, or detached (or deleted).
+async fn gone_from(ctx: &Context, cs: &Session, m: &MappingView) -> Result<Change, Halt> {
+    let now = match jobs::current(&cs.client, m.volume_id).await {
+        Ok(v) => Some(v),
+        Err(Halt::Fail(e, _)) if e.code == schema::ErrorCode::VolumeNotFound => None,
+        Err(other) => return Err(other),
+    };
+    if m.mode == MappingMode::Oma {
+        ctx.devices.release(m.volume_id);
+        detach::release_host_files(ctx, m.volume_id, true).await?;
+    }
+    match now.and_then(|v| v.virtualmachineid.map(|vm| (vm, v))) {
+        Some((other, v)) => {
+            let mapping = mapping_of(ctx, cs, other, &v).await?;
+            apply(ctx, MappingChange::Upsert(mapping)).await?;
+            tracing::warn!(volume = %m.volume_id, from = %m.vm_id, to = %other, "reconcile: volume is on another VM");
+            Ok(change(
+                m.volume_id,
+                Some(other),
+                ChangeKind::MappingMoved,
+                Some(m.vm_id.to_string()),
+                Some(other.to_string()),
+            ))
+        }
+        None => {
+            apply(ctx, MappingChange::Remove(m.volume_id)).await?;
+            tracing::warn!(volume = %m.volume_id, vm = %m.vm_id, "reconcile: volume is attached to no VM; mapping removed");
+            Ok(change(
+                m.volume_id,
+                Some(m.vm_id),
+                ChangeKind::MappingRemoved,
+                Some(m.vm_id.to_string()),
+                None,
+            ))
+        }
+    }
+}
+
+/// A host mapping whose recorded device is not the one the monitor sees for its serial.
+async fn device_drift(
+    ctx: &Context,
+    cs: &Session,
+    m: &MappingView,
+    v: &Volume,
+) -> Result<Option<Change>, Halt> {
+    let truth = mapping_of(ctx, cs, m.vm_id, v).await?;
+    if truth.device_path == m.device_path {
+        return Ok(None);
+    }
+    let (before, after) = (m.device_path.clone(), truth.device_path.clone());
+    apply(ctx, MappingChange::Upsert(truth)).await?;
+    tracing::warn!(volume = %m.volume_id, ?before, ?after, "reconcile: host device changed");
+    Ok(Some(change(
+        m.volume_id,
+        Some(m.vm_id),
+        ChangeKind::DeviceChanged,
+        before,
+        after,
+    )))
+}
+
+/// The mapping of `v` on `vm` as it is now: a host attachment with its device (and files) as
+/// the monitor sees it, or a remote one.
+async fn mapping_of(
+    ctx: &Context,
+    cs: &Session,
+    vm: VmId,
+    v: &Volume,
+) -> Result<DeviceMapping, Halt> {
+    if cs.host_vm == Some(vm) {
+        attach::host_mapping_now(ctx, vm, v).await
+    } else {
+        Ok(attach::remote_mapping(vm, v))
+    }
+}
+
+async fn apply(ctx: &Context, change: MappingChange) -> Result<(), Halt> {
+    ctx.write("repair a mapping", || ctx.store.apply_mapping(&change))
+        .await
+}
+
+fn change(
+    volume_id: VolumeId,
+    vm_id: Option<VmId>,
+    what: ChangeKind,
+    before: Option<String>,
+    after: Option<String>,
+) -> Change {
+    Change {
+        volume_id,
+        vm_id,
+        what,
+        before,
+        after,
+    }
+}
+
+fn host_error(e: crate::host::reconcile::ReconcileError) -> schema::EventError {
+    schema::EventError::new(
+        schema::ErrorCode::Internal,
+        format!("cannot make the host files agree with the tables: {e}"),
+    )
+    .with_hint("check that the daemon may write PERSISTENT_DEVICE_DIR and NBD_EXPORT_DIR, then reconcile again")
+}
