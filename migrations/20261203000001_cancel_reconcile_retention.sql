@@ -10,3 +10,7 @@ ALTER TABLE volume_operations
 -- The failed event's whole error object (code, message, retryable, hint, CloudStack's code),
 -- served by the read API; `error` and `error_code` keep their meaning.
 ALTER TABLE volume_operations ADD COLUMN error_detail JSON NULL;
+
+-- The terminal event itself, so a duplicate command re-publishes it (same id) after the
+-- retention sweep deleted its outbox row.
+ALTER TABLE volume_operations ADD COLUMN event_payload LONGTEXT NULL;

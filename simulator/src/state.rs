@@ -68,6 +68,8 @@ pub const MAX_DATA_DISKS: usize = 6;
 #[derive(Debug, Clone)]
 struct SimVolume {
     id: VolumeId,
+    /// `DATADISK`, or `ROOT` for the host VM's boot disk.
+    kind: &'static str,
     name: String,
     zone: ZoneId,
     offering: DiskOfferingId,
@@ -142,10 +144,43 @@ pub fn cs_time(t: DateTime<Utc>) -> String {
 }
 
 const GIB: u64 = 1 << 30;
+const DATADISK: &str = "DATADISK";
+const ROOT: &str = "ROOT";
+/// The host VM's root disk: 8 GiB at device id 0, the guest's `vda`.
+const ROOT_DISK_BYTES: u64 = 8 * GIB;
+
+/// A VM's root disk, attached at device 0. The host VM's also gets its guest device `vda`
+/// (on controller `virtio3`) when there is a sysfs root, so a self-check can find its serial
+/// among the local devices.
+fn root_disk(config: &SimConfig, vm: VmId, n: usize) -> SimVolume {
+    let id = VolumeId::new_random();
+    if config.host_vm_id == Some(vm)
+        && let Some(root) = &config.sysfs_root
+        && let Err(e) = sysfs::create_device(root, "vda", &id.disk_serial(), ROOT_DISK_BYTES, 3)
+    {
+        tracing::warn!(error = %e, "cannot create the host VM's root device");
+    }
+    let now = Utc::now();
+    SimVolume {
+        id,
+        kind: ROOT,
+        name: format!("ROOT-{n}"),
+        zone: ZONE_ID,
+        offering: FIXED_OFFERING_ID,
+        size_bytes: ROOT_DISK_BYTES,
+        state: "Ready",
+        created: now,
+        vm: Some(vm),
+        device_id: Some(0),
+        attached: Some(now),
+        last_job: None,
+    }
+}
 
 impl Sim {
     pub fn new(config: SimConfig) -> Self {
         let mut vms = HashMap::new();
+        let mut volumes = HashMap::new();
         for (i, id) in config
             .vms
             .iter()
@@ -159,6 +194,8 @@ impl Sim {
                     name: format!("sim-vm-{}", i + 1),
                 },
             );
+            let root = root_disk(&config, *id, i + 1);
+            volumes.insert(root.id, root);
         }
         Self {
             inner: Mutex::new(Inner {
@@ -167,7 +204,7 @@ impl Sim {
                 secret_key: config.secret_key.clone(),
                 faults: config.faults.clone(),
                 devices: DeviceBehaviour::default(),
-                volumes: HashMap::new(),
+                volumes,
                 vms,
                 jobs: HashMap::new(),
                 calls: Vec::new(),
@@ -232,7 +269,12 @@ impl Sim {
 
     /// Registers a VM (CloudStack would have it already).
     pub fn add_vm(&self, id: VmId, name: &str) {
-        self.lock().vms.insert(
+        let mut inner = self.lock();
+        if !inner.vms.contains_key(&id) {
+            let root = root_disk(&self.config, id, inner.vms.len() + 1);
+            inner.volumes.insert(root.id, root);
+        }
+        inner.vms.insert(
             id,
             SimVm {
                 id,
@@ -260,16 +302,28 @@ impl Sim {
     }
 
     /// Every volume: id and name.
+    /// Every data disk (the host VM's root disk is left out): id and name.
     pub fn volumes(&self) -> Vec<(VolumeId, String)> {
         self.lock()
             .volumes
             .values()
+            .filter(|v| v.kind == DATADISK)
             .map(|v| (v.id, v.name.clone()))
             .collect()
     }
 
+    /// How many data disks exist.
     pub fn volume_count(&self) -> usize {
-        self.lock().volumes.len()
+        self.volumes().len()
+    }
+
+    /// The root disk of `vm`.
+    pub fn root_volume(&self, vm: VmId) -> Option<VolumeId> {
+        self.lock()
+            .volumes
+            .values()
+            .find(|v| v.kind == ROOT && v.vm == Some(vm))
+            .map(|v| v.id)
     }
 
     /// The VM and device id a volume is attached to, if any.
@@ -289,6 +343,7 @@ impl Sim {
         let id = VolumeId::new_random();
         let vol = SimVolume {
             id,
+            kind: DATADISK,
             name: name.to_owned(),
             zone: ZONE_ID,
             offering: CUSTOM_OFFERING_ID,
@@ -390,6 +445,7 @@ impl Sim {
         inner.volumes.insert(
             id,
             SimVolume {
+                kind: DATADISK,
                 id,
                 name: name.to_owned(),
                 zone,
@@ -775,7 +831,7 @@ fn volume_json(v: &SimVolume, inner: &Inner) -> Value {
         });
     let mut out = json!({
         "id": v.id, "name": v.name, "zoneid": v.zone, "zonename": "sim-zone-1",
-        "type": "DATADISK", "size": v.size_bytes, "state": v.state,
+        "type": v.kind, "size": v.size_bytes, "state": v.state,
         "diskofferingid": v.offering, "diskofferingname": if v.offering == CUSTOM_OFFERING_ID { "Custom" } else { "Small" },
         "storagetype": "shared", "provisioningtype": "thin", "hypervisor": "KVM",
         "created": cs_time(v.created), "tags": [],

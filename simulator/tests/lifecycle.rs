@@ -77,13 +77,19 @@ async fn attach_detach_delete_follow_cloudstack_rules() {
         (listed.virtualmachineid, listed.deviceid),
         (Some(vm), Some(1))
     );
+    let on_vm = cs
+        .list_volumes(&[("virtualmachineid", vm.to_string())])
+        .await
+        .expect("by vm");
     assert_eq!(
-        cs.list_volumes(&[("virtualmachineid", vm.to_string())])
-            .await
-            .expect("by vm")
-            .len(),
-        1
+        on_vm
+            .iter()
+            .map(|v| (v.kind.as_deref(), v.deviceid))
+            .collect::<std::collections::BTreeSet<_>>(),
+        [(Some("DATADISK"), Some(1)), (Some("ROOT"), Some(0))].into(),
+        "the data disk next to the VM's root disk"
     );
+    assert_eq!(on_vm.len(), 2);
 
     // An attached volume can be neither attached again nor deleted.
     let again = cs

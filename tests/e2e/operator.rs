@@ -265,10 +265,9 @@ async fn cancel_ends_a_pending_operation_before_cloudstack_and_refuses_an_execut
     env.wait_for_operation(&attach_id, WAIT, |r| r.status == "executing")
         .await;
     let detach_id = detach.command_id.as_str().to_owned();
-    assert_eq!(
-        env.operation(&detach_id).await.expect("row").status,
-        "pending"
-    );
+    // Accepted, and waiting behind the attach on its volume.
+    env.wait_for_operation(&detach_id, WAIT, |r| r.status == "pending")
+        .await;
 
     let cancel = Command::cancel(detach.command_id.clone());
     let cancelled = run(&env, &cancel).await;
@@ -419,4 +418,146 @@ async fn reconcile_repairs_mappings_changed_behind_the_daemons_back_and_then_rep
         "reconcile calls no mutating API"
     );
     assert!(sim.call_count("listVolumes") > 0);
+}
+
+/// Polls `/ready` until `check` holds for its body; returns (status, body).
+async fn ready_until(
+    env: &TestEnv,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = env.get_json("/ready").await;
+        if check(&body) {
+            return (status, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/ready never showed {what}; last {status} {body}\n{}",
+            env.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn component<'a>(body: &'a serde_json::Value, name: &str) -> &'a str {
+    body["components"][name].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn self_checks_show_cloudstack_and_the_host_vm_ok_then_unauthorized_keys_and_an_unreadable_monitor()
+ {
+    let mut env = TestEnv::with_host_vm(SimConfig::default()).await;
+    env.extra_env
+        .push(("SELF_CHECK_INTERVAL_S".into(), "1".into()));
+    env.start_daemon().await;
+
+    let (status, body) = ready_until(&env, "cloudstack up, host_vm ok", |b| {
+        component(b, "cloudstack") == "up" && component(b, "host_vm") == "ok"
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(component(&body, "device_monitor"), "running");
+    assert_eq!(component(&body, "device_monitor_mode"), "polling");
+
+    // Keys rotated in CloudStack behind the daemon's back.
+    let (key, secret) = env.sim.sim.keys();
+    env.sim.sim.set_keys("rotated-key", "rotated-secret");
+    let (status, body) = ready_until(&env, "cloudstack unauthorized", |b| {
+        component(b, "cloudstack") == "unauthorized"
+    })
+    .await;
+    assert_eq!(status, 200, "reported, not gating: {body}");
+    assert_eq!(component(&body, "host_vm"), "unknown");
+    env.sim.sim.set_keys(&key, &secret);
+    ready_until(&env, "cloudstack up again", |b| {
+        component(b, "cloudstack") == "up"
+    })
+    .await;
+
+    // `$SYSFS_ROOT/block` unreadable: not an empty scan that says "running".
+    let block = env.sysfs.join("block");
+    let aside = env.sysfs.join("block.aside");
+    std::fs::rename(&block, &aside).expect("move block away");
+    std::fs::write(&block, "not a directory").expect("a file in its place");
+    let (status, _) = ready_until(&env, "device_monitor unreadable", |b| {
+        component(b, "device_monitor") == "unreadable"
+    })
+    .await;
+    assert_eq!(status, 503);
+    std::fs::remove_file(&block).expect("remove the file");
+    std::fs::rename(&aside, &block).expect("put block back");
+    let (status, _) = ready_until(&env, "device_monitor running", |b| {
+        component(b, "device_monitor") == "running"
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        env.daemon_log().contains("unreadable"),
+        "the unreadable directory is logged"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_host_vm_id_shows_a_mismatch_and_the_log_names_both_ids() {
+    let mut env = TestEnv::with_host_vm(SimConfig::default()).await;
+    let wrong = DEMO_VMS[0];
+    env.extra_env.push(("HOST_VM_ID".into(), wrong.to_string()));
+    env.extra_env
+        .push(("SELF_CHECK_INTERVAL_S".into(), "1".into()));
+    env.start_daemon().await;
+    let (status, _) = ready_until(&env, "host_vm mismatch", |b| {
+        component(b, "host_vm") == "mismatch"
+    })
+    .await;
+    assert_eq!(status, 200, "reported, not gating");
+    let root = env
+        .sim
+        .sim
+        .root_volume(wrong)
+        .expect("the wrong VM's root disk");
+    let log = env.daemon_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("host VM mismatch"))
+        .unwrap_or_else(|| panic!("the mismatch is logged as an error:\n{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains(&wrong.to_string()),
+        "names the host VM id: {line}"
+    );
+    assert!(
+        line.contains(&root.to_string()),
+        "names its root volume: {line}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_cloudstack_shows_down() {
+    let mut env = TestEnv::new().await;
+    let proxy = crate::helpers::TcpProxy::start(env.sim.addr).await;
+    env.extra_env.push((
+        "CLOUDSTACK_API_URL".into(),
+        format!("http://{}/client/api", proxy.addr),
+    ));
+    env.extra_env
+        .push(("SELF_CHECK_INTERVAL_S".into(), "1".into()));
+    env.start_daemon().await;
+    ready_until(&env, "cloudstack up", |b| {
+        component(b, "cloudstack") == "up"
+    })
+    .await;
+    proxy.cut();
+    let (status, body) = ready_until(&env, "cloudstack down", |b| {
+        component(b, "cloudstack") == "down"
+    })
+    .await;
+    assert_eq!(status, 200, "reported, not gating: {body}");
+    assert_eq!(component(&body, "host_vm"), "unknown");
+    proxy.restore();
+    ready_until(&env, "cloudstack up again", |b| {
+        component(b, "cloudstack") == "up"
+    })
+    .await;
 }

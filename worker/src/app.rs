@@ -29,12 +29,14 @@ use crate::db::store::Store;
 use crate::db::{self, DbError};
 use crate::devices::{self, Devices, Monitor};
 use crate::executor;
+use crate::housekeeping;
 use crate::http::{self, HttpState};
 use crate::intake::Intake;
 use crate::lease::{self, Lease, Renewal};
 use crate::metrics::Metrics;
 use crate::operation::Operation;
 use crate::relay::Relay;
+use crate::selfcheck::{Checker, Checks};
 use crate::status::Status;
 use crate::stop::Stop;
 
@@ -153,6 +155,7 @@ impl Application {
         let background = Background::spawn(
             &settings,
             &pool,
+            &cloud,
             &broker,
             &status,
             &metrics,
@@ -188,6 +191,7 @@ impl Application {
 struct Background {
     devices: Devices,
     monitor: tokio::task::JoinHandle<()>,
+    checks: tokio::task::JoinHandle<()>,
     probe: tokio::task::JoinHandle<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -196,6 +200,7 @@ impl Background {
     fn spawn(
         settings: &Settings,
         pool: &MySqlPool,
+        cloud: &Cloud,
         broker: &broker::Endpoint,
         status: &Arc<Status>,
         metrics: &Arc<Metrics>,
@@ -210,17 +215,27 @@ impl Background {
             settings.device_by_id_dir.clone(),
             settings.device_poll_interval(),
         );
+        let (checks_tx, checks) = tokio::sync::watch::channel(Checks::default());
+        let checker = Checker {
+            cloud: cloud.clone(),
+            pool: pool.clone(),
+            devices: devices.clone(),
+            metrics: metrics.clone(),
+            period: Duration::from_secs(settings.self_check_interval_s),
+        };
         let app = http::router(HttpState {
             pool: pool.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
             devices: devices.clone(),
             host: settings.host_files(),
+            checks,
         });
         let http_stop = stop.clone();
         Self {
             devices,
             monitor: tokio::spawn(monitor.run(stop.clone())),
+            checks: tokio::spawn(checker.run(checks_tx, stop.clone())),
             probe: tokio::spawn(broker::probe(broker.clone(), status.clone(), stop.clone())),
             http: tokio::spawn(async move {
                 axum::serve(listener, app)
@@ -233,6 +248,7 @@ impl Background {
     /// Waits for the three to end (after their stop token fired).
     async fn join(self) {
         report("device monitor", self.monitor.await);
+        report("self-checks", self.checks.await);
         report("broker probe", self.probe.await);
         match self.http.await {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
@@ -305,6 +321,7 @@ impl Active<'_> {
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
         let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
         reconcile_host(&ctx.store, &ctx.host).await;
+        let housekeeping = self.spawn_housekeeping(&ctx, &halt);
         let intake = self.spawn_intake(ctx, ops_tx);
 
         let end = hold(&mut lease, stopping, &fenced).await;
@@ -324,6 +341,7 @@ impl Active<'_> {
         report("intake", intake.await);
         report("executor", executor.await);
         report("mapping sync", sync.await);
+        report("housekeeping", housekeeping.await);
         // The outcomes recorded up to now are in the outbox: the relay publishes them and
         // returns (bounded: a broker that is gone gets them at the next start).
         report("relay", drain_relay(relay, &relay_stop).await);
@@ -337,6 +355,32 @@ impl Active<'_> {
 
     /// The executor of this period: operations run with `ctx`, at most
     /// `MAX_CONCURRENT_OPERATIONS` at once.
+    /// The retention sweep and, when configured, the periodic reconcile, until `halt`.
+    fn spawn_housekeeping(
+        &self,
+        ctx: &Arc<Context>,
+        halt: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let s = self.settings;
+        let policy = housekeeping::Retention {
+            outbox: Duration::from_secs(s.outbox_retention_h * 3600),
+            operations: Duration::from_secs(s.operations_retention_d * 86_400),
+            period: Duration::from_secs(s.retention_interval_s),
+        };
+        let retention = housekeeping::retention(ctx.clone(), policy, halt.clone());
+        let every = Duration::from_secs(s.reconcile_interval_s);
+        let reconcile = (!every.is_zero())
+            .then(|| housekeeping::periodic_reconcile(ctx.clone(), every, halt.clone()));
+        tokio::spawn(async move {
+            match reconcile {
+                Some(reconcile) => {
+                    tokio::join!(retention, reconcile);
+                }
+                None => retention.await,
+            }
+        })
+    }
+
     fn spawn_executor(
         &self,
         ctx: &Arc<Context>,

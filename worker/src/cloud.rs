@@ -68,6 +68,9 @@ impl Session {
     }
 }
 
+/// How long a self-check's request is retried.
+const PROBE_RETRY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The active `ossea_configs` row.
 struct OsseaConfig {
     name: String,
@@ -100,6 +103,24 @@ impl Cloud {
     /// The CloudStack access in force now, given the active `ossea_configs` row (read by the
     /// caller, which owns the database's retry policy).
     pub fn session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
+        self.session_with(row, self.retry)
+    }
+
+    /// A session for a self-check: retries for a few seconds only, so an unreachable
+    /// CloudStack is reported soon.
+    pub fn probe_session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
+        let retry = RetryPolicy {
+            deadline: PROBE_RETRY_DEADLINE,
+            ..self.retry
+        };
+        self.session_with(row, retry)
+    }
+
+    fn session_with(
+        &self,
+        row: Option<ConfigRow>,
+        retry: RetryPolicy,
+    ) -> Result<Session, EventError> {
         let row = row.map(OsseaConfig::from);
         let credentials = match (&self.env.credentials, &row) {
             (Some(c), _) => c.clone(),
@@ -121,7 +142,7 @@ impl Cloud {
             (None, Some(r)) => parse_column(r, "oma_vm_id", r.host_vm.as_deref(), VmId::parse)?,
             (None, None) => None,
         };
-        let mut client = Client::new(self.http.clone(), credentials, self.retry);
+        let mut client = Client::new(self.http.clone(), credentials, retry);
         if let Some(o) = &self.observer {
             client = client.with_observer(o.clone());
         }

@@ -113,7 +113,26 @@ pub struct Settings {
     /// `amq.gen-*,<prefix>.reply.*`); others get no copy of the event, and a warning.
     #[arg(long, env = "REPLY_TO_ALLOWED", value_parser = parse_patterns)]
     pub reply_to_allowed: Option<ReplyToAllowed>,
+    /// Run a reconcile every this many seconds (logs and metrics only); 0 = never.
+    #[arg(long, env = "RECONCILE_INTERVAL_S", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
+    pub reconcile_interval_s: u64,
+    /// Published outbox rows older than this many hours are deleted.
+    #[arg(long, env = "OUTBOX_RETENTION_H", default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=MAX_RETENTION_HOURS))]
+    pub outbox_retention_h: u64,
+    /// Ended operations older than this many days are deleted.
+    #[arg(long, env = "OPERATIONS_RETENTION_D", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=MAX_RETENTION_HOURS / 24))]
+    pub operations_retention_d: u64,
+    /// How often the retention sweep runs (at start, then every period).
+    #[arg(long, env = "RETENTION_INTERVAL_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
+    pub retention_interval_s: u64,
+    /// How often `/ready`'s `cloudstack` and `host_vm` self-checks run (a signed `listZones`
+    /// and a `listVolumes` of the host VM's root disk).
+    #[arg(long, env = "SELF_CHECK_INTERVAL_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
+    pub self_check_interval_s: u64,
 }
+
+/// The longest retention (ten years, in hours).
+const MAX_RETENTION_HOURS: u64 = 10 * 366 * 24;
 
 /// The longest duration a setting may ask for (a week): larger values would overflow the
 /// clock arithmetic they feed, and mean a typo anyway.

@@ -24,6 +24,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub devices: Devices,
     pub host: HostFiles,
+    /// The self-checks' last results.
+    pub checks: tokio::sync::watch::Receiver<crate::selfcheck::Checks>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -55,7 +57,9 @@ async fn ready(State(s): State<HttpState>) -> Response {
     let intake = s.status.intake_connected();
     let relay = s.status.relay_connected();
     let probe = s.status.broker_reachable();
-    let monitor = s.devices.running();
+    let monitor_state = s.devices.state();
+    let monitor = monitor_state == crate::devices::MonitorState::Running;
+    let checks = *s.checks.borrow();
     let active = s.status.active();
     // A standby neither consumes nor publishes: it needs the broker reachable, no more.
     let broker_ok = if active { intake && relay } else { probe };
@@ -81,8 +85,12 @@ async fn ready(State(s): State<HttpState>) -> Response {
             "broker": up(probe),
             "broker_intake": if active { up(intake) } else { "idle" },
             "broker_relay": if active { up(relay) } else { "idle" },
-            "device_monitor": if monitor { "running" } else { "stalled" },
+            "device_monitor": monitor_state.as_str(),
+            // Uevents are not listened to (yet): the periodic scan is the only source.
+            "device_monitor_mode": "polling",
             "nbd": nbd,
+            "cloudstack": checks.cloudstack.as_str(),
+            "host_vm": checks.host_vm.as_str(),
         },
         "outbox": {
             "backlog": backlog.map(|b| b.count),
@@ -111,6 +119,12 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     {
         s.metrics.set_nbd_exports(n);
     }
+    if let Ok(Ok(g)) =
+        tokio::time::timeout(Duration::from_secs(2), crate::db::read::gauges(&s.pool)).await
+    {
+        s.metrics.set_gauges(&g);
+    }
+    s.metrics.set_role(s.status.active());
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.encode(),

@@ -38,6 +38,41 @@ struct ResultLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabels {
+    what: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
 /// What [`Metrics::encode`] produces: `prometheus-client` encodes OpenMetrics 1.0 text (`# EOF`,
 /// `_total` samples of `counter` families), and a scraper picks its parser by this header.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -57,6 +92,12 @@ pub struct Metrics {
     correlation: Histogram,
     cloudstack_calls: Family<CallLabels, Counter>,
     cloudstack_retries: Family<CommandLabels, Counter>,
+    in_flight: Family<StatusLabels, Gauge>,
+    mappings: Family<ModeLabels, Gauge>,
+    role: Family<RoleLabels, Gauge>,
+    self_check: Family<CheckLabels, Gauge>,
+    retention_deleted: Family<TableLabels, Counter>,
+    reconcile_changes: Family<WhatLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,6 +167,36 @@ mod names {
         "cloudstack_retries",
         "CloudStack calls retried after a transient error",
     );
+    /// `volume_daemon_operations_in_flight`.
+    pub const IN_FLIGHT: (&str, &str) = (
+        "operations_in_flight",
+        "Operations not yet ended, by status (pending, executing)",
+    );
+    /// `volume_daemon_mappings`.
+    pub const MAPPINGS: (&str, &str) = (
+        "mappings",
+        "Attached volumes in device_mappings, by mode (oma = host VM, failover = remote)",
+    );
+    /// `volume_daemon_role`.
+    pub const ROLE: (&str, &str) = (
+        "role",
+        "1 for this instance's role (active or standby), 0 for the other",
+    );
+    /// `volume_daemon_self_check_ok`.
+    pub const SELF_CHECK: (&str, &str) = (
+        "self_check_ok",
+        "1 when the self-check passed (cloudstack: reachable with our keys; host_vm: its root disk is local)",
+    );
+    /// `volume_daemon_retention_deleted`.
+    pub const RETENTION: (&str, &str) = (
+        "retention_deleted",
+        "Rows deleted by the retention sweep, by table",
+    );
+    /// `volume_daemon_reconcile_changes`.
+    pub const RECONCILE: (&str, &str) =
+        ("reconcile_changes", "Repairs made by reconciles, by kind");
+    /// `volume_daemon_build_info`.
+    pub const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
 }
 
 impl Metrics {
@@ -172,7 +243,69 @@ impl Metrics {
             names::CLOUDSTACK_RETRIES,
             Counters::<CommandLabels>::default(),
         );
+        let in_flight = registered(
+            &mut r,
+            names::IN_FLIGHT,
+            Family::<StatusLabels, Gauge>::default(),
+        );
+        let mappings = registered(
+            &mut r,
+            names::MAPPINGS,
+            Family::<ModeLabels, Gauge>::default(),
+        );
+        let role = registered(&mut r, names::ROLE, Family::<RoleLabels, Gauge>::default());
+        let self_check = registered(
+            &mut r,
+            names::SELF_CHECK,
+            Family::<CheckLabels, Gauge>::default(),
+        );
+        let retention_deleted =
+            registered(&mut r, names::RETENTION, Counters::<TableLabels>::default());
+        let reconcile_changes =
+            registered(&mut r, names::RECONCILE, Counters::<WhatLabels>::default());
+        let build = registered(
+            &mut r,
+            names::BUILD,
+            Family::<BuildLabels, Gauge>::default(),
+        );
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        for status in ["pending", "executing"] {
+            in_flight
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(0);
+        }
+        for mode in ["oma", "failover"] {
+            mappings
+                .get_or_create(&ModeLabels { mode: mode.into() })
+                .set(0);
+        }
+        for check in ["cloudstack", "host_vm"] {
+            self_check
+                .get_or_create(&CheckLabels {
+                    check: check.into(),
+                })
+                .set(0);
+        }
+        for table in ["outbox", "volume_operations"] {
+            retention_deleted
+                .get_or_create(&TableLabels {
+                    table: table.into(),
+                })
+                .inc_by(0);
+        }
         Self {
+            in_flight,
+            mappings,
+            role,
+            self_check,
+            retention_deleted,
+            reconcile_changes,
             registry: Mutex::new(r),
             cloudstack_calls,
             cloudstack_retries,
@@ -207,6 +340,61 @@ impl Metrics {
         self.duration
             .get_or_create(&TypeLabels { r#type })
             .observe(seconds);
+    }
+
+    /// Operations pending and executing, and mappings by mode (read at scrape time).
+    pub fn set_gauges(&self, g: &crate::db::read::Gauges) {
+        let set = |family: &Family<StatusLabels, Gauge>, status: &str, v: u64| {
+            family
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(v as i64);
+        };
+        set(&self.in_flight, "pending", g.pending);
+        set(&self.in_flight, "executing", g.executing);
+        for (mode, v) in [("oma", g.host_mappings), ("failover", g.remote_mappings)] {
+            self.mappings
+                .get_or_create(&ModeLabels { mode: mode.into() })
+                .set(v as i64);
+        }
+    }
+
+    /// This instance's role.
+    pub fn set_role(&self, active: bool) {
+        for (role, on) in [("active", active), ("standby", !active)] {
+            self.role
+                .get_or_create(&RoleLabels { role: role.into() })
+                .set(i64::from(on));
+        }
+    }
+
+    pub fn set_self_checks(&self, cloudstack: bool, host_vm: bool) {
+        for (check, ok) in [("cloudstack", cloudstack), ("host_vm", host_vm)] {
+            self.self_check
+                .get_or_create(&CheckLabels {
+                    check: check.into(),
+                })
+                .set(i64::from(ok));
+        }
+    }
+
+    pub fn retention_deleted(&self, table: &str, rows: u64) {
+        self.retention_deleted
+            .get_or_create(&TableLabels {
+                table: table.into(),
+            })
+            .inc_by(rows);
+    }
+
+    pub fn reconcile_change(&self, what: schema::event::ChangeKind) {
+        let what = serde_json::to_value(what)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.reconcile_changes
+            .get_or_create(&WhatLabels { what })
+            .inc();
     }
 
     /// A pending operation of type `ty` was cancelled (outcome `cancelled`; no duration).

@@ -46,6 +46,24 @@ pub async fn insert(
     Ok(())
 }
 
+/// Deletes up to `batch` rows the broker confirmed before `cutoff` (the retention sweep).
+/// Unpublished rows are never deleted, however old.
+pub async fn delete_published_before(
+    conn: &mut MySqlConnection,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    batch: u32,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < ? \
+         ORDER BY published_at, id LIMIT ?",
+    )
+    .bind(cutoff)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Up to `limit` unpublished rows, oldest first (a plain read: no locks held).
 pub async fn unpublished(pool: &MySqlPool, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let rows = sqlx::query(

@@ -300,3 +300,37 @@ pub async fn last_operation(
     .await?;
     Ok(page.into_iter().next())
 }
+
+/// What `/metrics` reads at scrape time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub pending: u64,
+    pub executing: u64,
+    pub host_mappings: u64,
+    pub remote_mappings: u64,
+}
+
+pub async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
+    let (pending, executing): (i64, i64) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(status = 'pending'), 0) AS SIGNED), \
+         CAST(COALESCE(SUM(status = 'executing'), 0) AS SIGNED) \
+         FROM volume_operations WHERE status IN ('pending', 'executing')",
+    )
+    .fetch_one(pool)
+    .await?;
+    let (host, remote): (i64, i64) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(operation_mode = ?), 0) AS SIGNED), \
+         CAST(COALESCE(SUM(operation_mode <> ?), 0) AS SIGNED) FROM device_mappings",
+    )
+    .bind(HOST)
+    .bind(HOST)
+    .fetch_one(pool)
+    .await?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(Gauges {
+        pending: n(pending),
+        executing: n(executing),
+        host_mappings: n(host),
+        remote_mappings: n(remote),
+    })
+}

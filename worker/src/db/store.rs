@@ -149,7 +149,7 @@ impl Store {
     /// exchange and to the duplicate's own `reply_to` (the first command's sender had its copy).
     async fn duplicate(&self, command: &Command) -> Result<Accepted, StoreError> {
         let row = sqlx::query(concat!(
-            "SELECT CAST(status AS CHAR) AS status, event_id, ",
+            "SELECT CAST(status AS CHAR) AS status, event_id, event_payload, ",
             operation_columns!(),
             " FROM volume_operations WHERE id = ?"
         ))
@@ -158,8 +158,25 @@ impl Store {
         .await?;
         let status: String = row.try_get("status")?;
         let event_id: Option<String> = row.try_get("event_id")?;
-        match (OperationStatus::parse(&status), event_id) {
-            (Some(s), Some(event_id)) if s.is_terminal() => {
+        let stored: Option<CloudEvent> = row
+            .try_get::<Option<String>, _>("event_payload")?
+            .and_then(|p| serde_json::from_str(&p).ok());
+        match (OperationStatus::parse(&status), event_id, stored) {
+            (Some(s), Some(_), Some(event)) if s.is_terminal() => {
+                // The event as it was first published (its outbox row may be gone by now).
+                let mut tx = self.pool.begin().await?;
+                outbox::insert(
+                    &mut tx,
+                    &event,
+                    &self.topology.events_exchange(),
+                    command.reply_to.as_deref(),
+                )
+                .await?;
+                self.commit_fenced(tx).await?;
+                Ok(Accepted::Ended)
+            }
+            (Some(s), Some(event_id), None) if s.is_terminal() => {
+                // Ended before event_payload was stored: copy its outbox row.
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
@@ -279,7 +296,7 @@ impl Store {
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
-             event_id = ?, completed_at = ? WHERE id = ? AND ",
+             event_id = ?, event_payload = ?, completed_at = ? WHERE id = ? AND ",
             unended!()
         ))
         .bind(event.data.status.as_str())
@@ -290,6 +307,7 @@ impl Store {
         .bind(error_code)
         .bind(detail)
         .bind(event.id.to_string())
+        .bind(serde_json::to_string(&event).ok())
         .bind(completed_at)
         .bind(op.id().as_str())
         .execute(&mut *tx)
@@ -323,7 +341,9 @@ impl Store {
     ) -> Result<CancelFound, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(concat!(
-            "SELECT CAST(status AS CHAR) AS status, JSON_UNQUOTE(JSON_EXTRACT(response, '$.cancelled_by')) AS cancelled_by, CAST(type AS CHAR) AS op_type, ",
+            "SELECT CAST(status AS CHAR) AS status, \
+             JSON_UNQUOTE(JSON_EXTRACT(response, '$.cancelled_by')) AS cancelled_by, \
+             CAST(type AS CHAR) AS op_type, ",
             operation_columns!(),
             " FROM volume_operations WHERE id = ? FOR UPDATE"
         ))
@@ -353,12 +373,14 @@ impl Store {
         let completed_at = now();
         let event = cancelled_event(&op, EventId::new_random(), completed_at);
         sqlx::query(concat!(
-            "UPDATE volume_operations SET status = ?, response = ?, event_id = ?, completed_at = ?              WHERE id = ? AND ",
+            "UPDATE volume_operations SET status = ?, response = ?, event_id = ?, event_payload = ?, \
+             completed_at = ? WHERE id = ? AND ",
             unended!()
         ))
         .bind(OperationStatus::Cancelled.as_str())
         .bind(serde_json::json!({"cancelled_by": by.as_str()}).to_string())
         .bind(event.id.to_string())
+        .bind(serde_json::to_string(&event).ok())
         .bind(completed_at)
         .bind(target.as_str())
         .execute(&mut *tx)
@@ -372,6 +394,41 @@ impl Store {
         .await?;
         self.commit_fenced(tx).await?;
         Ok(CancelFound::Cancelled(op.command.operation_type()))
+    }
+
+    /// Deletes up to `batch` outbox rows the broker confirmed before `cutoff`, oldest first;
+    /// returns how many (a short transaction: small batches never hold long locks).
+    pub async fn delete_published_outbox(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = outbox::delete_published_before(&mut tx, cutoff, batch).await?;
+        self.commit_fenced(tx).await?;
+        Ok(done)
+    }
+
+    /// Deletes up to `batch` operations that ended before `cutoff`, oldest first; returns how
+    /// many.
+    pub async fn delete_ended_operations(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(concat!(
+            "DELETE FROM volume_operations WHERE completed_at < ? AND NOT ",
+            unended!(),
+            " ORDER BY completed_at LIMIT ?"
+        ))
+        .bind(cutoff)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        self.commit_fenced(tx).await?;
+        Ok(done)
     }
 
     /// Applies one mapping change on its own (a reconcile's repair), fenced.

@@ -54,6 +54,26 @@ pub struct Found {
     pub matched_by: MatchedBy,
 }
 
+/// The device monitor as `/ready` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorState {
+    Running,
+    /// No scan for five periods.
+    Stalled,
+    /// `$SYSFS_ROOT/block` cannot be read.
+    Unreadable,
+}
+
+impl MonitorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stalled => "stalled",
+            Self::Unreadable => "unreadable",
+        }
+    }
+}
+
 /// A handle on the monitor's output, shared by every operation.
 #[derive(Debug, Clone)]
 pub struct Devices {
@@ -93,13 +113,22 @@ impl Devices {
         self.table.borrow().clone()
     }
 
-    /// Whether the monitor scanned recently (for `/ready`).
+    /// Whether the monitor scanned recently and could read the block directory (for `/ready`).
     pub fn running(&self) -> bool {
+        self.state() == MonitorState::Running
+    }
+
+    /// What `/ready` says of the monitor.
+    pub fn state(&self) -> MonitorState {
         let limit = (self.period * 5).max(Duration::from_secs(2));
-        self.table
-            .borrow()
-            .scanned_at
-            .is_some_and(|t| t.elapsed() < limit)
+        let table = self.table.borrow();
+        if !table.scanned_at.is_some_and(|t| t.elapsed() < limit) {
+            MonitorState::Stalled
+        } else if table.unreadable {
+            MonitorState::Unreadable
+        } else {
+            MonitorState::Running
+        }
     }
 
     /// Registers the wait for `volume`'s device. Call before the attach is sent.

@@ -13,5 +13,5 @@ pub mod sync;
 #[cfg(test)]
 pub(crate) mod test_tree;
 
-pub use correlate::{Devices, Expectation, Found, MatchedBy};
+pub use correlate::{Devices, Expectation, Found, MatchedBy, MonitorState};
 pub use monitor::{DeviceChange, DeviceEvent, DeviceTable, Monitor};

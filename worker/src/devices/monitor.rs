@@ -56,6 +56,8 @@ pub struct DeviceTable {
     /// When the last scan finished (`None` before the first).
     pub scanned_at: Option<Instant>,
     pub scans: u64,
+    /// The last scan could not read `block` (the table is then empty and says nothing).
+    pub unreadable: bool,
 }
 
 /// Scans and diffs. [`Monitor::step`] is one scan, for tests and the benchmark;
@@ -111,6 +113,18 @@ impl Monitor {
     /// One scan: updates the table, publishes it and the events, and returns the events.
     pub fn step(&mut self) -> Vec<DeviceEvent> {
         let result = scan(&self.root);
+        if result.unreadable {
+            // Keep the last table: an unreadable directory is not every device removed.
+            self.table.scanned_at = Some(Instant::now());
+            self.table.scans += 1;
+            self.table.unreadable = true;
+            for w in result.warnings.iter().filter(|w| !self.warned.contains(*w)) {
+                tracing::error!(warning = %w, "device scan: the block directory is unreadable");
+            }
+            self.warned = result.warnings.into_iter().collect();
+            self.table_tx.send_replace(Arc::new(self.table.clone()));
+            return Vec::new();
+        }
         let now = Instant::now();
         let at = Utc::now();
         // Warn once per distinct problem, not every period.
@@ -163,6 +177,7 @@ impl Monitor {
             devices: next,
             scanned_at: Some(now),
             scans: self.table.scans + 1,
+            unreadable: false,
         };
         self.table_tx.send_replace(Arc::new(self.table.clone()));
         self.announce(&events);

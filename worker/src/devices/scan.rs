@@ -31,9 +31,12 @@ pub struct BlockDevice {
 pub struct Scan {
     pub devices: BTreeMap<String, BlockDevice>,
     pub warnings: Vec<String>,
+    /// `block` itself could not be read: the scan saw nothing, which says nothing.
+    pub unreadable: bool,
 }
 
-/// Reads `root/block`. A missing `block` directory is an empty scan with a warning.
+/// Reads `root/block`. A `block` directory that cannot be read is an empty scan marked
+/// `unreadable`, with a warning.
 pub fn scan(root: &Path) -> Scan {
     let mut out = Scan::default();
     let block = root.join("block");
@@ -42,6 +45,7 @@ pub fn scan(root: &Path) -> Scan {
         Err(e) => {
             out.warnings
                 .push(format!("cannot read {}: {e}", block.display()));
+            out.unreadable = true;
             return out;
         }
     };

@@ -84,6 +84,15 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
     .await
 }
 
+/// A reconcile of every VM with mappings and the host VM (the periodic one; a `reconcile`
+/// command runs the same through [`execute`]).
+pub async fn reconcile_all(
+    ctx: &Context,
+    cs: &crate::cloud::Session,
+) -> Result<Vec<schema::event::Change>, Halt> {
+    reconcile::reconcile(ctx, cs, None).await
+}
+
 /// The command's own module.
 async fn run(ctx: &Context, op: &mut Operation) -> Result<Completion, Halt> {
     match op.command.action.clone() {

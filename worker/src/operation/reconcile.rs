@@ -95,6 +95,9 @@ pub async fn reconcile(
         .await
         .map_err(|e| Halt::from(host_error(e)))?;
     changes.extend(repairs.exports);
+    for c in &changes {
+        ctx.metrics.reconcile_change(c.what);
+    }
     Ok(changes)
 }
 
