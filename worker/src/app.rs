@@ -152,16 +152,15 @@ impl Application {
 
         // Both roles: device monitor, broker probe, HTTP.
         let background_stop = CancellationToken::new();
-        let background = Background::spawn(
-            &settings,
-            &pool,
-            &cloud,
-            &broker,
-            &status,
-            &metrics,
-            listener,
-            &background_stop,
-        );
+        let shared = Shared {
+            settings: &settings,
+            pool: &pool,
+            cloud: &cloud,
+            broker: &broker,
+            status: &status,
+            metrics: &metrics,
+        };
+        let background = Background::spawn(shared, listener, &background_stop);
         let devices = background.devices.clone();
         tracing::info!(http_addr = %http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
 
@@ -187,7 +186,18 @@ impl Application {
     }
 }
 
-/// What runs in both roles: the device monitor, the broker probe and the HTTP server.
+/// What both roles share.
+struct Shared<'a> {
+    settings: &'a Settings,
+    pool: &'a MySqlPool,
+    cloud: &'a Cloud,
+    broker: &'a broker::Endpoint,
+    status: &'a Arc<Status>,
+    metrics: &'a Arc<Metrics>,
+}
+
+/// What runs in both roles: the device monitor, the self-checks, the broker probe and the HTTP
+/// server.
 struct Background {
     devices: Devices,
     monitor: tokio::task::JoinHandle<()>,
@@ -197,16 +207,15 @@ struct Background {
 }
 
 impl Background {
-    fn spawn(
-        settings: &Settings,
-        pool: &MySqlPool,
-        cloud: &Cloud,
-        broker: &broker::Endpoint,
-        status: &Arc<Status>,
-        metrics: &Arc<Metrics>,
-        listener: TcpListener,
-        stop: &CancellationToken,
-    ) -> Self {
+    fn spawn(shared: Shared<'_>, listener: TcpListener, stop: &CancellationToken) -> Self {
+        let Shared {
+            settings,
+            pool,
+            cloud,
+            broker,
+            status,
+            metrics,
+        } = shared;
         let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
             .with_metrics(metrics.clone());
         let devices = Devices::new(

@@ -92,12 +92,7 @@ pub struct Metrics {
     correlation: Histogram,
     cloudstack_calls: Family<CallLabels, Counter>,
     cloudstack_retries: Family<CommandLabels, Counter>,
-    in_flight: Family<StatusLabels, Gauge>,
-    mappings: Family<ModeLabels, Gauge>,
-    role: Family<RoleLabels, Gauge>,
-    self_check: Family<CheckLabels, Gauge>,
-    retention_deleted: Family<TableLabels, Counter>,
-    reconcile_changes: Family<WhatLabels, Counter>,
+    state: StateMetrics,
 }
 
 impl Default for Metrics {
@@ -199,6 +194,78 @@ mod names {
     pub const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
 }
 
+/// The families of the daemon's state (read at scrape time or set by the housekeeping).
+#[derive(Debug)]
+struct StateMetrics {
+    in_flight: Family<StatusLabels, Gauge>,
+    mappings: Family<ModeLabels, Gauge>,
+    role: Family<RoleLabels, Gauge>,
+    self_check: Family<CheckLabels, Gauge>,
+    retention_deleted: Family<TableLabels, Counter>,
+    reconcile_changes: Family<WhatLabels, Counter>,
+}
+
+impl StateMetrics {
+    /// Registers them, with every label value a dashboard expects present from the first
+    /// scrape.
+    fn register(r: &mut Registry) -> Self {
+        let in_flight = registered(
+            r,
+            names::IN_FLIGHT,
+            Family::<StatusLabels, Gauge>::default(),
+        );
+        let mappings = registered(r, names::MAPPINGS, Family::<ModeLabels, Gauge>::default());
+        let role = registered(r, names::ROLE, Family::<RoleLabels, Gauge>::default());
+        let self_check = registered(
+            r,
+            names::SELF_CHECK,
+            Family::<CheckLabels, Gauge>::default(),
+        );
+        let retention_deleted = registered(r, names::RETENTION, Counters::<TableLabels>::default());
+        let reconcile_changes = registered(r, names::RECONCILE, Counters::<WhatLabels>::default());
+        let build = registered(r, names::BUILD, Family::<BuildLabels, Gauge>::default());
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        for status in ["pending", "executing"] {
+            in_flight
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(0);
+        }
+        for mode in ["oma", "failover"] {
+            mappings
+                .get_or_create(&ModeLabels { mode: mode.into() })
+                .set(0);
+        }
+        for check in ["cloudstack", "host_vm"] {
+            self_check
+                .get_or_create(&CheckLabels {
+                    check: check.into(),
+                })
+                .set(0);
+        }
+        for table in ["outbox", "volume_operations"] {
+            retention_deleted
+                .get_or_create(&TableLabels {
+                    table: table.into(),
+                })
+                .inc_by(0);
+        }
+        Self {
+            in_flight,
+            mappings,
+            role,
+            self_check,
+            retention_deleted,
+            reconcile_changes,
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("volume_daemon");
@@ -243,69 +310,9 @@ impl Metrics {
             names::CLOUDSTACK_RETRIES,
             Counters::<CommandLabels>::default(),
         );
-        let in_flight = registered(
-            &mut r,
-            names::IN_FLIGHT,
-            Family::<StatusLabels, Gauge>::default(),
-        );
-        let mappings = registered(
-            &mut r,
-            names::MAPPINGS,
-            Family::<ModeLabels, Gauge>::default(),
-        );
-        let role = registered(&mut r, names::ROLE, Family::<RoleLabels, Gauge>::default());
-        let self_check = registered(
-            &mut r,
-            names::SELF_CHECK,
-            Family::<CheckLabels, Gauge>::default(),
-        );
-        let retention_deleted =
-            registered(&mut r, names::RETENTION, Counters::<TableLabels>::default());
-        let reconcile_changes =
-            registered(&mut r, names::RECONCILE, Counters::<WhatLabels>::default());
-        let build = registered(
-            &mut r,
-            names::BUILD,
-            Family::<BuildLabels, Gauge>::default(),
-        );
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
-        for status in ["pending", "executing"] {
-            in_flight
-                .get_or_create(&StatusLabels {
-                    status: status.into(),
-                })
-                .set(0);
-        }
-        for mode in ["oma", "failover"] {
-            mappings
-                .get_or_create(&ModeLabels { mode: mode.into() })
-                .set(0);
-        }
-        for check in ["cloudstack", "host_vm"] {
-            self_check
-                .get_or_create(&CheckLabels {
-                    check: check.into(),
-                })
-                .set(0);
-        }
-        for table in ["outbox", "volume_operations"] {
-            retention_deleted
-                .get_or_create(&TableLabels {
-                    table: table.into(),
-                })
-                .inc_by(0);
-        }
+        let state = StateMetrics::register(&mut r);
         Self {
-            in_flight,
-            mappings,
-            role,
-            self_check,
-            retention_deleted,
-            reconcile_changes,
+            state,
             registry: Mutex::new(r),
             cloudstack_calls,
             cloudstack_retries,
@@ -351,10 +358,11 @@ impl Metrics {
                 })
                 .set(v as i64);
         };
-        set(&self.in_flight, "pending", g.pending);
-        set(&self.in_flight, "executing", g.executing);
+        set(&self.state.in_flight, "pending", g.pending);
+        set(&self.state.in_flight, "executing", g.executing);
         for (mode, v) in [("oma", g.host_mappings), ("failover", g.remote_mappings)] {
-            self.mappings
+            self.state
+                .mappings
                 .get_or_create(&ModeLabels { mode: mode.into() })
                 .set(v as i64);
         }
@@ -363,7 +371,8 @@ impl Metrics {
     /// This instance's role.
     pub fn set_role(&self, active: bool) {
         for (role, on) in [("active", active), ("standby", !active)] {
-            self.role
+            self.state
+                .role
                 .get_or_create(&RoleLabels { role: role.into() })
                 .set(i64::from(on));
         }
@@ -371,7 +380,8 @@ impl Metrics {
 
     pub fn set_self_checks(&self, cloudstack: bool, host_vm: bool) {
         for (check, ok) in [("cloudstack", cloudstack), ("host_vm", host_vm)] {
-            self.self_check
+            self.state
+                .self_check
                 .get_or_create(&CheckLabels {
                     check: check.into(),
                 })
@@ -380,7 +390,8 @@ impl Metrics {
     }
 
     pub fn retention_deleted(&self, table: &str, rows: u64) {
-        self.retention_deleted
+        self.state
+            .retention_deleted
             .get_or_create(&TableLabels {
                 table: table.into(),
             })
@@ -392,7 +403,8 @@ impl Metrics {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        self.reconcile_changes
+        self.state
+            .reconcile_changes
             .get_or_create(&WhatLabels { what })
             .inc();
     }

@@ -353,18 +353,8 @@ impl Store {
         let Some(row) = row else {
             return Ok(CancelFound::Unknown);
         };
-        let status: String = row.try_get("status")?;
-        let cancelled_by: Option<String> = row.try_get("cancelled_by")?;
-        let ty: String = row.try_get("op_type")?;
-        let ty = OperationType::parse(&ty).unwrap_or(OperationType::Create);
-        match OperationStatus::parse(&status) {
-            Some(OperationStatus::Pending) => {}
-            Some(OperationStatus::Executing) => return Ok(CancelFound::Executing),
-            Some(OperationStatus::Cancelled) if cancelled_by.as_deref() == Some(by.as_str()) => {
-                return Ok(CancelFound::CancelledBefore(ty));
-            }
-            Some(other) => return Ok(CancelFound::Ended(other)),
-            None => return Ok(CancelFound::Unknown),
+        if let Some(found) = cancel_refused(&row, by)? {
+            return Ok(found);
         }
         // A stored request that no longer parses was edited by hand: leave it be.
         let Some(op) = operation_from_row(&row)? else {
@@ -455,6 +445,23 @@ impl Store {
         }
         Ok(ops)
     }
+}
+
+/// What a cancel finds when its target is not pending (`None`: it is, go on).
+fn cancel_refused(row: &MySqlRow, by: &CommandId) -> Result<Option<CancelFound>, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let cancelled_by: Option<String> = row.try_get("cancelled_by")?;
+    let ty: String = row.try_get("op_type")?;
+    let ty = OperationType::parse(&ty).unwrap_or(OperationType::Create);
+    Ok(match OperationStatus::parse(&status) {
+        Some(OperationStatus::Pending) => None,
+        Some(OperationStatus::Executing) => Some(CancelFound::Executing),
+        Some(OperationStatus::Cancelled) if cancelled_by.as_deref() == Some(by.as_str()) => {
+            Some(CancelFound::CancelledBefore(ty))
+        }
+        Some(other) => Some(CancelFound::Ended(other)),
+        None => Some(CancelFound::Unknown),
+    })
 }
 
 /// An unfinished operation as stored; `None` (logged) when its request no longer parses.

@@ -122,7 +122,7 @@ impl Devices {
     pub fn state(&self) -> MonitorState {
         let limit = (self.period * 5).max(Duration::from_secs(2));
         let table = self.table.borrow();
-        if !table.scanned_at.is_some_and(|t| t.elapsed() < limit) {
+        if table.scanned_at.is_none_or(|t| t.elapsed() >= limit) {
             MonitorState::Stalled
         } else if table.unreadable {
             MonitorState::Unreadable

@@ -114,25 +114,12 @@ impl Monitor {
     pub fn step(&mut self) -> Vec<DeviceEvent> {
         let result = scan(&self.root);
         if result.unreadable {
-            // Keep the last table: an unreadable directory is not every device removed.
-            self.table.scanned_at = Some(Instant::now());
-            self.table.scans += 1;
-            self.table.unreadable = true;
-            for w in result.warnings.iter().filter(|w| !self.warned.contains(*w)) {
-                tracing::error!(warning = %w, "device scan: the block directory is unreadable");
-            }
-            self.warned = result.warnings.into_iter().collect();
-            self.table_tx.send_replace(Arc::new(self.table.clone()));
+            self.unreadable(result.warnings);
             return Vec::new();
         }
         let now = Instant::now();
         let at = Utc::now();
-        // Warn once per distinct problem, not every period.
-        let warnings: BTreeSet<String> = result.warnings.into_iter().collect();
-        for w in warnings.difference(&self.warned) {
-            tracing::warn!(warning = %w, "device scan");
-        }
-        self.warned = warnings;
+        self.warn_once(result.warnings, false);
 
         let mut events = Vec::new();
         let event = |change, device: &BlockDevice| DeviceEvent {
@@ -182,6 +169,29 @@ impl Monitor {
         self.table_tx.send_replace(Arc::new(self.table.clone()));
         self.announce(&events);
         events
+    }
+
+    /// Logs each distinct problem once, not every period (an unreadable `block` as an error).
+    fn warn_once(&mut self, warnings: Vec<String>, unreadable: bool) {
+        let warnings: BTreeSet<String> = warnings.into_iter().collect();
+        for w in warnings.difference(&self.warned) {
+            if unreadable {
+                tracing::error!(warning = %w, "device scan: the block directory is unreadable");
+            } else {
+                tracing::warn!(warning = %w, "device scan");
+            }
+        }
+        self.warned = warnings;
+    }
+
+    /// A scan that could not read `block`: the last table is kept (an unreadable directory is
+    /// not every device removed) and marked, and the problem logged once.
+    fn unreadable(&mut self, warnings: Vec<String>) {
+        self.table.scanned_at = Some(Instant::now());
+        self.table.scans += 1;
+        self.table.unreadable = true;
+        self.warn_once(warnings, true);
+        self.table_tx.send_replace(Arc::new(self.table.clone()));
     }
 
     /// Counts, logs and broadcasts one scan's events.
