@@ -561,3 +561,153 @@ async fn an_unreachable_cloudstack_shows_down() {
     })
     .await;
 }
+
+/// Rows written as if long ago: `n` ended operations and `n` published outbox rows, plus one
+/// old pending operation, which retention must keep (that an old unpublished outbox row stays
+/// is `db::outbox`'s unit test: here the relay would publish it).
+async fn back_dated_rows(pool: &sqlx::MySqlPool, n: usize) {
+    let old_op = |i: usize, status: &str| {
+        format!(
+            "('old-{status}-{i}', 'detach', '{status}', '{{}}', NOW(3) - INTERVAL 3 DAY, \
+             NOW(3) - INTERVAL 3 DAY, {})",
+            if status == "pending" {
+                "NULL"
+            } else {
+                "NOW(3) - INTERVAL 2 DAY"
+            }
+        )
+    };
+    let mut rows: Vec<String> = (0..n).map(|i| old_op(i, "failed")).collect();
+    rows.push(old_op(0, "pending"));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO volume_operations (id, type, status, request, created_at, updated_at, completed_at) VALUES {}",
+        rows.join(", ")
+    )))
+    .execute(pool)
+    .await
+    .expect("old operations");
+    let outbox_row = |i: usize, published: &'static str| {
+        format!(
+            "(UUID(), 'x.events', 'volume.detach.failed', '{{\"old\": {i}}}', \
+             NOW(3) - INTERVAL 3 HOUR, {published})"
+        )
+    };
+    let rows: Vec<String> = (0..n)
+        .map(|i| outbox_row(i, "NOW(3) - INTERVAL 2 HOUR"))
+        .collect();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox (event_id, exchange, routing_key, payload, created_at, published_at) VALUES {}",
+        rows.join(", ")
+    )))
+    .execute(pool)
+    .await
+    .expect("old outbox rows");
+}
+
+async fn count(pool: &sqlx::MySqlPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn retention_deletes_old_rows_in_batches_while_commands_keep_flowing() {
+    let mut env = TestEnv::new().await;
+    for (k, v) in [
+        ("RETENTION_INTERVAL_S", "1"),
+        ("OUTBOX_RETENTION_H", "1"),
+        ("OPERATIONS_RETENTION_D", "1"),
+    ] {
+        env.extra_env.push((k.into(), v.into()));
+    }
+    env.start_daemon().await;
+    let pool = env.db().await;
+    // An operation whose outbox row will be swept: a duplicate must still get its event.
+    let first = cmd::detach(VolumeId::new_random());
+    let first_event = run(&env, &first).await;
+    env.outbox_once_published(WAIT).await;
+    sqlx::query("UPDATE outbox SET published_at = NOW(3) - INTERVAL 2 HOUR")
+        .execute(&pool)
+        .await
+        .expect("back-date the first event");
+
+    back_dated_rows(&pool, 1600).await;
+    // Commands flow while the sweep deletes.
+    let client = env.client().await;
+    let mut pending = Vec::new();
+    for _ in 0..30 {
+        pending.push(
+            client
+                .publish(&cmd::detach(VolumeId::new_random()))
+                .await
+                .expect("published"),
+        );
+    }
+    for p in pending {
+        let e = p.wait(WAIT).await.expect("every command still ends");
+        assert_eq!(e.data.error.expect("error").code, ErrorCode::VolumeNotFound);
+    }
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(
+        &pool,
+        "SELECT COUNT(*) FROM volume_operations WHERE id LIKE 'old-failed-%'",
+    )
+    .await
+        > 0
+        || count(
+            &pool,
+            "SELECT COUNT(*) FROM outbox WHERE published_at < NOW(3) - INTERVAL 1 HOUR",
+        )
+        .await
+            > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Kept: the old pending operation, everything recent.
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM volume_operations WHERE id = 'old-pending-0'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM volume_operations WHERE id NOT LIKE 'old-%'"
+        )
+        .await,
+        31
+    );
+
+    // In batches of 500: at least four for 1,601 outbox rows.
+    let log = env.daemon_log();
+    let batches = log
+        .lines()
+        .filter(|l| l.contains("retention: batch deleted") && l.contains("\"table\":\"outbox\""))
+        .filter(|l| !l.contains("\"rows\":0"))
+        .count();
+    assert!(batches >= 4, "{batches} outbox batches");
+    let metrics = crate::helpers::get_text(env.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("volume_daemon_retention_deleted_total{table=\"outbox\"} 1601"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("volume_daemon_retention_deleted_total{table=\"volume_operations\"} 1600")
+    );
+
+    // The swept event is still the answer to a duplicate of its command.
+    let again = run(&env, &first).await;
+    assert_eq!(
+        again.id, first_event.id,
+        "same event id after its outbox row was swept"
+    );
+}

@@ -77,6 +77,7 @@ where
     loop {
         match delete().await {
             Ok(n) => {
+                tracing::debug!(table, rows = n, "retention: batch deleted");
                 total += n;
                 ctx.metrics.retention_deleted(table, n);
                 if n < u64::from(BATCH) {

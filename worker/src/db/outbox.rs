@@ -157,4 +157,56 @@ mod tests {
         assert_eq!(backlog.count, 1);
         assert!(backlog.oldest.is_some());
     }
+
+    /// Retention deletes published rows older than the cutoff, a batch at a time, and never
+    /// an unpublished one however old.
+    #[tokio::test]
+    async fn retention_deletes_old_published_rows_only_a_batch_at_a_time() {
+        let db = TestDb::new().await;
+        let mut tx = db.pool.begin().await.expect("tx");
+        for id in ["old-1", "old-2", "old-3", "old-unpublished", "recent"] {
+            insert(&mut tx, &event(id), "x.events", None)
+                .await
+                .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+        sqlx::query(
+            "UPDATE outbox SET created_at = NOW(3) - INTERVAL 3 DAY, \
+             published_at = IF(payload LIKE '%old-unpublished%', NULL, NOW(3) - INTERVAL 2 DAY) \
+             WHERE payload NOT LIKE '%recent%'",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("back-date");
+        sqlx::query("UPDATE outbox SET published_at = NOW(3) WHERE payload LIKE '%recent%'")
+            .execute(&db.pool)
+            .await
+            .expect("publish the recent one");
+        let cutoff = chrono::Utc::now() - chrono::TimeDelta::days(1);
+        let mut conn = db.pool.acquire().await.expect("conn");
+        assert_eq!(
+            delete_published_before(&mut conn, cutoff, 2)
+                .await
+                .expect("batch"),
+            2
+        );
+        assert_eq!(
+            delete_published_before(&mut conn, cutoff, 2)
+                .await
+                .expect("batch"),
+            1
+        );
+        assert_eq!(
+            delete_published_before(&mut conn, cutoff, 2)
+                .await
+                .expect("batch"),
+            0
+        );
+        let left: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+        assert_eq!(left.len(), 2);
+        assert!(left[0].contains("old-unpublished") && left[1].contains("recent"));
+    }
 }
