@@ -7,6 +7,8 @@
 //!   terminal event. The listener is bound before the command leaves, so no event is missed.
 //! - [`events`]: [`EventStream`], completion events for subscribers, acknowledged explicitly.
 //! - [`dead_letters`]: list and replay dead-lettered commands.
+//! - [`api`]: [`ApiClient`](api::ApiClient), the daemon's read-only JSON API (operations,
+//!   volumes, VMs, devices).
 //!
 //! Commands are built with the constructors of [`schema::Command`] (`create`, `attach`,
 //! `detach`, `delete`) and [`schema::command::AttachVolume`] / [`schema::command::CreateVolume`]
@@ -25,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 pub mod client;
 pub mod dead_letters;
 pub mod events;

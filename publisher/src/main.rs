@@ -1,28 +1,31 @@
-//! `volumectl`: publish volume commands, wait for their events, tail events, and inspect or
-//! replay dead-lettered commands.
+//! `volumectl`: publish volume commands, wait for their events, tail events, inspect or
+//! replay dead-lettered commands, and query the daemon's read API.
 //!
-//! Exit status: 0 completed (or done), 1 the operation failed, 2 usage, 3 timed out,
-//! 4 broker error.
+//! Exit status: 0 completed (or done), 1 the operation failed (or the id is unknown), 2 usage,
+//! 3 timed out, 4 broker error, 5 read API unreachable or refusing.
+
+mod tables;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use publisher::api::{ApiClient, ApiClientError, OperationQuery};
 use publisher::{Error, Subscription, VolumeClient};
 use schema::command::AttachVolume;
 use schema::command::CreateVolume;
 use schema::{
-    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, VmId, VolumeId,
-    ZoneId,
+    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, OperationType, VmId,
+    VolumeId, ZoneId,
 };
 
 #[derive(Debug, Parser)]
 #[command(
     name = "volumectl",
     version,
-    about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters",
-    after_help = "Exit status: 0 completed (or done), 1 the operation failed, 2 usage, 3 timed out, 4 broker error."
+    about = "Publish volume commands to volume-daemon, wait for their events, tail events, replay dead letters, query the daemon",
+    after_help = "Exit status: 0 completed (or done), 1 the operation failed (or the id is unknown), 2 usage, 3 timed out, 4 broker error, 5 read API unreachable or refusing."
 )]
 struct Cli {
     /// Broker URL.
@@ -37,6 +40,14 @@ struct Cli {
     /// Prefix of the daemon's exchanges and queues.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", global = true)]
     prefix: String,
+    /// The daemon's read API (its HTTP_ADDR), for get, ops, volume, vm and devices.
+    #[arg(
+        long,
+        env = "VOLUME_API_URL",
+        default_value_t = default_api_url(),
+        global = true
+    )]
+    api_url: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -89,6 +100,74 @@ enum Cmd {
         volume: VolumeId,
         #[command(flatten)]
         common: Common,
+    },
+    /// Cancel a pending operation: it ends `cancelled` and never reaches CloudStack (an
+    /// executing one cannot be cancelled).
+    Cancel {
+        /// The command id of the operation to cancel.
+        operation: CommandId,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Make the daemon's mappings and exports match CloudStack and the local devices (never
+    /// changes anything in CloudStack); --wait prints what was repaired.
+    Reconcile {
+        /// Only this VM (default: every VM with mappings, and the host VM).
+        #[arg(long)]
+        vm: Option<VmId>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show one operation (read API).
+    Get {
+        /// The operation's command id.
+        operation: CommandId,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List operations, newest first (read API).
+    Ops {
+        /// pending, executing, completed, failed or cancelled.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<OperationStatus>,
+        /// create, attach, detach, delete, cancel or reconcile.
+        #[arg(long = "type", value_parser = parse_type)]
+        op_type: Option<OperationType>,
+        /// Only operations on this volume.
+        #[arg(long)]
+        volume: Option<VolumeId>,
+        /// Only operations on this VM.
+        #[arg(long)]
+        vm: Option<VmId>,
+        /// How many to show (pages are fetched as needed).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+        /// One JSON object per operation, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume: its mapping, export and last operation (read API).
+    Volume {
+        /// The volume id.
+        volume: VolumeId,
+        /// The API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the volumes mapped on a VM (read API).
+    Vm {
+        /// The VM id.
+        vm: VmId,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the device monitor's table: the host VM's disks and their volumes (read API).
+    Devices {
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print completion events as they arrive (Ctrl-C stops).
     Watch {
@@ -150,6 +229,11 @@ async fn main() -> ExitCode {
             watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await
         }
         Cmd::DeadLetters(d) => dead_letters(&cli.amqp_url, &cli.prefix, d).await,
+        query @ (Cmd::Get { .. }
+        | Cmd::Ops { .. }
+        | Cmd::Volume { .. }
+        | Cmd::Vm { .. }
+        | Cmd::Devices { .. }) => return read(&cli.api_url, query).await,
         command => {
             let (command, common) = match build(command) {
                 Ok(c) => c,
@@ -200,7 +284,9 @@ fn build(command: Cmd) -> Result<(Command, Common), String> {
         }
         Cmd::Detach { volume, common } => (Command::detach(volume), common),
         Cmd::Delete { volume, common } => (Command::delete(volume), common),
-        Cmd::Watch { .. } | Cmd::DeadLetters(_) => return Err("not a command".into()),
+        Cmd::Cancel { operation, common } => (Command::cancel(operation), common),
+        Cmd::Reconcile { vm, common } => (Command::reconcile(vm), common),
+        _ => return Err("not a command".into()),
     };
     if let Some(id) = common.command_id.clone() {
         cmd = cmd.with_command_id(id);
@@ -322,11 +408,151 @@ fn human(event: &CloudEvent) -> String {
     if d.already_absent == Some(true) {
         line.push_str("  (did not exist)");
     }
+    if let Some(t) = &d.target {
+        line.push_str(&format!("  target {t}"));
+    }
+    if let Some(changes) = &d.changes {
+        line.push_str(&format!("  {} change(s)", changes.len()));
+        for c in changes {
+            line.push_str(&format!(
+                "\n    {} volume {}: {} -> {}",
+                serde_json::to_value(c.what)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                c.volume_id,
+                c.before.as_deref().unwrap_or("-"),
+                c.after.as_deref().unwrap_or("-")
+            ));
+        }
+    }
     if let Some(e) = &d.error {
         line.push_str(&format!("  {}", e.code));
     }
     line.push_str(&format!("  in {} ms", d.duration_ms));
     line
+}
+
+/// `HTTP_ADDR` when set (the daemon's own setting), else its default.
+fn default_api_url() -> String {
+    let addr = std::env::var("HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8090".into());
+    format!("http://{addr}")
+}
+
+fn parse_status(s: &str) -> Result<OperationStatus, String> {
+    OperationStatus::parse(s)
+        .ok_or_else(|| "expected pending, executing, completed, failed or cancelled".into())
+}
+
+fn parse_type(s: &str) -> Result<OperationType, String> {
+    OperationType::parse(s)
+        .ok_or_else(|| "expected create, attach, detach, delete, cancel or reconcile".into())
+}
+
+/// The read-API queries.
+async fn read(api_url: &str, query: Cmd) -> ExitCode {
+    let result = match ApiClient::new(api_url) {
+        Ok(api) => run_query(&api, query).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ ApiClientError::NotFound { .. }) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(5)
+        }
+    }
+}
+
+fn pretty<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+async fn run_query(api: &ApiClient, query: Cmd) -> Result<String, ApiClientError> {
+    Ok(match query {
+        Cmd::Get { operation, json } => {
+            let o = api.operation(&operation).await?;
+            if json {
+                pretty(&o)
+            } else {
+                tables::operation(&o)
+            }
+        }
+        Cmd::Ops {
+            status,
+            op_type,
+            volume,
+            vm,
+            limit,
+            json,
+        } => {
+            let q = OperationQuery {
+                status,
+                op_type,
+                volume_id: volume,
+                vm_id: vm,
+            };
+            let ops = all_operations(api, &q, limit).await?;
+            if json {
+                ops.iter()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            } else {
+                tables::operations(&ops)
+            }
+        }
+        Cmd::Volume { volume, json } => {
+            let v = api.volume(volume).await?;
+            if json { pretty(&v) } else { tables::volume(&v) }
+        }
+        Cmd::Vm { vm, json } => {
+            let v = api.vm_volumes(vm).await?;
+            if json {
+                pretty(&v)
+            } else {
+                tables::mappings(&v.items)
+            }
+        }
+        Cmd::Devices { json } => {
+            let d = api.devices().await?;
+            if json {
+                pretty(&d)
+            } else {
+                tables::devices(&d)
+            }
+        }
+        _ => String::new(),
+    })
+}
+
+/// Up to `limit` operations, following the cursor page by page.
+async fn all_operations(
+    api: &ApiClient,
+    q: &OperationQuery,
+    limit: u32,
+) -> Result<Vec<schema::api::OperationView>, ApiClientError> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    while out.len() < limit as usize {
+        let want = (limit as usize - out.len()).min(schema::api::MAX_PAGE as usize) as u32;
+        let page = api.operations(q, want, cursor.as_deref()).await?;
+        out.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 async fn watch(

@@ -711,3 +711,124 @@ async fn retention_deletes_old_rows_in_batches_while_commands_keep_flowing() {
         "same event id after its outbox row was swept"
     );
 }
+
+/// Runs `volumectl` against this test's broker prefix and daemon: (exit code, stdout, stderr).
+async fn volumectl(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(crate::helpers::volumectl())
+        .env_clear()
+        .env("AMQP_URL", crate::helpers::AMQP_URL)
+        .env("AMQP_PREFIX", &env.prefix)
+        .env("VOLUME_API_URL", format!("http://{}", env.http_addr))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("volumectl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn volumectl_queries_the_running_daemon_as_tables_and_json_and_sends_cancel_and_reconcile() {
+    let mut env = TestEnv::with_host_vm(SimConfig::default()).await;
+    env.start_daemon().await;
+    let host = env.host_vm.expect("host VM");
+    let volume = volume_of(&run(&env, &cmd::create("volumectl-0", "1GiB")).await);
+    let attach = cmd::attach(volume, host);
+    let attached = run(&env, &attach).await;
+    let device = attached.data.device_path.clone().expect("device");
+    let (op, vol, vm) = (
+        attach.command_id.to_string(),
+        volume.to_string(),
+        host.to_string(),
+    );
+
+    // get: a table of fields, or the API's JSON.
+    let (code, out, err) = volumectl(&env, &["get", &op]).await;
+    assert_eq!(code, 0, "{err}");
+    let status_line = out.lines().find(|l| l.starts_with("status")).expect(&out);
+    assert!(status_line.ends_with("completed"), "{out}");
+    assert!(
+        out.lines().next().expect("header").starts_with("FIELD"),
+        "{out}"
+    );
+    let (code, out, _) = volumectl(&env, &["get", &op, "--json"]).await;
+    assert_eq!(code, 0);
+    let view: OperationView = serde_json::from_str(&out).expect("the API's JSON");
+    assert_eq!(view.id, attach.command_id);
+
+    // ops: aligned columns, filters, limit, one JSON object per line.
+    let (code, out, err) = volumectl(&env, &["ops", "--volume", &vol]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "header + attach + create:\n{out}");
+    let status_col = lines[0].find("STATUS").expect("STATUS column");
+    for l in &lines[1..] {
+        assert_eq!(
+            &l[status_col..status_col + 9],
+            "completed",
+            "aligned:\n{out}"
+        );
+    }
+    assert!(lines[1].starts_with(&op), "newest first:\n{out}");
+    let (_, out, _) = volumectl(&env, &["ops", "--type", "create", "--json"]).await;
+    let ops: Vec<OperationView> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(ops.len(), 1);
+    let (_, out, _) = volumectl(&env, &["ops", "--limit", "1", "--json"]).await;
+    assert_eq!(out.lines().count(), 1);
+
+    // volume, vm, devices.
+    let (code, out, _) = volumectl(&env, &["volume", &vol]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&device) && out.contains("last operation"),
+        "{out}"
+    );
+    let (_, out, _) = volumectl(&env, &["volume", &vol, "--json"]).await;
+    let view: VolumeView = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(view.volume_id, volume);
+    let (code, out, _) = volumectl(&env, &["vm", &vm]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().nth(1).expect("a row").starts_with(&vol),
+        "{out}"
+    );
+    let (_, out, _) = volumectl(&env, &["vm", &vm, "--json"]).await;
+    let _: VmVolumes = serde_json::from_str(&out).expect("JSON");
+    let (code, out, _) = volumectl(&env, &["devices"]).await;
+    assert_eq!(code, 0);
+    let name = device.trim_start_matches("/dev/");
+    let row = out.lines().find(|l| l.starts_with(name)).expect(&out);
+    assert!(row.ends_with(&vol), "{out}");
+    let (_, out, _) = volumectl(&env, &["devices", "--json"]).await;
+    let devices: Vec<schema::api::DeviceView> = serde_json::from_str(&out).expect("JSON");
+    assert!(devices.iter().any(|d| d.volume_id == Some(volume)));
+
+    // Unknown ids exit 1 with the daemon's message; an unreachable API exits 5.
+    let (code, _, err) = volumectl(&env, &["get", "no-such-op"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no-such-op"), "{err}");
+    let (code, _, err) = volumectl(&env, &["devices", "--api-url", "http://127.0.0.1:9"]).await;
+    assert_eq!(code, 5);
+    assert!(err.contains("cannot reach"), "{err}");
+
+    // cancel and reconcile are commands.
+    let (code, out, _) = volumectl(&env, &["cancel", &op, "--wait"]).await;
+    assert_eq!(code, 1, "the attach already ended: the cancel fails\n{out}");
+    assert!(
+        out.contains("volume.cancel.failed") && out.contains("INVALID_COMMAND"),
+        "{out}"
+    );
+    let (code, out, err) = volumectl(&env, &["reconcile", "--vm", &vm, "--wait"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("volume.reconcile.completed") && out.contains("0 change(s)"),
+        "{out}"
+    );
+}
