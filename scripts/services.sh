@@ -82,11 +82,18 @@ ensure_nbd_tools() {
   command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || apt_install libnbd-bin
 }
 
+# The deployment test verifies the systemd unit with systemd-analyze.
+ensure_systemd_analyze() {
+  command -v systemd-analyze >/dev/null || apt_install systemd
+}
+
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb
 ensure_tls_tools
 ensure_nbd_tools
+ensure_systemd_analyze
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
+ensure_py_module openapi_spec_validator openapi-spec-validator python3-openapi-spec-validator
 log "RabbitMQ and MariaDB are up"

@@ -416,10 +416,7 @@ fn human(event: &CloudEvent) -> String {
         for c in changes {
             line.push_str(&format!(
                 "\n    {} volume {}: {} -> {}",
-                serde_json::to_value(c.what)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                c.what.as_str(),
                 c.volume_id,
                 c.before.as_deref().unwrap_or("-"),
                 c.after.as_deref().unwrap_or("-")

@@ -234,6 +234,29 @@ pub enum ChangeKind {
     ExportRemoved,
 }
 
+impl ChangeKind {
+    pub const ALL: [Self; 6] = [
+        Self::MappingAdded,
+        Self::MappingRemoved,
+        Self::MappingMoved,
+        Self::DeviceChanged,
+        Self::ExportAdded,
+        Self::ExportRemoved,
+    ];
+
+    /// The wire name (`mapping_added`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MappingAdded => "mapping_added",
+            Self::MappingRemoved => "mapping_removed",
+            Self::MappingMoved => "mapping_moved",
+            Self::DeviceChanged => "device_changed",
+            Self::ExportAdded => "export_added",
+            Self::ExportRemoved => "export_removed",
+        }
+    }
+}
+
 impl EventData {
     /// The data of a failed event for `command_id` that never became an operation (a rejected
     /// message): no volume, no duration. Without a correlation id the command id stands in.
@@ -335,6 +358,13 @@ mod tests {
             t,
         );
         CloudEvent::new(EventId::new_random(), t, data)
+    }
+
+    #[test]
+    fn change_kinds_are_named_as_they_serialize() {
+        for kind in ChangeKind::ALL {
+            assert_eq!(serde_json::to_value(kind).expect("json"), kind.as_str());
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod helpers;
 
 mod create;
+mod deploy;
 mod devices;
 mod docs;
 mod exports;

@@ -832,3 +832,125 @@ async fn volumectl_queries_the_running_daemon_as_tables_and_json_and_sends_cance
         "{out}"
     );
 }
+
+/// The committed OpenAPI document, checked by `openapi-spec-validator` (Python, installed by
+/// `scripts/test`), which must also refuse a broken copy.
+#[tokio::test]
+async fn the_openapi_document_validates_and_describes_the_served_responses() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../openapi.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("openapi.json")).expect("JSON");
+    let validate = |document: &serde_json::Value| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys\nfrom openapi_spec_validator import validate\nvalidate(json.load(sys.stdin))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(document.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("python3 runs (scripts/test installs openapi-spec-validator)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, why) = validate(&doc);
+    assert!(ok, "openapi.json does not validate: {why}");
+    let mut broken = doc.clone();
+    broken["paths"]["/api/v1/volumes/{id}"]["get"]["responses"]["200"]["content"]["application/json"]
+        ["schema"] = serde_json::json!({"$ref": "#/components/schemas/NoSuchSchema"});
+    assert!(
+        !validate(&broken).0,
+        "the validator refuses a dangling reference"
+    );
+
+    // The served bodies match the document's schemas.
+    let mut env = TestEnv::with_host_vm(SimConfig::default()).await;
+    env.start_daemon().await;
+    let host = env.host_vm.expect("host VM");
+    let create = cmd::create("openapi-0", "1GiB");
+    let volume = volume_of(&run(&env, &create).await);
+    let attached = run(&env, &cmd::attach(volume, host)).await;
+    let device = attached.data.device_path.expect("device");
+    let failed = run(&env, &cmd::detach(VolumeId::new_random())).await;
+    let schema_of = |path: &str, status: &str| {
+        let mut schema =
+            doc["paths"][path]["get"]["responses"][status]["content"]["application/json"]["schema"]
+                .clone();
+        schema["components"] = doc["components"].clone();
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema".into();
+        jsonschema::validator_for(&schema).expect("a schema")
+    };
+    let name = device.trim_start_matches("/dev/");
+    let checks = [
+        (
+            "/api/v1/operations/{id}",
+            format!("/api/v1/operations/{}", create.command_id),
+            "200",
+        ),
+        (
+            "/api/v1/operations/{id}",
+            format!("/api/v1/operations/{}", failed.data.operation_id),
+            "200",
+        ),
+        (
+            "/api/v1/operations/{id}",
+            "/api/v1/operations/nope".to_owned(),
+            "404",
+        ),
+        (
+            "/api/v1/operations",
+            "/api/v1/operations?limit=2".to_owned(),
+            "200",
+        ),
+        (
+            "/api/v1/operations",
+            "/api/v1/operations?limit=x".to_owned(),
+            "400",
+        ),
+        (
+            "/api/v1/volumes/{id}",
+            format!("/api/v1/volumes/{volume}"),
+            "200",
+        ),
+        (
+            "/api/v1/vms/{id}/volumes",
+            format!("/api/v1/vms/{host}/volumes"),
+            "200",
+        ),
+        ("/api/v1/devices", "/api/v1/devices".to_owned(), "200"),
+        (
+            "/api/v1/devices/{name}/volume",
+            format!("/api/v1/devices/{name}/volume"),
+            "200",
+        ),
+        ("/api/v1/exports", "/api/v1/exports".to_owned(), "200"),
+    ];
+    for (template, path, status) in checks {
+        let (code, body) = env.get_json(&path).await;
+        assert_eq!(code.to_string(), status, "{path}: {body}");
+        let validator = schema_of(template, status);
+        let errors: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{path} does not match the document: {errors:?}\n{body}"
+        );
+    }
+    // The schemas are not vacuous: a wrong body is refused.
+    let validator = schema_of("/api/v1/volumes/{id}", "200");
+    assert!(!validator.is_valid(&serde_json::json!({"volume_id": 7})));
+}

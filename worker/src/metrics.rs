@@ -56,6 +56,7 @@ struct RoleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
     check: String,
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,10 +178,10 @@ mod names {
         "role",
         "1 for this instance's role (active or standby), 0 for the other",
     );
-    /// `volume_daemon_self_check_ok`.
+    /// `volume_daemon_self_check`.
     pub const SELF_CHECK: (&str, &str) = (
-        "self_check_ok",
-        "1 when the self-check passed (cloudstack: reachable with our keys; host_vm: its root disk is local)",
+        "self_check",
+        "1 for each self-check's current state (cloudstack: up, down, unauthorized; host_vm: ok, mismatch, unknown), 0 for the others",
     );
     /// `volume_daemon_retention_deleted`.
     pub const RETENTION: (&str, &str) = (
@@ -193,6 +194,12 @@ mod names {
     /// `volume_daemon_build_info`.
     pub const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
 }
+
+/// Every state of each self-check, so each series exists from the first scrape.
+const SELF_CHECK_STATES: [(&str, &[&str]); 2] = [
+    ("cloudstack", &["up", "down", "unauthorized"]),
+    ("host_vm", &["ok", "mismatch", "unknown"]),
+];
 
 /// The families of the daemon's state (read at scrape time or set by the housekeeping).
 #[derive(Debug)]
@@ -241,12 +248,22 @@ impl StateMetrics {
                 .get_or_create(&ModeLabels { mode: mode.into() })
                 .set(0);
         }
-        for check in ["cloudstack", "host_vm"] {
-            self_check
-                .get_or_create(&CheckLabels {
-                    check: check.into(),
+        for (check, states) in SELF_CHECK_STATES {
+            for state in states {
+                self_check
+                    .get_or_create(&CheckLabels {
+                        check: check.into(),
+                        state: (*state).into(),
+                    })
+                    .set(0);
+            }
+        }
+        for what in schema::event::ChangeKind::ALL {
+            reconcile_changes
+                .get_or_create(&WhatLabels {
+                    what: what.as_str().into(),
                 })
-                .set(0);
+                .inc_by(0);
         }
         for table in ["outbox", "volume_operations"] {
             retention_deleted
@@ -378,14 +395,18 @@ impl Metrics {
         }
     }
 
-    pub fn set_self_checks(&self, cloudstack: bool, host_vm: bool) {
-        for (check, ok) in [("cloudstack", cloudstack), ("host_vm", host_vm)] {
-            self.state
-                .self_check
-                .get_or_create(&CheckLabels {
-                    check: check.into(),
-                })
-                .set(i64::from(ok));
+    /// The self-checks' current states (`selfcheck::CloudState::as_str`, `HostVmState::as_str`).
+    pub fn set_self_checks(&self, cloudstack: &str, host_vm: &str) {
+        for ((check, states), now) in SELF_CHECK_STATES.iter().zip([cloudstack, host_vm]) {
+            for state in *states {
+                self.state
+                    .self_check
+                    .get_or_create(&CheckLabels {
+                        check: (*check).into(),
+                        state: (*state).into(),
+                    })
+                    .set(i64::from(*state == now));
+            }
         }
     }
 

@@ -101,10 +101,8 @@ impl Checker {
                     "self-check"
                 );
             }
-            self.metrics.set_self_checks(
-                checks.cloudstack == CloudState::Up,
-                checks.host_vm == HostVmState::Ok,
-            );
+            self.metrics
+                .set_self_checks(checks.cloudstack.as_str(), checks.host_vm.as_str());
             last = Some(checks);
             out.send_replace(checks);
             tokio::select! {
