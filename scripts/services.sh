@@ -96,4 +96,5 @@ ensure_systemd_analyze
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 ensure_py_module openapi_spec_validator openapi-spec-validator python3-openapi-spec-validator
+ensure_py_module yaml pyyaml python3-yaml
 log "RabbitMQ and MariaDB are up"

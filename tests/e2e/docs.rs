@@ -63,3 +63,39 @@ fn the_link_parser_sees_links_and_skips_urls() {
     let text = "see [a](docs/wire.md#x), [b](https://example.org) and [c](../shared/X.md)";
     assert_eq!(local_links(text), ["docs/wire.md", "../shared/X.md"]);
 }
+
+/// Every command example of the AsyncAPI document is a valid command: by the committed JSON
+/// Schema and by the daemon's own parser (cancel and reconcile included).
+#[test]
+fn the_asyncapi_command_examples_are_valid_commands() {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             doc = yaml.safe_load(open(sys.argv[1]))\n\
+             for e in doc['components']['messages']['command']['examples']:\n\
+             \x20   print(json.dumps(e['payload']))",
+        ])
+        .arg(repo().join("asyncapi.yaml"))
+        .output()
+        .expect("python3 runs (scripts/test installs PyYAML)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("schemas/command.schema.json")).expect("schema"),
+    )
+    .expect("JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema");
+    let mut types = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let example: serde_json::Value = serde_json::from_str(line).expect("JSON example");
+        assert!(validator.is_valid(&example), "the schema refuses {example}");
+        let command = schema::Command::parse(line.as_bytes(), &Default::default())
+            .unwrap_or_else(|e| panic!("the daemon refuses {example}: {e}"));
+        types.push(command.operation_type().as_str());
+    }
+    assert_eq!(types, ["create", "attach", "cancel", "reconcile"]);
+}
