@@ -213,8 +213,7 @@ struct StateMetrics {
 }
 
 impl StateMetrics {
-    /// Registers them, with every label value a dashboard expects present from the first
-    /// scrape.
+    /// Registers them.
     fn register(r: &mut Registry) -> Self {
         let in_flight = registered(
             r,
@@ -236,6 +235,28 @@ impl StateMetrics {
                 version: env!("CARGO_PKG_VERSION").into(),
             })
             .set(1);
+        let state = Self {
+            in_flight,
+            mappings,
+            role,
+            self_check,
+            retention_deleted,
+            reconcile_changes,
+        };
+        state.zero_series();
+        state
+    }
+
+    /// Every label value a dashboard expects, present (at 0) from the first scrape.
+    fn zero_series(&self) {
+        let Self {
+            in_flight,
+            mappings,
+            self_check,
+            retention_deleted,
+            reconcile_changes,
+            ..
+        } = self;
         for status in ["pending", "executing"] {
             in_flight
                 .get_or_create(&StatusLabels {
@@ -271,14 +292,6 @@ impl StateMetrics {
                     table: table.into(),
                 })
                 .inc_by(0);
-        }
-        Self {
-            in_flight,
-            mappings,
-            role,
-            self_check,
-            retention_deleted,
-            reconcile_changes,
         }
     }
 }
