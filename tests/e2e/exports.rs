@@ -457,3 +457,99 @@ async fn at_start_the_export_directory_and_the_table_are_made_to_agree() {
         "{log}"
     );
 }
+
+/// Issue 13 on the host appliance: an attachment to the host VM made outside the daemon is
+/// recorded by `reconcile` with its device, persistent name and export (`mapping_added`,
+/// `export_added`), served by the read API; detached outside the daemon, the next reconcile
+/// removes both (`mapping_removed`, `export_removed`).
+#[tokio::test]
+async fn reconcile_records_and_then_removes_a_host_attachment_made_outside_the_daemon() {
+    use schema::event::ChangeKind;
+    let (mut env, nbd, _dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let volume = env.sim.sim.seed_volume("outside", 16 << 20);
+    let by_id = |v: VolumeId| std::collections::HashMap::from([("id".to_owned(), v.to_string())]);
+    let mut attach = by_id(volume);
+    attach.insert("virtualmachineid".into(), host.to_string());
+    env.sim
+        .sim
+        .attach_volume(&attach)
+        .expect("attach behind the daemon's back");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let name = loop {
+        if let Some(name) = env.sim.sim.device_name(volume)
+            && env.sysfs.join("block").join(&name).exists()
+        {
+            break name;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no guest device");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Two scans, so the monitor's table has it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let first = env.execute(&schema::Command::reconcile(None)).await;
+    let changes = first.data.changes.expect("changes");
+    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.what).collect();
+    assert_eq!(
+        kinds,
+        [ChangeKind::MappingAdded, ChangeKind::ExportAdded],
+        "{changes:?}"
+    );
+    assert!(changes.iter().all(|c| c.volume_id == volume));
+    let export_name = NbdExport::name_of(volume);
+    assert_eq!(changes[1].after.as_deref(), Some(export_name.as_str()));
+    assert_eq!(
+        nbd.list().await,
+        std::slice::from_ref(&export_name),
+        "the NBD server serves it"
+    );
+
+    let (status, body) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mapping"]["device_path"], format!("/dev/{name}"));
+    assert_eq!(body["mapping"]["mode"], "oma");
+    assert_eq!(body["nbd_export"]["name"], export_name);
+    assert_eq!(
+        body["nbd_export"]["url"],
+        format!("{}/{export_name}", nbd.url)
+    );
+    let (_, exports) = env.get_json("/api/v1/exports").await;
+    assert_eq!(
+        exports["items"].as_array().map(Vec::len),
+        Some(1),
+        "{exports}"
+    );
+    assert_eq!(export_rows(&mut env).await[0].3, "active");
+
+    env.sim
+        .sim
+        .detach_volume(&by_id(volume))
+        .expect("detach behind the daemon's back");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.sim.sim.attachment(volume).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the detach job did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = env.execute(&schema::Command::reconcile(None)).await;
+    let kinds: Vec<ChangeKind> = second
+        .data
+        .changes
+        .expect("changes")
+        .iter()
+        .map(|c| c.what)
+        .collect();
+    assert_eq!(
+        kinds,
+        [ChangeKind::MappingRemoved, ChangeKind::ExportRemoved]
+    );
+    assert!(nbd.list().await.is_empty(), "the export is gone");
+    let (_, exports) = env.get_json("/api/v1/exports").await;
+    assert_eq!(exports["items"], serde_json::json!([]));
+    assert_eq!(export_rows(&mut env).await[0].3, "removed");
+    let third = env.execute(&schema::Command::reconcile(None)).await;
+    assert_eq!(third.data.changes, Some(vec![]));
+}

@@ -26,7 +26,7 @@ use schema::{VmId, VolumeId};
 use super::{Completion, Halt, Operation, attach, detach, jobs};
 use crate::cloud::{Session, classify};
 use crate::context::Context;
-use crate::db::read;
+use crate::db::{exports, read};
 use crate::mappings::{DeviceMapping, MappingChange};
 
 pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<Completion, Halt> {
@@ -75,13 +75,13 @@ pub async fn reconcile(
                     changes.extend(device_drift(ctx, cs, m, v).await?);
                 }
             }
-            None => changes.push(gone_from(ctx, cs, m).await?),
+            None => changes.extend(gone_from(ctx, cs, m).await?),
         }
     }
     let known: HashSet<VolumeId> = recorded.iter().map(|m| m.volume_id).collect();
     for (vm, v) in listed.values().filter(|(_, v)| !known.contains(&v.id)) {
         let mapping = mapping_of(ctx, cs, *vm, v).await?;
-        apply(ctx, MappingChange::Upsert(mapping)).await?;
+        let export = upsert(ctx, mapping).await?;
         tracing::warn!(volume = %v.id, %vm, "reconcile: attachment made outside the daemon recorded");
         changes.push(change(
             v.id,
@@ -90,6 +90,7 @@ pub async fn reconcile(
             None,
             Some(vm.to_string()),
         ));
+        changes.extend(export);
     }
     let repairs = crate::host::reconcile::run(&ctx.store, &ctx.host)
         .await
@@ -116,41 +117,91 @@ async fn attached_to(cs: &Session, vm: VmId) -> Result<Vec<Volume>, Halt> {
 }
 
 /// A recorded mapping CloudStack no longer lists on its VM: moved, or detached (or deleted).
-async fn gone_from(ctx: &Context, cs: &Session, m: &MappingView) -> Result<Change, Halt> {
+/// A host attachment's export goes with it (`export_removed`).
+async fn gone_from(ctx: &Context, cs: &Session, m: &MappingView) -> Result<Vec<Change>, Halt> {
     let now = match jobs::current(&cs.client, m.volume_id).await {
         Ok(v) => Some(v),
         Err(Halt::Fail(e, _)) if e.code == schema::ErrorCode::VolumeNotFound => None,
         Err(other) => return Err(other),
     };
+    let mut changes = Vec::new();
     if m.mode == MappingMode::Oma {
+        let pool = ctx.store.pool();
+        let exported = ctx
+            .read("read the export", || async {
+                Ok(exports::has_active(pool, m.volume_id).await?)
+            })
+            .await?;
         ctx.devices.release(m.volume_id);
         detach::release_host_files(ctx, m.volume_id, true).await?;
+        if exported {
+            let name = schema::event::NbdExport::name_of(m.volume_id);
+            changes.push(change(
+                m.volume_id,
+                Some(m.vm_id),
+                ChangeKind::ExportRemoved,
+                Some(name),
+                None,
+            ));
+        }
     }
+    let mut found = moved_or_removed(ctx, cs, m, now).await?;
+    found.extend(changes);
+    Ok(found)
+}
+
+async fn moved_or_removed(
+    ctx: &Context,
+    cs: &Session,
+    m: &MappingView,
+    now: Option<Volume>,
+) -> Result<Vec<Change>, Halt> {
     match now.and_then(|v| v.virtualmachineid.map(|vm| (vm, v))) {
         Some((other, v)) => {
             let mapping = mapping_of(ctx, cs, other, &v).await?;
-            apply(ctx, MappingChange::Upsert(mapping)).await?;
+            let export = upsert(ctx, mapping).await?;
             tracing::warn!(volume = %m.volume_id, from = %m.vm_id, to = %other, "reconcile: volume is on another VM");
-            Ok(change(
+            let moved = change(
                 m.volume_id,
                 Some(other),
                 ChangeKind::MappingMoved,
                 Some(m.vm_id.to_string()),
                 Some(other.to_string()),
-            ))
+            );
+            Ok([moved].into_iter().chain(export).collect())
         }
         None => {
             apply(ctx, MappingChange::Remove(m.volume_id)).await?;
             tracing::warn!(volume = %m.volume_id, vm = %m.vm_id, "reconcile: volume is attached to no VM; mapping removed");
-            Ok(change(
+            Ok(vec![change(
                 m.volume_id,
                 Some(m.vm_id),
                 ChangeKind::MappingRemoved,
                 Some(m.vm_id.to_string()),
                 None,
-            ))
+            )])
         }
     }
+}
+
+/// Records `mapping`; when it brings an export (a host attachment with exports on), that is
+/// reported too (`export_added`).
+async fn upsert(ctx: &Context, mapping: DeviceMapping) -> Result<Option<Change>, Halt> {
+    let export = mapping
+        .host
+        .as_ref()
+        .and_then(|h| h.export.as_ref())
+        .map(|(name, _)| {
+            change(
+                mapping.volume_id,
+                Some(mapping.vm_id),
+                ChangeKind::ExportAdded,
+                None,
+                Some(name.clone()),
+            )
+        });
+    apply(ctx, MappingChange::Upsert(mapping)).await?;
+    Ok(export)
 }
 
 /// A host mapping whose recorded device is not the one the monitor sees for its serial.
