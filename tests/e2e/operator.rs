@@ -954,3 +954,36 @@ async fn the_openapi_document_validates_and_describes_the_served_responses() {
     let validator = schema_of("/api/v1/volumes/{id}", "200");
     assert!(!validator.is_valid(&serde_json::json!({"volume_id": 7})));
 }
+
+#[tokio::test]
+async fn the_periodic_reconcile_repairs_drift_and_counts_it_without_publishing_an_event() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("RECONCILE_INTERVAL_S".into(), "1".into()));
+    env.start_daemon().await;
+    let vm = DEMO_VMS[0];
+    let volume = volume_of(&run(&env, &cmd::create("periodic-0", "1GiB")).await);
+    volume_of(&run(&env, &cmd::attach(volume, vm)).await);
+    let mut tap = crate::helpers::EventTap::new(&env.prefix).await;
+    env.sim
+        .sim
+        .detach_volume(&by_id(volume))
+        .expect("detach behind the daemon's back");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !env.mappings().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the periodic reconcile did not remove the mapping"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = crate::helpers::get_text(env.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"volume_daemon_reconcile_changes_total{what="mapping_removed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        tap.next(Duration::from_secs(2)).await.is_none(),
+        "a periodic reconcile publishes no event"
+    );
+}
