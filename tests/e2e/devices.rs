@@ -265,3 +265,27 @@ async fn wait_mapping(
         env.mappings().await.get(volume)
     );
 }
+
+/// `/ready`'s `device_monitor_mode`: on the kernel's `/sys` the monitor listens to uevents;
+/// switched off (`DEVICE_UEVENTS=off`), or on a test's own sysfs tree (where no uevents come),
+/// it polls.
+#[tokio::test]
+async fn ready_says_uevents_on_the_kernels_sysfs_and_polling_when_switched_off_or_on_a_fake_tree() {
+    let mode = |body: &serde_json::Value| body["components"]["device_monitor_mode"].clone();
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let (_, body) = env.get_json("/ready").await;
+    assert_eq!(mode(&body), "polling", "a fake tree: {body}");
+    env.stop_daemon().await;
+
+    env.extra_env.push(("SYSFS_ROOT".into(), "/sys".into()));
+    env.start_daemon().await;
+    let (status, body) = env.get_json("/ready").await;
+    assert_eq!((status, mode(&body)), (200, "uevents".into()), "{body}");
+    env.stop_daemon().await;
+
+    env.extra_env.push(("DEVICE_UEVENTS".into(), "off".into()));
+    env.start_daemon().await;
+    let (status, body) = env.get_json("/ready").await;
+    assert_eq!((status, mode(&body)), (200, "polling".into()), "{body}");
+}

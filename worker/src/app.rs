@@ -216,14 +216,19 @@ impl Background {
             status,
             metrics,
         } = shared;
-        let monitor = Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
-            .with_metrics(metrics.clone());
+        let mut monitor =
+            Monitor::new(settings.sysfs_root.clone(), settings.device_poll_interval())
+                .with_metrics(metrics.clone());
+        if let Some(socket) = settings.uevent_socket() {
+            monitor = monitor.with_uevents(socket);
+        }
         let devices = Devices::new(
             monitor.table(),
             monitor.events(),
             settings.device_by_id_dir.clone(),
             settings.device_poll_interval(),
-        );
+        )
+        .with_mode(monitor.mode());
         let (checks_tx, checks) = tokio::sync::watch::channel(Checks::default());
         let checker = Checker {
             cloud: cloud.clone(),

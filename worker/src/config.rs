@@ -113,6 +113,10 @@ pub struct Settings {
     /// `amq.gen-*,<prefix>.reply.*`); others get no copy of the event, and a warning.
     #[arg(long, env = "REPLY_TO_ALLOWED", value_parser = parse_patterns)]
     pub reply_to_allowed: Option<ReplyToAllowed>,
+    /// Kernel uevents for device detection: `auto` (when SYSFS_ROOT is the kernel's /sys and
+    /// the socket opens), `on` (whatever SYSFS_ROOT is), `off` (polling only).
+    #[arg(long, env = "DEVICE_UEVENTS", value_enum, default_value = "auto")]
+    pub device_uevents: UeventsSetting,
     /// Run a reconcile every this many seconds (logs and metrics only); 0 = never.
     #[arg(long, env = "RECONCILE_INTERVAL_S", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub reconcile_interval_s: u64,
@@ -129,6 +133,14 @@ pub struct Settings {
     /// and a `listVolumes` of the host VM's root disk).
     #[arg(long, env = "SELF_CHECK_INTERVAL_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub self_check_interval_s: u64,
+}
+
+/// `DEVICE_UEVENTS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UeventsSetting {
+    Auto,
+    On,
+    Off,
 }
 
 /// The longest retention (ten years, in hours).
@@ -217,6 +229,29 @@ impl Settings {
             create: Duration::from_secs(self.create_job_timeout_s),
             attach: Duration::from_secs(self.attach_job_timeout_s),
             detach: Duration::from_secs(self.detach_job_timeout_s),
+        }
+    }
+
+    /// The uevent socket the monitor should listen to, if any. Uevents describe the kernel's
+    /// `/sys`: with another `SYSFS_ROOT` (a test's tree) `auto` polls. A socket that cannot be
+    /// opened is logged once, and the monitor polls.
+    pub fn uevent_socket(&self) -> Option<crate::devices::uevents::UeventSocket> {
+        let kernel_sysfs = std::fs::canonicalize(&self.sysfs_root)
+            .is_ok_and(|p| p == std::path::Path::new("/sys"));
+        match self.device_uevents {
+            UeventsSetting::Off => return None,
+            UeventsSetting::Auto if !kernel_sysfs => {
+                tracing::info!(root = %self.sysfs_root.display(), "SYSFS_ROOT is not the kernel's /sys: the device monitor polls");
+                return None;
+            }
+            _ => {}
+        }
+        match crate::devices::uevents::UeventSocket::open() {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the kernel uevent socket; the device monitor polls");
+                None
+            }
         }
     }
 

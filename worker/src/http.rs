@@ -86,8 +86,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
             "broker_intake": if active { up(intake) } else { "idle" },
             "broker_relay": if active { up(relay) } else { "idle" },
             "device_monitor": monitor_state.as_str(),
-            // Uevents are not listened to (yet): the periodic scan is the only source.
-            "device_monitor_mode": "polling",
+            "device_monitor_mode": s.devices.mode().as_str(),
             "nbd": nbd,
             "cloudstack": checks.cloudstack.as_str(),
             "host_vm": checks.host_vm.as_str(),

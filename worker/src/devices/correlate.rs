@@ -83,6 +83,8 @@ pub struct Devices {
     period: Duration,
     /// Device name → the volume that owns it. Two volumes never get one device.
     claims: Arc<Mutex<HashMap<String, VolumeId>>>,
+    /// Where the monitor's scans come from.
+    mode: watch::Receiver<super::MonitorMode>,
 }
 
 impl Devices {
@@ -98,6 +100,7 @@ impl Devices {
             by_id_dir,
             period,
             claims: Arc::default(),
+            mode: watch::channel(super::MonitorMode::Polling).1,
         }
     }
 
@@ -111,6 +114,17 @@ impl Devices {
 
     pub fn table(&self) -> Arc<DeviceTable> {
         self.table.borrow().clone()
+    }
+
+    /// Follows the monitor's mode (`Monitor::mode`).
+    pub fn with_mode(mut self, mode: watch::Receiver<super::MonitorMode>) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// `uevents` or `polling` (for `/ready`).
+    pub fn mode(&self) -> super::MonitorMode {
+        *self.mode.borrow()
     }
 
     /// Whether the monitor scanned recently and could read the block directory (for `/ready`).

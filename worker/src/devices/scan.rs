@@ -1,5 +1,6 @@
 //! One scan of `$SYSFS_ROOT/block`: the `vd*` (virtio-blk) and `sd*` (virtio-scsi) devices
-//! with their size, serial and controller.
+//! (or the names a [`NameFilter`] admits) with their size, serial and controller. A device of
+//! size 0 has no medium (a detached loop device, an empty drive): it counts as absent.
 //!
 //! A virtio-blk disk shows its serial in `serial`; a SCSI disk has no such file, its serial is
 //! the unit serial number VPD page (0x80) in `device/vpd_pg80`: a 4-byte header (peripheral
@@ -12,6 +13,35 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+
+/// Which entries of `block` a scan reads.
+#[derive(Clone, Default)]
+pub enum NameFilter {
+    /// `vd*` and `sd*`: the disks a CloudStack VM gets (the daemon's filter).
+    #[default]
+    Disks,
+    /// Names the predicate admits (the benchmark's and tests' loop devices).
+    Only(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl NameFilter {
+    pub fn admits(&self, name: &str) -> bool {
+        match self {
+            Self::Disks => name.starts_with("vd") || name.starts_with("sd"),
+            Self::Only(admit) => admit(name),
+        }
+    }
+}
+
+impl std::fmt::Debug for NameFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Disks => "Disks",
+            Self::Only(_) => "Only(..)",
+        })
+    }
+}
 
 /// A block device as sysfs shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +68,11 @@ pub struct Scan {
 /// Reads `root/block`. A `block` directory that cannot be read is an empty scan marked
 /// `unreadable`, with a warning.
 pub fn scan(root: &Path) -> Scan {
+    scan_filtered(root, &NameFilter::Disks)
+}
+
+/// [`scan`] of the names `filter` admits.
+pub fn scan_filtered(root: &Path, filter: &NameFilter) -> Scan {
     let mut out = Scan::default();
     let block = root.join("block");
     let entries = match std::fs::read_dir(&block) {
@@ -53,12 +88,15 @@ pub fn scan(root: &Path) -> Scan {
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if !name.starts_with("vd") && !name.starts_with("sd") {
+        if !filter.admits(&name) {
             continue;
         }
         // `join` then reading through the path follows a symlinked entry.
         let dir = block.join(&name);
         let size = read_size(&dir, &name, &mut out.warnings);
+        if size == Some(0) {
+            continue;
+        }
         let serial = match read_serial(&dir) {
             Ok(serial) => serial,
             Err(e) => {
