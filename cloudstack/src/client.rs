@@ -47,21 +47,49 @@ impl Default for RetryPolicy {
     }
 }
 
-/// How an async job is polled: fast at first, then backing off.
-#[derive(Debug, Clone, Copy)]
+/// When to ask about a running job. The interval is a fixed fraction of the time the job has
+/// run so far, between a floor and a cap: a job is seen at most `min_interval` or
+/// `overshoot_percent` % of its own length after it ended (whichever is more), and the calls
+/// per job grow with the logarithm of its length, not linearly. With the defaults (10 ms,
+/// 10 %, 5 s) the counts and lateness are pinned by a unit test (`polls_for` computes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobPolling {
-    pub first_delay: Duration,
-    pub max_delay: Duration,
+    /// The first poll comes this long after the job started, and no two polls are closer.
+    pub min_interval: Duration,
+    /// The interval as a percentage of the time the job has run.
+    pub overshoot_percent: u32,
+    /// No two polls are further apart.
+    pub max_interval: Duration,
     pub deadline: Duration,
 }
 
 impl Default for JobPolling {
     fn default() -> Self {
         Self {
-            first_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(2),
+            min_interval: Duration::from_millis(10),
+            overshoot_percent: 10,
+            max_interval: Duration::from_secs(5),
             deadline: Duration::from_secs(600),
         }
+    }
+}
+
+impl JobPolling {
+    /// The wait before the next poll, `elapsed` into the job.
+    pub fn next_delay(&self, elapsed: Duration) -> Duration {
+        (elapsed * self.overshoot_percent / 100).clamp(self.min_interval, self.max_interval)
+    }
+
+    /// How many polls a job of `length` costs, and when the last one (the one that sees its
+    /// end) comes.
+    pub fn polls_for(&self, length: Duration) -> (u32, Duration) {
+        let mut at = self.min_interval;
+        let mut polls = 1;
+        while at < length {
+            at += self.next_delay(at);
+            polls += 1;
+        }
+        (polls, at)
     }
 }
 
@@ -308,7 +336,7 @@ impl Client {
         polling: JobPolling,
     ) -> Result<Value, CloudStackError> {
         let started = tokio::time::Instant::now();
-        let mut delay = polling.first_delay;
+        tokio::time::sleep(polling.min_interval).await;
         loop {
             let status = match self.query_job(job).await {
                 Ok(j) => j.status,
@@ -336,6 +364,7 @@ impl Client {
                     });
                 }
             }
+            let delay = polling.next_delay(started.elapsed());
             if started.elapsed() + delay > polling.deadline {
                 return Err(CloudStackError::Deadline {
                     what: format!("job {job}"),
@@ -346,7 +375,6 @@ impl Client {
             }
             tracing::debug!(job = %job, delay_ms = delay.as_millis() as u64, "job in progress");
             tokio::time::sleep(delay).await;
-            delay = (delay * 3 / 2).min(polling.max_delay);
         }
     }
 
@@ -396,5 +424,34 @@ impl Client {
             .collect();
         let inner = self.request("listDiskOfferings", &params, false).await?;
         response::parse_list("listDiskOfferings", "diskoffering", &inner)
+    }
+}
+
+#[cfg(test)]
+mod polling_tests {
+    use super::*;
+
+    /// The calls a job costs and how late its end is seen, for short and long jobs alike.
+    #[test]
+    fn the_default_schedule_sees_ends_soon_at_a_logarithmic_cost() {
+        let p = JobPolling::default();
+        let ms = Duration::from_millis;
+        for (length, max_polls) in [
+            (ms(50), 5),
+            (ms(500), 27),
+            (Duration::from_secs(5), 52),
+            (Duration::from_secs(300), 130),
+        ] {
+            let (polls, seen) = p.polls_for(length);
+            let late = seen - length;
+            println!("{length:?}: {polls} polls, seen {late:?} after its end");
+            assert!(polls <= max_polls, "{length:?}: {polls} polls");
+            // Late by at most the floor, or the overshoot share of the length (or the cap).
+            let allowed =
+                (length * p.overshoot_percent / 100).clamp(p.min_interval, p.max_interval);
+            assert!(late <= allowed, "{length:?}: seen {late:?} late");
+        }
+        assert_eq!(p.next_delay(Duration::ZERO), p.min_interval);
+        assert_eq!(p.next_delay(Duration::from_secs(3600)), p.max_interval);
     }
 }

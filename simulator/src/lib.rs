@@ -59,6 +59,9 @@ pub struct SimConfig {
     pub vms: Vec<VmId>,
     /// Faults in force at start.
     pub faults: Faults,
+    /// Data disks a VM may have: CloudStack's `max_data_volumes_limit` of the hypervisor
+    /// (6 for the oldest ones, which is the default here).
+    pub max_data_disks: usize,
 }
 
 /// Two VMs every simulator knows unless told otherwise, so the demo can attach something.
@@ -78,6 +81,7 @@ impl Default for SimConfig {
             by_id_dir: None,
             vms: DEMO_VMS.to_vec(),
             faults: Faults::default(),
+            max_data_disks: state::MAX_DATA_DISKS,
         }
     }
 }

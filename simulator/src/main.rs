@@ -44,6 +44,9 @@ struct Args {
     /// Another VM that exists (repeatable; default: two demo VMs).
     #[arg(long = "vm")]
     vms: Vec<VmId>,
+    /// Data disks a VM may have (CloudStack's per-hypervisor limit).
+    #[arg(long, default_value_t = cloudstack_sim::state::MAX_DATA_DISKS)]
+    max_data_disks: usize,
     /// Latency added to every call, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -81,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             args.vms
         },
+        max_data_disks: args.max_data_disks,
         faults: Faults {
             latency_ms: args.latency_ms,
             error_rates: args.error_rates.into_iter().collect(),

@@ -522,9 +522,10 @@ impl Sim {
                 "deviceId {d} is already used by another volume of VM {vm}"
             )));
         }
-        if on_vm.iter().filter(|d| **d != 0).count() >= MAX_DATA_DISKS && device_id != Some(0) {
+        let max = self.config.max_data_disks;
+        if on_vm.iter().filter(|d| **d != 0).count() >= max && device_id != Some(0) {
             return Err(ApiError::param(format!(
-                "The specified VM already has the maximum number of data disks ({MAX_DATA_DISKS}). Please specify another VM."
+                "The specified VM already has the maximum number of data disks ({max}). Please specify another VM."
             )));
         }
         let job_id = new_job(

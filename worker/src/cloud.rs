@@ -100,6 +100,12 @@ impl Cloud {
         self
     }
 
+    /// Whether a session needs the `ossea_configs` row: the environment leaves the credentials,
+    /// the zone or the host VM to it.
+    pub fn needs_config_row(&self) -> bool {
+        self.env.credentials.is_none() || self.env.zone.is_none() || self.env.host_vm.is_none()
+    }
+
     /// The CloudStack access in force now, given the active `ossea_configs` row (read by the
     /// caller, which owns the database's retry policy).
     pub fn session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {

@@ -22,7 +22,7 @@ use crate::status::Status;
 use crate::stop::Stop;
 
 /// Rows claimed per transaction.
-const BATCH: u32 = 100;
+const BATCH: u32 = 500;
 /// Without a wake-up the outbox is still checked this often (rows written by another instance,
 /// rows left by a failed attempt).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -167,9 +167,8 @@ impl Relay {
         }
         let sent = publish_confirmed(channel, &rows).await?;
         let mut tx = self.pool.begin().await?;
-        for row in &sent {
-            outbox::mark_published(&mut tx, row.id).await?;
-        }
+        let ids: Vec<u64> = sent.iter().map(|r| r.id).collect();
+        outbox::mark_all_published(&mut tx, &ids).await?;
         // Fenced: published (at least once, as always) but not ours to mark; the new holder's
         // relay publishes these rows again, with the same event ids.
         self.fence.commit(tx).await??;

@@ -90,10 +90,26 @@ pub async fn unpublished(pool: &MySqlPool, limit: u32) -> Result<Vec<OutboxRow>,
 
 /// Marks a claimed row published (the broker has confirmed it).
 pub async fn mark_published(conn: &mut MySqlConnection, id: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id = ?")
-        .bind(id)
-        .execute(conn)
-        .await?;
+    mark_all_published(conn, &[id]).await
+}
+
+/// Marks rows published in one statement (a relay batch: one round trip, not one per row).
+pub async fn mark_all_published(
+    conn: &mut MySqlConnection,
+    ids: &[u64],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Only `?` placeholders are put into the text; the ids are bound.
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    let sql =
+        format!("UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN ({placeholders})");
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(*id);
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 

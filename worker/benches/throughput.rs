@@ -1,0 +1,532 @@
+//! End-to-end benchmark (not a test): `cargo bench -p worker --bench throughput`.
+//!
+//! The real `volume-daemon` binary against the machine's RabbitMQ and MariaDB and the project's
+//! CloudStack simulator (in this process), each phase with its own prefix, database and
+//! simulator, removed afterwards. Every figure is printed next to a limit measured the same way
+//! in the same run, and as a ratio to it:
+//!
+//! 1. zero-latency creates/s at `MAX_CONCURRENT_OPERATIONS=16` (1,000 published at once), next
+//!    to a bare client doing the same createVolume + job polls against the same simulator at
+//!    the same concurrency, with no broker and no database. Target ≥ 0.6.
+//! 2. publish → event p50/p99 at a steady 100 creates/s for 3 s with 50 ms jobs, as a ratio to
+//!    the job latency. Target p99 ≤ 1.5 ×.
+//! 3. makespan of 200 attaches over 25 VMs with 500 ms jobs, against the ideal
+//!    0.5 s × max(⌈200/16⌉, 200/25). Target ≤ 1.10 ×.
+//! 4. relay throughput on a pre-filled outbox (events/s), next to a bare confirmed-publish loop
+//!    to the same exchange. Target ≥ 0.5.
+//! 5. the daemon's peak RSS (VmHWM) while it works through the 1,000 commands of phase 1.
+//!    Target ≤ 64 MiB.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cloudstack::{Client, Credentials, JobPolling, RetryPolicy};
+use cloudstack_sim::{CUSTOM_OFFERING_ID, RunningSim, SimConfig, ZONE_ID};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use publisher::{Subscription, VolumeClient};
+use schema::{Command, VmId, VolumeId};
+use sqlx::MySqlPool;
+use tokio::process::{Child, Command as Process};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const MYSQL: &str = "mysql://root@127.0.0.1:3306";
+const CONCURRENCY: usize = 16;
+const WAIT: Duration = Duration::from_secs(120);
+
+/// One phase's world: a simulator, a database, a prefix, a daemon.
+struct World {
+    tag: String,
+    sim: RunningSim,
+    daemon: Option<Child>,
+    client: VolumeClient,
+    pool: MySqlPool,
+}
+
+impl World {
+    async fn new(config: SimConfig) -> Self {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
+            .await
+            .expect("simulator");
+        let admin = MySqlPool::connect(MYSQL)
+            .await
+            .expect("MariaDB at 127.0.0.1:3306 (scripts/services.sh starts it)");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE vd_bench_{tag}"
+        )))
+        .execute(&admin)
+        .await
+        .expect("create the database");
+        let pool = MySqlPool::connect(&format!("{MYSQL}/vd_bench_{tag}"))
+            .await
+            .expect("database");
+        let client = VolumeClient::connect(AMQP_URL, &format!("bench{tag}"))
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (scripts/services.sh starts it)");
+        client.declare_topology().await.expect("topology");
+        let mut world = Self {
+            tag,
+            sim,
+            daemon: None,
+            client,
+            pool,
+        };
+        world.start().await;
+        world
+    }
+
+    fn prefix(&self) -> String {
+        format!("bench{}", self.tag)
+    }
+
+    /// This phase's directory: an empty sysfs tree (no host VM here) and the persistent names.
+    fn dir(&self) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vd-bench-{}", self.tag));
+        let _ = std::fs::create_dir_all(dir.join("block"));
+        dir
+    }
+
+    /// Starts the daemon and waits until `/ready` answers 200.
+    async fn start(&mut self) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let http: SocketAddr = ([127, 0, 0, 1], port).into();
+        let (key, secret) = self.sim.sim.keys();
+        let child = Process::new(env!("CARGO_BIN_EXE_volume-daemon"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AMQP_URL", AMQP_URL)
+            .env("AMQP_PREFIX", self.prefix())
+            .env("DATABASE_URL", format!("{MYSQL}/vd_bench_{}", self.tag))
+            .env("HTTP_ADDR", http.to_string())
+            .env("CLOUDSTACK_API_URL", self.sim.api_url())
+            .env("CLOUDSTACK_API_KEY", key)
+            .env("CLOUDSTACK_SECRET_KEY", secret)
+            .env("MAX_CONCURRENT_OPERATIONS", CONCURRENCY.to_string())
+            // Configured from the environment, as a deployment without ossea_configs is (a
+            // host VM that is not one of the simulator's: every attach here is remote).
+            .env("CLOUDSTACK_ZONE_ID", ZONE_ID.to_string())
+            .env("HOST_VM_ID", VmId::new_random().to_string())
+            .env("SYSFS_ROOT", self.dir())
+            .env("PERSISTENT_DEVICE_DIR", self.dir().join("persistent"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("volume-daemon starts");
+        self.daemon = Some(child);
+        let url = format!("http://{http}/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest_get(&url).await
+                && r == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not get ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .and_then(Child::id)
+            .expect("daemon pid")
+    }
+
+    /// SIGTERM, then wait for the process to end.
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = Process::new("kill")
+                .args(["-TERM", &child.id().unwrap_or(0).to_string()])
+                .status()
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+        }
+    }
+
+    async fn clean(mut self) {
+        self.stop().await;
+        let topology = schema::Topology::new(self.prefix());
+        if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            for q in [topology.commands_queue(), topology.dead_letter_queue()] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in [
+                topology.commands_exchange(),
+                topology.events_exchange(),
+                topology.dead_letter_exchange(),
+            ] {
+                let _ = ch
+                    .exchange_delete(x.as_str().into(), Default::default())
+                    .await;
+            }
+        }
+        if let Ok(admin) = MySqlPool::connect(MYSQL).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS vd_bench_{}",
+                self.tag
+            )))
+            .execute(&admin)
+            .await;
+        }
+        let _ =
+            std::fs::remove_dir_all(std::env::temp_dir().join(format!("vd-bench-{}", self.tag)));
+    }
+
+    /// Publishes every command (50 publishes in flight at a time) and returns, per command id,
+    /// when it was published and when its terminal event came, once all have.
+    async fn run(&self, commands: Vec<Command>, pace: Option<Duration>) -> Timings {
+        let mut events = self
+            .client
+            .subscribe(Subscription::default())
+            .await
+            .expect("subscribe");
+        let mut published = HashMap::new();
+        let want = commands.len();
+        let ended = tokio::spawn(async move {
+            let mut ended = HashMap::new();
+            while ended.len() < want {
+                let next = tokio::time::timeout(WAIT, events.next()).await;
+                let Ok(Some(Ok(received))) = next else {
+                    panic!("events stopped after {} of {want}", ended.len());
+                };
+                ended.insert(received.event.data.operation_id.to_string(), Instant::now());
+                let _ = received.ack().await;
+            }
+            ended
+        });
+        let started = Instant::now();
+        match pace {
+            Some(every) => {
+                let mut tick = tokio::time::interval(every);
+                for c in &commands {
+                    tick.tick().await;
+                    published.insert(c.command_id.to_string(), Instant::now());
+                    self.client.publish_only(c).await.expect("publish");
+                }
+            }
+            None => {
+                for chunk in commands.chunks(50) {
+                    let now = Instant::now();
+                    futures_util::future::join_all(
+                        chunk.iter().map(|c| self.client.publish_only(c)),
+                    )
+                    .await
+                    .into_iter()
+                    .for_each(|r| r.expect("publish"));
+                    for c in chunk {
+                        published.insert(c.command_id.to_string(), now);
+                    }
+                }
+            }
+        }
+        let ended = ended.await.expect("event collector");
+        Timings {
+            started,
+            published,
+            ended,
+        }
+    }
+}
+
+struct Timings {
+    started: Instant,
+    published: HashMap<String, Instant>,
+    ended: HashMap<String, Instant>,
+}
+
+impl Timings {
+    fn makespan(&self) -> Duration {
+        self.ended.values().max().copied().unwrap_or(self.started) - self.started
+    }
+
+    fn latencies(&self) -> Vec<Duration> {
+        let mut l: Vec<Duration> = self
+            .published
+            .iter()
+            .filter_map(|(id, p)| self.ended.get(id).map(|e| *e - *p))
+            .collect();
+        l.sort();
+        l
+    }
+}
+
+async fn reqwest_get(url: &str) -> Result<u16, std::io::Error> {
+    // A plain HTTP/1.0 GET: no client crate needed for one status line.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = vec![0; 64];
+    let n = s.read(&mut buf).await?;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn creates(n: usize, tag: &str) -> Vec<Command> {
+    (0..n)
+        .map(|i| Command::create(format!("bench-{tag}-{i}"), "1GiB".parse().expect("size")))
+        .collect()
+}
+
+/// VmHWM of `pid`, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// 1 and 5: the daemon's creates/s and peak RSS, then the bare client's creates/s.
+async fn zero_latency() -> (f64, f64, u64) {
+    let config = SimConfig {
+        job_latency: Duration::ZERO,
+        ..SimConfig::default()
+    };
+    let world = World::new(config.clone()).await;
+    let n = 1000;
+    let t = world.run(creates(n, "z"), None).await;
+    let daemon = n as f64 / t.makespan().as_secs_f64();
+    let rss = peak_rss(world.pid());
+    world.clean().await;
+
+    let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
+        .await
+        .expect("simulator");
+    let (key, secret) = sim.sim.keys();
+    let client = Client::new(
+        Client::http().expect("http"),
+        Credentials {
+            api_url: sim.api_url(),
+            api_key: key,
+            secret_key: secret.into(),
+        },
+        RetryPolicy::default(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers = (0..CONCURRENCY).map(|_| {
+        let (client, next) = (client.clone(), next.clone());
+        tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let (_, job) = client
+                    .create_volume("bare", ZONE_ID, CUSTOM_OFFERING_ID, Some(1))
+                    .await
+                    .expect("createVolume");
+                client
+                    .wait_for_volume_job(&job, JobPolling::default())
+                    .await
+                    .expect("job");
+            }
+        })
+    });
+    for w in futures_util::future::join_all(workers).await {
+        w.expect("worker");
+    }
+    let bare = n as f64 / started.elapsed().as_secs_f64();
+    (daemon, bare, rss)
+}
+
+/// 2: publish → event latencies at a steady 100 creates/s with 50 ms jobs.
+async fn steady() -> Vec<Duration> {
+    let world = World::new(SimConfig {
+        job_latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await;
+    let t = world
+        .run(creates(300, "s"), Some(Duration::from_millis(10)))
+        .await;
+    world.clean().await;
+    t.latencies()
+}
+
+/// 3: the makespan of 200 attaches over 25 VMs with 500 ms jobs.
+async fn attaches() -> Duration {
+    let vms: Vec<VmId> = (0..25).map(|_| VmId::new_random()).collect();
+    let world = World::new(SimConfig {
+        job_latency: Duration::from_millis(500),
+        vms: vms.clone(),
+        // 8 per VM: a hypervisor whose limit allows it (the simulator's default is 6).
+        max_data_disks: 8,
+        ..SimConfig::default()
+    })
+    .await;
+    let volumes: Vec<VolumeId> = (0..200)
+        .map(|i| world.sim.sim.seed_volume(&format!("a{i}"), 1 << 30))
+        .collect();
+    let commands = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Command::attach(*v, vms[i % vms.len()]))
+        .collect();
+    let t = world.run(commands, None).await;
+    world.clean().await;
+    t.makespan()
+}
+
+/// 4: the relay draining a pre-filled outbox, then a bare confirmed-publish loop of the same
+/// messages to the same exchange. Events/s of each.
+async fn relay() -> (f64, f64) {
+    let n = 5000;
+    let mut world = World::new(SimConfig::default()).await;
+    world.stop().await;
+    let exchange = format!("{}.events", world.prefix());
+    let payload = serde_json::to_string(&schema::CloudEvent::new(
+        schema::EventId::new_random(),
+        chrono::Utc::now(),
+        schema::EventData::rejected(
+            schema::CommandId::parse("bench").expect("id"),
+            schema::OperationType::Create.into(),
+            None,
+            schema::EventError::new(schema::ErrorCode::InvalidCommand, "bench"),
+            chrono::Utc::now(),
+        ),
+    ))
+    .expect("payload");
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|_| format!("(UUID(), '{exchange}', 'volume.create.failed', '{payload}')"))
+            .collect();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO outbox (event_id, exchange, routing_key, payload) VALUES {}",
+            values.join(", ")
+        )))
+        .execute(&world.pool)
+        .await
+        .expect("pre-fill the outbox");
+    }
+    world.start().await;
+    let started = Instant::now();
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&world.pool)
+                .await
+                .expect("count");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the relay did not drain the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // From the first confirmed publish to the last, as the relay marked them.
+    let micros: i64 = sqlx::query_scalar(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(published_at), MAX(published_at)) FROM outbox",
+    )
+    .fetch_one(&world.pool)
+    .await
+    .expect("span");
+    let relay_s = (micros.max(1) as f64) / 1e6;
+
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let bare_started = Instant::now();
+    let mut confirms = Vec::with_capacity(256);
+    for _ in 0..n {
+        let confirm = ch
+            .basic_publish(
+                exchange.as_str().into(),
+                "volume.create.failed".into(),
+                BasicPublishOptions::default(),
+                payload.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+        if confirms.len() == 256 {
+            for c in confirms.drain(..) {
+                c.await.expect("confirm");
+            }
+        }
+    }
+    for c in confirms {
+        c.await.expect("confirm");
+    }
+    let bare = n as f64 / bare_started.elapsed().as_secs_f64();
+    world.clean().await;
+    (n as f64 / relay_s, bare)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        println!("volume-daemon end-to-end benchmark (MAX_CONCURRENT_OPERATIONS={CONCURRENCY})");
+        let (daemon, bare, rss) = zero_latency().await;
+        println!(
+            "1. zero-latency creates/s: daemon {daemon:.0}, bare client {bare:.0}, ratio {:.2}  (target ≥ 0.60)",
+            daemon / bare
+        );
+        let l = steady().await;
+        let job = 50.0;
+        println!(
+            "2. steady 100 creates/s, 50 ms jobs: publish → event p50 {:.1} ms, p99 {:.1} ms, p99/job {:.2}  (target ≤ 1.50)",
+            ms(percentile(&l, 0.5)),
+            ms(percentile(&l, 0.99)),
+            ms(percentile(&l, 0.99)) / job
+        );
+        let makespan = attaches().await;
+        let ideal = 0.5 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
+        println!(
+            "3. 200 attaches over 25 VMs, 500 ms jobs: makespan {:.2} s, ideal {ideal:.2} s, ratio {:.2}  (target ≤ 1.10)",
+            makespan.as_secs_f64(),
+            makespan.as_secs_f64() / ideal
+        );
+        let (relay, bare_publish) = relay().await;
+        println!(
+            "4. relay: {relay:.0} events/s from a pre-filled outbox (first to last publish), bare confirmed publish {bare_publish:.0}/s, ratio {:.2}  (target ≥ 0.50)",
+            relay / bare_publish
+        );
+        println!(
+            "5. peak RSS through 1,000 commands: {:.1} MiB  (target ≤ 64 MiB)",
+            rss as f64 / (1 << 20) as f64
+        );
+    });
+}
