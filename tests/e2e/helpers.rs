@@ -1141,6 +1141,27 @@ impl Drop for Collector {
 
 /// The `volumectl` binary, built (or brought up to date) once per test process: it belongs to
 /// another package, so Cargo does not build it for this test target.
+/// Runs `volumectl` on this test's broker prefix and against its daemon's read API:
+/// (exit code, stdout, stderr).
+pub async fn run_volumectl(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(volumectl())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_PREFIX", &env.prefix)
+        .env("VOLUME_API_URL", format!("http://{}", env.http_addr))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("volumectl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn volumectl() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT

@@ -33,6 +33,22 @@ fn volume_of(event: &CloudEvent) -> VolumeId {
     event.data.volume_id.expect("volume id")
 }
 
+/// Publishes `n` detaches of volumes nobody knows: operations that end at once with
+/// `VOLUME_NOT_FOUND`.
+async fn unknown_detaches(env: &TestEnv, n: usize) -> Vec<publisher::PendingCommand> {
+    let client = env.client().await;
+    let mut pending = Vec::with_capacity(n);
+    for _ in 0..n {
+        pending.push(
+            client
+                .publish(&cmd::detach(VolumeId::new_random()))
+                .await
+                .expect("published"),
+        );
+    }
+    pending
+}
+
 /// The body of a 4xx: `{"error": {"code", "message"}}`, with the code expected.
 fn error_body(status: u16, body: &serde_json::Value, want: u16, code: &str) -> String {
     assert_eq!(status, want, "{body}");
@@ -181,17 +197,8 @@ async fn the_read_api_shows_an_attached_host_volume_in_every_view() {
 async fn cursors_page_through_120_operations_without_gaps_or_repeats() {
     let mut env = TestEnv::new().await;
     env.start_daemon().await;
-    let client = env.client().await;
     // Detaches of unknown volumes: 120 operations that end at once (VOLUME_NOT_FOUND).
-    let mut pending = Vec::new();
-    for _ in 0..120 {
-        pending.push(
-            client
-                .publish(&cmd::detach(VolumeId::new_random()))
-                .await
-                .expect("published"),
-        );
-    }
+    let pending = unknown_detaches(&env, 120).await;
     let mut want = HashSet::new();
     for p in pending {
         let event = p.wait(WAIT).await.expect("event");
@@ -634,16 +641,7 @@ async fn retention_deletes_old_rows_in_batches_while_commands_keep_flowing() {
 
     back_dated_rows(&pool, 1600).await;
     // Commands flow while the sweep deletes.
-    let client = env.client().await;
-    let mut pending = Vec::new();
-    for _ in 0..30 {
-        pending.push(
-            client
-                .publish(&cmd::detach(VolumeId::new_random()))
-                .await
-                .expect("published"),
-        );
-    }
+    let pending = unknown_detaches(&env, 30).await;
     for p in pending {
         let e = p.wait(WAIT).await.expect("every command still ends");
         assert_eq!(e.data.error.expect("error").code, ErrorCode::VolumeNotFound);
@@ -712,23 +710,8 @@ async fn retention_deletes_old_rows_in_batches_while_commands_keep_flowing() {
     );
 }
 
-/// Runs `volumectl` against this test's broker prefix and daemon: (exit code, stdout, stderr).
 async fn volumectl(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(crate::helpers::volumectl())
-        .env_clear()
-        .env("AMQP_URL", crate::helpers::AMQP_URL)
-        .env("AMQP_PREFIX", &env.prefix)
-        .env("VOLUME_API_URL", format!("http://{}", env.http_addr))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("volumectl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::helpers::run_volumectl(env, args).await
 }
 
 #[tokio::test]

@@ -18,19 +18,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Runs `volumectl` on this test's prefix; returns (exit code, stdout, stderr).
 async fn run_volumectl(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(volumectl())
-        .env("AMQP_URL", AMQP_URL)
-        .env("AMQP_PREFIX", &env.prefix)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("volumectl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::helpers::run_volumectl(env, args).await
 }
 
 #[tokio::test]

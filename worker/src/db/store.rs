@@ -319,13 +319,7 @@ impl Store {
         if let Some(change) = mapping {
             mappings::apply(&mut tx, change).await?;
         }
-        outbox::insert(
-            &mut tx,
-            &event,
-            &self.topology.events_exchange(),
-            op.command.reply_to.as_deref(),
-        )
-        .await?;
+        self.queue_event(&mut tx, op, &event).await?;
         self.commit_fenced(tx).await
     }
 
@@ -375,15 +369,25 @@ impl Store {
         .bind(target.as_str())
         .execute(&mut *tx)
         .await?;
+        self.queue_event(&mut tx, &op, &event).await?;
+        self.commit_fenced(tx).await?;
+        Ok(CancelFound::Cancelled(op.command.operation_type()))
+    }
+
+    /// Queues `op`'s terminal event in `tx` (to the events exchange and its `reply_to`).
+    async fn queue_event(
+        &self,
+        tx: &mut MySqlTransaction<'_>,
+        op: &Operation,
+        event: &CloudEvent,
+    ) -> Result<(), sqlx::Error> {
         outbox::insert(
-            &mut tx,
-            &event,
+            tx,
+            event,
             &self.topology.events_exchange(),
             op.command.reply_to.as_deref(),
         )
-        .await?;
-        self.commit_fenced(tx).await?;
-        Ok(CancelFound::Cancelled(op.command.operation_type()))
+        .await
     }
 
     /// Deletes up to `batch` outbox rows the broker confirmed before `cutoff`, oldest first;

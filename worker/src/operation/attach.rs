@@ -175,14 +175,7 @@ pub(super) async fn host_mapping_now(
     let expectation = ctx.devices.expect(volume.id, volume.size);
     let table = ctx.devices.table();
     let Some(found) = ctx.devices.try_match(&table, &expectation) else {
-        return Ok(mapping(
-            volume.id,
-            vm,
-            AttachMode::Host,
-            volume,
-            None,
-            LinuxState::Missing,
-        ));
+        return Ok(missing(vm, volume));
     };
     let mut truth = mapping(
         volume.id,
@@ -258,15 +251,20 @@ fn no_device(
             timeout.as_secs()
         ),
     );
-    let truth = mapping(
+    let truth = missing(vm, volume);
+    Halt::Fail(error, Some(Box::new(MappingChange::Upsert(truth))))
+}
+
+/// A host attachment whose device is not there: attached in CloudStack, missing in Linux.
+fn missing(vm: VmId, volume: &Volume) -> DeviceMapping {
+    mapping(
         volume.id,
         vm,
         AttachMode::Host,
         volume,
         None,
         LinuxState::Missing,
-    );
-    Halt::Fail(error, Some(Box::new(MappingChange::Upsert(truth))))
+    )
 }
 
 fn mapping(
