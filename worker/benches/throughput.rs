@@ -310,6 +310,58 @@ fn peak_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// The pids of the processes named `name` (`pidof`).
+fn pids_of(name: &str) -> Vec<String> {
+    std::process::Command::new("pidof")
+        .arg(name)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where phase 1's CPU goes: seconds per component, and the server's statement count.
+struct Profile {
+    cpu: Vec<(&'static str, f64)>,
+    questions: i64,
+}
+
+async fn profile(daemon_pid: u32, pool: &MySqlPool) -> Profile {
+    let sum = |pids: Vec<String>| pids.iter().map(|p| cpu_seconds(p)).sum::<f64>();
+    let questions: (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Questions'")
+        .fetch_one(pool)
+        .await
+        .expect("status");
+    Profile {
+        cpu: vec![
+            ("daemon", cpu_seconds(&daemon_pid.to_string())),
+            ("MariaDB", sum(pids_of("mariadbd"))),
+            ("RabbitMQ", sum(pids_of("beam.smp"))),
+            ("simulator + bench clients", cpu_seconds("self")),
+        ],
+        questions: questions.1.parse().unwrap_or(0),
+    }
+}
+
 /// 1 and 5: the daemon's creates/s and peak RSS, then the bare client's creates/s.
 async fn zero_latency() -> (f64, f64, u64) {
     let config = SimConfig {
@@ -318,9 +370,22 @@ async fn zero_latency() -> (f64, f64, u64) {
     };
     let world = World::new(config.clone()).await;
     let n = 1000;
+    let before = profile(world.pid(), &world.pool).await;
     let t = world.run(creates(n, "z"), None).await;
+    let after = profile(world.pid(), &world.pool).await;
     let daemon = n as f64 / t.makespan().as_secs_f64();
     let rss = peak_rss(world.pid());
+    let cpu: Vec<String> = before
+        .cpu
+        .iter()
+        .zip(&after.cpu)
+        .map(|((what, b), (_, a))| format!("{what} {:.2} ms", (a - b) * 1000.0 / n as f64))
+        .collect();
+    println!(
+        "   profile of phase 1, per command: CPU {}; {:.1} SQL statements (the server's Questions)",
+        cpu.join(", "),
+        (after.questions - before.questions) as f64 / n as f64
+    );
     world.clean().await;
 
     let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)

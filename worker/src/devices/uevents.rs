@@ -280,11 +280,20 @@ mod burst {
         .await
         .expect("the table ends empty")
         .expect("monitor running");
+        // Each name is no longer ours; unless another test attached it again meanwhile (loop
+        // names are reused at once), it is still in /sys/block with size 0.
+        let ours = loops.filter();
         for name in &names {
+            assert!(
+                !ours.admits(name),
+                "{name} is still backed by this test's file"
+            );
+            let reused =
+                std::path::Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists();
             let size =
                 std::fs::read_to_string(format!("/sys/block/{name}/size")).unwrap_or_default();
             assert!(
-                matches!(size.trim(), "0" | ""),
+                reused || matches!(size.trim(), "0" | ""),
                 "{name} detached: size {size:?}"
             );
         }
