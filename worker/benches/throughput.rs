@@ -208,6 +208,7 @@ impl World {
             ended
         });
         let started = Instant::now();
+        let started_wall = chrono::Utc::now();
         match pace {
             Some(every) => {
                 let mut tick = tokio::time::interval(every);
@@ -235,6 +236,7 @@ impl World {
         let ended = ended.await.expect("event collector");
         Timings {
             started,
+            started_wall,
             published,
             ended,
         }
@@ -243,6 +245,8 @@ impl World {
 
 struct Timings {
     started: Instant,
+    /// The wall clock at `started`, to place the instants next to the database's times.
+    started_wall: chrono::DateTime<chrono::Utc>,
     published: HashMap<String, Instant>,
     ended: HashMap<String, Instant>,
 }
@@ -250,6 +254,55 @@ struct Timings {
 impl Timings {
     fn makespan(&self) -> Duration {
         self.ended.values().max().copied().unwrap_or(self.started) - self.started
+    }
+
+    fn wall(&self, at: Instant) -> chrono::DateTime<chrono::Utc> {
+        self.started_wall + chrono::TimeDelta::from_std(at - self.started).unwrap_or_default()
+    }
+
+    /// Median time of each stage of an operation's path, from the instants and the rows'
+    /// timestamps: publish → accepted (`created_at`), → executing (`started_at`), → ended
+    /// (`completed_at`: the CloudStack calls, the job and its polling, the outcome's commit), →
+    /// the event received by the subscriber.
+    async fn stages(&self, pool: &MySqlPool) -> String {
+        type Row = (
+            String,
+            chrono::DateTime<chrono::Utc>,
+            Option<chrono::DateTime<chrono::Utc>>,
+            Option<chrono::DateTime<chrono::Utc>>,
+        );
+        let rows: Vec<Row> =
+            sqlx::query_as("SELECT id, created_at, started_at, completed_at FROM volume_operations")
+                .fetch_all(pool)
+                .await
+                .expect("operations");
+        let mut stages: [Vec<f64>; 4] = Default::default();
+        for (id, created, started, completed) in rows {
+            let (Some(p), Some(e), Some(started), Some(completed)) = (
+                self.published.get(&id),
+                self.ended.get(&id),
+                started,
+                completed,
+            ) else {
+                continue;
+            };
+            let ms = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            stages[0].push(ms(created - self.wall(*p)));
+            stages[1].push(ms(started - created));
+            stages[2].push(ms(completed - started));
+            stages[3].push(ms(self.wall(*e) - completed));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let names = ["publish → accepted", "→ executing", "→ ended", "→ event received"];
+        names
+            .iter()
+            .zip(stages.iter_mut())
+            .map(|(n, v)| format!("{n} {:.1} ms", median(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn latencies(&self) -> Vec<Duration> {
@@ -426,7 +479,7 @@ async fn zero_latency() -> (f64, f64, u64) {
 }
 
 /// 2: publish → event latencies at a steady 100 creates/s with 50 ms jobs.
-async fn steady() -> Vec<Duration> {
+async fn steady() -> (Vec<Duration>, String) {
     let world = World::new(SimConfig {
         job_latency: Duration::from_millis(50),
         ..SimConfig::default()
@@ -435,8 +488,9 @@ async fn steady() -> Vec<Duration> {
     let t = world
         .run(creates(300, "s"), Some(Duration::from_millis(10)))
         .await;
+    let stages = t.stages(&world.pool).await;
     world.clean().await;
-    t.latencies()
+    (t.latencies(), stages)
 }
 
 /// 3: the makespan of 200 attaches over 25 VMs with 500 ms jobs.
@@ -569,7 +623,7 @@ fn main() {
             "1. zero-latency creates/s: daemon {daemon:.0}, bare client {bare:.0}, ratio {:.2}  (target ≥ 0.60)",
             daemon / bare
         );
-        let l = steady().await;
+        let (l, stages) = steady().await;
         let job = 50.0;
         println!(
             "2. steady 100 creates/s, 50 ms jobs: publish → event p50 {:.1} ms, p99 {:.1} ms, p99/job {:.2}  (target ≤ 1.50)",
@@ -577,6 +631,7 @@ fn main() {
             ms(percentile(&l, 0.99)),
             ms(percentile(&l, 0.99)) / job
         );
+        println!("   medians of its stages: {stages}");
         let makespan = attaches().await;
         let ideal = 0.5 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
         println!(
