@@ -271,11 +271,12 @@ impl Timings {
             Option<chrono::DateTime<chrono::Utc>>,
             Option<chrono::DateTime<chrono::Utc>>,
         );
-        let rows: Vec<Row> =
-            sqlx::query_as("SELECT id, created_at, started_at, completed_at FROM volume_operations")
-                .fetch_all(pool)
-                .await
-                .expect("operations");
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, created_at, started_at, completed_at FROM volume_operations",
+        )
+        .fetch_all(pool)
+        .await
+        .expect("operations");
         let mut stages: [Vec<f64>; 4] = Default::default();
         for (id, created, started, completed) in rows {
             let (Some(p), Some(e), Some(started), Some(completed)) = (
@@ -296,7 +297,12 @@ impl Timings {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(0.0)
         };
-        let names = ["publish → accepted", "→ executing", "→ ended", "→ event received"];
+        let names = [
+            "publish → accepted",
+            "→ executing",
+            "→ ended",
+            "→ event received",
+        ];
         names
             .iter()
             .zip(stages.iter_mut())
