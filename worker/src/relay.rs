@@ -109,12 +109,14 @@ impl Relay {
     /// fenced, aborted, or drained: a drain returns once a batch finds the outbox empty, so
     /// every event recorded before it is out.
     async fn publish_on(&self, channel: &Channel, db_backoff: &mut Backoff) -> Next {
+        let mut marking = Marking::default();
         loop {
             // Bounded as a whole: a database call on a half-open connection must not stall
             // the relay for the kernel's retransmission timeout.
-            let batch = tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel))
-                .await
-                .unwrap_or(Err(RelayError::Stalled));
+            let batch =
+                tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel, &mut marking))
+                    .await
+                    .unwrap_or(Err(RelayError::Stalled));
             if batch.is_ok() {
                 db_backoff.reset();
             }
@@ -159,25 +161,79 @@ impl Relay {
 
     /// Reads a batch, publishes every row, waits for all confirms, then marks the rows
     /// published in a short fenced transaction: no row lock is held while the broker confirms.
-    /// Returns how many rows were published.
-    async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
-        let rows = outbox::unpublished(&self.pool, BATCH).await?;
+    /// A full batch (more are likely waiting) is marked while the next one is read and
+    /// published, a partial one before returning; the previous batch's marking always ends
+    /// before the next starts, and rows being marked are not read again. Returns how many rows
+    /// were published.
+    async fn publish_batch(
+        &self,
+        channel: &Channel,
+        marking: &mut Marking,
+    ) -> Result<usize, RelayError> {
+        let extra = marking.ids.len() as u32;
+        let mut rows = outbox::unpublished(&self.pool, BATCH + extra).await?;
+        rows.retain(|r| !marking.ids.contains(&r.id));
+        rows.truncate(BATCH as usize);
         if rows.is_empty() {
+            marking.finish().await?;
             return Ok(0);
         }
         let sent = publish_confirmed(channel, &rows).await?;
-        let mut tx = self.pool.begin().await?;
+        marking.finish().await?;
         let ids: Vec<u64> = sent.iter().map(|r| r.id).collect();
-        outbox::mark_all_published(&mut tx, &ids).await?;
-        // Fenced: published (at least once, as always) but not ours to mark; the new holder's
-        // relay publishes these rows again, with the same event ids.
-        self.fence.commit(tx).await??;
         for row in &sent {
-            self.metrics.event_published();
             tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
         }
-        Ok(sent.len())
+        let mark = mark(
+            self.pool.clone(),
+            self.fence.clone(),
+            ids.clone(),
+            self.metrics.clone(),
+        );
+        if rows.len() == BATCH as usize {
+            marking.ids = ids;
+            marking.task = Some(tokio::spawn(mark));
+        } else {
+            mark.await?;
+        }
+        Ok(rows.len())
     }
+}
+
+/// The marking of a published batch that may still run while the next one is published.
+#[derive(Default)]
+struct Marking {
+    ids: Vec<u64>,
+    task: Option<tokio::task::JoinHandle<Result<(), RelayError>>>,
+}
+
+impl Marking {
+    /// Waits for the marking in progress, if any.
+    async fn finish(&mut self) -> Result<(), RelayError> {
+        self.ids.clear();
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(Err(RelayError::Stalled)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Marks `ids` published in a fenced transaction. Fenced: published (at least once, as
+/// always) but not ours to mark; the new holder's relay publishes these rows again, with the
+/// same event ids.
+async fn mark(
+    pool: MySqlPool,
+    fence: Fence,
+    ids: Vec<u64>,
+    metrics: Arc<Metrics>,
+) -> Result<(), RelayError> {
+    let mut tx = pool.begin().await?;
+    outbox::mark_all_published(&mut tx, &ids).await?;
+    fence.commit(tx).await??;
+    for _ in &ids {
+        metrics.event_published();
+    }
+    Ok(())
 }
 
 /// Publishes `rows` (and the copies their commands asked for through `reply_to`) and waits for
