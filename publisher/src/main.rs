@@ -437,13 +437,13 @@ fn default_api_url() -> String {
 }
 
 fn parse_status(s: &str) -> Result<OperationStatus, String> {
-    OperationStatus::parse(s)
-        .ok_or_else(|| "expected pending, executing, completed, failed or cancelled".into())
+    let all: Vec<&str> = OperationStatus::ALL.iter().map(|s| s.as_str()).collect();
+    OperationStatus::parse(s).ok_or_else(|| format!("expected one of {}", all.join(", ")))
 }
 
 fn parse_type(s: &str) -> Result<OperationType, String> {
-    OperationType::parse(s)
-        .ok_or_else(|| "expected create, attach, detach, delete, cancel or reconcile".into())
+    let all: Vec<&str> = OperationType::ALL.iter().map(|t| t.as_str()).collect();
+    OperationType::parse(s).ok_or_else(|| format!("expected one of {}", all.join(", ")))
 }
 
 /// The read-API queries.

@@ -27,6 +27,14 @@ pub enum OperationStatus {
 }
 
 impl OperationStatus {
+    pub const ALL: [OperationStatus; 5] = [
+        Self::Pending,
+        Self::Executing,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -38,15 +46,7 @@ impl OperationStatus {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Pending,
-            Self::Executing,
-            Self::Completed,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
     pub fn is_terminal(self) -> bool {

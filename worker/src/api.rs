@@ -163,11 +163,8 @@ fn filter_of(params: &HashMap<String, String>) -> Result<OperationFilter, Failur
     let status = get("status")
         .map(|raw| {
             OperationStatus::parse(raw).ok_or_else(|| {
-                unknown_value(
-                    "status",
-                    raw,
-                    &["pending", "executing", "completed", "failed", "cancelled"],
-                )
+                let all: Vec<&str> = OperationStatus::ALL.iter().map(|s| s.as_str()).collect();
+                unknown_value("status", raw, &all)
             })
         })
         .transpose()?;

@@ -52,11 +52,15 @@ struct OperationRow {
 }
 
 /// A stored value this daemon did not write (edited by hand): named, not guessed around.
-fn decode<T>(column: &str, value: Option<T>) -> Result<T, sqlx::Error> {
-    value.ok_or_else(|| sqlx::Error::ColumnDecode {
+fn unexpected(table: &str, column: &str) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
         index: column.into(),
-        source: format!("volume_operations.{column} holds a value this daemon never writes").into(),
-    })
+        source: format!("{table}.{column} holds a value this daemon never writes").into(),
+    }
+}
+
+fn decode<T>(column: &str, value: Option<T>) -> Result<T, sqlx::Error> {
+    value.ok_or_else(|| unexpected("volume_operations", column))
 }
 
 impl TryFrom<OperationRow> for OperationView {
@@ -168,11 +172,7 @@ macro_rules! mapping_columns {
 impl TryFrom<MappingRow> for MappingView {
     type Error = sqlx::Error;
     fn try_from(r: MappingRow) -> Result<Self, sqlx::Error> {
-        let bad = |column: &str| sqlx::Error::ColumnDecode {
-            index: column.into(),
-            source: format!("device_mappings.{column} holds a value this daemon never writes")
-                .into(),
-        };
+        let bad = |column: &str| unexpected("device_mappings", column);
         Ok(MappingView {
             volume_id: VolumeId::parse(&r.volume_id).map_err(|_| bad("volume_id"))?,
             vm_id: VmId::parse(&r.vm_id).map_err(|_| bad("vm_id"))?,

@@ -127,11 +127,6 @@ impl Devices {
         *self.mode.borrow()
     }
 
-    /// Whether the monitor scanned recently and could read the block directory (for `/ready`).
-    pub fn running(&self) -> bool {
-        self.state() == MonitorState::Running
-    }
-
     /// What `/ready` says of the monitor.
     pub fn state(&self) -> MonitorState {
         let limit = (self.period * 5).max(Duration::from_secs(2));
