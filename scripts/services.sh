@@ -87,6 +87,14 @@ ensure_systemd_analyze() {
   command -v systemd-analyze >/dev/null || apt_install systemd
 }
 
+# The Go client (clients/go) builds offline (scripts/test calls this; the daemon needs no Go) from Debian's packages: the Go toolchain and the
+# RabbitMQ team's amqp091-go, which vendor-debian.sh points clients/go/vendor at.
+ensure_go() {
+  command -v go >/dev/null || apt_install golang-go
+  [ -f /usr/share/gocode/src/github.com/rabbitmq/amqp091-go/go.mod ] || apt_install golang-github-rabbitmq-amqp091-go-dev
+  sh clients/go/vendor-debian.sh
+}
+
 ensure_rust
 ensure_rabbitmq
 ensure_mariadb

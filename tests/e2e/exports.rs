@@ -18,7 +18,7 @@ use crate::helpers::{TestEnv, cmd};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `nbdkit file dir=<dir>` on a port of its own, stopped when dropped.
-struct NbdServer {
+pub(crate) struct NbdServer {
     child: Child,
     url: String,
 }
@@ -89,7 +89,7 @@ impl Drop for NbdServer {
 }
 
 /// A test environment on a host VM with exports on: its own export directory and server.
-async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
+pub(crate) async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
     let mut env = TestEnv::with_host_vm(SimConfig {
         job_latency: Duration::from_millis(100),
         ..SimConfig::default()

@@ -13,6 +13,7 @@ mod devices;
 mod docs;
 mod exports;
 mod fencing;
+mod go_client;
 mod lifecycle;
 mod operator;
 mod outages;

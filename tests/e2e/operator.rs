@@ -326,7 +326,7 @@ async fn cancel_ends_a_pending_operation_before_cloudstack_and_refuses_an_execut
 }
 
 /// Waits until the simulator shows `volume` on `vm` (or on none).
-async fn sim_settles(env: &TestEnv, volume: VolumeId, vm: Option<VmId>) {
+pub(crate) async fn sim_settles(env: &TestEnv, volume: VolumeId, vm: Option<VmId>) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while env.sim.sim.attachment(volume).map(|a| a.0) != vm {
         assert!(
@@ -345,7 +345,7 @@ fn mutating_calls(sim: &cloudstack_sim::Sim) -> usize {
         .count()
 }
 
-fn by_id(volume: VolumeId) -> HashMap<String, String> {
+pub(crate) fn by_id(volume: VolumeId) -> HashMap<String, String> {
     HashMap::from([("id".to_owned(), volume.to_string())])
 }
 

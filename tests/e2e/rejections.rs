@@ -60,7 +60,12 @@ impl RawPublisher {
     }
 }
 
-async fn publish_raw(prefix: &str, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+pub(crate) async fn publish_raw(
+    prefix: &str,
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) {
     RawPublisher::new(prefix)
         .await
         .publish(routing_key, body, message_id)
