@@ -21,6 +21,8 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    #[error("no broker address accepted a connection: {failures}")]
+    ConnectList { failures: String },
     #[error(
         "exchange {exchange:?} does not exist: volume-daemon's topology is not declared for this prefix (start the daemon, or call declare_topology)"
     )]
@@ -87,6 +89,35 @@ pub(crate) fn missing_or(
     }
 }
 
+/// Connects to the first URL of a comma-separated list that accepts a connection.
+async fn connect_first(urls: &str) -> Result<Connection, Error> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let mut failures = Vec::new();
+    for url in &list {
+        match Connection::connect(url, ConnectionProperties::default()).await {
+            Ok(conn) => return Ok(conn),
+            Err(source) if list.len() == 1 => {
+                return Err(Error::Connect {
+                    url: schema::secret::redact_url(url),
+                    source,
+                });
+            }
+            Err(e) => failures.push(format!("{}: {e}", schema::secret::redact_url(url))),
+        }
+    }
+    Err(Error::ConnectList {
+        failures: if failures.is_empty() {
+            "the URL list is empty".into()
+        } else {
+            failures.join("; ")
+        },
+    })
+}
+
 /// A connection to the broker for publishing volume commands.
 pub struct VolumeClient {
     pub(crate) conn: Connection,
@@ -103,16 +134,12 @@ impl std::fmt::Debug for VolumeClient {
 }
 
 impl VolumeClient {
-    /// Connects and opens a channel in publisher-confirm mode. The topology is not declared:
+    /// Connects and opens a channel in publisher-confirm mode. `url` may be a comma-separated
+    /// list (the nodes of a cluster): the first that accepts a connection is used. The topology is not declared:
     /// call [`declare_topology`](Self::declare_topology) if this client may be first.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
         let topology = Topology::parse(prefix)?;
-        let conn = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .map_err(|source| Error::Connect {
-                url: schema::secret::redact_url(url),
-                source,
-            })?;
+        let conn = connect_first(url).await?;
         let channel = conn
             .create_channel()
             .await

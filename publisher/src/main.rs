@@ -28,7 +28,7 @@ use schema::{
     after_help = "Exit status: 0 completed (or done), 1 the operation failed (or the id is unknown), 2 usage, 3 timed out, 4 broker error, 5 read API unreachable or refusing."
 )]
 struct Cli {
-    /// Broker URL.
+    /// Broker URL, or a comma-separated list of URLs tried in order (the nodes of a cluster).
     #[arg(
         long,
         env = "AMQP_URL",

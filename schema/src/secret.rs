@@ -31,6 +31,17 @@ impl SecretUrl {
         self.url.expose_secret()
     }
 
+    /// The URLs of a comma-separated list (`AMQP_URL` may be one: CONTRACT §1), in order,
+    /// blanks dropped; a single URL gives itself.
+    pub fn split_list(&self) -> Vec<SecretUrl> {
+        self.expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(SecretUrl::new)
+            .collect()
+    }
+
     /// The URL with its password replaced, for messages and logs.
     pub fn redacted(&self) -> &str {
         &self.shown
@@ -63,8 +74,11 @@ impl fmt::Display for SecretUrl {
 }
 
 /// `scheme://user:password@host/…` with the password replaced by `***`; a URL without one is
-/// returned as it is.
+/// returned as it is. Each URL of a comma-separated list is redacted on its own.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -94,6 +108,20 @@ mod tests {
         );
         assert_eq!(redact_url("mysql://root@db/x"), "mysql://root@db/x");
         assert_eq!(redact_url("amqp://host"), "amqp://host");
+        assert_eq!(
+            redact_url("amqp://a:one@h1:5672/%2f,amqp://h2,amqps://b:two@h3/v"),
+            "amqp://a:***@h1:5672/%2f,amqp://h2,amqps://b:***@h3/v"
+        );
+    }
+
+    #[test]
+    fn a_list_splits_in_order_and_each_part_stays_secret() {
+        let list = SecretUrl::new("amqp://a:one@h1/%2f, amqp://b:two@h2/%2f,");
+        let parts = list.split_list();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1].expose(), "amqp://b:two@h2/%2f");
+        assert_eq!(parts[0].to_string(), "amqp://a:***@h1/%2f");
+        assert!(!format!("{list:?}").contains("one") && !format!("{list}").contains("two"));
     }
 
     #[test]

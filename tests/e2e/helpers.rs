@@ -42,6 +42,8 @@ pub struct TestEnv {
     pub sim: RunningSim,
     /// The broker URL the daemon uses (a [`TcpProxy`] in outage tests).
     pub daemon_amqp_url: String,
+    /// The broker URL (or list) the test's own clients use.
+    pub client_amqp_url: String,
     pub http_addr: SocketAddr,
     daemon: Option<Child>,
     /// Log files of every daemon process this test started, oldest first.
@@ -100,6 +102,7 @@ impl TestEnv {
             db_name: format!("vd_test_{tag}"),
             sim,
             daemon_amqp_url: AMQP_URL.into(),
+            client_amqp_url: AMQP_URL.into(),
             http_addr: "127.0.0.1:0".parse().expect("addr"),
             daemon: None,
             logs: Default::default(),
@@ -380,7 +383,7 @@ impl TestEnv {
 
     /// A publishing client on this test's prefix, topology declared.
     pub async fn client(&self) -> VolumeClient {
-        let client = VolumeClient::connect(AMQP_URL, &self.prefix)
+        let client = VolumeClient::connect(&self.client_amqp_url, &self.prefix)
             .await
             .expect("broker reachable");
         client.declare_topology().await.expect("topology declared");
@@ -1147,7 +1150,7 @@ pub async fn run_volumectl(env: &TestEnv, args: &[&str]) -> (i32, String, String
     let out = tokio::process::Command::new(volumectl())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_URL", &env.client_amqp_url)
         .env("AMQP_PREFIX", &env.prefix)
         .env("VOLUME_API_URL", format!("http://{}", env.http_addr))
         .args(args)

@@ -7,6 +7,7 @@
 
 mod helpers;
 
+mod cluster;
 mod create;
 mod deploy;
 mod devices;
@@ -20,4 +21,5 @@ mod outages;
 mod producers;
 mod rejections;
 mod resilience;
+mod scale_out;
 mod tls;

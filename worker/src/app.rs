@@ -56,6 +56,8 @@ pub enum StartError {
     Http(#[from] cloudstack::CloudStackError),
     #[error("host appliance files: {0}")]
     Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    Appliance(#[from] db::appliance::ClaimError),
 }
 
 /// A daemon ready to run.
@@ -92,6 +94,11 @@ impl Application {
         settings.host_files().prepare().await?;
         let max_connections = u32::from(settings.max_concurrent_operations) + 4;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
+        let me = db::appliance::Appliance {
+            prefix: settings.amqp_prefix.clone(),
+            host_vm: settings.host_vm_id,
+        };
+        db::appliance::claim(&pool, &me).await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
         let broker = settings.broker_endpoint().map_err(StartError::Config)?;
         let listener = TcpListener::bind(settings.http_addr)

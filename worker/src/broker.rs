@@ -10,8 +10,9 @@ use lapin::{Connection, ConnectionProperties};
 use schema::SecretUrl;
 use tokio_util::sync::CancellationToken;
 
-/// Where the broker is: its URL and, for `amqps://`, the CA certificates (PEM) to trust besides
-/// the public roots. `amqps://` is always TLS (rustls); it never falls back to plaintext.
+/// Where the broker is: its URL (or a comma-separated list of URLs, tried in order: the nodes
+/// of a cluster) and, for `amqps://`, the CA certificates (PEM) to trust besides the public
+/// roots. `amqps://` is always TLS (rustls); it never falls back to plaintext.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub url: SecretUrl,
@@ -19,27 +20,61 @@ pub struct Endpoint {
     pub ca_pem: Option<String>,
 }
 
-/// Connecting gives up after this (a half-open network must not hang a reconnect loop).
+/// Connecting to one address gives up after this (a half-open network must not hang a
+/// reconnect loop).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a connection named `name` (visible in the management UI).
+/// Opens a connection named `name` (visible in the management UI) to the first address of the
+/// endpoint that accepts one, trying them in order every time (CONTRACT §1).
 pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapin::Error> {
+    let urls = endpoint.url.split_list();
+    let mut failures = Vec::with_capacity(urls.len());
+    for url in &urls {
+        match connect_one(endpoint, url, name).await {
+            Ok(conn) => {
+                if !failures.is_empty() {
+                    tracing::info!(connection = name, broker = %url, skipped = %failures.join("; "), "connected to a later broker address");
+                }
+                return Ok(conn);
+            }
+            Err(e) if urls.len() == 1 => return Err(e),
+            Err(e) => failures.push(format!("{url}: {e}")),
+        }
+    }
+    Err(io_error(format!(
+        "no broker address accepted a connection: {}",
+        if failures.is_empty() {
+            "AMQP_URL lists none".to_owned()
+        } else {
+            failures.join("; ")
+        }
+    )))
+}
+
+async fn connect_one(
+    endpoint: &Endpoint,
+    url: &SecretUrl,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let tls = OwnedTLSConfig {
         identity: None,
         cert_chain: endpoint.ca_pem.clone(),
     };
     let runtime = lapin::runtime::default_runtime()?;
-    let connecting = Connection::connect_with_config(endpoint.url.expose(), props, tls, runtime);
+    let connecting = Connection::connect_with_config(url.expose(), props, tls, runtime);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(connected) => connected,
-        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
-            std::sync::Arc::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connecting to the broker timed out after {CONNECT_TIMEOUT:?}"),
-            )),
+        Err(_) => Err(io_error(format!(
+            "connecting to the broker timed out after {CONNECT_TIMEOUT:?}"
         ))),
     }
+}
+
+fn io_error(message: String) -> lapin::Error {
+    lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+        std::io::Error::other(message),
+    )))
 }
 
 /// Reconnection delays: 200 ms growing to 5 s, with jitter.

@@ -22,12 +22,14 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "volume-daemon", version, about, long_about = None)]
 pub struct Settings {
-    /// Broker URL.
+    /// Broker URL, or a comma-separated list of full AMQP URLs tried in order on connect and on
+    /// every reconnect (the nodes of a cluster).
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_amqp_urls
     )]
     pub amqp_url: SecretUrl,
     /// PEM file of CA certificates to trust for `amqps://` besides the public roots.
@@ -179,6 +181,25 @@ fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
 }
 
 /// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
+/// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows
+/// a password.
+fn parse_amqp_urls(s: &str) -> Result<SecretUrl, String> {
+    let list = SecretUrl::new(s);
+    let urls = list.split_list();
+    if urls.is_empty() {
+        return Err("no URL given".into());
+    }
+    for url in &urls {
+        let scheme = url.expose().split("://").next().unwrap_or_default();
+        if !url.expose().contains("://") || !matches!(scheme, "amqp" | "amqps") {
+            return Err(format!(
+                "{url} is not an amqp:// or amqps:// URL (a list is comma-separated full URLs)"
+            ));
+        }
+    }
+    Ok(list)
+}
+
 fn parse_prefix(s: &str) -> Result<String, schema::topology::PrefixError> {
     Topology::parse(s).map(|_| s.to_owned())
 }
@@ -317,6 +338,17 @@ mod tests {
             err.contains("amqp-prefix") && err.contains("300 bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn amqp_url_takes_a_list_and_refuses_what_is_not_one_without_showing_passwords() {
+        let list =
+            parse_amqp_urls("amqp://u:pw@n1:5672/%2f,amqps://u:pw@n2:5671/%2f").expect("a list");
+        assert_eq!(list.split_list().len(), 2);
+        for bad in ["", " , ", "http://u:pw@h", "amqp://u:pw@n1,n2:5672"] {
+            let e = parse_amqp_urls(bad).expect_err(bad);
+            assert!(!e.contains("pw"), "{e}");
+        }
     }
 
     #[test]

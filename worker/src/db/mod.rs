@@ -10,6 +10,7 @@
 //! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
 //! - [`read`]: the read API's queries.
 
+pub mod appliance;
 pub mod configs;
 pub mod devices;
 pub mod exports;
