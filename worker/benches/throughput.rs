@@ -41,6 +41,9 @@ const WAIT: Duration = Duration::from_secs(120);
 /// One phase's world: a simulator, a database, a prefix, a daemon.
 struct World {
     tag: String,
+    /// Not one of the simulator's VMs (every attach here is remote); the same across restarts,
+    /// since a database belongs to one appliance.
+    host_vm: VmId,
     sim: RunningSim,
     daemon: Option<Child>,
     client: VolumeClient,
@@ -71,6 +74,7 @@ impl World {
         client.declare_topology().await.expect("topology");
         let mut world = Self {
             tag,
+            host_vm: VmId::new_random(),
             sim,
             daemon: None,
             client,
@@ -113,7 +117,7 @@ impl World {
             // Configured from the environment, as a deployment without ossea_configs is (a
             // host VM that is not one of the simulator's: every attach here is remote).
             .env("CLOUDSTACK_ZONE_ID", ZONE_ID.to_string())
-            .env("HOST_VM_ID", VmId::new_random().to_string())
+            .env("HOST_VM_ID", self.host_vm.to_string())
             .env("SYSFS_ROOT", self.dir())
             .env("PERSISTENT_DEVICE_DIR", self.dir().join("persistent"))
             .env("RUST_LOG", "warn")

@@ -109,12 +109,12 @@ impl Relay {
     /// fenced, aborted, or drained: a drain returns once a batch finds the outbox empty, so
     /// every event recorded before it is out.
     async fn publish_on(&self, channel: &Channel, db_backoff: &mut Backoff) -> Next {
-        let mut marking = Marking::default();
+        let mut pipeline = Pipeline::default();
         loop {
             // Bounded as a whole: a database call on a half-open connection must not stall
             // the relay for the kernel's retransmission timeout.
             let batch =
-                tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel, &mut marking))
+                tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel, &mut pipeline))
                     .await
                     .unwrap_or(Err(RelayError::Stalled));
             if batch.is_ok() {
@@ -161,26 +161,41 @@ impl Relay {
 
     /// Reads a batch, publishes every row, waits for all confirms, then marks the rows
     /// published in a short fenced transaction: no row lock is held while the broker confirms.
-    /// A full batch (more are likely waiting) is marked while the next one is read and
-    /// published, a partial one before returning; the previous batch's marking always ends
-    /// before the next starts, and rows being marked are not read again. Returns how many rows
-    /// were published.
+    /// A full batch (more are likely waiting) overlaps with its neighbours: the next batch is
+    /// read while the broker confirms this one, and this one is marked while the next is
+    /// published. A batch is published only once the one before it was confirmed (events of
+    /// one volume stay in order even when a batch fails), the previous marking always ends
+    /// before the next starts, and rows published but not yet marked are never read again.
+    /// Returns how many rows were published.
     async fn publish_batch(
         &self,
         channel: &Channel,
-        marking: &mut Marking,
+        pipeline: &mut Pipeline,
     ) -> Result<usize, RelayError> {
-        let extra = marking.ids.len() as u32;
-        let mut rows = outbox::unpublished(&self.pool, BATCH + extra).await?;
-        rows.retain(|r| !marking.ids.contains(&r.id));
-        rows.truncate(BATCH as usize);
+        let rows = match pipeline.next.take() {
+            Some(read) => read.await.unwrap_or(Err(sqlx::Error::PoolClosed))?,
+            None => outbox::unpublished_except(&self.pool, BATCH, &pipeline.marking.ids).await?,
+        };
         if rows.is_empty() {
-            marking.finish().await?;
+            pipeline.marking.finish().await?;
             return Ok(0);
         }
-        let sent = publish_confirmed(channel, &rows).await?;
-        marking.finish().await?;
+        let (sent, confirms) = publish_all(channel, &rows).await?;
         let ids: Vec<u64> = sent.iter().map(|r| r.id).collect();
+        if rows.len() == BATCH as usize {
+            let except: Vec<u64> = pipeline.marking.ids.iter().chain(&ids).copied().collect();
+            let pool = self.pool.clone();
+            pipeline.next = Some(tokio::spawn(async move {
+                outbox::unpublished_except(&pool, BATCH, &except).await
+            }));
+        }
+        if let Err(e) = await_confirms(confirms).await {
+            if let Some(read) = pipeline.next.take() {
+                read.abort();
+            }
+            return Err(e);
+        }
+        pipeline.marking.finish().await?;
         for row in &sent {
             tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
         }
@@ -191,12 +206,28 @@ impl Relay {
             self.metrics.clone(),
         );
         if rows.len() == BATCH as usize {
-            marking.ids = ids;
-            marking.task = Some(tokio::spawn(mark));
+            pipeline.marking.ids = ids;
+            pipeline.marking.task = Some(tokio::spawn(mark));
         } else {
             mark.await?;
         }
         Ok(rows.len())
+    }
+}
+
+/// What one batch leaves to the next: the next batch's rows being read, and this batch's
+/// marking, which may still run while the next one is published.
+#[derive(Default)]
+struct Pipeline {
+    next: Option<tokio::task::JoinHandle<Result<Vec<OutboxRow>, sqlx::Error>>>,
+    marking: Marking,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if let Some(read) = self.next.take() {
+            read.abort();
+        }
     }
 }
 
@@ -236,12 +267,16 @@ async fn mark(
     Ok(())
 }
 
-/// Publishes `rows` (and the copies their commands asked for through `reply_to`) and waits for
-/// every confirm. Returns the rows sent; a row whose names AMQP cannot carry is skipped.
-async fn publish_confirmed<'r>(
+/// The broker's confirms of a batch, each with the event it confirms.
+type Confirms = Vec<(String, lapin::PublisherConfirm)>;
+
+/// Publishes `rows` (and the copies their commands asked for through `reply_to`) without
+/// waiting for the confirms. Returns the rows sent (a row whose names AMQP cannot carry is
+/// skipped) and the confirms to await.
+async fn publish_all<'r>(
     channel: &Channel,
     rows: &'r [OutboxRow],
-) -> Result<Vec<&'r OutboxRow>, RelayError> {
+) -> Result<(Vec<&'r OutboxRow>, Confirms), RelayError> {
     let mut confirms = Vec::with_capacity(rows.len());
     let mut sent = Vec::with_capacity(rows.len());
     for row in rows {
@@ -268,6 +303,12 @@ async fn publish_confirmed<'r>(
             confirms.push((row.event_id.clone(), confirm));
         }
     }
+    Ok((sent, confirms))
+}
+
+/// Waits for every confirm of a batch. Unconfirmed: the rows stay unpublished and are sent
+/// again on a new connection; subscribers dedupe on the event id.
+async fn await_confirms(confirms: Confirms) -> Result<(), RelayError> {
     let count = confirms.len();
     let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
         for (event_id, confirm) in confirms {
@@ -279,10 +320,7 @@ async fn publish_confirmed<'r>(
         Ok(())
     })
     .await;
-    // Unconfirmed: the rows stay unpublished and are sent again on a new connection;
-    // subscribers dedupe on the event id.
-    confirmed.map_err(|_| RelayError::Unconfirmed(count))??;
-    Ok(sent)
+    confirmed.map_err(|_| RelayError::Unconfirmed(count))?
 }
 
 /// A short string, or nothing if it is too long for AMQP (never panics on stored data).
@@ -414,8 +452,22 @@ mod tests {
         assert_eq!(
             seen.message_count() as usize,
             rows,
-            "every event reached the exchange"
+            "every event reached the exchange, once"
         );
+        // In the outbox's order, across the overlapping batches.
+        for n in 0..rows {
+            let got = ch
+                .basic_get(
+                    queue.name().clone(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get")
+                .expect("a message");
+            let event: schema::CloudEvent =
+                serde_json::from_slice(&got.delivery.data).expect("an event");
+            assert_eq!(event.data.command_id.as_str(), format!("drain-{n}"));
+        }
         conn.close(0, "done".into()).await.expect("close");
     }
 }
