@@ -46,14 +46,14 @@ async fn the_commands_queue_leader_stops_under_load(cluster: &RabbitCluster) {
     schema::amqp::declare(&ch, &topology)
         .await
         .expect("topology");
-    let (leader, members) = cluster
+    // Both quorum queues of the contract are replicated on every node.
+    for queue in [topology.dead_letter_queue(), topology.commands_queue()] {
+        let (_, members) = cluster.leader_and_members(0, &queue).await;
+        assert_eq!(members.len(), 3, "{queue} on every node: {members:?}");
+    }
+    let (leader, _) = cluster
         .leader_and_members(0, &topology.commands_queue())
         .await;
-    assert_eq!(
-        members.len(),
-        3,
-        "the commands queue on every node: {members:?}"
-    );
     let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let leader_first = cluster.urls(&[leader, others[0], others[1]]);
     env.daemon_amqp_url = leader_first.clone();
