@@ -492,6 +492,9 @@ async fn a_daemon_refuses_a_database_that_belongs_to_another_appliance() {
         .env("AMQP_PREFIX", format!("{}x", env.prefix))
         .env("DATABASE_URL", env.database_url())
         .env("HTTP_ADDR", "127.0.0.1:0")
+        // The test's own directories: nothing may be left in the machine's /run.
+        .env("SYSFS_ROOT", &env.sysfs)
+        .env("PERSISTENT_DEVICE_DIR", env.sysfs.join("persistent"))
         .env("CLOUDSTACK_API_URL", env.sim.api_url())
         .env("CLOUDSTACK_API_KEY", "k")
         .env("CLOUDSTACK_SECRET_KEY", "s")

@@ -91,7 +91,6 @@ impl Application {
                 ));
             }
         };
-        settings.host_files().prepare().await?;
         let max_connections = u32::from(settings.max_concurrent_operations) + 4;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
         let me = db::appliance::Appliance {
@@ -99,6 +98,8 @@ impl Application {
             host_vm: settings.host_vm_id,
         };
         db::appliance::claim(&pool, &me).await?;
+        // Only once the database is this appliance's: a refused daemon creates nothing.
+        settings.host_files().prepare().await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
         let broker = settings.broker_endpoint().map_err(StartError::Config)?;
         let listener = TcpListener::bind(settings.http_addr)
