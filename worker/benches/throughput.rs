@@ -158,37 +158,62 @@ impl World {
         }
     }
 
+    /// Stops the daemon; dropping the world removes its queues, exchanges, database and
+    /// directory.
     async fn clean(mut self) {
         self.stop().await;
-        let topology = schema::Topology::new(self.prefix());
-        if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            for q in [topology.commands_queue(), topology.dead_letter_queue()] {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for x in [
-                topology.commands_exchange(),
-                topology.events_exchange(),
-                topology.dead_letter_exchange(),
-            ] {
-                let _ = ch
-                    .exchange_delete(x.as_str().into(), Default::default())
-                    .await;
-            }
-        }
-        if let Ok(admin) = MySqlPool::connect(MYSQL).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS vd_bench_{}",
-                self.tag
-            )))
-            .execute(&admin)
-            .await;
-        }
-        let _ =
-            std::fs::remove_dir_all(std::env::temp_dir().join(format!("vd-bench-{}", self.tag)));
     }
+}
 
+/// Clean-up also when a phase panics (a bench that fails must leave nothing behind either):
+/// on a thread of its own, since Drop cannot await.
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(daemon) = self.daemon.as_mut() {
+            let _ = daemon.start_kill();
+        }
+        let tag = self.tag.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(remove(&tag));
+        })
+        .join();
+    }
+}
+
+/// Removes what a world of `tag` created.
+async fn remove(tag: &str) {
+    let topology = schema::Topology::new(format!("bench{tag}"));
+    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in [topology.commands_queue(), topology.dead_letter_queue()] {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+        for x in [
+            topology.commands_exchange(),
+            topology.events_exchange(),
+            topology.dead_letter_exchange(),
+        ] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    if let Ok(admin) = MySqlPool::connect(MYSQL).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS vd_bench_{tag}"
+        )))
+        .execute(&admin)
+        .await;
+    }
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("vd-bench-{tag}")));
+}
+
+impl World {
     /// Publishes every command (50 publishes in flight at a time) and returns, per command id,
     /// when it was published and when its terminal event came, once all have.
     async fn run(&self, commands: Vec<Command>, pace: Option<Duration>) -> Timings {
