@@ -82,6 +82,11 @@ impl Fence {
         self.epoch
     }
 
+    /// The lease row's name (the `AMQP_PREFIX`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Inside the caller's transaction, just before it commits: `Ok(Err(Fenced))` when the lease
     /// now has another epoch (the caller must roll back). The shared lock it takes makes a
     /// takeover wait until this transaction ends.

@@ -2,8 +2,10 @@
 //! operation together with its outbox row.
 //!
 //! Every write is fenced: it runs in a transaction that checks, just before it commits, that
-//! the execution lease still has this active period's epoch ([`Fence::check`]). A write of an
-//! instance that lost the lease fails with [`StoreError::Fenced`] and changes nothing.
+//! the execution lease still has this active period's epoch ([`Fence::check`]), or, when it is
+//! one UPDATE of one row (marking an operation executing, recording its job), carries that
+//! check in the statement itself (`fenced!`). A write of an instance that lost the lease fails
+//! with [`StoreError::Fenced`] and changes nothing.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::mysql::MySqlRow;
@@ -35,6 +37,17 @@ macro_rules! operation_columns {
 macro_rules! unended {
     () => {
         "status IN ('pending', 'executing')"
+    };
+}
+
+/// The fence as part of one statement: `AND` this makes an UPDATE change nothing unless the
+/// lease still has this instance's epoch (bind the lease name, then the epoch). Its subquery
+/// is a locking read, so a takeover (an exclusive update of the lease row) waits until the
+/// statement has committed, as it waits for a fenced transaction: one autocommit statement
+/// instead of BEGIN, the write, the fence check and COMMIT.
+macro_rules! fenced {
+    () => {
+        "(SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE) = ?"
     };
 }
 
@@ -232,44 +245,64 @@ impl Store {
         Ok(row.is_some())
     }
 
-    /// Marks the operation executing (one more attempt). `false`: it is no longer pending or
-    /// executing (it ended meanwhile): not ours to execute.
+    /// Marks the operation executing (one more attempt), in one fenced statement. `false`: it
+    /// is no longer pending or executing (it ended meanwhile): not ours to execute.
     pub async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?) WHERE id = ? AND ",
-            unended!()
+            unended!(),
+            " AND ",
+            fenced!()
         ))
         .bind(OperationStatus::Executing.as_str())
         .bind(now())
         .bind(id.as_str())
-        .execute(&mut *tx)
+        .bind(self.fence.name())
+        .bind(self.fence.epoch())
+        .execute(&self.pool)
         .await?;
-        self.commit_fenced(tx).await?;
-        Ok(updated.rows_affected() == 1)
+        if updated.rows_affected() == 1 {
+            return Ok(true);
+        }
+        self.unless_fenced().await?;
+        Ok(false)
     }
 
     /// Records the CloudStack job (and, for a create, the new volume) before polling it, so a
-    /// restart resumes from the job instead of starting a second one.
+    /// restart resumes from the job instead of starting a second one. One fenced statement.
     pub async fn record_job(
         &self,
         id: &CommandId,
         volume: Option<VolumeId>,
         job: &JobId,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(concat!(
+        let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET cloudstack_job_id = ?, volume_id = COALESCE(?, volume_id) \
              WHERE id = ? AND ",
-            unended!()
+            unended!(),
+            " AND ",
+            fenced!()
         ))
         .bind(&job.0)
         .bind(volume.map(|v| v.to_string()))
         .bind(id.as_str())
-        .execute(&mut *tx)
+        .bind(self.fence.name())
+        .bind(self.fence.epoch())
+        .execute(&self.pool)
         .await?;
-        self.commit_fenced(tx).await
+        if updated.rows_affected() == 0 {
+            // Nothing changed: the same job again (a resume), an ended operation, or the fence.
+            self.unless_fenced().await?;
+        }
+        Ok(())
+    }
+
+    /// After a fenced statement changed nothing: [`StoreError::Fenced`] when the lease has
+    /// moved on (the write was refused), `Ok` when it had nothing to change.
+    async fn unless_fenced(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(self.fence.check(&mut conn).await??)
     }
 
     /// Ends `op` with `outcome`: the row's terminal state, the change to `device_mappings` and
@@ -753,6 +786,39 @@ mod tests {
             0
         );
         assert_eq!(outbox_rows(&db.pool).await, 0);
+    }
+
+    /// A single-statement fenced write (`fenced!`) waits for a takeover that holds the lease
+    /// row, then finds the new epoch and changes nothing: the same guarantee as a fenced
+    /// transaction's check before commit.
+    #[tokio::test]
+    async fn a_fenced_statement_waits_for_a_takeover_in_progress_and_is_then_refused() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let (command, _, _) = attach_command();
+        let id = command.command_id.clone();
+        store.accept(command).await.expect("accept");
+        let mut takeover = db.pool.begin().await.expect("tx");
+        sqlx::query("UPDATE execution_lease SET epoch = epoch + 1")
+            .execute(&mut *takeover)
+            .await
+            .expect("the takeover's update");
+        let write = {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move { store.mark_executing(&id).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!write.is_finished(), "the write waits for the takeover");
+        takeover.commit().await.expect("commit the takeover");
+        let refused = write.await.expect("task");
+        assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+        let status: String =
+            sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM volume_operations WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_one(&db.pool)
+                .await
+                .expect("row");
+        assert_eq!(status, "pending");
     }
 
     /// The job id recorded before polling is what a resume starts from.
