@@ -168,23 +168,8 @@ var (
 // Validate checks a command as the daemon would, so that a command the daemon would reject is
 // an error before it is published. The error is an [*InvalidCommandError] naming the field.
 func Validate(c Command) error {
-	w := c.wire()
-	bad := func(field, problem string, args ...interface{}) error {
-		return &InvalidCommandError{CommandID: w.CommandID, Type: w.Type, Field: field, Problem: fmt.Sprintf(problem, args...)}
-	}
-	if !commandIDPattern.MatchString(w.CommandID) {
-		return bad("command_id", "%q is not 1-64 characters of [A-Za-z0-9._:-]", w.CommandID)
-	}
-	if len(w.CorrelationID) > 255 {
-		return bad("correlation_id", "is %d bytes; at most 255", len(w.CorrelationID))
-	}
-	if err := validateFields(c, bad); err != nil {
-		return err
-	}
-	if body, _ := json.Marshal(w); len(body) > MaxCommandSize {
-		return bad("", "the body is %d bytes; at most %d", len(body), MaxCommandSize)
-	}
-	return nil
+	_, err := Encode(c)
+	return err
 }
 
 type badField func(field, problem string, args ...interface{}) error
@@ -235,12 +220,29 @@ func validateFields(c Command, bad badField) error {
 	return nil
 }
 
-// Encode validates c and returns its JSON body.
+// Encode validates c (see [Validate]) and returns its JSON body.
 func Encode(c Command) ([]byte, error) {
-	if err := Validate(c); err != nil {
+	w := c.wire()
+	bad := func(field, problem string, args ...interface{}) error {
+		return &InvalidCommandError{CommandID: w.CommandID, Type: w.Type, Field: field, Problem: fmt.Sprintf(problem, args...)}
+	}
+	if !commandIDPattern.MatchString(w.CommandID) {
+		return nil, bad("command_id", "%q is not 1-64 characters of [A-Za-z0-9._:-]", w.CommandID)
+	}
+	if len(w.CorrelationID) > 255 {
+		return nil, bad("correlation_id", "is %d bytes; at most 255", len(w.CorrelationID))
+	}
+	if err := validateFields(c, bad); err != nil {
 		return nil, err
 	}
-	return json.Marshal(c.wire())
+	body, err := json.Marshal(w)
+	if err != nil {
+		return nil, bad("", "cannot be encoded: %v", err)
+	}
+	if len(body) > MaxCommandSize {
+		return nil, bad("", "the body is %d bytes; at most %d", len(body), MaxCommandSize)
+	}
+	return body, nil
 }
 
 // ParseCommand decodes and validates a command body, as the daemon would (unknown fields are

@@ -128,20 +128,6 @@ type Change struct {
 	After  *string `json:"after,omitempty"`
 }
 
-// UnmarshalJSON keeps a reconcile's empty change list apart from an absent one.
-func (d *EventData) UnmarshalJSON(b []byte) error {
-	type plain EventData
-	var p plain
-	if err := decodeInto(b, &p); err != nil {
-		return err
-	}
-	if p.Changes == nil && p.Type == "reconcile" {
-		p.Changes = []Change{}
-	}
-	*d = EventData(p)
-	return nil
-}
-
 // ParseEvent decodes an event body. Fields it does not know are ignored (a newer daemon may
 // add some).
 func ParseEvent(body []byte) (*Event, error) {

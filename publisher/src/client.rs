@@ -91,22 +91,18 @@ pub(crate) fn missing_or(
 
 /// Connects to the first URL of a comma-separated list that accepts a connection.
 async fn connect_first(urls: &str) -> Result<Connection, Error> {
-    let list: Vec<&str> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
+    let list = schema::SecretUrl::new(urls).split_list();
     let mut failures = Vec::new();
     for url in &list {
-        match Connection::connect(url, ConnectionProperties::default()).await {
+        match Connection::connect(url.expose(), ConnectionProperties::default()).await {
             Ok(conn) => return Ok(conn),
             Err(source) if list.len() == 1 => {
                 return Err(Error::Connect {
-                    url: schema::secret::redact_url(url),
+                    url: url.to_string(),
                     source,
                 });
             }
-            Err(e) => failures.push(format!("{}: {e}", schema::secret::redact_url(url))),
+            Err(e) => failures.push(format!("{url}: {e}")),
         }
     }
     Err(Error::ConnectList {

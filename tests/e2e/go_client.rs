@@ -12,7 +12,7 @@ use schema::command::{Action, AttachVolume, CreateVolume};
 use schema::{CloudEvent, Command, CommandId, DiskOfferingId, Topology, VolumeId};
 use tokio::process::Command as Process;
 
-use crate::helpers::{AMQP_URL, EventTap, TestEnv, cmd};
+use crate::helpers::{AMQP_URL, EventTap, TestEnv, cmd, schema_validator};
 use crate::{exports, operator, rejections};
 
 const MODULE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/go");
@@ -229,13 +229,7 @@ fn completed(event: CloudEvent) -> CloudEvent {
 /// valid one to `dir`. The only invalid message allowed is the command of unknown type sent
 /// on purpose (it is left out). Returns how many were saved.
 async fn save_valid(tap: &mut EventTap, kind: &str, dir: &PathBuf) -> usize {
-    let path = format!(
-        "{}/../schemas/{kind}.schema.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("schema")).expect("JSON");
-    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let validator = schema_validator(&format!("{kind}.schema.json"));
     std::fs::create_dir_all(dir).expect("examples dir");
     let mut saved = 0;
     while let Some((_, body)) = tap.next_raw(Duration::from_millis(700)).await {

@@ -674,6 +674,14 @@ async fn require_services() {
     }
 }
 
+/// A validator for `schemas/<file>` (the generated JSON Schemas of commands and events).
+pub fn schema_validator(file: &str) -> jsonschema::Validator {
+    let path = format!("{}/../schemas/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).expect("schema file");
+    jsonschema::validator_for(&serde_json::from_str(&text).expect("schema JSON"))
+        .expect("a valid schema")
+}
+
 /// An HTTP client (rustls needs its crypto provider installed first, which this does).
 pub fn http() -> reqwest::Client {
     cloudstack::Client::http().expect("HTTP client")

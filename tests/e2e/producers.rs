@@ -12,7 +12,7 @@ use publisher::{Error, Subscription, VolumeClient};
 use schema::{Command, OperationStatus, Topology};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv, cmd, volumectl};
+use crate::helpers::{AMQP_URL, EventTap, ReplyQueue, TestEnv, cmd, schema_validator, volumectl};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -469,14 +469,10 @@ async fn the_published_schemas_validate_real_commands_and_events() {
         env.execute(&c).await;
     }
 
-    let load = |file: &str| -> jsonschema::Validator {
-        let text =
-            std::fs::read_to_string(format!("{}/../schemas/{file}", env!("CARGO_MANIFEST_DIR")))
-                .expect("schema file");
-        jsonschema::validator_for(&serde_json::from_str(&text).expect("schema JSON"))
-            .expect("a valid schema")
-    };
-    let (command_schema, event_schema) = (load("command.schema.json"), load("event.schema.json"));
+    let (command_schema, event_schema) = (
+        schema_validator("command.schema.json"),
+        schema_validator("event.schema.json"),
+    );
     let mut checked = (0, 0);
     while let Some((_, body)) = commands.next_raw(Duration::from_millis(500)).await {
         let v: serde_json::Value = serde_json::from_slice(&body).expect("command JSON");

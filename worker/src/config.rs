@@ -190,8 +190,8 @@ fn parse_amqp_urls(s: &str) -> Result<SecretUrl, String> {
         return Err("no URL given".into());
     }
     for url in &urls {
-        let scheme = url.expose().split("://").next().unwrap_or_default();
-        if !url.expose().contains("://") || !matches!(scheme, "amqp" | "amqps") {
+        let (scheme, _) = url.expose().split_once("://").unwrap_or_default();
+        if !matches!(scheme, "amqp" | "amqps") {
             return Err(format!(
                 "{url} is not an amqp:// or amqps:// URL (a list is comma-separated full URLs)"
             ));

@@ -189,12 +189,8 @@ impl Relay {
                 outbox::unpublished_except(&pool, BATCH, &except).await
             }));
         }
-        if let Err(e) = await_confirms(confirms).await {
-            if let Some(read) = pipeline.next.take() {
-                read.abort();
-            }
-            return Err(e);
-        }
+        // On failure the relay reconnects and the pipeline is dropped, read-ahead and all.
+        await_confirms(confirms).await?;
         pipeline.marking.finish().await?;
         for row in &sent {
             tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
