@@ -956,8 +956,9 @@ impl Drop for TcpProxy {
 }
 
 /// A MySQL link that loses one commit acknowledgement: once armed with a marker (a command
-/// id), the first connection that sends the marker and then `COMMIT` gets the server's answer
-/// to that `COMMIT` thrown away and both sockets closed. The commit happened; the client never
+/// id), the first connection that sends a packet carrying the marker gets the server's answer
+/// to it thrown away and both sockets closed. For an autocommit statement (accepting a command
+/// is one) that answer is the commit's acknowledgement: the commit happened; the client never
 /// learns it (a connection reset right after the server's OK).
 pub struct CommitDropProxy {
     pub addr: SocketAddr,
@@ -968,7 +969,7 @@ pub struct CommitDropProxy {
 
 impl CommitDropProxy {
     pub async fn start(target: SocketAddr) -> Self {
-        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
@@ -985,8 +986,8 @@ impl CommitDropProxy {
                 };
                 let (armed, fired) = (armed2.clone(), fired2.clone());
                 tokio::spawn(async move {
-                    // 0: nothing seen, 1: the marker went by, 2: then COMMIT went by.
-                    let stage = AtomicU8::new(0);
+                    // The marker went by: its answer is to be lost.
+                    let marked = AtomicBool::new(false);
                     let (mut client_r, mut client_w) = inbound.into_split();
                     let (mut server_r, mut server_w) = outbound.into_split();
                     let upstream = async {
@@ -998,12 +999,8 @@ impl CommitDropProxy {
                             }
                             let chunk = &buf[..n];
                             let marker = armed.lock().expect("armed").clone();
-                            match stage.load(Ordering::SeqCst) {
-                                0 if marker.is_some_and(|m| contains(chunk, &m)) => {
-                                    stage.store(1, Ordering::SeqCst);
-                                }
-                                1 if contains(chunk, b"COMMIT") => stage.store(2, Ordering::SeqCst),
-                                _ => {}
+                            if marker.is_some_and(|m| contains(chunk, &m)) {
+                                marked.store(true, Ordering::SeqCst);
                             }
                             if server_w.write_all(chunk).await.is_err() {
                                 return;
@@ -1017,8 +1014,9 @@ impl CommitDropProxy {
                             if n == 0 {
                                 return;
                             }
-                            if stage.load(Ordering::SeqCst) == 2 {
-                                // The answer to COMMIT: lost, and the link with it.
+                            if marked.load(Ordering::SeqCst) {
+                                // The answer to the marked statement: lost, and the link
+                                // with it.
                                 *armed.lock().expect("armed") = None;
                                 fired.store(true, Ordering::SeqCst);
                                 return;
@@ -1043,7 +1041,7 @@ impl CommitDropProxy {
         }
     }
 
-    /// Loses the commit acknowledgement of the next transaction that sends `marker`.
+    /// Loses the answer to the next statement that sends `marker`.
     pub fn arm(&self, marker: &str) {
         *self.armed.lock().expect("armed") = Some(marker.as_bytes().to_vec());
     }

@@ -131,6 +131,10 @@ pub async fn connect_and_migrate(
     }
     let pool = MySqlPoolOptions::new()
         .max_connections(max_connections)
+        // No ping before each use (a round trip per statement or transaction): a connection
+        // the server dropped fails its statement with a transient error, which every caller
+        // retries, and the pool discards it.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(IDLE_TIMEOUT)
         .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))

@@ -1,11 +1,13 @@
 //! The `volume_operations` table: accepting commands, recording progress, and ending an
 //! operation together with its outbox row.
 //!
-//! Every write is fenced: it runs in a transaction that checks, just before it commits, that
-//! the execution lease still has this active period's epoch ([`Fence::check`]), or, when it is
-//! one UPDATE of one row (marking an operation executing, recording its job), carries that
-//! check in the statement itself (`fenced!`). A write of an instance that lost the lease fails
-//! with [`StoreError::Fenced`] and changes nothing.
+//! Every write is fenced: it changes nothing unless the execution lease still has this active
+//! period's epoch. The writes of every command carry that check in their first statement
+//! (`fenced!`: accepting it is one INSERT, marking it executing and recording its job one
+//! UPDATE each, ending it a transaction whose first UPDATE is fenced); the rarer ones run in
+//! a transaction that checks just before it commits ([`Fence::check`]). Either way the check
+//! takes a shared lock on the lease row that a takeover waits for. A write of an instance that
+//! lost the lease fails with [`StoreError::Fenced`] and changes nothing.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::mysql::MySqlRow;
@@ -128,12 +130,14 @@ impl Store {
     /// ended, its terminal event is queued again with the same event id.
     pub async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
         let created_at = now();
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
+        // One fenced autocommit statement: the row is inserted only while the lease has our
+        // epoch (the SELECT yields no row otherwise).
+        let inserted = sqlx::query(concat!(
             "INSERT INTO volume_operations \
              (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE ",
+            fenced!()
+        ))
         .bind(command.command_id.as_str())
         .bind(command.operation_type().as_str())
         .bind(OperationStatus::Pending.as_str())
@@ -143,15 +147,16 @@ impl Store {
         .bind(command.reply_to.as_deref())
         .bind(command.to_body().to_string())
         .bind(created_at)
-        .execute(&mut *tx)
+        .bind(self.fence.name())
+        .bind(self.fence.epoch())
+        .execute(&self.pool)
         .await;
         match inserted {
-            Ok(_) => {
-                self.commit_fenced(tx).await?;
+            Ok(done) if done.rows_affected() == 1 => {
                 Ok(Accepted::New(Box::new(Operation::new(command, created_at))))
             }
+            Ok(_) => Err(self.refused().await),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                tx.rollback().await?;
                 self.duplicate(&command).await
             }
             Err(e) => Err(e.into()),
@@ -305,9 +310,23 @@ impl Store {
         Ok(self.fence.check(&mut conn).await??)
     }
 
+    /// A fenced statement that had something to change changed nothing: the lease moved on.
+    /// The error names the epoch it has now (or a database error reading it).
+    async fn refused(&self) -> StoreError {
+        match self.unless_fenced().await {
+            Err(e) => e,
+            // The check passed after the statement found the lease moved: impossible, since
+            // epochs only grow; refuse all the same.
+            Ok(()) => StoreError::Fenced(Fenced {
+                ours: self.fence.epoch(),
+                current: None,
+            }),
+        }
+    }
+
     /// Ends `op` with `outcome`: the row's terminal state, the change to `device_mappings` and
-    /// the outbox row of its event, in one transaction. An operation that already ended is left
-    /// as it is.
+    /// the outbox row of its event, in one transaction, fenced by its first statement. An
+    /// operation that already ended is left as it is.
     pub async fn finish(
         &self,
         op: &Operation,
@@ -330,7 +349,9 @@ impl Store {
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
              event_id = ?, event_payload = ?, completed_at = ? WHERE id = ? AND ",
-            unended!()
+            unended!(),
+            " AND ",
+            fenced!()
         ))
         .bind(event.data.status.as_str())
         .bind(event.data.volume_id.map(|v| v.to_string()))
@@ -343,17 +364,23 @@ impl Store {
         .bind(serde_json::to_string(&event).ok())
         .bind(completed_at)
         .bind(op.id().as_str())
+        .bind(self.fence.name())
+        .bind(self.fence.epoch())
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
+            tx.rollback().await?;
+            self.unless_fenced().await?;
             tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
-            return Ok(tx.rollback().await?);
+            return Ok(());
         }
+        // The UPDATE's fence holds a shared lock on the lease row until this commits: a
+        // takeover waits for it, so the rest of the transaction needs no check of its own.
         if let Some(change) = mapping {
             mappings::apply(&mut tx, change).await?;
         }
         self.queue_event(&mut tx, op, &event).await?;
-        self.commit_fenced(tx).await
+        Ok(tx.commit().await?)
     }
 
     /// Ends the `pending` operation `target` as `cancelled`, with its terminal event, on behalf
