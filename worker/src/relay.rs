@@ -160,7 +160,7 @@ impl Relay {
     }
 
     /// Reads a batch, publishes every row, waits for all confirms, then marks the rows
-    /// published in a short fenced transaction: no row lock is held while the broker confirms.
+    /// published in one fenced statement: no row lock is held while the broker confirms.
     /// A full batch (more are likely waiting) overlaps with its neighbours: the next batch is
     /// read while the broker confirms this one, and this one is marked while the next is
     /// published. A batch is published only once the one before it was confirmed (events of
@@ -245,7 +245,7 @@ impl Marking {
     }
 }
 
-/// Marks `ids` published in a fenced transaction. Fenced: published (at least once, as
+/// Marks `ids` published in one fenced statement. Fenced: published (at least once, as
 /// always) but not ours to mark; the new holder's relay publishes these rows again, with the
 /// same event ids.
 async fn mark(
@@ -254,10 +254,15 @@ async fn mark(
     ids: Vec<u64>,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let mut tx = pool.begin().await?;
-    outbox::mark_all_published(&mut tx, &ids).await?;
-    fence.commit(tx).await??;
-    for _ in &ids {
+    let marked =
+        outbox::mark_all_published_fenced(&pool, &ids, fence.name(), fence.epoch()).await?;
+    if marked == 0 {
+        // Nothing marked: the lease moved on (or, if the check passes, the rows were marked
+        // already, which only a second relay of the same epoch could have done).
+        let mut conn = pool.acquire().await?;
+        fence.check(&mut conn).await??;
+    }
+    for _ in 0..marked {
         metrics.event_published();
     }
     Ok(())

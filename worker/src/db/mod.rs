@@ -10,6 +10,18 @@
 //! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
 //! - [`read`]: the read API's queries.
 
+// Defined before the modules, so each of them can use it.
+/// The fence as part of one statement: `AND` this makes an UPDATE change nothing unless the
+/// lease still has this instance's epoch (bind the lease name, then the epoch). Its subquery
+/// is a locking read, so a takeover (an exclusive update of the lease row) waits until the
+/// statement has committed, as it waits for a fenced transaction: one autocommit statement
+/// instead of BEGIN, the write, the fence check and COMMIT.
+macro_rules! fenced {
+    () => {
+        "(SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE) = ?"
+    };
+}
+
 pub mod appliance;
 pub mod configs;
 pub mod devices;

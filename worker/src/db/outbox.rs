@@ -118,16 +118,42 @@ pub async fn mark_all_published(
     if ids.is_empty() {
         return Ok(());
     }
-    // Only `?` placeholders are put into the text; the ids are bound.
-    let placeholders = vec!["?"; ids.len()].join(", ");
-    let sql =
-        format!("UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN ({placeholders})");
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(mark_sql(ids.len(), "")));
     for id in ids {
         query = query.bind(*id);
     }
     query.execute(conn).await?;
     Ok(())
+}
+
+/// [`mark_all_published`] as one fenced autocommit statement (bind the lease name, then the
+/// epoch): how many rows it marked, none when the lease has moved on.
+pub async fn mark_all_published_fenced(
+    pool: &MySqlPool,
+    ids: &[u64],
+    lease: &str,
+    epoch: u64,
+) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let sql = mark_sql(ids.len(), concat!(" AND ", fenced!()));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(*id);
+    }
+    let done = query.bind(lease).bind(epoch).execute(pool).await?;
+    Ok(done.rows_affected())
+}
+
+/// The marking UPDATE of `n` rows, with `tail` after its `WHERE`. Only `?` placeholders and
+/// this module's own text are put into it; the ids are bound.
+fn mark_sql(n: usize, tail: &str) -> String {
+    let placeholders = vec!["?"; n].join(", ");
+    format!(
+        "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE published_at IS NULL \
+         AND id IN ({placeholders}){tail}"
+    )
 }
 
 /// How many events wait, and since when the oldest.

@@ -42,17 +42,6 @@ macro_rules! unended {
     };
 }
 
-/// The fence as part of one statement: `AND` this makes an UPDATE change nothing unless the
-/// lease still has this instance's epoch (bind the lease name, then the epoch). Its subquery
-/// is a locking read, so a takeover (an exclusive update of the lease row) waits until the
-/// statement has committed, as it waits for a fenced transaction: one autocommit statement
-/// instead of BEGIN, the write, the fence check and COMMIT.
-macro_rules! fenced {
-    () => {
-        "(SELECT epoch FROM execution_lease WHERE name = ? LOCK IN SHARE MODE) = ?"
-    };
-}
-
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
