@@ -217,8 +217,6 @@ mod tests {
         assert!(backlog.oldest.is_some());
     }
 
-    /// Retention deletes published rows older than the cutoff, a batch at a time, and never
-    /// an unpublished one however old.
     /// Rows published but not yet marked are left out by the server, and the limit still
     /// counts only the rows returned.
     #[tokio::test]
@@ -247,6 +245,49 @@ mod tests {
         assert_eq!(rest, all[2..5].to_vec());
     }
 
+    /// The relay's fenced marking marks the rows while the lease has its epoch, and nothing
+    /// once it has another (the new holder's relay publishes them again).
+    #[tokio::test]
+    async fn a_fenced_marking_of_an_old_epoch_marks_nothing() {
+        let db = TestDb::new().await;
+        let fence = db.lease().await.fence();
+        let mut tx = db.pool.begin().await.expect("tx");
+        for n in 0..4 {
+            insert(&mut tx, &event(&format!("mark-{n}")), "x.events", None)
+                .await
+                .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+        let ids: Vec<u64> = unpublished(&db.pool, 10)
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        let (name, epoch) = (fence.name(), fence.epoch());
+        let marked = mark_all_published_fenced(&db.pool, &ids[..2], name, epoch)
+            .await
+            .expect("mark");
+        assert_eq!(marked, 2);
+        sqlx::query("UPDATE execution_lease SET epoch = epoch + 1")
+            .execute(&db.pool)
+            .await
+            .expect("take over");
+        let marked = mark_all_published_fenced(&db.pool, &ids[2..], name, epoch)
+            .await
+            .expect("mark");
+        assert_eq!(marked, 0, "an old epoch marks nothing");
+        let left: Vec<u64> = unpublished(&db.pool, 10)
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, ids[2..].to_vec());
+    }
+
+    /// Retention deletes published rows older than the cutoff, a batch at a time, and never
+    /// an unpublished one however old.
     #[tokio::test]
     async fn retention_deletes_old_published_rows_only_a_batch_at_a_time() {
         let db = TestDb::new().await;

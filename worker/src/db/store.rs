@@ -823,11 +823,30 @@ mod tests {
             let (store, id) = (store.clone(), id.clone());
             tokio::spawn(async move { store.mark_executing(&id).await })
         };
+        let (other, _, _) = attach_command();
+        let other_id = other.command_id.clone();
+        let accept = {
+            let store = store.clone();
+            tokio::spawn(async move { store.accept(other).await.map(|_| ()) })
+        };
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!write.is_finished(), "the write waits for the takeover");
+        assert!(!accept.is_finished(), "so does an accept");
         takeover.commit().await.expect("commit the takeover");
         let refused = write.await.expect("task");
         assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+        let refused = accept.await.expect("task");
+        assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM volume_operations WHERE id = ?",
+                other_id.as_str()
+            )
+            .await,
+            0,
+            "the refused accept inserted nothing"
+        );
         let status: String =
             sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM volume_operations WHERE id = ?")
                 .bind(id.as_str())
