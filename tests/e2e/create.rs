@@ -367,3 +367,73 @@ async fn sigterm_stops_the_daemon_promptly_and_an_interrupted_create_finishes_af
     let row = env.operation(&id).await.expect("row");
     assert_eq!(row.attempts, 2, "one attempt before the restart, one after");
 }
+
+/// A first execution of a create has nothing to find, so it calls createVolume without asking
+/// listVolumes first. A create whose earlier execution died between createVolume and
+/// recording its job (left `executing`, one attempt, no job id) finds that volume by name
+/// after the restart and does not create a second one.
+#[tokio::test]
+async fn only_a_create_executed_before_looks_for_the_volume_it_may_have_made() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let event = env.execute(&create("first-time", "1GiB")).await;
+    assert_eq!(event.event_type, "volume.create.completed");
+    assert_eq!(
+        env.sim.sim.call_count("listVolumes"),
+        0,
+        "a first execution lists nothing"
+    );
+    env.stop_daemon().await;
+
+    // What a daemon killed right after CloudStack took its createVolume leaves behind.
+    let orphan = create("orphan", "1GiB");
+    let id = orphan.command_id.to_string();
+    let accepted = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
+    let pool = env.db().await;
+    sqlx::query(
+        "INSERT INTO volume_operations (id, type, status, request, created_at, started_at, attempts) \
+         VALUES (?, 'create', 'executing', ?, ?, ?, 1)",
+    )
+    .bind(&id)
+    .bind(orphan.to_body().to_string())
+    .bind(accepted)
+    .bind(accepted)
+    .execute(&pool)
+    .await
+    .expect("the interrupted operation's row");
+    let params: std::collections::HashMap<String, String> = [
+        ("name", "orphan".to_owned()),
+        ("zoneid", cloudstack_sim::ZONE_ID.to_string()),
+        (
+            "diskofferingid",
+            cloudstack_sim::CUSTOM_OFFERING_ID.to_string(),
+        ),
+        ("size", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let made = env
+        .sim
+        .sim
+        .create_volume(&params)
+        .expect("the orphan volume");
+    let made = made["id"].as_str().expect("volume id").to_owned();
+
+    env.start_daemon().await;
+    let row = env
+        .wait_for_operation(&id, WAIT, |r| r.status == "completed")
+        .await;
+    assert_eq!(
+        row.volume_id.as_deref(),
+        Some(made.as_str()),
+        "its own volume"
+    );
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        1,
+        "only the first command called createVolume"
+    );
+    assert_eq!(env.sim.sim.volume_count(), 2);
+    assert!(env.sim.sim.call_count("listVolumes") > 0);
+}

@@ -29,6 +29,7 @@ use cloudstack_sim::{CUSTOM_OFFERING_ID, RunningSim, SimConfig, ZONE_ID};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use publisher::{Subscription, VolumeClient};
+use schema::command::CreateVolume;
 use schema::{Command, VmId, VolumeId};
 use sqlx::MySqlPool;
 use tokio::process::{Child, Command as Process};
@@ -377,9 +378,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `n` creates naming their disk offering, as the bare client does (without one the daemon
+/// asks CloudStack for the zone's offerings first: a call the limit would not make).
 fn creates(n: usize, tag: &str) -> Vec<Command> {
     (0..n)
-        .map(|i| Command::create(format!("bench-{tag}-{i}"), "1GiB".parse().expect("size")))
+        .map(|i| {
+            CreateVolume::new(format!("bench-{tag}-{i}"), "1GiB".parse().expect("size"))
+                .disk_offering(CUSTOM_OFFERING_ID)
+                .into()
+        })
         .collect()
 }
 

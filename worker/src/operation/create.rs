@@ -33,12 +33,14 @@ pub async fn run(
         (known, _) => {
             let zone = zone(&cs, create).await?;
             let offering = offering(client, create, zone).await?;
-            // Crashed between createVolume and recording its job: find the volume first.
+            // An earlier execution may have died between createVolume and recording its job:
+            // find its volume first. A first execution has nothing to find.
             let found = match known {
                 Some(v) => Some(v),
-                None => find_created(ctx, op, client, create, zone)
+                None if op.prior_attempts > 0 => find_created(ctx, op, client, create, zone)
                     .await?
                     .map(|v| v.id),
+                None => None,
             };
             match found {
                 Some(v) => {
