@@ -367,3 +367,61 @@ async fn a_long_queue_on_one_volume_does_not_stall_other_volumes() {
     );
     assert_eq!(busy_done, 24, "the busy volume's commands all ended");
 }
+
+/// `MAX_CONCURRENT_OPERATIONS` caps the jobs in flight at the cloud. From the simulator's
+/// record of calls: a create's job is counted from its createVolume's arrival until the answer
+/// to the last poll of that job (an upper bound on the time the cloud has it). With a cap of
+/// 3 and 15 creates of 300 ms jobs published at once, the count never exceeds 3 and reaches it.
+#[tokio::test]
+async fn never_more_jobs_in_flight_at_the_cloud_than_max_concurrent_operations() {
+    let mut env = TestEnv::with_sim(sim(300)).await;
+    env.extra_env
+        .push(("MAX_CONCURRENT_OPERATIONS".into(), "3".into()));
+    env.start_daemon().await;
+    let collector = Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        let c = cmd::create(&format!("capped-{i}"), "1GiB");
+        client.publish_only(&c).await.expect("published");
+        ids.push(c.command_id.to_string());
+    }
+    let events = collector.wait_all(&ids, Duration::from_secs(60)).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.data.status == OperationStatus::Completed),
+        "every create completed"
+    );
+
+    let calls = env.sim.sim.calls();
+    // +1 at each createVolume's arrival, -1 at the answer to each job's last poll.
+    let mut last_poll: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for c in calls.iter().filter(|c| c.command == "queryAsyncJobResult") {
+        let job = c
+            .params
+            .get("jobid")
+            .cloned()
+            .expect("polls name their job");
+        let at = last_poll.entry(job).or_insert(c.answered_at);
+        *at = (*at).max(c.answered_at);
+    }
+    let mut steps: Vec<(chrono::DateTime<chrono::Utc>, i32)> = calls
+        .iter()
+        .filter(|c| c.command == "createVolume")
+        .map(|c| (c.at, 1))
+        .chain(last_poll.values().map(|at| (*at, -1)))
+        .collect();
+    // At the same instant an ending counts before a start (the permit is released first).
+    steps.sort_by_key(|(at, step)| (*at, *step));
+    let (mut now, mut peak) = (0, 0);
+    for (_, step) in steps {
+        now += step;
+        peak = peak.max(now);
+    }
+    assert_eq!(last_poll.len(), 15, "each job polled");
+    assert_eq!(
+        peak, 3,
+        "jobs in flight at the cloud at most (and at some point) the cap"
+    );
+}
