@@ -254,8 +254,7 @@ async fn mark(
     ids: Vec<u64>,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let marked =
-        outbox::mark_all_published_fenced(&pool, &ids, fence.name(), fence.epoch()).await?;
+    let marked = outbox::mark_all_published(&pool, &ids, fence.name(), fence.epoch()).await?;
     if marked == 0 {
         // Nothing marked: the lease moved on (or, if the check passes, the rows were marked
         // already, which only a second relay of the same epoch could have done).

@@ -105,30 +105,10 @@ pub async fn unpublished_except(
         .collect()
 }
 
-/// Marks a claimed row published (the broker has confirmed it).
-pub async fn mark_published(conn: &mut MySqlConnection, id: u64) -> Result<(), sqlx::Error> {
-    mark_all_published(conn, &[id]).await
-}
-
-/// Marks rows published in one statement (a relay batch: one round trip, not one per row).
+/// Marks rows published (a relay batch the broker confirmed) in one fenced autocommit
+/// statement (`lease` and `epoch` are the fence's): how many rows it marked, none when the
+/// lease has moved on. One round trip, not one per row.
 pub async fn mark_all_published(
-    conn: &mut MySqlConnection,
-    ids: &[u64],
-) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(mark_sql(ids.len(), "")));
-    for id in ids {
-        query = query.bind(*id);
-    }
-    query.execute(conn).await?;
-    Ok(())
-}
-
-/// [`mark_all_published`] as one fenced autocommit statement (bind the lease name, then the
-/// epoch): how many rows it marked, none when the lease has moved on.
-pub async fn mark_all_published_fenced(
     pool: &MySqlPool,
     ids: &[u64],
     lease: &str,
@@ -137,23 +117,22 @@ pub async fn mark_all_published_fenced(
     if ids.is_empty() {
         return Ok(0);
     }
-    let sql = mark_sql(ids.len(), concat!(" AND ", fenced!()));
+    // Only `?` placeholders are put into the text; the ids are bound.
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    let sql = format!(
+        concat!(
+            "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE published_at IS NULL \
+             AND id IN ({}) AND ",
+            fenced!()
+        ),
+        placeholders
+    );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for id in ids {
         query = query.bind(*id);
     }
     let done = query.bind(lease).bind(epoch).execute(pool).await?;
     Ok(done.rows_affected())
-}
-
-/// The marking UPDATE of `n` rows, with `tail` after its `WHERE`. Only `?` placeholders and
-/// this module's own text are put into it; the ids are bound.
-fn mark_sql(n: usize, tail: &str) -> String {
-    let placeholders = vec!["?"; n].join(", ");
-    format!(
-        "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE published_at IS NULL \
-         AND id IN ({placeholders}){tail}"
-    )
 }
 
 /// How many events wait, and since when the oldest.
@@ -181,6 +160,12 @@ mod tests {
     use super::*;
     use crate::db::testdb::{TestDb, rejected_event as event};
 
+    /// The ids of the unpublished rows, oldest first.
+    async fn unpublished_ids(pool: &MySqlPool) -> Vec<u64> {
+        let rows = unpublished(pool, 10).await.expect("read");
+        rows.iter().map(|r| r.id).collect()
+    }
+
     /// Auto-increment ids commit out of order: a row with a lower id that commits later is
     /// still read (there is no "last id seen" cursor), and marked rows are not read again.
     #[tokio::test]
@@ -203,9 +188,10 @@ mod tests {
 
         let seen = unpublished(&db.pool, 10).await.expect("read");
         assert_eq!(seen.len(), 1, "only the committed row");
-        let mut tx = db.pool.begin().await.expect("tx");
-        mark_published(&mut tx, seen[0].id).await.expect("mark");
-        tx.commit().await.expect("commit");
+        let fence = db.lease().await.fence();
+        mark_all_published(&db.pool, &[seen[0].id], fence.name(), fence.epoch())
+            .await
+            .expect("mark");
         slow.commit().await.expect("commit");
 
         let seen = unpublished(&db.pool, 10).await.expect("read");
@@ -229,12 +215,7 @@ mod tests {
                 .expect("insert");
         }
         tx.commit().await.expect("commit");
-        let all: Vec<u64> = unpublished(&db.pool, 10)
-            .await
-            .expect("read")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let all = unpublished_ids(&db.pool).await;
         assert_eq!(all.len(), 6);
         let rest: Vec<u64> = unpublished_except(&db.pool, 3, &all[..2])
             .await
@@ -258,14 +239,9 @@ mod tests {
                 .expect("insert");
         }
         tx.commit().await.expect("commit");
-        let ids: Vec<u64> = unpublished(&db.pool, 10)
-            .await
-            .expect("read")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let ids = unpublished_ids(&db.pool).await;
         let (name, epoch) = (fence.name(), fence.epoch());
-        let marked = mark_all_published_fenced(&db.pool, &ids[..2], name, epoch)
+        let marked = mark_all_published(&db.pool, &ids[..2], name, epoch)
             .await
             .expect("mark");
         assert_eq!(marked, 2);
@@ -273,16 +249,11 @@ mod tests {
             .execute(&db.pool)
             .await
             .expect("take over");
-        let marked = mark_all_published_fenced(&db.pool, &ids[2..], name, epoch)
+        let marked = mark_all_published(&db.pool, &ids[2..], name, epoch)
             .await
             .expect("mark");
         assert_eq!(marked, 0, "an old epoch marks nothing");
-        let left: Vec<u64> = unpublished(&db.pool, 10)
-            .await
-            .expect("read")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let left = unpublished_ids(&db.pool).await;
         assert_eq!(left, ids[2..].to_vec());
     }
 
