@@ -19,6 +19,7 @@ mod lifecycle;
 mod operator;
 mod outages;
 mod producers;
+mod refusals;
 mod rejections;
 mod resilience;
 mod scale_out;

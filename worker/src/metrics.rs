@@ -70,6 +70,12 @@ struct WhatLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    exchange: String,
+    routing_key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -86,6 +92,7 @@ pub struct Metrics {
     duration: Family<TypeLabels, Histogram>,
     commands: Family<ResultLabels, Counter>,
     events_published: Counter,
+    events_refused: Family<DestinationLabels, Counter>,
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     nbd_exports: Gauge,
@@ -130,6 +137,11 @@ mod names {
     /// `volume_daemon_events_published`.
     pub const EVENTS_PUBLISHED: (&str, &str) =
         ("events_published", "Events confirmed by the broker");
+    /// `volume_daemon_events_refused`.
+    pub const EVENTS_REFUSED: (&str, &str) = (
+        "events_refused",
+        "Events (or reply_to copies) given up after the broker kept refusing them, by exchange and routing key",
+    );
     /// `volume_daemon_outbox_backlog`.
     pub const OUTBOX_BACKLOG: (&str, &str) =
         ("outbox_backlog", "Events not yet confirmed by the broker");
@@ -313,6 +325,11 @@ impl Metrics {
         );
         let commands = registered(&mut r, names::COMMANDS, Counters::<ResultLabels>::default());
         let events_published = registered(&mut r, names::EVENTS_PUBLISHED, Counter::default());
+        let events_refused = registered(
+            &mut r,
+            names::EVENTS_REFUSED,
+            Counters::<DestinationLabels>::default(),
+        );
         let outbox_backlog = registered(&mut r, names::OUTBOX_BACKLOG, Gauge::default());
         let outbox_oldest_age = registered(
             &mut r,
@@ -352,6 +369,7 @@ impl Metrics {
             duration,
             commands,
             events_published,
+            events_refused,
             outbox_backlog,
             outbox_oldest_age,
             nbd_exports,
@@ -477,6 +495,16 @@ impl Metrics {
 
     pub fn event_published(&self) {
         self.events_published.inc();
+    }
+
+    /// An event (or a `reply_to` copy, exchange `""`) given up after refusals.
+    pub fn event_refused(&self, exchange: &str, routing_key: &str) {
+        self.events_refused
+            .get_or_create(&DestinationLabels {
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
+            })
+            .inc();
     }
 
     pub fn set_outbox(&self, backlog: u64, oldest_age_seconds: f64) {

@@ -31,8 +31,6 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 enum RelayError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
-    #[error("the broker refused event {0} (nack)")]
-    Nacked(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error(
@@ -48,8 +46,16 @@ enum RelayError {
 /// The longest one batch (claim, publish, confirms, mark) may take.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// How long a batch waits for the broker's confirms while holding its rows locked.
+/// How long a batch waits for the broker's confirms (no row lock is held meanwhile).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the second try of a refused `reply_to` copy waits for its confirm.
+const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tries an event gets, the first included, while the broker refuses it (a nack) or leaves it
+/// unconfirmed; then it is given up (CONTRACT §4). Every try reaches each queue that accepts
+/// it, so a healthy subscriber sees a refused event at most this many times.
+const TRIES: u32 = 2;
 
 #[derive(Debug)]
 pub struct Relay {
@@ -80,7 +86,7 @@ impl Relay {
         // at a falling rate rather than every second.
         let mut db_backoff = Backoff::default();
         while !self.stop.is_aborted() {
-            let (_conn, channel) = match self.open().await {
+            let (conn, channel) = match self.open().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot reach the broker; retrying");
@@ -92,7 +98,7 @@ impl Relay {
             };
             self.status.set_relay_connected(true);
             backoff.reset();
-            match self.publish_on(&channel, &mut db_backoff).await {
+            match self.publish_on(&conn, &channel, &mut db_backoff).await {
                 Next::Stop => break,
                 Next::Reconnect => {
                     self.status.set_relay_connected(false);
@@ -108,15 +114,22 @@ impl Relay {
     /// Publishes batches on `channel` until it breaks ([`Next::Reconnect`]), or the relay is
     /// fenced, aborted, or drained: a drain returns once a batch finds the outbox empty, so
     /// every event recorded before it is out.
-    async fn publish_on(&self, channel: &Channel, db_backoff: &mut Backoff) -> Next {
+    async fn publish_on(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        db_backoff: &mut Backoff,
+    ) -> Next {
         let mut pipeline = Pipeline::default();
         loop {
             // Bounded as a whole: a database call on a half-open connection must not stall
             // the relay for the kernel's retransmission timeout.
-            let batch =
-                tokio::time::timeout(BATCH_TIMEOUT, self.publish_batch(channel, &mut pipeline))
-                    .await
-                    .unwrap_or(Err(RelayError::Stalled));
+            let batch = tokio::time::timeout(
+                BATCH_TIMEOUT,
+                self.publish_batch(conn, channel, &mut pipeline),
+            )
+            .await
+            .unwrap_or(Err(RelayError::Stalled));
             if batch.is_ok() {
                 db_backoff.reset();
             }
@@ -159,16 +172,18 @@ impl Relay {
         Ok((conn, channel))
     }
 
-    /// Reads a batch, publishes every row, waits for all confirms, then marks the rows
-    /// published in one fenced statement: no row lock is held while the broker confirms.
-    /// A full batch (more are likely waiting) overlaps with its neighbours: the next batch is
-    /// read while the broker confirms this one, and this one is marked while the next is
-    /// published. A batch is published only once the one before it was confirmed (events of
-    /// one volume stay in order even when a batch fails), the previous marking always ends
-    /// before the next starts, and rows published but not yet marked are never read again.
-    /// Returns how many rows were published.
+    /// Reads a batch, publishes every row, waits for all confirms, then marks the rows the
+    /// broker took published in one fenced statement: no row lock is held while the broker
+    /// confirms. A row the broker refused or left unconfirmed counts a try and stays in the
+    /// outbox for the next batch, until it is given up ([`Relay::settle`]); it holds back no
+    /// other row. A full batch (more are likely waiting) overlaps with its neighbours: the next
+    /// batch is read while the broker confirms this one, and this one is marked while the next
+    /// is published. A batch is published only once the one before it was confirmed, the
+    /// previous marking always ends before the next starts, and rows published but not yet
+    /// marked are never read again. Returns how many rows were published.
     async fn publish_batch(
         &self,
+        conn: &Connection,
         channel: &Channel,
         pipeline: &mut Pipeline,
     ) -> Result<usize, RelayError> {
@@ -180,20 +195,23 @@ impl Relay {
             pipeline.marking.finish().await?;
             return Ok(0);
         }
-        let (sent, confirms) = publish_all(channel, &rows).await?;
-        let ids: Vec<u64> = sent.iter().map(|r| r.id).collect();
+        let sent = publish_all(channel, &rows).await?;
         if rows.len() == BATCH as usize {
-            let except: Vec<u64> = pipeline.marking.ids.iter().chain(&ids).copied().collect();
+            let except: Vec<u64> = (pipeline.marking.ids.iter())
+                .chain(sent.iter().map(|s| &s.row.id))
+                .copied()
+                .collect();
             let pool = self.pool.clone();
             pipeline.next = Some(tokio::spawn(async move {
                 outbox::unpublished_except(&pool, BATCH, &except).await
             }));
         }
         // On failure the relay reconnects and the pipeline is dropped, read-ahead and all.
-        await_confirms(confirms).await?;
+        let answered = await_confirms(sent).await?;
+        let ids = self.settle(conn, channel, &answered).await?;
         pipeline.marking.finish().await?;
-        for row in &sent {
-            tracing::debug!(event_id = %row.event_id, routing_key = %row.routing_key, "event published");
+        for a in answered.iter().filter(|a| a.event == Answer::Ack) {
+            tracing::debug!(event_id = %a.row.event_id, routing_key = %a.row.routing_key, "event published");
         }
         let mark = mark(
             self.pool.clone(),
@@ -208,6 +226,111 @@ impl Relay {
             mark.await?;
         }
         Ok(rows.len())
+    }
+
+    /// Sorts a batch's answers (CONTRACT §4) and returns the rows to mark published: those
+    /// whose event the broker took. An event it refused (a nack) or left unconfirmed counts a
+    /// try; after [`TRIES`] it is given up: recorded as refused, out of the backlog, counted
+    /// and logged with its exchange and routing key (a nack does not say which queue refused).
+    /// A `reply_to` copy the broker refused is sent once more (with its event's next try, or
+    /// alone when the event was taken), then given up the same way. A batch left unconfirmed while the broker
+    /// blocks this connection (a resource alarm: nothing was routed) counts no try: it is
+    /// sent again on a new connection, as any broker failure.
+    async fn settle(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        answered: &[Answered<'_>],
+    ) -> Result<Vec<u64>, RelayError> {
+        let unconfirmed = |a: &Answered<'_>| {
+            a.event == Answer::Unconfirmed
+                || a.copy
+                    .as_ref()
+                    .is_some_and(|(_, c)| *c == Answer::Unconfirmed)
+        };
+        let waiting = answered.iter().filter(|a| unconfirmed(a)).count();
+        if waiting > 0 && conn.status().blocked() {
+            return Err(RelayError::Unconfirmed(waiting));
+        }
+        let mut published = Vec::with_capacity(answered.len());
+        let (mut refused, mut give_up) = (Vec::new(), Vec::new());
+        for a in answered {
+            if a.event == Answer::Ack {
+                published.push(a.row.id);
+                if let Some((queue, copy)) = &a.copy
+                    && *copy != Answer::Ack
+                {
+                    self.copy_again(channel, a.row, queue, *copy).await?;
+                }
+                continue;
+            }
+            refused.push(a.row.id);
+            let tries = a.row.attempts + 1;
+            if tries >= TRIES {
+                give_up.push(a.row.id);
+                if let Some((queue, copy)) = &a.copy
+                    && *copy != Answer::Ack
+                {
+                    // The copy went with each try of its event: that was its retry.
+                    self.metrics.event_refused("", queue.as_str());
+                    tracing::error!(event_id = %a.row.event_id, exchange = "", routing_key = %queue, answer = ?copy, "the reply_to queue refused the event's copy on every try: copy given up");
+                }
+                self.metrics
+                    .event_refused(&a.row.exchange, &a.row.routing_key);
+                tracing::error!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker keeps refusing this event (a queue bound to the exchange refuses it, or withholds its confirm): given up, recorded as refused");
+            } else {
+                tracing::warn!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker refused this event (a queue bound to the exchange refuses it, or withholds its confirm); trying again");
+            }
+        }
+        if !refused.is_empty() {
+            let changed = outbox::record_refusals(
+                &self.pool,
+                &refused,
+                &give_up,
+                self.fence.name(),
+                self.fence.epoch(),
+            )
+            .await?;
+            if changed == 0 {
+                let mut conn = self.pool.acquire().await?;
+                self.fence.check(&mut conn).await??;
+            }
+        }
+        Ok(published)
+    }
+
+    /// Sends `row`'s `reply_to` copy to `queue` once more after the broker refused it (a nack);
+    /// gives it up (logged, counted) when it is refused again, or at once when the first try
+    /// already waited out [`CONFIRM_TIMEOUT`]. Never more than one retry: the queue is the
+    /// producer's own, and the event is on the exchange for every subscriber.
+    async fn copy_again(
+        &self,
+        channel: &Channel,
+        row: &OutboxRow,
+        queue: &ShortString,
+        first: Answer,
+    ) -> Result<(), RelayError> {
+        if first == Answer::Unconfirmed {
+            self.metrics.event_refused("", queue.as_str());
+            tracing::error!(event_id = %row.event_id, exchange = "", routing_key = %queue, "the reply_to queue withheld the confirm of the event's copy: copy given up (the event itself was published)");
+            return Ok(());
+        }
+        tracing::warn!(event_id = %row.event_id, reply_to = %queue, answer = ?first, "the reply_to queue refused the event's copy; sending it once more");
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.clone(),
+                BasicPublishOptions::default(),
+                row.payload.as_bytes(),
+                properties(row),
+            )
+            .await?;
+        let again = answer(tokio::time::Instant::now() + COPY_CONFIRM_TIMEOUT, confirm).await?;
+        if again != Answer::Ack {
+            self.metrics.event_refused("", queue.as_str());
+            tracing::error!(event_id = %row.event_id, exchange = "", routing_key = %queue, answer = ?again, "the reply_to queue refused the event's copy twice: copy given up (the event itself was published)");
+        }
+        Ok(())
     }
 }
 
@@ -267,17 +390,40 @@ async fn mark(
     Ok(())
 }
 
-/// The broker's confirms of a batch, each with the event it confirms.
-type Confirms = Vec<(String, lapin::PublisherConfirm)>;
+/// What the broker said of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ack,
+    /// Some queue the message was routed to refused it (a full queue with
+    /// `x-overflow: reject-publish`); every other queue has it.
+    Nack,
+    /// No confirm within [`CONFIRM_TIMEOUT`] (a quorum queue without its majority, or a broker
+    /// that stopped reading: a resource alarm).
+    Unconfirmed,
+}
+
+/// One row's publishes whose confirms are awaited: the event on its exchange and, when the
+/// command asked for it, the copy to its `reply_to` queue.
+struct InFlight<'r> {
+    row: &'r OutboxRow,
+    event: lapin::PublisherConfirm,
+    copy: Option<(ShortString, lapin::PublisherConfirm)>,
+}
+
+/// What the broker answered for one row.
+struct Answered<'r> {
+    row: &'r OutboxRow,
+    event: Answer,
+    /// The `reply_to` queue and the answer for the copy sent there.
+    copy: Option<(ShortString, Answer)>,
+}
 
 /// Publishes `rows` (and the copies their commands asked for through `reply_to`) without
-/// waiting for the confirms. Returns the rows sent (a row whose names AMQP cannot carry is
-/// skipped) and the confirms to await.
+/// waiting for the confirms. A row whose names AMQP cannot carry is skipped.
 async fn publish_all<'r>(
     channel: &Channel,
     rows: &'r [OutboxRow],
-) -> Result<(Vec<&'r OutboxRow>, Confirms), RelayError> {
-    let mut confirms = Vec::with_capacity(rows.len());
+) -> Result<Vec<InFlight<'r>>, RelayError> {
     let mut sent = Vec::with_capacity(rows.len());
     for row in rows {
         let (Some(exchange), Some(routing_key)) = (short(&row.exchange), short(&row.routing_key))
@@ -287,40 +433,56 @@ async fn publish_all<'r>(
             tracing::error!(event_id = %row.event_id, "outbox row names an exchange or routing key over 255 bytes; not publishing it");
             continue;
         };
-        sent.push(row);
         let props = properties(row);
         let body = row.payload.as_bytes();
         let options = BasicPublishOptions::default();
-        let confirm = channel
+        let event = channel
             .basic_publish(exchange, routing_key, options, body, props.clone())
             .await?;
-        confirms.push((row.event_id.clone(), confirm));
         // The command asked for a direct answer too: through the default exchange.
-        if let Some(queue) = row.reply_to.as_deref().and_then(short) {
-            let confirm = channel
-                .basic_publish("".into(), queue, options, body, props)
-                .await?;
-            confirms.push((row.event_id.clone(), confirm));
-        }
+        let copy = match row.reply_to.as_deref().and_then(short) {
+            Some(queue) => {
+                let confirm = channel
+                    .basic_publish("".into(), queue.clone(), options, body, props)
+                    .await?;
+                Some((queue, confirm))
+            }
+            None => None,
+        };
+        sent.push(InFlight { row, event, copy });
     }
-    Ok((sent, confirms))
+    Ok(sent)
 }
 
-/// Waits for every confirm of a batch. Unconfirmed: the rows stay unpublished and are sent
-/// again on a new connection; subscribers dedupe on the event id.
-async fn await_confirms(confirms: Confirms) -> Result<(), RelayError> {
-    let count = confirms.len();
-    let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-        for (event_id, confirm) in confirms {
-            match confirm.await? {
-                Confirmation::Ack(_) | Confirmation::NotRequested => {}
-                Confirmation::Nack(_) => return Err(RelayError::Nacked(event_id)),
-            }
-        }
-        Ok(())
-    })
-    .await;
-    confirmed.map_err(|_| RelayError::Unconfirmed(count))?
+/// Waits for the confirms of a batch, at most [`CONFIRM_TIMEOUT`] in all: past it, a publish
+/// still unconfirmed is [`Answer::Unconfirmed`] (those confirmed meanwhile still count). An
+/// error is the channel's: the batch is sent again on a new connection.
+async fn await_confirms(sent: Vec<InFlight<'_>>) -> Result<Vec<Answered<'_>>, RelayError> {
+    let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    let mut answered = Vec::with_capacity(sent.len());
+    for InFlight { row, event, copy } in sent {
+        let event = answer(deadline, event).await?;
+        let copy = match copy {
+            Some((queue, confirm)) => Some((queue, answer(deadline, confirm).await?)),
+            None => None,
+        };
+        answered.push(Answered { row, event, copy });
+    }
+    Ok(answered)
+}
+
+/// The broker's answer to one publish, waiting until `deadline` at most (a confirm that
+/// arrived before is still read after it: the future is polled before the timer).
+async fn answer(
+    deadline: tokio::time::Instant,
+    confirm: lapin::PublisherConfirm,
+) -> Result<Answer, RelayError> {
+    match tokio::time::timeout_at(deadline, confirm).await {
+        Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(Answer::Ack),
+        Ok(Ok(Confirmation::Nack(_))) => Ok(Answer::Nack),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(Answer::Unconfirmed),
+    }
 }
 
 /// A short string, or nothing if it is too long for AMQP (never panics on stored data).

@@ -21,6 +21,8 @@ pub struct OutboxRow {
     pub payload: String,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// Earlier tries the broker refused (nack) or left unconfirmed.
+    pub attempts: u32,
 }
 
 /// Adds `event` to the outbox, inside the caller's transaction.
@@ -76,8 +78,8 @@ pub async fn unpublished_except(
     limit: u32,
     except: &[u64],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    const COLUMNS: &str = "SELECT id, event_id, exchange, routing_key, payload, correlation_id, reply_to \
-         FROM outbox WHERE published_at IS NULL";
+    const COLUMNS: &str = "SELECT id, event_id, exchange, routing_key, payload, correlation_id, reply_to, \
+         publish_attempts FROM outbox WHERE published_at IS NULL";
     // Only `?` placeholders are put into the text; the ids are bound.
     let sql = if except.is_empty() {
         format!("{COLUMNS} ORDER BY id LIMIT ?")
@@ -100,6 +102,7 @@ pub async fn unpublished_except(
                 payload: r.try_get("payload")?,
                 correlation_id: r.try_get("correlation_id")?,
                 reply_to: r.try_get("reply_to")?,
+                attempts: r.try_get("publish_attempts")?,
             })
         })
         .collect()
@@ -129,6 +132,48 @@ pub async fn mark_all_published(
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for id in ids {
+        query = query.bind(*id);
+    }
+    let done = query.bind(lease).bind(epoch).execute(pool).await?;
+    Ok(done.rows_affected())
+}
+
+/// Counts one more refused (or unconfirmed) try of each row of `ids` and, for the rows of
+/// `give_up`, records that the relay gave them up: `refused_at` and `published_at` set, so they
+/// leave the backlog (CONTRACT §4). One fenced autocommit statement; how many rows it changed,
+/// none when the lease has moved on.
+pub async fn record_refusals(
+    pool: &MySqlPool,
+    ids: &[u64],
+    give_up: &[u64],
+    lease: &str,
+    epoch: u64,
+) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    // Only `?` placeholders are put into the text; the ids are bound. `give_up` may be empty:
+    // `id IN (NULL)` is then never true.
+    let list = |n: usize| {
+        if n == 0 {
+            "NULL".to_owned()
+        } else {
+            vec!["?"; n].join(", ")
+        }
+    };
+    let sql = format!(
+        concat!(
+            "UPDATE outbox SET publish_attempts = publish_attempts + 1, \
+             refused_at = IF(id IN ({give_up}), UTC_TIMESTAMP(3), NULL), \
+             published_at = IF(id IN ({give_up}), UTC_TIMESTAMP(3), NULL) \
+             WHERE published_at IS NULL AND id IN ({ids}) AND ",
+            fenced!()
+        ),
+        give_up = list(give_up.len()),
+        ids = list(ids.len()),
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in give_up.iter().chain(give_up).chain(ids) {
         query = query.bind(*id);
     }
     let done = query.bind(lease).bind(epoch).execute(pool).await?;
@@ -255,6 +300,54 @@ mod tests {
         assert_eq!(marked, 0, "an old epoch marks nothing");
         let left = unpublished_ids(&db.pool).await;
         assert_eq!(left, ids[2..].to_vec());
+    }
+
+    /// A refused try is counted; a row given up leaves the backlog with `refused_at` and
+    /// `published_at`; an old epoch records nothing.
+    #[tokio::test]
+    async fn refusals_are_counted_and_a_row_given_up_leaves_the_backlog() {
+        let db = TestDb::new().await;
+        let fence = db.lease().await.fence();
+        let mut tx = db.pool.begin().await.expect("tx");
+        for n in 0..3 {
+            insert(&mut tx, &event(&format!("refuse-{n}")), "x.events", None)
+                .await
+                .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+        let ids = unpublished_ids(&db.pool).await;
+        let (name, epoch) = (fence.name(), fence.epoch());
+        let changed = record_refusals(&db.pool, &ids[..2], &[], name, epoch)
+            .await
+            .expect("count");
+        assert_eq!(changed, 2);
+        let changed = record_refusals(&db.pool, &ids[..2], &ids[..1], name, epoch)
+            .await
+            .expect("give up");
+        assert_eq!(changed, 2);
+        let rows = unpublished(&db.pool, 10).await.expect("read");
+        let left: Vec<(u64, u32)> = rows.iter().map(|r| (r.id, r.attempts)).collect();
+        assert_eq!(
+            left,
+            vec![(ids[1], 2), (ids[2], 0)],
+            "the row given up is out"
+        );
+        let refused: Vec<u64> = sqlx::query_scalar(
+            "SELECT id FROM outbox WHERE refused_at IS NOT NULL AND published_at IS NOT NULL",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("refused");
+        assert_eq!(refused, vec![ids[0]]);
+        assert_eq!(backlog(&db.pool).await.expect("backlog").count, 2);
+        sqlx::query("UPDATE execution_lease SET epoch = epoch + 1")
+            .execute(&db.pool)
+            .await
+            .expect("take over");
+        let changed = record_refusals(&db.pool, &ids[1..], &ids[1..], name, epoch)
+            .await
+            .expect("fenced");
+        assert_eq!(changed, 0, "an old epoch records nothing");
     }
 
     /// Retention deletes published rows older than the cutoff, a batch at a time, and never
