@@ -28,7 +28,7 @@ use schema::{DiskOfferingId, VmId, ZoneId};
 use uuid::uuid;
 
 pub use faults::Faults;
-pub use state::{CallRecord, DeviceBehaviour, Sim};
+pub use state::{ByIdLinks, CallRecord, DeviceBehaviour, Sim};
 
 /// The zone every simulator serves.
 pub const ZONE_ID: ZoneId = ZoneId::from_uuid(uuid!("5f0a3c1e-7d2b-4e8a-9c61-2b7f4d9e0a11"));

@@ -112,6 +112,25 @@ pub struct DeviceBehaviour {
     pub jitter: Duration,
     /// Never create devices (a guest that does not see the disk).
     pub missing: bool,
+    /// When udev's by-id link of a new device appears (always after the device, as udev
+    /// makes it once the kernel's uevent is handled).
+    pub by_id: ByIdLinks,
+    /// Devices are virtio-scsi disks (`sdX`, the serial in `device/vpd_pg80`, a
+    /// `scsi-0QEMU_QEMU_HARDDISK_<serial>` link) instead of virtio-blk (`vdX`, `serial`,
+    /// `virtio-<serial>`).
+    pub scsi: bool,
+}
+
+/// When the by-id link of a new host device appears.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ByIdLinks {
+    /// Right after the device.
+    #[default]
+    AtOnce,
+    /// This long after the device (udev busy).
+    After(Duration),
+    /// Never (no udev rule makes one).
+    Never,
 }
 
 #[derive(Debug)]
@@ -156,7 +175,16 @@ fn root_disk(config: &SimConfig, vm: VmId, n: usize) -> SimVolume {
     let id = VolumeId::new_random();
     if config.host_vm_id == Some(vm)
         && let Some(root) = &config.sysfs_root
-        && let Err(e) = sysfs::create_device(root, "vda", &id.disk_serial(), ROOT_DISK_BYTES, 3)
+        && let Err(e) = sysfs::create_device(
+            root,
+            &sysfs::Disk {
+                name: "vda",
+                serial: &id.disk_serial(),
+                size_bytes: ROOT_DISK_BYTES,
+                controller: 3,
+                scsi: false,
+            },
+        )
     {
         tracing::warn!(error = %e, "cannot create the host VM's root device");
     }
@@ -539,7 +567,7 @@ impl Sim {
 
         let to_host = self.config.host_vm_id == Some(vm) && !fails && !devices.missing;
         if to_host && let Some(delay) = devices.delay {
-            self.create_device_later(id, size_bytes, delay, devices.jitter);
+            self.create_device_later(id, size_bytes, delay, &devices);
         }
         let sim = Arc::clone(self);
         self.finish_job_later(
@@ -574,7 +602,7 @@ impl Sim {
                 vol.attached = Some(Utc::now());
                 let out = volume_json_by_id(id, inner);
                 if to_host && devices.delay.is_none() {
-                    sim.create_device_later(id, size_bytes, Duration::ZERO, devices.jitter);
+                    sim.create_device_later(id, size_bytes, Duration::ZERO, &devices);
                 }
                 Ok(out)
             },
@@ -735,52 +763,81 @@ impl Sim {
         });
     }
 
-    /// Creates the guest device of `volume` under the sysfs root after `delay` (+ jitter).
+    /// Creates the guest device of `volume` under the sysfs root after `delay` (+ jitter), as
+    /// the kernel does: the device node (`<sysfs_root>/dev/<name>`, standing for `/dev/<name>`,
+    /// to the volume's backing file) with the device, then udev's by-id link as
+    /// [`DeviceBehaviour::by_id`] says.
     fn create_device_later(
         self: &Arc<Self>,
         volume: VolumeId,
         size_bytes: u64,
         delay: Duration,
-        jitter: Duration,
+        devices: &DeviceBehaviour,
     ) {
         let Some(root) = self.config.sysfs_root.clone() else {
             return;
         };
-        let extra = if jitter.is_zero() {
+        let extra = if devices.jitter.is_zero() {
             Duration::ZERO
         } else {
-            jitter.mul_f64(rand::rng().random::<f64>())
+            devices.jitter.mul_f64(rand::rng().random::<f64>())
         };
+        let (by_id, scsi) = (devices.by_id, devices.scsi);
         let sim = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(delay + extra).await;
-            let mut inner = sim.lock();
-            if !inner.volumes.contains_key(&volume) || inner.device_names.contains_key(&volume) {
+            let serial = volume.disk_serial();
+            let link = {
+                let mut inner = sim.lock();
+                if !inner.volumes.contains_key(&volume) || inner.device_names.contains_key(&volume)
+                {
+                    return;
+                }
+                let taken: Vec<String> = inner.device_names.values().cloned().collect();
+                let name = sysfs::next_free_name(&root, if scsi { "sd" } else { "vd" }, &taken);
+                let controller = inner.next_controller;
+                inner.next_controller += 1;
+                let backing = match &sim.config.by_id_dir {
+                    Some(_) => sysfs::create_backing(&root, &volume.to_string(), size_bytes)
+                        .map_err(|e| tracing::warn!(error = %e, %volume, "cannot create the simulated backing file"))
+                        .ok(),
+                    None => None,
+                };
+                if let Some(file) = &backing
+                    && let Err(e) = sysfs::create_node(&root, &name, file)
+                {
+                    tracing::warn!(error = %e, %volume, "cannot create the simulated device node");
+                }
+                let disk = sysfs::Disk {
+                    name: &name,
+                    serial: &serial,
+                    size_bytes,
+                    controller,
+                    scsi,
+                };
+                if let Err(e) = sysfs::create_device(&root, &disk) {
+                    tracing::warn!(error = %e, %volume, "cannot create the simulated device");
+                    return;
+                }
+                inner.device_names.insert(volume, name);
+                backing.zip(sim.config.by_id_dir.clone())
+            };
+            let Some((file, by_id_dir)) = link else {
+                return;
+            };
+            match by_id {
+                ByIdLinks::Never => return,
+                ByIdLinks::AtOnce => {}
+                ByIdLinks::After(d) => tokio::time::sleep(d).await,
+            }
+            // Still attached (a detach meanwhile removed the device: udev makes no link).
+            if !sim.lock().device_names.contains_key(&volume) {
                 return;
             }
-            let taken: Vec<String> = inner.device_names.values().cloned().collect();
-            let name = sysfs::next_free_name(&root, &taken);
-            let controller = inner.next_controller;
-            inner.next_controller += 1;
-            // The by-id link first, so a daemon that sees the device finds its link too.
-            if let Some(by_id) = &sim.config.by_id_dir {
-                let made = sysfs::create_backing(
-                    &root,
-                    by_id,
-                    &volume.to_string(),
-                    &volume.disk_serial(),
-                    size_bytes,
-                );
-                if let Err(e) = made {
-                    tracing::warn!(error = %e, %volume, "cannot create the simulated backing file");
-                }
-            }
-            match sysfs::create_device(&root, &name, &volume.disk_serial(), size_bytes, controller)
+            if let Err(e) =
+                sysfs::create_by_id(&by_id_dir, &sysfs::by_id_name(&serial, scsi), &file)
             {
-                Ok(_) => {
-                    inner.device_names.insert(volume, name);
-                }
-                Err(e) => tracing::warn!(error = %e, %volume, "cannot create the simulated device"),
+                tracing::warn!(error = %e, %volume, "cannot create the simulated by-id link");
             }
         });
     }

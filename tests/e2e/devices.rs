@@ -23,6 +23,7 @@ async fn four_volumes_of_one_size_attached_at_once_each_get_the_device_with_thei
         delay: None,
         jitter: Duration::from_millis(600),
         missing: false,
+        ..DeviceBehaviour::default()
     });
     env.start_daemon().await;
     let host = env.host_vm.expect("host vm");
@@ -140,8 +141,11 @@ async fn without_a_device_the_attach_fails_within_the_timeout_and_the_mapping_sa
     let root = env.sysfs.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        cloudstack_sim::sysfs::create_device(&root, "vdq", "ffffffffffffffffffff", 1 << 30, 99)
-            .expect("stranger");
+        cloudstack_sim::sysfs::create_device(
+            &root,
+            &cloudstack_sim::sysfs::Disk::virtio("vdq", "ffffffffffffffffffff", 1 << 30, 99),
+        )
+        .expect("stranger");
     });
 
     let started = tokio::time::Instant::now();
@@ -226,8 +230,11 @@ async fn the_monitor_keeps_mappings_true_when_a_device_vanishes_and_returns() {
     let m = wait_mapping(&mut env, &key, |m| m.linux_state == "missing").await;
     assert_eq!(m.device_path, None);
 
-    cloudstack_sim::sysfs::create_device(&env.sysfs, "vdx", &volume.disk_serial(), 1 << 30, 42)
-        .expect("return");
+    cloudstack_sim::sysfs::create_device(
+        &env.sysfs,
+        &cloudstack_sim::sysfs::Disk::virtio("vdx", &volume.disk_serial(), 1 << 30, 42),
+    )
+    .expect("return");
     let m = wait_mapping(&mut env, &key, |m| m.linux_state == "present").await;
     assert_eq!(m.device_path.as_deref(), Some("/dev/vdx"));
 

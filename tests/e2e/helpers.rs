@@ -243,6 +243,7 @@ impl TestEnv {
             .env("SHUTDOWN_GRACE_S", "5")
             .env("SYSFS_ROOT", &self.sysfs)
             .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
+            .env("DEVICE_NODE_DIR", self.sysfs.join("dev"))
             .env("PERSISTENT_DEVICE_DIR", self.sysfs.join("persistent"))
             .env("RUST_LOG", "info,worker=debug")
             .envs(self.cloudstack_env())

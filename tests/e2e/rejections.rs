@@ -120,6 +120,88 @@ async fn invalid_commands_are_dead_lettered_with_their_reason_and_answered() {
     assert_eq!(status, 200);
 }
 
+/// CONTRACT §3 rule 3: a dead-lettered copy keeps the producer's headers and properties, as
+/// the broker's own dead-lettering would (its `user_id` aside), with the reason added; headers
+/// over the bound are dropped from the copy and the reason names them.
+#[tokio::test]
+async fn a_dead_lettered_message_keeps_the_producers_headers_and_gains_the_reason() {
+    use lapin::types::{FieldTable, LongString, ShortString};
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let topology = Topology::new(env.prefix.clone());
+    let mut dead = EventTap::bound(&env.prefix, &topology.dead_letter_exchange(), "").await;
+    let publisher = RawPublisher::new(&env.prefix).await;
+    let header = |h: &FieldTable, name: &str| h.inner().get(name).cloned();
+
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-producer-tag"),
+        AMQPValue::LongString(LongString::from("tag-42")),
+    );
+    headers.insert(ShortString::from("x-attempt"), AMQPValue::LongInt(3));
+    // A producer cannot forge the daemon's reason.
+    headers.insert(
+        ShortString::from("x-rejection-reason"),
+        AMQPValue::LongString(LongString::from("forged")),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_app_id("billing".into())
+        .with_message_id("m-1".into())
+        .with_priority(3)
+        .with_headers(headers);
+    publisher
+        .publish_with("volume.create", b"not json at all", props)
+        .await;
+    let (props, body) = dead.next_raw(WAIT).await.expect("dead-lettered");
+    assert_eq!(body, b"not json at all");
+    let h = props.headers().clone().expect("headers");
+    assert_eq!(
+        header(&h, "x-producer-tag"),
+        Some(AMQPValue::LongString(LongString::from("tag-42")))
+    );
+    assert_eq!(header(&h, "x-attempt"), Some(AMQPValue::LongInt(3)));
+    let Some(AMQPValue::LongString(reason)) = header(&h, "x-rejection-reason") else {
+        panic!("reason: {h:?}")
+    };
+    assert!(reason.to_string().contains("not JSON"), "{reason}");
+    assert!(header(&h, "x-original-routing-key").is_some());
+    assert_eq!(props.app_id().as_ref().map(|a| a.as_str()), Some("billing"));
+    assert_eq!(props.message_id().as_ref().map(|a| a.as_str()), Some("m-1"));
+    assert_eq!(*props.priority(), Some(3));
+
+    // Over the bound: the small header is kept, the 20 KiB one dropped and named.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-small"),
+        AMQPValue::LongString(LongString::from("kept")),
+    );
+    headers.insert(
+        ShortString::from("x-huge"),
+        AMQPValue::LongString(LongString::from("h".repeat(20 * 1024))),
+    );
+    let props = BasicProperties::default().with_headers(headers);
+    publisher
+        .publish_with("volume.create", b"still not json", props)
+        .await;
+    let (props, _) = dead.next_raw(WAIT).await.expect("dead-lettered");
+    let h = props.headers().clone().expect("headers");
+    assert_eq!(
+        header(&h, "x-small"),
+        Some(AMQPValue::LongString(LongString::from("kept")))
+    );
+    assert_eq!(header(&h, "x-huge"), None, "over the bound: dropped");
+    let Some(AMQPValue::LongString(reason)) = header(&h, "x-rejection-reason") else {
+        panic!("reason: {h:?}")
+    };
+    assert!(
+        reason
+            .to_string()
+            .contains("were dropped from this copy: x-huge"),
+        "{reason}"
+    );
+}
+
 /// CONTRACT §3 rule 3: a readable command id with a type known neither from the body nor from
 /// the routing key is still answered, as `volume.unknown.failed`, also to its `reply_to`.
 #[tokio::test]

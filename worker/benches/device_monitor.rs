@@ -59,8 +59,11 @@ fn name(i: usize) -> String {
 fn populate(root: &Path, n: usize) {
     for i in 0..n {
         let serial = format!("{:020x}", i + 1);
-        cloudstack_sim::sysfs::create_device(root, &name(i), &serial, 10 << 30, 4 + i as u32)
-            .expect("device");
+        cloudstack_sim::sysfs::create_device(
+            root,
+            &cloudstack_sim::sysfs::Disk::virtio(&name(i), &serial, 10 << 30, 4 + i as u32),
+        )
+        .expect("device");
     }
 }
 
@@ -103,14 +106,9 @@ async fn detection_latency() -> Vec<Duration> {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let dev = name(DEVICES - 1);
         let created = Instant::now();
-        cloudstack_sim::sysfs::create_device(
-            &root,
-            &dev,
-            &format!("{:020x}", 1000 + i),
-            1 << 30,
-            900,
-        )
-        .expect("device");
+        let serial = format!("{:020x}", 1000 + i);
+        let disk = cloudstack_sim::sysfs::Disk::virtio(&dev, &serial, 1 << 30, 900);
+        cloudstack_sim::sysfs::create_device(&root, &disk).expect("device");
         loop {
             let e = events.recv().await.expect("event");
             if e.device.name == dev && e.change == DeviceChange::Added {

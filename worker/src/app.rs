@@ -236,6 +236,10 @@ impl Background {
             settings.device_by_id_dir.clone(),
             settings.device_poll_interval(),
         )
+        .with_nodes(
+            settings.device_node_dir.clone(),
+            Duration::from_millis(settings.by_id_link_wait_ms),
+        )
         .with_mode(monitor.mode());
         let (checks_tx, checks) = tokio::sync::watch::channel(Checks::default());
         let checker = Checker {
@@ -336,13 +340,13 @@ impl Active<'_> {
         let sync = tokio::spawn(devices::sync::run(
             store,
             self.devices.clone(),
-            self.settings.host_files(),
+            ctx.host.clone(),
             halt.clone(),
             fenced.clone(),
         ));
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
         let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
-        reconcile_host(&ctx.store, &ctx.host).await;
+        reconcile_host(&ctx.store, &ctx.host, self.devices).await;
         let housekeeping = self.spawn_housekeeping(&ctx, &halt);
         let intake = self.spawn_intake(ctx, ops_tx);
 
@@ -556,8 +560,9 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
 
 /// Makes the host appliance's directories and tables agree before commands are taken (only
 /// the active instance writes either). A failure is logged; attaches repair their own files.
-async fn reconcile_host(store: &Store, files: &crate::host::HostFiles) {
-    match crate::host::reconcile::run(store, files).await {
+async fn reconcile_host(store: &Store, files: &crate::host::HostFiles, devices: &Devices) {
+    let _held = files.lock().await;
+    match crate::host::reconcile::run(store, files, devices).await {
         Ok(r) if r == Default::default() => {
             tracing::info!("host files and tables agree")
         }

@@ -70,6 +70,14 @@ pub struct Settings {
     /// Where `/dev/disk/by-id` links are looked up (fallback for devices without a serial).
     #[arg(long, env = "DEVICE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
     pub device_by_id_dir: PathBuf,
+    /// Where the kernel's device nodes are (`/dev/<name>`): the target of a persistent name
+    /// whose device has no by-id link (tests point it at a folder of their own).
+    #[arg(long, env = "DEVICE_NODE_DIR", default_value = "/dev")]
+    pub device_node_dir: PathBuf,
+    /// How long a host attach waits for udev's by-id link of its device before its persistent
+    /// name points at the device node instead.
+    #[arg(long, env = "BY_ID_LINK_WAIT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub by_id_link_wait_ms: u64,
     /// Where the persistent device names of host attachments live (created if missing).
     #[arg(
         long,

@@ -147,6 +147,24 @@ impl Context {
         lock.lock_owned().await
     }
 
+    /// Takes `vm`'s attach/detach lock for `op` until its outcome is committed (once: a run
+    /// after a refused key holds it already).
+    pub async fn hold_vm(&self, op: &mut Operation, vm: VmId) {
+        if !op.held.holds_vm(vm) {
+            let guard = self.lock_vm(vm).await;
+            op.held.hold_vm(vm, guard);
+        }
+    }
+
+    /// Takes the host files' lock for `op` until its outcome is committed: before it changes a
+    /// persistent name or an export.
+    pub async fn hold_host_files(&self, op: &mut Operation) {
+        if !op.held.holds_host_files() {
+            let guard = self.host.lock().await;
+            op.held.hold_host_files(guard);
+        }
+    }
+
     /// The device scan period.
     pub fn devices_period(&self) -> Duration {
         self.devices.period()

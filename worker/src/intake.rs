@@ -245,7 +245,7 @@ impl Intake {
         }
 
         let props = dead_letter_properties(&delivery, &invalid.reason);
-        let published = async {
+        let published = tokio::time::timeout(DEAD_LETTER_TIMEOUT, async {
             channel
                 .basic_publish(
                     self.topology.dead_letter_exchange().into(),
@@ -256,15 +256,23 @@ impl Intake {
                 )
                 .await?
                 .await
-        }
+        })
         .await;
         match published {
-            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }
             other => {
                 // Let the broker dead-letter it instead (without our reason header).
-                tracing::warn!(result = ?other.map(|c| c.is_ack()), "publishing to the dead-letter exchange failed; rejecting");
+                let result = match other {
+                    Ok(Ok(_)) => "refused (nack)".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no confirm within {DEAD_LETTER_TIMEOUT:?}"),
+                };
+                tracing::warn!(
+                    result,
+                    "publishing to the dead-letter exchange failed; rejecting"
+                );
                 delivery
                     .acker
                     .reject(BasicRejectOptions { requeue: false })
@@ -278,14 +286,30 @@ impl Intake {
 /// The reason header is cut to this many bytes: a hostile message cannot make it large.
 const MAX_REASON_BYTES: usize = 1024;
 
-/// The properties a dead-lettered copy carries: only those that are safe to republish with
-/// the daemon's credentials and useful for inspection and replay. Never the producer's
-/// `user_id` (the broker refuses a publish whose `user_id` is not the connection's user, and
-/// closes the channel) and none of its own headers (of any size); our two headers say why and
-/// from where.
+/// The producer's own headers a dead-lettered copy keeps, at most this many bytes in all (as
+/// AMQP encodes them): what does not fit is dropped, and the reason says so.
+const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
+
+/// How long the dead-letter publish may wait for its confirm; past it the message is rejected
+/// and the broker dead-letters it itself (without the reason header).
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The properties a dead-lettered copy carries: those of the message, as the broker's own
+/// dead-lettering keeps them (CONTRACT §3 rule 3), with its headers cut to
+/// [`MAX_KEPT_HEADER_BYTES`], plus our two headers that say why and from where. Never the
+/// producer's `user_id` (the broker refuses a publish whose `user_id` is not the connection's
+/// user, and closes the channel) nor its `expiration` (the broker drops it too, so the copy
+/// does not expire in the dead-letter queue).
 fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProperties {
     let p = &delivery.properties;
+    let (mut headers, dropped) = kept_headers(p.headers().as_ref());
     let mut reason = reason.to_owned();
+    if !dropped.is_empty() {
+        reason = format!(
+            "{reason} (headers over {MAX_KEPT_HEADER_BYTES} bytes in all were dropped from this copy: {})",
+            dropped.join(", ")
+        );
+    }
     if reason.len() > MAX_REASON_BYTES {
         let mut cut = MAX_REASON_BYTES;
         while !reason.is_char_boundary(cut) {
@@ -294,7 +318,6 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
         reason.truncate(cut);
         reason.push('…');
     }
-    let mut headers = FieldTable::default();
     headers.insert(
         headers::REJECTION_REASON.into(),
         AMQPValue::LongString(LongString::from(reason.as_str())),
@@ -312,6 +335,9 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
     if let Some(v) = p.content_encoding() {
         props = props.with_content_encoding(v.clone());
     }
+    if let Some(v) = p.priority() {
+        props = props.with_priority(*v);
+    }
     if let Some(v) = p.message_id() {
         props = props.with_message_id(v.clone());
     }
@@ -327,7 +353,53 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
     if let Some(v) = p.kind() {
         props = props.with_type(v.clone());
     }
+    if let Some(v) = p.app_id() {
+        props = props.with_app_id(v.clone());
+    }
     props
+}
+
+/// The producer's headers that fit in [`MAX_KEPT_HEADER_BYTES`] (in key order; ours are set
+/// afterwards, so a producer cannot forge them), and the names of those dropped.
+fn kept_headers(from: Option<&FieldTable>) -> (FieldTable, Vec<String>) {
+    let mut kept = FieldTable::default();
+    let mut dropped = Vec::new();
+    let mut used = 0;
+    let ours = [headers::REJECTION_REASON, headers::ORIGINAL_ROUTING_KEY];
+    for (name, value) in from.map(FieldTable::inner).into_iter().flatten() {
+        if ours.contains(&name.as_str()) {
+            continue;
+        }
+        let size = 1 + name.as_str().len() + encoded_len(value);
+        if used + size > MAX_KEPT_HEADER_BYTES {
+            dropped.push(name.to_string());
+            continue;
+        }
+        used += size;
+        kept.insert(name.clone(), value.clone());
+    }
+    (kept, dropped)
+}
+
+/// The bytes AMQP takes to encode `value` (type octet included).
+fn encoded_len(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(encoded_len).sum::<usize>(),
+        AMQPValue::FieldTable(t) => {
+            4 + (t.inner().iter())
+                .map(|(k, v)| 1 + k.as_str().len() + encoded_len(v))
+                .sum::<usize>()
+        }
+        AMQPValue::Void => 0,
+    }
 }
 
 /// The failed event telling a producer its command was invalid, when the message carried a

@@ -3,8 +3,11 @@
 //! ([`event_for`]). A leaf module: the persistence layer, the metrics and the executor use these
 //! types without depending on how operations run (the `operation` module does that).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::OwnedMutexGuard;
 
 use cloudstack::response::JobId;
 use schema::event::{AttachMode, Change, NbdExport};
@@ -28,6 +31,37 @@ pub struct Operation {
     /// Executions started before this one (by an earlier run of a daemon): the operation may
     /// have acted already and must reconcile before acting again.
     pub prior_attempts: u32,
+    /// Locks this execution holds until its outcome is committed.
+    pub held: Held,
+}
+
+/// Locks an execution holds until its outcome is committed, so that nothing else (another
+/// attach or detach of the VM, a reconcile, the mapping sync) sees the state it left between
+/// acting and committing: its VMs' attach/detach locks and, once it changed the host
+/// appliance's files, their lock. Released when the operation is dropped, at the end of
+/// `operation::execute`, after the outcome's commit.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    vms: Vec<(VmId, Arc<OwnedMutexGuard<()>>)>,
+    host_files: Option<Arc<OwnedMutexGuard<()>>>,
+}
+
+impl Held {
+    pub fn holds_vm(&self, vm: VmId) -> bool {
+        self.vms.iter().any(|(v, _)| *v == vm)
+    }
+
+    pub fn hold_vm(&mut self, vm: VmId, guard: OwnedMutexGuard<()>) {
+        self.vms.push((vm, Arc::new(guard)));
+    }
+
+    pub fn holds_host_files(&self) -> bool {
+        self.host_files.is_some()
+    }
+
+    pub fn hold_host_files(&mut self, guard: OwnedMutexGuard<()>) {
+        self.host_files = Some(Arc::new(guard));
+    }
 }
 
 impl Operation {
@@ -39,6 +73,7 @@ impl Operation {
             job_id: None,
             volume_id,
             prior_attempts: 0,
+            held: Held::default(),
         }
     }
 

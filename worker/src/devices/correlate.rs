@@ -20,6 +20,9 @@ use schema::VolumeId;
 
 use super::monitor::{DeviceEvent, DeviceTable};
 
+/// How often a wait for a by-id link looks again.
+const BY_ID_POLL: Duration = Duration::from_millis(20);
+
 /// The prefixes of `/dev/disk/by-id` links to a disk with a given serial.
 const BY_ID_PREFIXES: [&str; 3] = ["virtio-", "scsi-0QEMU_QEMU_HARDDISK_", "scsi-"];
 
@@ -81,6 +84,10 @@ pub struct Devices {
     events: broadcast::Sender<DeviceEvent>,
     by_id_dir: PathBuf,
     period: Duration,
+    /// Where the device nodes are (`/dev`): a persistent name's target when no by-id link came.
+    node_dir: PathBuf,
+    /// How long a host attach waits for udev's by-id link of its device.
+    by_id_wait: Duration,
     /// Device name → the volume that owns it. Two volumes never get one device.
     claims: Arc<Mutex<HashMap<String, VolumeId>>>,
     /// Where the monitor's scans come from.
@@ -98,6 +105,8 @@ impl Devices {
             table,
             events,
             by_id_dir,
+            node_dir: PathBuf::from("/dev"),
+            by_id_wait: Duration::from_secs(3),
             period,
             claims: Arc::default(),
             mode: watch::channel(super::MonitorMode::Polling).1,
@@ -108,12 +117,89 @@ impl Devices {
         self.period
     }
 
+    /// Where device nodes are (`DEVICE_NODE_DIR`) and how long a host attach waits for a
+    /// by-id link (`BY_ID_LINK_WAIT_MS`).
+    pub fn with_nodes(mut self, node_dir: PathBuf, by_id_wait: Duration) -> Self {
+        self.node_dir = node_dir;
+        self.by_id_wait = by_id_wait;
+        self
+    }
+
+    /// The device node of `name`: `$DEVICE_NODE_DIR/<name>`.
+    pub fn node(&self, name: &str) -> PathBuf {
+        self.node_dir.join(name)
+    }
+
+    /// Whether `path` is a device node (`$DEVICE_NODE_DIR/<name>`), not a by-id link.
+    pub fn is_node(&self, path: &Path) -> bool {
+        path.parent() == Some(self.node_dir.as_path())
+    }
+
+    /// The by-id link of the disk with `serial` that exists now: udev's `virtio-<serial>`, or a
+    /// SCSI form. Named by the serial, it can only lead to that disk, and goes with it.
+    pub async fn by_id_link(&self, serial: &str) -> Option<PathBuf> {
+        for prefix in BY_ID_PREFIXES {
+            let link = self.by_id_dir.join(format!("{prefix}{serial}"));
+            if tokio::fs::symlink_metadata(&link).await.is_ok() {
+                return Some(link);
+            }
+        }
+        None
+    }
+
+    /// [`Self::by_id_link`], waiting up to `BY_ID_LINK_WAIT_MS` for udev to make it (udev
+    /// makes it after the kernel's uevent, so the daemon may see the device first).
+    pub async fn wait_by_id_link(
+        &self,
+        serial: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<PathBuf> {
+        let deadline = Instant::now() + self.by_id_wait;
+        loop {
+            if let Some(link) = self.by_id_link(serial).await {
+                return Some(link);
+            }
+            if Instant::now() >= deadline || shutdown.is_cancelled() {
+                tracing::warn!(
+                    serial,
+                    waited_ms = self.by_id_wait.as_millis(),
+                    "no by-id link for this serial: the persistent name points at the device node, checked against the serial at every scan"
+                );
+                return None;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(BY_ID_POLL.min(self.by_id_wait)) => {}
+            }
+        }
+    }
+
+    /// The name of the device that carries `serial` now, if any.
+    pub fn named(&self, serial: &str) -> Option<String> {
+        let table = self.table.borrow();
+        table
+            .devices
+            .values()
+            .find(|p| p.device.serial.as_deref() == Some(serial))
+            .map(|p| p.device.name.clone())
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
         self.events.subscribe()
     }
 
     pub fn table(&self) -> Arc<DeviceTable> {
         self.table.borrow().clone()
+    }
+
+    /// The monitor's table, changed at every scan.
+    pub fn scans(&self) -> watch::Receiver<Arc<DeviceTable>> {
+        self.table.clone()
+    }
+
+    /// Where udev's by-id links are.
+    pub fn by_id_dir(&self) -> &Path {
+        &self.by_id_dir
     }
 
     /// Follows the monitor's mode (`Monitor::mode`).
@@ -205,7 +291,8 @@ impl Devices {
             .values()
             .find(|p| p.device.serial.as_deref() == Some(&exp.serial) && free(&p.device.name))
         {
-            Some((p, MatchedBy::Serial, Some(by_id(BY_ID_PREFIXES[0]))))
+            // Which by-id link it has (if udev made one yet) is for the caller to find.
+            Some((p, MatchedBy::Serial, None))
         } else if let Some((p, link)) = BY_ID_PREFIXES.iter().find_map(|prefix| {
             let link = by_id(prefix);
             let name = link_target_name(&link)?;
@@ -321,11 +408,43 @@ mod tests {
             ("/dev/vdc", MatchedBy::Serial)
         );
         assert_eq!(fb.device_path, "/dev/vdb");
-        assert!(
-            fa.by_id_path
-                .as_deref()
-                .is_some_and(|p| p.ends_with(&format!("virtio-{}", a.disk_serial())))
+        assert_eq!(
+            fa.by_id_path, None,
+            "a serial match names no by-id link it has not seen"
         );
+    }
+
+    /// The by-id link is found in whichever form udev made it (virtio or SCSI), waited for up to
+    /// the configured time, and never made up when it is not there.
+    #[tokio::test]
+    async fn the_by_id_link_is_found_in_any_form_and_waited_for_a_bounded_time() {
+        let t = Tree::new();
+        let (_m, d, by_id) = setup(&t);
+        let d = d.with_nodes(t.0.join("dev"), Duration::from_millis(300));
+        let (a, b) = (VolumeId::new_random(), VolumeId::new_random());
+        let none = CancellationToken::new();
+        assert_eq!(d.by_id_link(&a.disk_serial()).await, None);
+        let started = std::time::Instant::now();
+        assert_eq!(d.wait_by_id_link(&a.disk_serial(), &none).await, None);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        let scsi = by_id.join(format!("scsi-0QEMU_QEMU_HARDDISK_{}", b.disk_serial()));
+        std::os::unix::fs::symlink("../../sdb", &scsi).expect("link");
+        assert_eq!(d.by_id_link(&b.disk_serial()).await, Some(scsi));
+        // udev makes the link while the attach waits.
+        let late = by_id.join(format!("virtio-{}", a.disk_serial()));
+        let made = late.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::os::unix::fs::symlink("../../vdc", &made).expect("link");
+        });
+        assert_eq!(d.wait_by_id_link(&a.disk_serial(), &none).await, Some(late));
+        assert_eq!(d.node("vdc"), t.0.join("dev").join("vdc"));
+        assert!(d.is_node(&t.0.join("dev").join("vdc")));
+        assert!(!d.is_node(&by_id.join("virtio-x")));
     }
 
     /// A virtio-scsi guest: the volume's disk is `sdb`, its serial only in the VPD page.

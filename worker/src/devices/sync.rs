@@ -9,11 +9,12 @@ use tokio_util::sync::CancellationToken;
 use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
 use crate::db::store::{Store, StoreError, now};
 use crate::db::{devices, exports};
-use crate::host::{self, HostFiles};
+use crate::host::{self, HostFiles, Target};
 use crate::mappings::LinuxState;
 
 /// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
-/// fenced write cancels `fenced` and ends the task.
+/// fenced write cancels `fenced` and ends the task. At every scan the persistent names that
+/// point at a device node are checked ([`check_node_links`]).
 pub async fn run(
     store: Store,
     devices: Devices,
@@ -22,14 +23,23 @@ pub async fn run(
     fenced: CancellationToken,
 ) {
     let mut events = devices.subscribe();
+    let mut scans = devices.scans();
     if resync(&store, &devices.table()).await.is_err() {
         fenced.cancel();
         return;
     }
-    repoint(&store, &host).await;
+    repoint(&store, &devices, &host).await;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
+            scanned = scans.changed() => {
+                if scanned.is_err() {
+                    return;
+                }
+                let table = scans.borrow_and_update().clone();
+                check_node_links(&devices, &host, &table).await;
+                continue;
+            }
             e = events.recv() => e,
         };
         match event {
@@ -39,7 +49,7 @@ pub async fn run(
                 }
                 match apply(&store, &e).await {
                     Ok(()) if matches!(e.change, DeviceChange::Added) => {
-                        repoint(&store, &host).await;
+                        repoint(&store, &devices, &host).await;
                     }
                     Ok(()) => {}
                     Err(StoreError::Fenced(f)) => {
@@ -67,9 +77,12 @@ pub async fn run(
     }
 }
 
-/// Points every persistent name at its device again (a device that came back under another
-/// name, with no by-id link to follow it). Only names that point elsewhere are rewritten.
-async fn repoint(store: &Store, host: &HostFiles) {
+/// Gives every host mapping whose device is there (found by the volume's serial) its
+/// persistent name and export entry again, pointing at the device's by-id link, else its node:
+/// a device that came back, possibly under another name. Under the host files' lock, so a
+/// detach that removed a volume's files is committed before its mapping is read here.
+async fn repoint(store: &Store, devices: &Devices, host: &HostFiles) {
+    let _held = host.lock().await;
     let rows = match exports::host_links(store.pool()).await {
         Ok(r) => r,
         Err(e) => {
@@ -78,18 +91,65 @@ async fn repoint(store: &Store, host: &HostFiles) {
         }
     };
     for row in rows {
-        let (Some(name), Some(device)) = (&row.persistent_device_name, &row.device_path) else {
+        let Some(name) = &row.persistent_device_name else {
             continue;
         };
-        let target = host::link_target(row.by_id_path.as_deref(), device).await;
-        match host.repoint(name, &target).await {
+        let serial = row.volume_id.disk_serial();
+        let Some(device) = devices.named(&serial) else {
+            continue;
+        };
+        let target = host::target_of(devices, &device, Some(&serial), None).await;
+        match host.ensure(row.volume_id, name, &target).await {
             Ok(true) => {
-                tracing::info!(volume = %row.volume_id, name, target = %target.display(), "persistent name re-pointed")
+                tracing::info!(volume = %row.volume_id, name, target = %target.path().display(), "persistent name re-pointed")
             }
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, volume = %row.volume_id, "cannot re-point persistent name")
             }
+        }
+    }
+}
+
+/// The persistent names that point at a device node (no by-id link came), checked against
+/// this scan's table: one whose device is gone or carries another serial is removed at once
+/// (the kernel may have given the name to another disk: its export leads nowhere rather than
+/// to that disk); one whose by-id link udev has made since is pointed at it.
+async fn check_node_links(devices: &Devices, host: &HostFiles, table: &DeviceTable) {
+    if host.node_links().is_empty() {
+        return;
+    }
+    let _held = host.lock().await;
+    for link in host.node_links() {
+        if let Some(serial) = &link.serial
+            && let Some(by_id) = devices.by_id_link(serial).await
+        {
+            match host
+                .ensure(link.volume, &link.name, &Target::ById(by_id))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(volume = %link.volume, name = link.name, "udev made the by-id link: persistent name points at it now")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, volume = %link.volume, "cannot point the persistent name at its by-id link")
+                }
+            }
+            continue;
+        }
+        let now = table.devices.get(&link.device).map(|p| &p.device.serial);
+        if now == Some(&link.serial) {
+            continue;
+        }
+        tracing::warn!(
+            volume = %link.volume,
+            name = link.name,
+            device = link.device,
+            now = ?now,
+            "the device this persistent name points at is gone or carries another serial: name removed"
+        );
+        if let Err(e) = host.remove_persistent(&link.name).await {
+            tracing::error!(error = %e, volume = %link.volume, "cannot remove a persistent name that may lead to another disk");
         }
     }
 }

@@ -12,14 +12,20 @@
 mod links;
 pub mod reconcile;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::OwnedMutexGuard;
 
 use schema::VolumeId;
 use schema::event::NbdExport;
+
+use crate::devices::Devices;
 
 /// `NBD_URL`: `nbd://host[:port]`, how clients reach the NBD server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,12 +87,22 @@ impl fmt::Display for NbdUrl {
     }
 }
 
-/// The two directories and how the exports are reached.
+/// The two directories and how the exports are reached. Clones share the lock and the record
+/// of links to device nodes.
 #[derive(Debug, Clone)]
 pub struct HostFiles {
     persistent_dir: PathBuf,
     export_dir: Option<PathBuf>,
     nbd_url: NbdUrl,
+    /// Persistent names pointing at a device node, by name: this process made or checked them
+    /// (an instance that becomes active repairs, and so records, every host mapping's name).
+    node_links: Arc<Mutex<HashMap<String, NodeLink>>>,
+    /// Held by whatever changes these files and the rows that describe them, from the change
+    /// to its commit: a host attach or detach until its outcome is committed, a reconcile, the
+    /// repair at activation, the mapping sync's re-pointing and node-link checks. So none of
+    /// them acts on a snapshot another is about to make untrue (a fresh export taken for a
+    /// stray, a detached volume's links made again).
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a host attachment has on disk.
@@ -142,15 +158,63 @@ pub fn persistent_name(volume: VolumeId, in_use: &[String]) -> String {
         .unwrap_or_else(|| format!("vol{hex}"))
 }
 
-/// What a persistent name points at: the device's by-id link when it exists (it follows the
-/// device across renames by itself), else the device node.
-pub async fn link_target(by_id_path: Option<&str>, device_path: &str) -> PathBuf {
-    if let Some(by_id) = by_id_path
-        && tokio::fs::symlink_metadata(by_id).await.is_ok()
-    {
-        return PathBuf::from(by_id);
+/// What a persistent name points at (CONTRACT §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// udev's by-id link of the device: named by the serial, it leads only to that disk,
+    /// follows it across renames and goes with it.
+    ById(PathBuf),
+    /// The device node (`$DEVICE_NODE_DIR/<device>`), when no by-id link came within
+    /// `BY_ID_LINK_WAIT_MS`. The kernel reuses names, so such a link is checked against the
+    /// serial the device had (`None`: a serial-less disk) at every scan, and removed once the
+    /// device is gone or carries another serial ([`HostFiles::node_links`]).
+    Node {
+        path: PathBuf,
+        device: String,
+        serial: Option<String>,
+    },
+}
+
+impl Target {
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::ById(p) | Self::Node { path: p, .. } => p,
+        }
     }
-    PathBuf::from(device_path)
+}
+
+/// The target for the device `device` that carries `serial` now: its by-id link when udev made
+/// one, else its node. `wait`: give udev up to `BY_ID_LINK_WAIT_MS` to make the link (a fresh
+/// attach); a repair takes what is there.
+pub async fn target_of(
+    devices: &Devices,
+    device: &str,
+    serial: Option<&str>,
+    wait: Option<&tokio_util::sync::CancellationToken>,
+) -> Target {
+    let link = match (serial, wait) {
+        (None, _) => None,
+        (Some(s), Some(shutdown)) => devices.wait_by_id_link(s, shutdown).await,
+        (Some(s), None) => devices.by_id_link(s).await,
+    };
+    match link {
+        Some(link) => Target::ById(link),
+        None => Target::Node {
+            path: devices.node(device),
+            device: device.to_owned(),
+            serial: serial.map(str::to_owned),
+        },
+    }
+}
+
+/// A persistent name that points at a device node: what it must still lead to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLink {
+    pub volume: VolumeId,
+    /// The persistent name (`vol<hex>`).
+    pub name: String,
+    pub device: String,
+    pub serial: Option<String>,
 }
 
 impl HostFiles {
@@ -159,6 +223,43 @@ impl HostFiles {
             persistent_dir,
             export_dir,
             nbd_url,
+            node_links: Arc::default(),
+            lock: Arc::default(),
+        }
+    }
+
+    /// Waits for the host files' lock (see the field).
+    pub async fn lock(&self) -> OwnedMutexGuard<()> {
+        self.lock.clone().lock_owned().await
+    }
+
+    /// The persistent names that point at a device node, to be checked at every scan.
+    pub fn node_links(&self) -> Vec<NodeLink> {
+        self.lock_node_links().values().cloned().collect()
+    }
+
+    fn lock_node_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeLink>> {
+        self.node_links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what the persistent name `name` of `volume` now points at.
+    fn note_target(&self, volume: VolumeId, name: &str, target: &Target) {
+        let mut links = self.lock_node_links();
+        match target {
+            Target::ById(_) => {
+                links.remove(name);
+            }
+            Target::Node { device, serial, .. } => {
+                links.insert(
+                    name.to_owned(),
+                    NodeLink {
+                        volume,
+                        name: name.to_owned(),
+                        device: device.clone(),
+                        serial: serial.clone(),
+                    },
+                );
+            }
         }
     }
 
@@ -202,12 +303,13 @@ impl HostFiles {
         &self,
         volume: VolumeId,
         name: &str,
-        target: &Path,
+        target: &Target,
     ) -> Result<HostLinks, HostError> {
         let persistent_path = self.persistent_path(name);
-        links::replace(target, &persistent_path)
+        links::replace(target.path(), &persistent_path)
             .await
             .map_err(at("cannot create the persistent name", &persistent_path))?;
+        self.note_target(volume, name, target);
         let export = self.export_of(volume, &persistent_path);
         if let (Some(dir), Some(e)) = (&self.export_dir, &export) {
             let entry = dir.join(&e.name);
@@ -239,6 +341,7 @@ impl HostFiles {
             links::remove(&path)
                 .await
                 .map_err(at("cannot remove the persistent name", &path))?;
+            self.lock_node_links().remove(name);
         }
         Ok(())
     }
@@ -249,10 +352,10 @@ impl HostFiles {
         &self,
         volume: VolumeId,
         name: &str,
-        target: &Path,
+        target: &Target,
     ) -> Result<bool, HostError> {
         let persistent_path = self.persistent_path(name);
-        let link_ok = links::target(&persistent_path).await.as_deref() == Some(target);
+        let link_ok = links::target(&persistent_path).await.as_deref() == Some(target.path());
         let export_ok = match &self.export_dir {
             None => true,
             Some(dir) => {
@@ -261,10 +364,27 @@ impl HostFiles {
             }
         };
         if link_ok && export_ok {
+            self.note_target(volume, name, target);
             return Ok(false);
         }
         self.link(volume, name, target).await?;
         Ok(true)
+    }
+
+    /// Where the persistent name `name` points, if it exists.
+    pub async fn points_at(&self, name: &str) -> Option<PathBuf> {
+        links::target(&self.persistent_path(name)).await
+    }
+
+    /// Removes the persistent name `name` alone: its export entry, if any, stays and leads
+    /// nowhere until the name is made again.
+    pub async fn remove_persistent(&self, name: &str) -> Result<(), HostError> {
+        let path = self.persistent_path(name);
+        links::remove(&path)
+            .await
+            .map_err(at("cannot remove the persistent name", &path))?;
+        self.lock_node_links().remove(name);
+        Ok(())
     }
 
     /// Entries of the export directory (none with exports off).
@@ -298,19 +418,6 @@ impl HostFiles {
             .await
             .map(|_| ())
             .map_err(at("cannot remove the stray entry", &path))
-    }
-
-    /// Re-points the persistent name `name` at `target` when it points elsewhere (the device
-    /// changed name); `true` when it did.
-    pub async fn repoint(&self, name: &str, target: &Path) -> Result<bool, HostError> {
-        let path = self.persistent_path(name);
-        if links::target(&path).await.as_deref() == Some(target) {
-            return Ok(false);
-        }
-        links::replace(target, &path)
-            .await
-            .map_err(at("cannot re-point the persistent name", &path))?;
-        Ok(true)
     }
 }
 
@@ -360,12 +467,21 @@ mod tests {
         );
         files.prepare().await.expect("dirs");
         let (a, b) = (VolumeId::new_random(), VolumeId::new_random());
+        let node = |device: &str, v: VolumeId| Target::Node {
+            path: PathBuf::from(format!("/dev/{device}")),
+            device: device.to_owned(),
+            serial: Some(v.disk_serial()),
+        };
         let la = files
-            .link(a, &persistent_name(a, &[]), Path::new("/dev/vdb"))
+            .link(a, &persistent_name(a, &[]), &node("vdb", a))
             .await
             .expect("a");
         files
-            .link(b, &persistent_name(b, &[]), Path::new("/dev/vdc"))
+            .link(
+                b,
+                &persistent_name(b, &[]),
+                &Target::ById(PathBuf::from("/dev/disk/by-id/virtio-b")),
+            )
             .await
             .expect("b");
         let ea = la.export.clone().expect("exports on");
@@ -374,18 +490,27 @@ mod tests {
             links::target(&root.join("exports").join(&ea.name)).await,
             Some(la.persistent_path.clone())
         );
+        let noted: Vec<(VolumeId, String)> = (files.node_links().into_iter())
+            .map(|l| (l.volume, l.device))
+            .collect();
+        assert_eq!(
+            noted,
+            vec![(a, "vdb".to_owned())],
+            "only a's name points at a node"
+        );
         assert!(
             files
-                .repoint(&la.persistent_name, Path::new("/dev/vdd"))
+                .ensure(a, &la.persistent_name, &node("vdd", a))
                 .await
                 .expect("re-point")
         );
         assert!(
             !files
-                .repoint(&la.persistent_name, Path::new("/dev/vdd"))
+                .ensure(a, &la.persistent_name, &node("vdd", a))
                 .await
                 .expect("same")
         );
+        assert_eq!(files.node_links()[0].device, "vdd");
 
         files
             .unlink(a, Some(&la.persistent_name))
@@ -399,6 +524,7 @@ mod tests {
         );
         let left = links::entries(&root.join("devices")).await.expect("list");
         assert_eq!(left, vec![persistent_name(b, &[])]);
+        assert!(files.node_links().is_empty(), "a's node link is forgotten");
         tokio::fs::remove_dir_all(&root).await.expect("clean up");
     }
 }

@@ -1,21 +1,27 @@
 //! Makes the host appliance's directories and tables agree (CONTRACT §8). Run by an instance
 //! when it becomes active, before it takes commands (and by `reconcile` once that exists):
 //!
-//! - every host mapping whose device is known has its persistent name, pointing at the device,
-//!   and (exports on) its export entry and an active `nbd_exports` row;
+//! - every host mapping whose device the monitor's table shows (found by the volume's serial,
+//!   never by a stored device name the kernel may have given to another disk) has its
+//!   persistent name, pointing at the device's by-id link (else its node), and (exports on)
+//!   its export entry and an active `nbd_exports` row;
+//! - a host mapping whose device is not there loses a persistent name that points at a device
+//!   node (that name may now be another disk's); one through a by-id link leads nowhere
+//!   meanwhile and stays;
 //! - an active `nbd_exports` row of a volume no longer attached to the host VM is removed;
 //! - an entry of either directory that belongs to no host mapping is removed.
 //!
 //! Every repair is logged. Rows are written in fenced transactions, so an instance that lost
-//! the lease meanwhile repairs nothing in the tables.
+//! the lease meanwhile repairs nothing in the tables. The caller holds the host files' lock.
 
 use std::collections::HashSet;
 
 use schema::event::{Change, ChangeKind, NbdExport};
 
-use super::{HostError, HostFiles, link_target, persistent_name};
+use super::{HostError, HostFiles, persistent_name, target_of};
 use crate::db::exports::{self, HostLinkRow};
 use crate::db::store::{Store, StoreError};
+use crate::devices::Devices;
 
 /// What the reconcile repaired.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -57,7 +63,11 @@ pub enum ReconcileError {
     Files(#[from] HostError),
 }
 
-pub async fn run(store: &Store, files: &HostFiles) -> Result<Repairs, ReconcileError> {
+pub async fn run(
+    store: &Store,
+    files: &HostFiles,
+    devices: &Devices,
+) -> Result<Repairs, ReconcileError> {
     let mut repairs = Repairs::default();
     let mappings = exports::host_links(store.pool()).await?;
     let mut names: Vec<String> = mappings
@@ -65,7 +75,7 @@ pub async fn run(store: &Store, files: &HostFiles) -> Result<Repairs, ReconcileE
         .filter_map(|m| m.persistent_device_name.clone())
         .collect();
     for m in &mappings {
-        repair_mapping(store, files, m, &mut names, &mut repairs).await?;
+        repair_mapping(store, files, devices, m, &mut names, &mut repairs).await?;
     }
     let on_host: HashSet<_> = mappings.iter().map(|m| m.volume_id).collect();
     if files.exports_on() {
@@ -115,14 +125,17 @@ pub async fn run(store: &Store, files: &HostFiles) -> Result<Repairs, ReconcileE
 async fn repair_mapping(
     store: &Store,
     files: &HostFiles,
+    devices: &Devices,
     m: &HostLinkRow,
     names: &mut Vec<String>,
     repairs: &mut Repairs,
 ) -> Result<(), ReconcileError> {
-    let Some(device) = m.device_path.as_deref() else {
+    let serial = m.volume_id.disk_serial();
+    let Some(device) = devices.named(&serial) else {
+        drop_node_link(files, devices, m).await?;
         return Ok(());
     };
-    let target = link_target(m.by_id_path.as_deref(), device).await;
+    let target = target_of(devices, &device, Some(&serial), None).await;
     let recorded = m.persistent_device_name.clone();
     let name = match &recorded {
         Some(n) => n.clone(),
@@ -133,7 +146,7 @@ async fn repair_mapping(
         }
     };
     if files.ensure(m.volume_id, &name, &target).await? {
-        tracing::warn!(volume = %m.volume_id, name, target = %target.display(), "persistent name or export entry was missing or wrong: repaired");
+        tracing::warn!(volume = %m.volume_id, name, target = %target.path().display(), "persistent name or export entry was missing or wrong: repaired");
         repairs.links += 1;
     }
     let path = files.persistent_path(&name);
@@ -162,5 +175,26 @@ async fn repair_mapping(
     }
     tracing::warn!(volume = %m.volume_id, name, "host mapping's persistent name or export row was missing: recorded");
     repairs.rows += 1;
+    Ok(())
+}
+
+/// A host mapping whose device is not there: a persistent name of it that points at a device
+/// node is removed (the kernel may give that name to another disk). Its export entry stays,
+/// leading nowhere until the device is back.
+async fn drop_node_link(
+    files: &HostFiles,
+    devices: &Devices,
+    m: &HostLinkRow,
+) -> Result<(), ReconcileError> {
+    let Some(name) = &m.persistent_device_name else {
+        return Ok(());
+    };
+    let Some(points_at) = files.points_at(name).await else {
+        return Ok(());
+    };
+    if devices.is_node(&points_at) {
+        tracing::warn!(volume = %m.volume_id, name, target = %points_at.display(), "persistent name points at a device node but the volume's device is not there: removed");
+        files.remove_persistent(name).await?;
+    }
     Ok(())
 }

@@ -28,7 +28,8 @@ pub async fn run(
     let polling = cs.polling(OperationType::Attach);
     let (volume_id, vm) = (attach.volume_id, attach.vm_id);
     let host = cs.host_vm == Some(vm);
-    let _one_at_a_time = ctx.lock_vm(vm).await;
+    // One attach or detach of this VM at a time, until this one's outcome is committed.
+    ctx.hold_vm(op, vm).await;
 
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     // Registered before the attach is sent: a device that appears early is not missed.
@@ -54,7 +55,7 @@ pub async fn run(
             ))),
             ..Completion::default()
         }),
-        Some(expectation) => find_device(ctx, &expectation, vm, &volume, response).await,
+        Some(expectation) => find_device(ctx, op, &expectation, vm, &volume, response).await,
     }
 }
 
@@ -99,6 +100,7 @@ async fn ensure_attached(
 /// (attached in CloudStack, missing in Linux).
 async fn find_device(
     ctx: &Context,
+    op: &mut Operation,
     expectation: &crate::devices::Expectation,
     vm: VmId,
     volume: &Volume,
@@ -115,9 +117,18 @@ async fn find_device(
         .correlate(expectation, timeout, &ctx.shutdown)
         .await
     {
-        Ok(found) => {
+        Ok(mut found) => {
             tracing::info!(device = %found.device_path, matched_by = ?found.matched_by, "device correlated");
             ctx.metrics.correlated(expectation.registered.elapsed());
+            // udev makes the by-id link after the kernel's uevent: give it its time.
+            let target = host::target_of(
+                &ctx.devices,
+                &found.name,
+                found.serial.as_deref(),
+                Some(&ctx.shutdown),
+            )
+            .await;
+            found.by_id_path = by_id_path(&target);
             response["device_path"] = json!(found.device_path);
             let mut mapping = mapping(
                 volume_id,
@@ -127,7 +138,9 @@ async fn find_device(
                 Some(&found),
                 LinuxState::Present,
             );
-            let links = host_links(ctx, &found, &mapping).await?;
+            // From here to the commit of the outcome, no reconcile or sync touches the files.
+            ctx.hold_host_files(op).await;
+            let links = host_links(ctx, &found, &target, &mapping).await?;
             let persistent_path = links.persistent_path.display().to_string();
             response["persistent_path"] = json!(persistent_path);
             mapping.host = Some(Box::new(host_record(&links)));
@@ -174,9 +187,11 @@ pub(super) async fn host_mapping_now(
 ) -> Result<DeviceMapping, Halt> {
     let expectation = ctx.devices.expect(volume.id, volume.size);
     let table = ctx.devices.table();
-    let Some(found) = ctx.devices.try_match(&table, &expectation) else {
+    let Some(mut found) = ctx.devices.try_match(&table, &expectation) else {
         return Ok(missing(vm, volume));
     };
+    let target = host::target_of(&ctx.devices, &found.name, found.serial.as_deref(), None).await;
+    found.by_id_path = by_id_path(&target);
     let mut truth = mapping(
         volume.id,
         vm,
@@ -185,9 +200,17 @@ pub(super) async fn host_mapping_now(
         Some(&found),
         LinuxState::Present,
     );
-    let links = host_links(ctx, &found, &truth).await?;
+    let links = host_links(ctx, &found, &target, &truth).await?;
     truth.host = Some(Box::new(host_record(&links)));
     Ok(truth)
+}
+
+/// The by-id link a persistent name points at, as the event and the mapping report it.
+fn by_id_path(target: &host::Target) -> Option<String> {
+    match target {
+        host::Target::ById(link) => Some(link.display().to_string()),
+        host::Target::Node { .. } => None,
+    }
 }
 
 /// The mapping of `volume`, which CloudStack lists on the VM `vm` (not the host VM).
@@ -208,6 +231,7 @@ pub(super) fn remote_mapping(vm: VmId, volume: &Volume) -> DeviceMapping {
 async fn host_links(
     ctx: &Context,
     found: &Found,
+    target: &host::Target,
     truth: &DeviceMapping,
 ) -> Result<HostLinks, Halt> {
     let volume = truth.volume_id;
@@ -217,8 +241,7 @@ async fn host_links(
         })
         .await?;
     let name = host::persistent_name(volume, &in_use);
-    let target = host::link_target(found.by_id_path.as_deref(), &found.device_path).await;
-    ctx.host.link(volume, &name, &target).await.map_err(|e| {
+    ctx.host.link(volume, &name, target).await.map_err(|e| {
         let error = EventError::new(
             ErrorCode::Internal,
             format!("volume {volume} is attached to the host VM at {} but {e}", found.device_path),

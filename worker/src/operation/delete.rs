@@ -34,6 +34,7 @@ pub async fn run(
         Ok(v) => v,
         Err(Halt::Fail(e, _)) if e.code == schema::ErrorCode::VolumeNotFound => {
             tracing::info!("volume does not exist; nothing to delete");
+            ctx.hold_host_files(op).await;
             detach::release_host_files(ctx, volume_id, false).await?;
             return Ok(absent(None));
         }
@@ -46,7 +47,10 @@ pub async fn run(
             let on_host = cs.host_vm == Some(vm);
             detach::detach_now(ctx, op, client, polling, volume_id, vm, on_host).await?;
         }
-        None => detach::release_host_files(ctx, volume_id, false).await?,
+        None => {
+            ctx.hold_host_files(op).await;
+            detach::release_host_files(ctx, volume_id, false).await?;
+        }
     }
 
     if !delete_now(client, volume_id).await? {

@@ -21,6 +21,7 @@ pub async fn run(
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
         tracing::info!("not attached; nothing to do in CloudStack");
+        ctx.hold_host_files(op).await;
         release_host_files(ctx, volume_id, false).await?;
         return Ok(Completion {
             volume_id: Some(volume_id),
@@ -44,7 +45,8 @@ pub async fn run(
 
 /// Detaches `volume` from `vm` (reconciling after a lost answer) and gives up its guest
 /// device and, when `vm` is the host VM, its export and persistent name. Holds `vm`'s
-/// attach/detach lock meanwhile.
+/// attach/detach lock, and the host files' lock once it removes them, until the outcome is
+/// committed.
 pub(super) async fn detach_now(
     ctx: &Context,
     op: &mut Operation,
@@ -54,7 +56,7 @@ pub(super) async fn detach_now(
     vm: VmId,
     on_host: bool,
 ) -> Result<Volume, Halt> {
-    let _one_at_a_time = ctx.lock_vm(vm).await;
+    ctx.hold_vm(op, vm).await;
     let detached = jobs::start_and_wait(
         ctx,
         op,
@@ -66,6 +68,7 @@ pub(super) async fn detach_now(
     )
     .await?;
     ctx.devices.release(volume);
+    ctx.hold_host_files(op).await;
     release_host_files(ctx, volume, on_host).await?;
     Ok(detached)
 }
@@ -74,7 +77,7 @@ pub(super) async fn detach_now(
 /// attachment: CloudStack had it on the host VM (`on_host`), or its mapping or export row says
 /// so (a detach resumed after the CloudStack side was done). A detach from any other VM never
 /// touches an export (the v1.2.1 lesson). A failure fails the operation; retrying the command
-/// finds the volume detached and tries again.
+/// finds the volume detached and tries again. The caller holds the host files' lock.
 pub(super) async fn release_host_files(
     ctx: &Context,
     volume: VolumeId,

@@ -52,15 +52,26 @@ pub async fn reconcile(
     scope: Option<VmId>,
 ) -> Result<Vec<Change>, Halt> {
     let pool = ctx.store.pool();
-    let recorded = ctx
-        .read("read the mappings", || async {
+    let read_mappings = || {
+        ctx.read("read the mappings", || async {
             Ok(read::mappings(pool, None).await?)
         })
-        .await?;
+    };
+    let recorded = read_mappings().await?;
     let vms: BTreeSet<VmId> = match scope {
         Some(vm) => [vm].into(),
         None => recorded.iter().map(|m| m.vm_id).chain(cs.host_vm).collect(),
     };
+    // Serialised with the attaches and detaches of these VMs (each holds its VM's lock until
+    // its outcome is committed) and with everything that changes the host files: the VMs'
+    // locks in order (no other holder takes two), then the host files'. What is read from
+    // here on cannot change under the repairs.
+    let mut _held = Vec::with_capacity(vms.len());
+    for vm in &vms {
+        _held.push(ctx.lock_vm(*vm).await);
+    }
+    let _host_files = ctx.host.lock().await;
+    let recorded = read_mappings().await?;
     let mut listed: HashMap<VolumeId, (VmId, Volume)> = HashMap::new();
     for vm in &vms {
         for v in attached_to(cs, *vm).await? {
@@ -92,7 +103,7 @@ pub async fn reconcile(
         ));
         changes.extend(export);
     }
-    let repairs = crate::host::reconcile::run(&ctx.store, &ctx.host)
+    let repairs = crate::host::reconcile::run(&ctx.store, &ctx.host, &ctx.devices)
         .await
         .map_err(|e| Halt::from(host_error(e)))?;
     changes.extend(repairs.exports);
