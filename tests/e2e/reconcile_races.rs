@@ -45,6 +45,8 @@ fn entries_of(exports: &Path, persistent: &Path, v: VolumeId) -> Vec<PathBuf> {
 async fn reconcile_racing_host_attaches_and_detaches_breaks_nothing() {
     let mut env = TestEnv::with_host_vm(SimConfig {
         job_latency: Duration::from_millis(20),
+        // All ten may be attached at once (CloudStack's newer hypervisors allow more than 6).
+        max_data_disks: 16,
         ..SimConfig::default()
     })
     .await;
