@@ -82,6 +82,11 @@ ensure_nbd_tools() {
   command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || apt_install libnbd-bin
 }
 
+# The retention test runs a daemon whose clock is 100 days ahead (libfaketime).
+ensure_faketime() {
+  [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -n "$(ls /usr/lib/*/faketime/libfaketime.so.1 2>/dev/null)" ] || apt_install faketime
+}
+
 # The deployment test verifies the systemd unit with systemd-analyze.
 ensure_systemd_analyze() {
   command -v systemd-analyze >/dev/null || apt_install systemd
@@ -100,6 +105,7 @@ ensure_rabbitmq
 ensure_mariadb
 ensure_tls_tools
 ensure_nbd_tools
+ensure_faketime
 ensure_systemd_analyze
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client

@@ -962,3 +962,88 @@ async fn the_periodic_reconcile_repairs_drift_and_counts_it_without_publishing_a
         "a periodic reconcile publishes no event"
     );
 }
+
+/// The libfaketime library of this machine (scripts/test installs Debian's `faketime`).
+fn libfaketime() -> std::path::PathBuf {
+    let found = glob::glob("/usr/lib/*/faketime/libfaketime.so.1")
+        .expect("pattern")
+        .flatten()
+        .next();
+    found.expect("libfaketime (scripts/test installs the faketime package)")
+}
+
+/// CONTRACT §3 rule 2 holds as long as the database lives: an ended operation swept by
+/// retention (once by age, once by a daemon whose clock runs 100 days ahead), then a duplicate
+/// of its command: no second CloudStack call, and the original event id again.
+#[tokio::test]
+async fn a_duplicate_after_retention_swept_its_operation_is_not_executed_again() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("RETENTION_INTERVAL_S".into(), "1".into()));
+    env.start_daemon().await;
+    let pool = env.db().await;
+    let aged = cmd::create("swept-by-age", "1GiB");
+    let ahead = cmd::create("swept-by-a-clock-ahead", "1GiB");
+    let aged_event = run(&env, &aged).await;
+    let ahead_event = run(&env, &ahead).await;
+    assert_eq!(env.sim.sim.call_count("createVolume"), 2);
+
+    // By age: ended 100 days ago as far as the table says.
+    sqlx::query(
+        "UPDATE volume_operations SET completed_at = NOW(3) - INTERVAL 100 DAY WHERE id = ?",
+    )
+    .bind(aged.command_id.as_str())
+    .execute(&pool)
+    .await
+    .expect("back-date");
+    let gone = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM volume_operations WHERE id = ?")
+                        .bind(&id)
+                        .fetch_one(&pool)
+                        .await
+                        .expect("count");
+                if n == 0 {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{id} never swept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    gone(aged.command_id.as_str().to_owned()).await;
+
+    // By a clock 100 days ahead (realtime only: timers run on the monotonic clock).
+    env.stop_daemon().await;
+    env.extra_env
+        .push(("LD_PRELOAD".into(), libfaketime().display().to_string()));
+    env.extra_env.push(("FAKETIME".into(), "+100d".into()));
+    env.extra_env
+        .push(("DONT_FAKE_MONOTONIC".into(), "1".into()));
+    env.start_daemon().await;
+    gone(ahead.command_id.as_str().to_owned()).await;
+    env.stop_daemon().await;
+    env.extra_env
+        .retain(|(k, _)| !["LD_PRELOAD", "FAKETIME", "DONT_FAKE_MONOTONIC"].contains(&k.as_str()));
+    env.start_daemon().await;
+
+    for (command, first) in [(&aged, &aged_event), (&ahead, &ahead_event)] {
+        let again = run(&env, command).await;
+        assert_eq!(again.id, first.id, "the original event, again");
+        assert_eq!(again.data.volume_id, first.data.volume_id);
+    }
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        2,
+        "no second createVolume"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volume_operations")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0, "no operation made by the duplicates");
+}

@@ -120,11 +120,13 @@ impl Store {
     pub async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
         let created_at = now();
         // One fenced autocommit statement: the row is inserted only while the lease has our
-        // epoch (the SELECT yields no row otherwise).
+        // epoch and the command did not end long ago (its operation swept by retention, its
+        // id kept in `ended_commands`); the SELECT yields no row otherwise.
         let inserted = sqlx::query(concat!(
             "INSERT INTO volume_operations \
              (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at) \
-             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE ",
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE \
+             NOT EXISTS (SELECT 1 FROM ended_commands WHERE id = ?) AND ",
             fenced!()
         ))
         .bind(command.command_id.as_str())
@@ -136,6 +138,7 @@ impl Store {
         .bind(command.reply_to.as_deref())
         .bind(command.to_body().to_string())
         .bind(created_at)
+        .bind(command.command_id.as_str())
         .bind(self.fence.name())
         .bind(self.fence.epoch())
         .execute(&self.pool)
@@ -144,7 +147,10 @@ impl Store {
             Ok(done) if done.rows_affected() == 1 => {
                 Ok(Accepted::New(Box::new(Operation::new(command, created_at))))
             }
-            Ok(_) => Err(self.refused().await),
+            Ok(_) => match self.swept_duplicate(&command).await? {
+                Some(ended) => Ok(ended),
+                None => Err(self.refused().await),
+            },
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 self.duplicate(&command).await
             }
@@ -205,6 +211,37 @@ impl Store {
         }
     }
 
+    /// A command whose operation ended and was swept by retention: its event, kept in
+    /// `ended_commands`, is queued again (same event id), to the events exchange and to this
+    /// duplicate's `reply_to`. `None`: the command is not there.
+    async fn swept_duplicate(&self, command: &Command) -> Result<Option<Accepted>, StoreError> {
+        let kept: Option<Option<String>> =
+            sqlx::query_scalar("SELECT event_payload FROM ended_commands WHERE id = ?")
+                .bind(command.command_id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(payload) = kept else {
+            return Ok(None);
+        };
+        match payload.and_then(|p| serde_json::from_str::<CloudEvent>(&p).ok()) {
+            Some(event) => {
+                let mut tx = self.pool.begin().await?;
+                outbox::insert(
+                    &mut tx,
+                    &event,
+                    &self.topology.events_exchange(),
+                    command.reply_to.as_deref(),
+                )
+                .await?;
+                self.commit_fenced(tx).await?;
+            }
+            None => {
+                tracing::warn!(operation_id = %command.command_id, "a duplicate of a command that ended long ago, whose event was not kept: not executed, nothing published");
+            }
+        }
+        Ok(Some(Accepted::Ended))
+    }
+
     /// Queues the failed event of a message that was not a valid command, unless an operation
     /// with that command id exists (its own event must stay the only terminal one).
     pub async fn queue_rejection_event(
@@ -213,11 +250,15 @@ impl Store {
         reply_to: Option<&str>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM volume_operations WHERE id = ?")
-            .bind(event.data.command_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
+        let exists = sqlx::query(
+            "SELECT 1 FROM volume_operations WHERE id = ? \
+             UNION ALL SELECT 1 FROM ended_commands WHERE id = ?",
+        )
+        .bind(event.data.command_id.as_str())
+        .bind(event.data.command_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
         if !exists {
             outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
         }
@@ -460,16 +501,38 @@ impl Store {
         batch: u32,
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(concat!(
-            "DELETE FROM volume_operations WHERE completed_at < ? AND NOT ",
+        let ids: Vec<String> = sqlx::query_scalar(concat!(
+            "SELECT id FROM volume_operations WHERE completed_at < ? AND NOT ",
             unended!(),
-            " ORDER BY completed_at LIMIT ?"
+            " ORDER BY completed_at LIMIT ? FOR UPDATE"
         ))
         .bind(cutoff)
         .bind(batch)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        // What a duplicate needs outlives the row (CONTRACT §3 rule 2): the id and the event
+        // (from the outbox for rows that ended before `event_payload` was stored).
+        let placeholders = vec!["?"; ids.len()].join(", ");
+        let keep = format!(
+            "INSERT IGNORE INTO ended_commands (id, type, event_payload, completed_at) \
+             SELECT o.id, CAST(o.type AS CHAR), COALESCE(o.event_payload, \
+               (SELECT x.payload FROM outbox x WHERE x.event_id = o.event_id ORDER BY x.id LIMIT 1)), \
+             o.completed_at FROM volume_operations o WHERE o.id IN ({placeholders})"
+        );
+        let delete = format!("DELETE FROM volume_operations WHERE id IN ({placeholders})");
+        // Only `?` placeholders are put into the texts; the ids are bound.
+        let mut keep = sqlx::query(sqlx::AssertSqlSafe(keep));
+        let mut delete = sqlx::query(sqlx::AssertSqlSafe(delete));
+        for id in &ids {
+            keep = keep.bind(id);
+            delete = delete.bind(id);
+        }
+        keep.execute(&mut *tx).await?;
+        let done = delete.execute(&mut *tx).await?.rows_affected();
         self.commit_fenced(tx).await?;
         Ok(done)
     }
@@ -639,6 +702,77 @@ mod tests {
             .finish(op, &outcome, mapping.as_ref())
             .await
             .expect("finish");
+    }
+
+    /// Idempotency outlives retention: an ended operation swept with a cutoff 100 days ahead
+    /// (a daemon clock stepped forward) leaves its id and event behind; a duplicate is not a
+    /// new operation and re-queues the same event; an invalid message with that id adds no
+    /// second terminal event.
+    #[tokio::test]
+    async fn a_duplicate_of_a_swept_command_is_answered_with_its_original_event() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let (command, volume, vm) = attach_command();
+        let id = command.command_id.clone();
+        let Accepted::New(op) = store.accept(command.clone()).await.expect("accept") else {
+            panic!("a new operation")
+        };
+        finish_ok(&store, &op, attached(volume, vm)).await;
+        let event_id: String =
+            sqlx::query_scalar("SELECT event_id FROM volume_operations WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_one(&db.pool)
+                .await
+                .expect("event id");
+        let ahead = now() + chrono::TimeDelta::days(100);
+        assert_eq!(
+            store
+                .delete_ended_operations(ahead, 500)
+                .await
+                .expect("sweep"),
+            1
+        );
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM volume_operations WHERE id = ?",
+                id.as_str()
+            )
+            .await,
+            0,
+            "swept"
+        );
+        let before = outbox_rows(&db.pool).await;
+
+        let again = store.accept(command.clone()).await.expect("duplicate");
+        assert!(matches!(again, Accepted::Ended), "{again:?}");
+        assert_eq!(
+            count(
+                &db.pool,
+                "SELECT COUNT(*) FROM volume_operations WHERE id = ?",
+                id.as_str()
+            )
+            .await,
+            0,
+            "no new operation"
+        );
+        let queued: Vec<String> = sqlx::query_scalar("SELECT event_id FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("outbox");
+        assert_eq!(queued.len() as i64, before + 1);
+        assert_eq!(queued.last(), Some(&event_id), "the original event again");
+
+        let rejected = crate::db::testdb::rejected_event(id.as_str());
+        store
+            .queue_rejection_event(&rejected, None)
+            .await
+            .expect("rejection");
+        assert_eq!(
+            outbox_rows(&db.pool).await,
+            before + 1,
+            "no second terminal event"
+        );
     }
 
     /// Accepting is idempotent: the same id again is in flight (with the stored operation), and
