@@ -554,3 +554,80 @@ async fn reconcile_records_and_then_removes_a_host_attachment_made_outside_the_d
     let third = env.execute(&schema::Command::reconcile(None)).await;
     assert_eq!(third.data.changes, Some(vec![]));
 }
+
+/// N8: after a SIGKILL, the standby's wait and a takeover, the new active's host repair runs
+/// and puts back an export removed by hand, every time (five takeovers in a row); `idle_kill`:
+/// the same with MySQL 8's answer to a connection past `wait_timeout` (error 4031) in front
+/// of the database.
+async fn the_host_repair_runs_after_every_takeover(idle_kill: bool) {
+    let (mut env, _nbd, dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let v = env
+        .sim
+        .sim
+        .seed_volume("repaired-after-takeovers", 16 << 20);
+    let attached = env.execute(&cmd::attach(v, host)).await;
+    assert_eq!(attached.data.status.as_str(), "completed", "{attached:?}");
+    let entry = dir.join(NbdExport::name_of(v));
+    assert!(entry.exists());
+    let proxy = match idle_kill {
+        true => Some(
+            crate::helpers::IdleKillProxy::start(
+                "127.0.0.1:3306".parse().expect("addr"),
+                Duration::from_secs(5),
+            )
+            .await,
+        ),
+        false => None,
+    };
+    let url = match &proxy {
+        Some(p) => format!("mysql://root@{}/{}", p.addr, env.db_name),
+        None => env.database_url(),
+    };
+    for round in 0..5 {
+        let standby = env.spawn_other_with(&[("DATABASE_URL", url.clone())]).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while crate::helpers::get_json(standby, "/ready").await.1["role"] != "standby" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: no standby"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::fs::remove_file(&entry).expect("export removed by hand");
+        env.kill_daemon().await;
+        env.promote_other(0, standby);
+        env.wait_active(WAIT).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::symlink_metadata(&entry).is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the export was not repaired after the takeover\n{}",
+                env.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let log = env.daemon_log();
+    assert!(
+        !log.contains("cannot reconcile the host files with the tables\""),
+        "a repair gave up:\n{log}"
+    );
+    if let Some(p) = &proxy {
+        eprintln!("connections answered with error 4031: {}", p.kills());
+        assert!(
+            p.kills() > 0,
+            "the proxy answered idle connections with 4031"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_host_repair_runs_after_five_takeovers_in_a_row() {
+    the_host_repair_runs_after_every_takeover(false).await;
+}
+
+#[tokio::test]
+async fn the_host_repair_runs_after_five_takeovers_behind_a_mysql8_idle_timeout() {
+    the_host_repair_runs_after_every_takeover(true).await;
+}

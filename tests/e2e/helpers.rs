@@ -301,6 +301,14 @@ impl TestEnv {
             .expect("VmHWM")
     }
 
+    /// Makes the other daemon `index` (from [`Self::spawn_other_with`], listening on `addr`)
+    /// the test's main daemon: after the main one was killed and it took over.
+    pub fn promote_other(&mut self, index: usize, addr: SocketAddr) {
+        assert!(self.daemon.is_none(), "the main daemon still runs");
+        self.daemon = Some(self.others.remove(index));
+        self.http_addr = addr;
+    }
+
     /// SIGKILL: no clean-up, no released lease, unacknowledged deliveries return to the queue.
     pub async fn kill_daemon(&mut self) {
         let mut child = self.daemon.take().expect("daemon running");
@@ -954,6 +962,92 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A MySQL link that behaves as MySQL 8 (8.0.24 and later) does past `wait_timeout`: a
+/// connection silent for `idle` gets, on the next packet its client sends, error 4031
+/// (`ER_CLIENT_INTERACTION_TIMEOUT`, "disconnected by the server because of inactivity"), and
+/// is closed. MariaDB closes such a connection without a word; MySQL 8 cannot run here.
+pub struct IdleKillProxy {
+    pub addr: SocketAddr,
+    kills: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IdleKillProxy {
+    pub async fn start(target: SocketAddr, idle: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let kills = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = kills.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut from_client, mut from_server) = (vec![0; 65536], vec![0; 65536]);
+                    let mut last = tokio::time::Instant::now();
+                    loop {
+                        tokio::select! {
+                            n = client.read(&mut from_client) => {
+                                let Ok(n) = n else { return };
+                                if n == 0 {
+                                    return;
+                                }
+                                if last.elapsed() > idle && n >= 4 {
+                                    // The answer to this packet: sequence id + 1.
+                                    let seq = from_client[3].wrapping_add(1);
+                                    let _ = client.write_all(&error_4031(seq)).await;
+                                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    return;
+                                }
+                                if server.write_all(&from_client[..n]).await.is_err() {
+                                    return;
+                                }
+                                last = tokio::time::Instant::now();
+                            }
+                            n = server.read(&mut from_server) => {
+                                let Ok(n) = n else { return };
+                                if n == 0 || client.write_all(&from_server[..n]).await.is_err() {
+                                    return;
+                                }
+                                last = tokio::time::Instant::now();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, kills, task }
+    }
+
+    /// How many connections got error 4031.
+    pub fn kills(&self) -> usize {
+        self.kills.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for IdleKillProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// MySQL's ERR packet for error 4031 with sequence id `seq`.
+fn error_4031(seq: u8) -> Vec<u8> {
+    let mut payload = vec![0xff];
+    payload.extend_from_slice(&4031u16.to_le_bytes());
+    payload.extend_from_slice(b"#HY000");
+    payload.extend_from_slice(
+        b"The client was disconnected by the server because of inactivity. See wait_timeout and interactive_timeout for configuring this behavior.",
+    );
+    let len = u32::try_from(payload.len()).expect("short").to_le_bytes();
+    let mut packet = vec![len[0], len[1], len[2], seq];
+    packet.extend_from_slice(&payload);
+    packet
 }
 
 /// A MySQL link that loses one commit acknowledgement: once armed with a marker (a command

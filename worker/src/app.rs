@@ -346,11 +346,21 @@ impl Active<'_> {
         ));
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
         let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
-        reconcile_host(&ctx.store, &ctx.host, self.devices).await;
-        let housekeeping = self.spawn_housekeeping(&ctx, &halt);
-        let intake = self.spawn_intake(ctx, ops_tx);
-
-        let end = hold(&mut lease, stopping, &fenced).await;
+        // The host files are repaired before commands are taken, while the lease is renewed
+        // (a repair slowed by the database must not let the lease lapse under it).
+        let (end, started) = {
+            let start = async {
+                reconcile_host(&ctx.store, &ctx.host, self.devices, &halt).await;
+                let housekeeping = self.spawn_housekeeping(&ctx, &halt);
+                (housekeeping, self.spawn_intake(ctx.clone(), ops_tx))
+            };
+            let held = hold(&mut lease, stopping, &fenced);
+            tokio::pin!(start, held);
+            tokio::select! {
+                end = &mut held => (end, None),
+                started = &mut start => (held.await, Some(started)),
+            }
+        };
         match end {
             ActiveEnd::Shutdown => executor_stop.drain(),
             ActiveEnd::LeaseLost => {
@@ -364,10 +374,19 @@ impl Active<'_> {
             }
         }
         halt.cancel();
-        report("intake", intake.await);
+        let housekeeping = match started {
+            Some((housekeeping, intake)) => {
+                report("intake", intake.await);
+                Some(housekeeping)
+            }
+            // Stopped while repairing: no command was taken.
+            None => None,
+        };
         report("executor", executor.await);
         report("mapping sync", sync.await);
-        report("housekeeping", housekeeping.await);
+        if let Some(housekeeping) = housekeeping {
+            report("housekeeping", housekeeping.await);
+        }
         // The outcomes recorded up to now are in the outbox: the relay publishes them and
         // returns (bounded: a broker that is gone gets them at the next start).
         report("relay", drain_relay(relay, &relay_stop).await);
@@ -560,20 +579,45 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
 
 /// Makes the host appliance's directories and tables agree before commands are taken (only
 /// the active instance writes either). A failure is logged; attaches repair their own files.
-async fn reconcile_host(store: &Store, files: &crate::host::HostFiles, devices: &Devices) {
+/// A failed repair is tried again this many times in all (a connection the server dropped, a
+/// killed session), then left to the next `reconcile`.
+const REPAIR_ATTEMPTS: u32 = 5;
+
+async fn reconcile_host(
+    store: &Store,
+    files: &crate::host::HostFiles,
+    devices: &Devices,
+    halt: &CancellationToken,
+) {
     let _held = files.lock().await;
-    match crate::host::reconcile::run(store, files, devices).await {
-        Ok(r) if r == Default::default() => {
-            tracing::info!("host files and tables agree")
+    for attempt in 1..=REPAIR_ATTEMPTS {
+        match crate::host::reconcile::run(store, files, devices).await {
+            Ok(r) if r == Default::default() => {
+                tracing::info!("host files and tables agree");
+                return;
+            }
+            Ok(r) => {
+                tracing::warn!(
+                    links = r.links,
+                    rows = r.rows,
+                    dropped = r.dropped,
+                    strays = r.strays,
+                    "host files and tables repaired"
+                );
+                return;
+            }
+            Err(e) if attempt < REPAIR_ATTEMPTS && e.is_transient() => {
+                tracing::warn!(error = %e, attempt, "cannot reconcile the host files with the tables yet; retrying");
+                tokio::select! {
+                    () = halt.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500) * attempt) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reconcile the host files with the tables");
+                return;
+            }
         }
-        Ok(r) => tracing::warn!(
-            links = r.links,
-            rows = r.rows,
-            dropped = r.dropped,
-            strays = r.strays,
-            "host files and tables repaired"
-        ),
-        Err(e) => tracing::error!(error = %e, "cannot reconcile the host files with the tables"),
     }
 }
 

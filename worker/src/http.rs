@@ -49,7 +49,15 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Readiness: the database answers, the broker connections are up, the device monitor scans.
 async fn ready(State(s): State<HttpState>) -> Response {
-    let db = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await;
+    // One more try on a transient error (a connection the server dropped, a killed session):
+    // a single stale connection is not an unready daemon.
+    let db = tokio::time::timeout(Duration::from_secs(2), async {
+        match outbox::backlog(&s.pool).await {
+            Err(e) if !crate::db::is_permanent(&e) => outbox::backlog(&s.pool).await,
+            done => done,
+        }
+    })
+    .await;
     let (db_ok, backlog) = match db {
         Ok(Ok(b)) => (true, Some(b)),
         _ => (false, None),

@@ -228,12 +228,24 @@ impl Intake {
             "invalid command; dead-lettering it"
         );
         if let Some(event) = rejection_event(&invalid, delivery.routing_key.as_str()) {
-            let queued = tokio::time::timeout(
-                ACCEPT_TIMEOUT,
-                self.ctx
-                    .store
-                    .queue_rejection_event(&event, invalid.reply_to.as_deref()),
-            )
+            // Retried while the error is transient (a dropped connection, a killed session),
+            // within the bound.
+            let queued = tokio::time::timeout(ACCEPT_TIMEOUT, async {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match (self.ctx.store)
+                        .queue_rejection_event(&event, invalid.reply_to.as_deref())
+                        .await
+                    {
+                        Err(StoreError::Db(e)) if !crate::db::is_permanent(&e) && attempt < 5 => {
+                            tracing::warn!(error = %e, attempt, "cannot queue the INVALID_COMMAND event yet; retrying");
+                            tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                        }
+                        done => return done,
+                    }
+                }
+            })
             .await;
             match queued {
                 Ok(Ok(())) => self.ctx.relay_wakeup.notify_one(),

@@ -79,6 +79,20 @@ const MAIN_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeo
 const LEASE_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 1";
 /// Our pools close idle connections before the server does.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection idle this long is closed instead of being handed out. The pool's reaper runs
+/// only every [`IDLE_TIMEOUT`] and the pool checks no idleness when it hands a connection out,
+/// so without this a connection idle 5–6 s, which the server has dropped after `wait_timeout`,
+/// would be handed out dead (MySQL 8 answers its next statement with error 4031). Costs no
+/// round trip: the pool knows how long each connection sat idle.
+const MAX_IDLE_HANDED_OUT: Duration = Duration::from_millis(2500);
+
+/// The pools' `before_acquire`: only connections idle less than [`MAX_IDLE_HANDED_OUT`].
+fn fresh_enough(
+    _: &mut sqlx::MySqlConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move { Ok(meta.idle_for < MAX_IDLE_HANDED_OUT) })
+}
 
 async fn bound_session(
     conn: &mut sqlx::MySqlConnection,
@@ -104,8 +118,9 @@ pub const HOST_MODE: &str = mode_column(AttachMode::Host);
 pub fn is_permanent(e: &sqlx::Error) -> bool {
     /// MySQL/MariaDB error numbers worth retrying: lock wait timeout, deadlock, too many
     /// connections, shutdown in progress, query interrupted, server gone, lost connection,
-    /// connection killed.
-    const TRANSIENT: [u16; 8] = [1205, 1213, 1040, 1053, 1317, 2006, 2013, 1927];
+    /// connection killed, and MySQL 8's "disconnected by the server because of inactivity"
+    /// (4031, sent on the next statement of a session past `wait_timeout`).
+    const TRANSIENT: [u16; 9] = [1205, 1213, 1040, 1053, 1317, 2006, 2013, 1927, 4031];
     match e {
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
@@ -149,6 +164,7 @@ pub async fn connect_and_migrate(
         .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(IDLE_TIMEOUT)
+        .before_acquire(fresh_enough)
         .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))
         .connect(url)
         .await
@@ -170,6 +186,7 @@ pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(2))
         .idle_timeout(IDLE_TIMEOUT)
+        .before_acquire(fresh_enough)
         .after_connect(|conn, _| Box::pin(bound_session(conn, LEASE_SESSION)))
         .connect_lazy(url.expose())
         .map_err(|source| DbError::Connect {
@@ -182,6 +199,27 @@ pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
 mod tests {
     use super::*;
     use crate::db::testdb::TestDb;
+
+    /// A connection that sat idle longer than [`MAX_IDLE_HANDED_OUT`] is never handed out (the
+    /// server may have dropped it: MySQL 8 answers with error 4031): the next acquire gets a
+    /// new session, before the pool's reaper would have closed the old one.
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_not_handed_out_again() {
+        let db = TestDb::new().await;
+        let url: SecretUrl = db.url.as_str().into();
+        let pool = connect_and_migrate(&url, 1).await.expect("pool");
+        let session = || async {
+            sqlx::query_scalar::<_, u64>("SELECT CONNECTION_ID()")
+                .fetch_one(&pool)
+                .await
+                .expect("connection id")
+        };
+        let first = session().await;
+        assert_eq!(session().await, first, "a fresh idle connection is reused");
+        tokio::time::sleep(MAX_IDLE_HANDED_OUT + Duration::from_millis(200)).await;
+        assert!(MAX_IDLE_HANDED_OUT + Duration::from_millis(200) < IDLE_TIMEOUT);
+        assert_ne!(session().await, first, "idle too long: a new session");
+    }
 
     /// A user with a password (not the tests' passwordless root) connects again after its pool
     /// was dropped and rebuilt. (MariaDB has no `caching_sha2_password`: with MySQL 8, the

@@ -3,6 +3,8 @@
 //! `present` again with its (possibly new) path. Driven by the monitor's events; after a lag,
 //! and at start, every host mapping is recomputed from the device table.
 
+use std::time::Duration;
+
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +49,7 @@ pub async fn run(
                 if let DeviceChange::Removed = e.change {
                     devices.release_device(&e.device.name);
                 }
-                match apply(&store, &e).await {
+                match apply_retrying(&store, &e).await {
                     Ok(()) if matches!(e.change, DeviceChange::Added) => {
                         repoint(&store, &devices, &host).await;
                     }
@@ -150,6 +152,22 @@ async fn check_node_links(devices: &Devices, host: &HostFiles, table: &DeviceTab
         );
         if let Err(e) = host.remove_persistent(&link.name).await {
             tracing::error!(error = %e, volume = %link.volume, "cannot remove a persistent name that may lead to another disk");
+        }
+    }
+}
+
+/// [`apply`], tried again while the error is transient (a dropped connection, a killed
+/// session): a device event is not read twice, so giving up loses it until the next resync.
+async fn apply_retrying(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match apply(store, e).await {
+            Err(StoreError::Db(err)) if !crate::db::is_permanent(&err) && attempt < 5 => {
+                tracing::warn!(error = %err, attempt, device = %e.device.name, "cannot record a device change yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+            }
+            done => return done,
         }
     }
 }

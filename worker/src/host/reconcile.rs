@@ -63,6 +63,17 @@ pub enum ReconcileError {
     Files(#[from] HostError),
 }
 
+impl ReconcileError {
+    /// Whether trying again may succeed: a database error that is not permanent (a dropped
+    /// connection, a killed session, a lock wait). Fenced, a file error: no.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) | Self::Store(StoreError::Db(e)) => !crate::db::is_permanent(e),
+            _ => false,
+        }
+    }
+}
+
 pub async fn run(
     store: &Store,
     files: &HostFiles,
