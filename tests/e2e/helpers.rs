@@ -301,6 +301,11 @@ impl TestEnv {
             .expect("VmHWM")
     }
 
+    /// The main daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().and_then(Child::id)
+    }
+
     /// Makes the other daemon `index` (from [`Self::spawn_other_with`], listening on `addr`)
     /// the test's main daemon: after the main one was killed and it took over.
     pub fn promote_other(&mut self, index: usize, addr: SocketAddr) {

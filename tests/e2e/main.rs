@@ -15,6 +15,7 @@ mod docs;
 mod exports;
 mod fencing;
 mod go_client;
+mod http_flood;
 mod lifecycle;
 mod names;
 mod operator;

@@ -83,8 +83,11 @@ async fn query<T>(
     match tokio::time::timeout(QUERY_TIMEOUT, q).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
+            // The driver's words stay in the log: they may name hosts, users or schema.
             tracing::warn!(error = %e, "read API: cannot read {what}");
-            Err(Failure::Unavailable(format!("cannot read {what}: {e}")))
+            Err(Failure::Unavailable(format!(
+                "cannot read {what}: the database is unavailable (the daemon's log says why)"
+            )))
         }
         Err(_) => Err(Failure::Unavailable(format!(
             "cannot read {what}: the database did not answer within {}s",

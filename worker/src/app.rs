@@ -67,6 +67,8 @@ pub struct Application {
     pool: MySqlPool,
     /// A pool of its own for the execution lease: renewals never wait behind operations.
     lease_pool: MySqlPool,
+    /// A pool of its own for the HTTP server: its clients never wait for the operations'.
+    http_pool: MySqlPool,
     broker: broker::Endpoint,
     listener: TcpListener,
     cloud: Cloud,
@@ -101,6 +103,7 @@ impl Application {
         // Only once the database is this appliance's: a refused daemon creates nothing.
         settings.host_files().prepare().await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
+        let http_pool = db::http_pool(&settings.database_url)?;
         let broker = settings.broker_endpoint().map_err(StartError::Config)?;
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -122,6 +125,7 @@ impl Application {
             settings,
             pool,
             lease_pool,
+            http_pool,
             broker,
             listener,
             cloud,
@@ -144,6 +148,7 @@ impl Application {
             settings,
             pool,
             lease_pool,
+            http_pool,
             broker,
             listener,
             cloud,
@@ -163,6 +168,7 @@ impl Application {
         let shared = Shared {
             settings: &settings,
             pool: &pool,
+            http_pool: &http_pool,
             cloud: &cloud,
             broker: &broker,
             status: &status,
@@ -189,6 +195,7 @@ impl Application {
         background.join().await;
         pool.close().await;
         lease_pool.close().await;
+        http_pool.close().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -198,6 +205,7 @@ impl Application {
 struct Shared<'a> {
     settings: &'a Settings,
     pool: &'a MySqlPool,
+    http_pool: &'a MySqlPool,
     cloud: &'a Cloud,
     broker: &'a broker::Endpoint,
     status: &'a Arc<Status>,
@@ -211,7 +219,7 @@ struct Background {
     monitor: tokio::task::JoinHandle<()>,
     checks: tokio::task::JoinHandle<()>,
     probe: tokio::task::JoinHandle<()>,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: tokio::task::JoinHandle<()>,
 }
 
 impl Background {
@@ -219,6 +227,7 @@ impl Background {
         let Shared {
             settings,
             pool,
+            http_pool,
             cloud,
             broker,
             status,
@@ -250,7 +259,7 @@ impl Background {
             period: Duration::from_secs(settings.self_check_interval_s),
         };
         let app = http::router(HttpState {
-            pool: pool.clone(),
+            pool: http_pool.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
             devices: devices.clone(),
@@ -263,11 +272,12 @@ impl Background {
             monitor: tokio::spawn(monitor.run(stop.clone())),
             checks: tokio::spawn(checker.run(checks_tx, stop.clone())),
             probe: tokio::spawn(broker::probe(broker.clone(), status.clone(), stop.clone())),
-            http: tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(http_stop.cancelled_owned())
-                    .await
-            }),
+            http: tokio::spawn(http::serve(
+                listener,
+                app,
+                http::Limits::default(),
+                http_stop,
+            )),
         }
     }
 
@@ -276,10 +286,7 @@ impl Background {
         report("device monitor", self.monitor.await);
         report("self-checks", self.checks.await);
         report("broker probe", self.probe.await);
-        match self.http.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
-            other => report("http", other.map(|_| ())),
-        }
+        report("http", self.http.await);
     }
 }
 

@@ -1,4 +1,9 @@
-//! Health, readiness and metrics (CONTRACT §6).
+//! Health, readiness and metrics (CONTRACT §6), and the server that serves them with the
+//! read API ([`serve`]).
+
+mod serve;
+
+pub use serve::{Limits, serve};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -195,6 +195,22 @@ pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
         })
 }
 
+/// The HTTP server's own pool (the read API, `/ready`, `/metrics`): a flood of read requests
+/// waits for these few connections and never for the operations' or the lease's.
+pub fn http_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
+    MySqlPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .idle_timeout(IDLE_TIMEOUT)
+        .before_acquire(fresh_enough)
+        .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))
+        .connect_lazy(url.expose())
+        .map_err(|source| DbError::Connect {
+            url: url.redacted().to_owned(),
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
