@@ -119,21 +119,40 @@ pub struct EventError {
     pub hint: String,
 }
 
+/// The most bytes a message or a hint keeps: CloudStack's `errortext` and a response quoted
+/// in a message can be any length, and both end up in events and in a `TEXT` column.
+pub const MAX_ERROR_TEXT: usize = 2048;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes on a character boundary, with `…` when cut.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut cut = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 impl EventError {
-    /// An error with the code's own `retryable` flag and hint.
+    /// An error with the code's own `retryable` flag and hint; the message is cut to
+    /// [`MAX_ERROR_TEXT`] bytes.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
-            message: message.into(),
+            message: bounded(message.into()),
             retryable: code.retryable(),
             cloudstack_error_code: None,
             hint: code.hint().to_owned(),
         }
     }
 
-    /// A recovery suggestion more precise than the code's own (naming a job id, say).
+    /// A recovery suggestion more precise than the code's own (naming a job id, say), cut to
+    /// [`MAX_ERROR_TEXT`] bytes.
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = hint.into();
+        self.hint = bounded(hint.into());
         self
     }
 
@@ -146,6 +165,17 @@ impl EventError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_of_any_length_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(5000);
+        let e = EventError::new(ErrorCode::CloudstackJobFailed, long).with_hint("h".repeat(9000));
+        assert!(e.message.len() <= MAX_ERROR_TEXT + '…'.len_utf8());
+        assert!(e.message.ends_with('…'));
+        assert!(e.hint.len() <= MAX_ERROR_TEXT + '…'.len_utf8());
+        let short = EventError::new(ErrorCode::Internal, "short");
+        assert_eq!(short.message, "short");
+    }
 
     #[test]
     fn codes_serialize_as_the_contract_spells_them() {

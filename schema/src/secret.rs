@@ -34,8 +34,8 @@ impl SecretUrl {
     /// The URLs of a comma-separated list (`AMQP_URL` may be one: CONTRACT §1), in order,
     /// blanks dropped; a single URL gives itself.
     pub fn split_list(&self) -> Vec<SecretUrl> {
-        self.expose()
-            .split(',')
+        split_urls(self.expose())
+            .into_iter()
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(SecretUrl::new)
@@ -73,11 +73,42 @@ impl fmt::Display for SecretUrl {
     }
 }
 
+/// The URLs of a comma-separated list: a comma separates two URLs only when what follows it
+/// starts another `scheme://` or is blank (a comma inside a password is part of that password).
+pub fn split_urls(list: &str) -> Vec<&str> {
+    let starts_url = |rest: &str| {
+        let rest = rest.trim_start();
+        rest.find("://").is_some_and(|end| {
+            end > 0
+                && rest[..end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+    };
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let rest = &list[i + 1..];
+        let blank = rest.trim_start().is_empty() || rest.trim_start().starts_with(',');
+        if blank || starts_url(rest) {
+            parts.push(&list[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&list[start..]);
+    parts
+}
+
 /// `scheme://user:password@host/…` with the password replaced by `***`; a URL without one is
 /// returned as it is. Each URL of a comma-separated list is redacted on its own.
 pub fn redact_url(url: &str) -> String {
-    if url.contains(',') {
-        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    let parts = split_urls(url);
+    if parts.len() > 1 {
+        return parts
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
     }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -99,6 +130,23 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A comma inside a password neither splits the URL nor leaks the rest of the password.
+    #[test]
+    fn a_password_with_a_comma_is_redacted_whole() {
+        let url = "mysql://root:pa,ss@db:3306/volume_daemon";
+        assert_eq!(redact_url(url), "mysql://root:***@db:3306/volume_daemon");
+        assert_eq!(SecretUrl::new(url).split_list().len(), 1);
+        let list = "amqp://u:a,b@one/%2f, amqps://u:c@two/%2f";
+        assert_eq!(
+            redact_url(list),
+            "amqp://u:***@one/%2f, amqps://u:***@two/%2f"
+        );
+        let parts = SecretUrl::new(list).split_list();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].expose(), "amqp://u:a,b@one/%2f");
+        assert!(!format!("{:?}", SecretUrl::new(url)).contains("pa,ss"));
+    }
 
     #[test]
     fn redacts_the_password_only() {

@@ -83,8 +83,8 @@ impl Application {
         ) {
             (None, _, _) => None,
             (Some(url), Some(key), Some(secret)) => Some(Credentials {
-                api_url: url.clone(),
-                api_key: key.clone(),
+                api_url: url.expose().to_owned(),
+                api_key: schema::secret::ExposeSecret::expose_secret(key).to_owned(),
                 secret_key: secret.clone(),
             }),
             (Some(_), _, _) => {

@@ -51,10 +51,10 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// CloudStack API endpoint; when unset the active `ossea_configs` row is used.
     #[arg(long, env = "CLOUDSTACK_API_URL")]
-    pub cloudstack_api_url: Option<String>,
+    pub cloudstack_api_url: Option<SecretUrl>,
     /// CloudStack API key (with CLOUDSTACK_API_URL; never logged).
-    #[arg(long, env = "CLOUDSTACK_API_KEY", hide_env_values = true)]
-    pub cloudstack_api_key: Option<String>,
+    #[arg(long, env = "CLOUDSTACK_API_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub cloudstack_api_key: Option<SecretString>,
     /// CloudStack secret key that signs every request (never logged).
     #[arg(long, env = "CLOUDSTACK_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
     pub cloudstack_secret_key: Option<SecretString>,
@@ -300,6 +300,38 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The settings line logged at start shows no password (a comma in it included), no
+    /// CloudStack key and no credentials inside the CloudStack URL.
+    #[test]
+    fn the_settings_dump_shows_no_secret() {
+        let s = Settings::try_parse_from([
+            "volume-daemon",
+            "--database-url",
+            "mysql://vd:pa,ss-word@db:3306/volume_daemon",
+            "--cloudstack-api-url",
+            "http://admin:cs-pass@cloudstack:8080/client/api",
+            "--cloudstack-api-key",
+            "the-api-key",
+            "--cloudstack-secret-key",
+            "the-secret-key",
+        ])
+        .expect("parse");
+        let dump = format!("{s:?}");
+        for secret in [
+            "pa,ss-word",
+            "ss-word",
+            "cs-pass",
+            "the-api-key",
+            "the-secret-key",
+        ] {
+            assert!(!dump.contains(secret), "{secret} in {dump}");
+        }
+        assert!(
+            dump.contains("mysql://vd:***@db:3306/volume_daemon"),
+            "{dump}"
+        );
+    }
 
     #[test]
     fn defaults_match_the_contract() {
