@@ -433,3 +433,49 @@ async fn a_job_past_its_deadline_ends_timeout_not_retryable_naming_the_job() {
         .count();
     assert_eq!(terminal, 1, "exactly one terminal event");
 }
+
+/// M6: an attach naming a `device_id` finds the volume already on that VM in another slot: it
+/// fails `VOLUME_IN_USE`, with a hint naming the slot it is in, and calls nothing in CloudStack
+/// (never "completed" as if the volume were where it was asked to be). The same slot completes.
+#[tokio::test]
+async fn an_attach_to_another_slot_of_the_same_vm_fails_naming_the_current_one() {
+    use schema::command::{Action, AttachVolume};
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let vm = DEMO_VMS[0];
+    let created = env.execute(&cmd::create("slotted", "1GiB")).await;
+    let volume = created.data.volume_id.expect("volume");
+    let first = env.execute(&cmd::attach(volume, vm)).await;
+    assert_eq!(first.data.status.as_str(), "completed", "{first:?}");
+    let (_, slot) = env.sim.sim.attachment(volume).expect("attached");
+    let calls = env.sim.sim.call_count("attachVolume");
+
+    let elsewhere = schema::Command::new(Action::Attach(AttachVolume {
+        volume_id: volume,
+        vm_id: vm,
+        device_id: Some(slot + 1),
+    }));
+    let failed = env.execute(&elsewhere).await;
+    let error = failed.data.error.clone().expect("failed");
+    assert_eq!(error.code, schema::ErrorCode::VolumeInUse, "{failed:?}");
+    assert!(!error.retryable);
+    assert!(
+        error.hint.contains(&format!("device {slot}")),
+        "the hint names the current slot: {}",
+        error.hint
+    );
+    assert_eq!(env.sim.sim.call_count("attachVolume"), calls, "no call");
+
+    let same = schema::Command::new(Action::Attach(AttachVolume {
+        volume_id: volume,
+        vm_id: vm,
+        device_id: Some(slot),
+    }));
+    let done = env.execute(&same).await;
+    assert_eq!(done.data.status.as_str(), "completed", "{done:?}");
+    assert_eq!(
+        env.sim.sim.call_count("attachVolume"),
+        calls,
+        "still no call"
+    );
+}

@@ -551,7 +551,8 @@ impl Store {
             operation_columns!(),
             " FROM volume_operations WHERE ",
             unended!(),
-            " ORDER BY created_at, id"
+            // The server's order of acceptance, not the daemon's clock.
+            " ORDER BY seq"
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -650,6 +651,31 @@ mod tests {
             resumed[0].prior_attempts, 2,
             "the stored attempts are loaded"
         );
+    }
+
+    /// Resumed operations come back in the order they were accepted, whatever the daemon's
+    /// clock said when it accepted them (here stepped back 5 s between an attach and the
+    /// detach of the same volume).
+    #[tokio::test]
+    async fn resumed_operations_keep_the_order_of_acceptance_across_a_clock_step() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let volume = VolumeId::new_random();
+        let attach = Command::attach(volume, schema::VmId::new_random());
+        let detach = Command::detach(volume);
+        store.accept(attach.clone()).await.expect("attach");
+        store.accept(detach.clone()).await.expect("detach");
+        sqlx::query(
+            "UPDATE volume_operations SET created_at = created_at - INTERVAL 5 SECOND WHERE id = ?",
+        )
+        .bind(detach.command_id.as_str())
+        .execute(&db.pool)
+        .await
+        .expect("clock stepped back");
+        let resumed: Vec<CommandId> = (store.resumable().await.expect("resumable").iter())
+            .map(|op| op.id().clone())
+            .collect();
+        assert_eq!(resumed, vec![attach.command_id, detach.command_id]);
     }
 
     fn attach_command() -> (Command, VolumeId, schema::VmId) {

@@ -71,10 +71,27 @@ async fn ensure_attached(
 ) -> Result<Volume, Halt> {
     let (volume_id, vm) = (attach.volume_id, attach.vm_id);
     match listed.virtualmachineid {
-        Some(v) if v == vm => {
-            tracing::info!(%vm, "already attached to this VM; nothing to do in CloudStack");
-            Ok(listed)
-        }
+        Some(v) if v == vm => match (attach.device_id, listed.deviceid) {
+            // Asked for a slot the volume is not in: never "completed" as if it were there.
+            (Some(want), now) if now != Some(want) => {
+                let now =
+                    now.map_or_else(|| "an unknown slot".to_owned(), |d| format!("device {d}"));
+                Err(EventError::new(
+                    ErrorCode::VolumeInUse,
+                    format!(
+                        "volume {volume_id} is attached to VM {vm} at {now}, not at device {want}"
+                    ),
+                )
+                .with_hint(format!(
+                    "the volume is already on this VM at {now}: detach it first, then attach it with device_id {want}"
+                ))
+                .into())
+            }
+            _ => {
+                tracing::info!(%vm, "already attached to this VM; nothing to do in CloudStack");
+                Ok(listed)
+            }
+        },
         Some(other) => Err(EventError::new(
             ErrorCode::VolumeInUse,
             format!("volume {volume_id} is attached to VM {other}, not {vm}: detach it first"),
@@ -88,7 +105,10 @@ async fn ensure_attached(
                 polling,
                 volume_id,
                 || client.attach_volume(volume_id, vm, attach.device_id),
-                |v| v.virtualmachineid == Some(vm),
+                |v| {
+                    v.virtualmachineid == Some(vm)
+                        && attach.device_id.is_none_or(|d| v.deviceid == Some(d))
+                },
             )
             .await
         }
