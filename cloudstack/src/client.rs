@@ -241,10 +241,15 @@ impl Client {
             .when(|e: &CloudStackError| {
                 e.is_transient() && (!answered_only || e.was_answered()) && tokio::time::Instant::now() < retry_until
             })
-            // A 429 names the delay it wants: wait at least that long.
-            .adjust(|e, delay| match (e.retry_after(), delay) {
-                (Some(wanted), Some(d)) => Some(d.max(wanted)),
-                (_, d) => d,
+            // A 429 names the delay it wants: wait at least that long, but never past the
+            // retry deadline (then the error is the answer).
+            .adjust(|e, delay| {
+                let left = retry_until.saturating_duration_since(tokio::time::Instant::now());
+                match (e.retry_after(), delay) {
+                    (Some(wanted), Some(_)) if wanted > left => None,
+                    (Some(wanted), Some(d)) => Some(d.max(wanted)),
+                    (_, d) => d,
+                }
             })
             .notify(|e, delay| {
                 if let Some(o) = &self.observer {
@@ -315,7 +320,7 @@ impl Client {
     pub async fn get_volume(&self, volume: VolumeId) -> Result<Option<Volume>, CloudStackError> {
         match self.list_volumes(&[("id", volume.to_string())]).await {
             Ok(mut found) => Ok(found.pop()),
-            Err(CloudStackError::Api { code: 431, .. }) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -77,6 +77,25 @@ impl CloudStackError {
         }
     }
 
+    /// Whether CloudStack said the entity does not exist: a 431 with the generic cserrorcode
+    /// 9999 (or 4350) whose text says it found nothing, as CloudStack words an unknown id
+    /// ("Unable to find …", "… entity does not exist …"). Any other 431 (a parameter refused, a
+    /// permission missing) says nothing about existence.
+    pub fn is_not_found(&self) -> bool {
+        let Self::Api {
+            code: 431,
+            cserrorcode,
+            text,
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let text = text.to_ascii_lowercase();
+        matches!(cserrorcode, Some(9999) | Some(4350) | None)
+            && (text.contains("unable to find") || text.contains("entity does not exist"))
+    }
+
     /// Whether the request timed out waiting for an answer: CloudStack may still be working on
     /// it, so a check of its effect right away can miss what it is about to do.
     pub fn timed_out(&self) -> bool {

@@ -278,3 +278,49 @@ async fn injected_faults_errors_job_failures_and_dropped_connections() {
     );
     assert!(sim.sim.calls().iter().any(|c| c.dropped));
 }
+
+/// N19: a 429 that asks for a delay past the retry deadline (2 s here) ends the call at once
+/// with that error instead of sleeping past the deadline.
+#[tokio::test]
+async fn a_429_asking_past_the_retry_deadline_is_not_waited_for() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let mut faults = Faults {
+        retry_after_ms: 60_000,
+        ..Faults::default()
+    };
+    faults.error_rates.insert(429, 1.0);
+    sim.sim.set_faults(faults);
+    let started = std::time::Instant::now();
+    let err = cs.list_volumes(&[]).await.expect_err("429");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(60)));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the call ended within the deadline: {:?}",
+        started.elapsed()
+    );
+}
+
+/// N20: only a 431 that says the volume does not exist reads as absent; another 431 (a
+/// permission refused, say) is an error, not "no such volume".
+#[tokio::test]
+async fn only_a_not_found_431_means_absent() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let unknown = VolumeId::new_random();
+    assert_eq!(cs.get_volume(unknown).await.expect("answer"), None);
+    let refused = CloudStackError::Api {
+        command: "listVolumes".into(),
+        code: 431,
+        cserrorcode: Some(4350),
+        text: "The caller does not have permission to access the volume".into(),
+    };
+    assert!(!refused.is_not_found());
+    let unknown_id = CloudStackError::Api {
+        command: "listVolumes".into(),
+        code: 431,
+        cserrorcode: Some(9999),
+        text: "Unable to find volume by id x".into(),
+    };
+    assert!(unknown_id.is_not_found());
+}

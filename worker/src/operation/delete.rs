@@ -3,7 +3,6 @@
 
 use serde_json::json;
 
-use cloudstack::CloudStackError;
 use schema::{OperationType, VolumeId};
 
 use super::{Completion, Halt, Operation, detach, jobs};
@@ -75,11 +74,7 @@ async fn delete_now(client: &cloudstack::Client, volume_id: VolumeId) -> Result<
         match client.delete_volume(volume_id).await {
             Ok(()) => return Ok(true),
             // Gone meanwhile (CloudStack's answer for an id it does not know).
-            Err(CloudStackError::Api {
-                code: 431,
-                cserrorcode: Some(9999),
-                ..
-            }) => return Ok(false),
+            Err(e) if e.is_not_found() => return Ok(false),
             Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "no answer to deleteVolume; checking whether it took effect");
