@@ -89,9 +89,18 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
-    let result = authenticate(&sim, &pairs, &params)
-        .and_then(|()| faults.injected_error(&lower).map_or(Ok(()), Err))
-        .and_then(|()| dispatch(&sim, &lower, &params));
+    let admitted = authenticate(&sim, &pairs, &params)
+        .and_then(|()| faults.injected_error(&lower).map_or(Ok(()), Err));
+    let slow = admitted.is_ok().then(|| take_slow(&sim, &lower)).flatten();
+    let result = match (admitted, slow) {
+        (Err(e), _) => Err(e),
+        (Ok(()), None) => dispatch(&sim, &lower, &params),
+        (Ok(()), Some(slow)) => {
+            // Recorded by the task that acts: the client may be gone before the answer.
+            let call = (command.clone(), params.clone(), at);
+            return slow_answer(slow_dispatch(&sim, call, slow).await, &command);
+        }
+    };
     let dropped = result.is_ok() && {
         // `take_drop` counts down `drop_next`; write the change back.
         let dropped = faults.take_drop(&lower);
@@ -183,6 +192,65 @@ fn authenticate(
     } else {
         Err(unauthorized())
     }
+}
+
+/// The armed slow call of `command`, if any (used once).
+fn take_slow(sim: &Arc<Sim>, command: &str) -> Option<crate::faults::SlowCall> {
+    let mut faults = sim.faults();
+    let slow = faults.slow_next.remove(command)?;
+    sim.set_faults(faults);
+    Some(slow)
+}
+
+/// Acts after `slow.act_after_ms` in a task of its own, which records the call (a client that
+/// hangs up stops neither), and answers after `slow.answer_after_ms`.
+async fn slow_dispatch(
+    sim: &Arc<Sim>,
+    (command, params, at): (String, HashMap<String, String>, chrono::DateTime<Utc>),
+    slow: crate::faults::SlowCall,
+) -> Result<Value, ApiError> {
+    let arrived = tokio::time::Instant::now();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sim = sim.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(arrived + Duration::from_millis(slow.act_after_ms)).await;
+        let result = dispatch(&sim, &command.to_ascii_lowercase(), &params);
+        let (status, error_text) = match &result {
+            Ok(_) => (200, None),
+            Err(e) => (e.code, Some(e.text.clone())),
+        };
+        sim.record_call(CallRecord {
+            command,
+            params,
+            at,
+            answered_at: Utc::now(),
+            status,
+            error_text,
+            dropped: false,
+        });
+        let _ = tx.send(result);
+    });
+    tokio::time::sleep_until(arrived + Duration::from_millis(slow.answer_after_ms)).await;
+    rx.await
+        .unwrap_or_else(|_| Err(ApiError::param("the simulated call was lost")))
+}
+
+/// The answer to a slow call, as any other call's.
+fn slow_answer(result: Result<Value, ApiError>, command: &str) -> Response {
+    let (status, body) = match result {
+        Ok(inner) => (200, json!({ response_key(command): inner })),
+        Err(e) => (
+            e.code,
+            json!({ response_key(command): {
+                "uuidList": [], "errorcode": e.code, "cserrorcode": e.cserrorcode, "errortext": e.text,
+            }}),
+        ),
+    };
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
 }
 
 fn dispatch(sim: &Arc<Sim>, command: &str, p: &HashMap<String, String>) -> Result<Value, ApiError> {

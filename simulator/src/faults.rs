@@ -29,6 +29,17 @@ pub struct Faults {
     pub drop_next: BTreeMap<String, u32>,
     /// Lowercase commands the error rates apply to; empty means every command.
     pub commands: Vec<String>,
+    /// The next call of each command (lowercase name) acts `act_after_ms` after it arrived and
+    /// answers `answer_after_ms` after it arrived, as a loaded CloudStack does: it acts even
+    /// when the client has gone by then. Used once.
+    pub slow_next: BTreeMap<String, SlowCall>,
+}
+
+/// When a slow call acts and when it answers, from its arrival.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowCall {
+    pub act_after_ms: u64,
+    pub answer_after_ms: u64,
 }
 
 /// Commands that change something: a dropped answer leaves the client unsure.

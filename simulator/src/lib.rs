@@ -27,7 +27,7 @@ use std::time::Duration;
 use schema::{DiskOfferingId, VmId, ZoneId};
 use uuid::uuid;
 
-pub use faults::Faults;
+pub use faults::{Faults, SlowCall};
 pub use state::{ByIdLinks, CallRecord, DeviceBehaviour, Sim};
 
 /// The zone every simulator serves.

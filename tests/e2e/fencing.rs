@@ -279,3 +279,70 @@ async fn a_lost_commit_acknowledgement_on_accept_still_executes_the_command_once
         "the retried accept found its own row and handed the operation over"
     );
 }
+
+/// N4: CloudStack acts on a createVolume 10 s after it arrives and answers at 14 s; the active
+/// is SIGKILLed 1 s into the call and the standby resumes the create at about 6 s. It waits
+/// `CREATE_RESUME_SETTLE_S` (12 s) before looking for the volume, finds the one CloudStack
+/// made late, and never asks for a second: exactly one volume of that name, one completed event.
+#[tokio::test]
+async fn a_takeover_during_a_slow_createvolume_makes_one_volume() {
+    use cloudstack_sim::SlowCall;
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CREATE_RESUME_SETTLE_S".into(), "12".into()));
+    env.start_daemon().await;
+    let standby = env.spawn_other().await;
+    let mut faults = env.sim.sim.faults();
+    faults.slow_next.insert(
+        "createvolume".into(),
+        SlowCall {
+            act_after_ms: 10_000,
+            answer_after_ms: 14_000,
+        },
+    );
+    env.sim.sim.set_faults(faults);
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    let command = cmd::create("made-late", "1GiB");
+    let id = command.command_id.as_str().to_owned();
+    env.client()
+        .await
+        .publish_only(&command)
+        .await
+        .expect("published");
+    env.wait_for_operation(&id, Duration::from_secs(10), |op| op.status == "executing")
+        .await;
+    let called = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.kill_daemon().await;
+    env.promote_other(0, standby);
+
+    let events = collector
+        .wait_all(&[id.clone()], Duration::from_secs(60))
+        .await;
+    let mine: Vec<_> = events
+        .iter()
+        .filter(|e| e.data.command_id.as_str() == id)
+        .collect();
+    assert_eq!(mine.len(), 1, "one event: {mine:?}");
+    assert_eq!(mine[0].data.status.as_str(), "completed", "{:?}", mine[0]);
+    // Count once the slow call has acted and answered, whatever the daemon did meanwhile.
+    tokio::time::sleep_until(called + Duration::from_secs(15)).await;
+    let named = env
+        .sim
+        .sim
+        .volumes()
+        .into_iter()
+        .filter(|(_, name)| name == "made-late")
+        .count();
+    assert_eq!(
+        named,
+        1,
+        "exactly one volume of that name\n{}",
+        env.daemon_log()
+    );
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        1,
+        "no second createVolume"
+    );
+}

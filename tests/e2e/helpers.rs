@@ -244,6 +244,9 @@ impl TestEnv {
             .env("SYSFS_ROOT", &self.sysfs)
             .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
             .env("DEVICE_NODE_DIR", self.sysfs.join("dev"))
+            // Resumed creates look for their volume after 1 s, not 35: the simulator answers at
+            // once (a test of the wait sets its own).
+            .env("CREATE_RESUME_SETTLE_S", "1")
             .env("PERSISTENT_DEVICE_DIR", self.sysfs.join("persistent"))
             .env("RUST_LOG", "info,worker=debug")
             .envs(self.cloudstack_env())

@@ -465,6 +465,7 @@ impl Active<'_> {
             metrics: self.metrics.clone(),
             devices: self.devices.clone(),
             correlation_timeout: self.settings.correlation_timeout(),
+            create_resume_settle: Duration::from_secs(self.settings.create_resume_settle_s),
             host: self.settings.host_files(),
             relay_wakeup: Arc::new(Notify::new()),
             shutdown: halt,

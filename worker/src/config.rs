@@ -101,6 +101,12 @@ pub struct Settings {
     /// Operations in flight at once.
     #[arg(long, env = "MAX_CONCURRENT_OPERATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_operations: u16,
+    /// How long a create resumed after a restart or a takeover, with no job recorded, waits
+    /// before it looks for the volume its earlier execution may have asked for: CloudStack may
+    /// act on a createVolume until the request's HTTP timeout (30 s) and after, so the default
+    /// is longer than that. Too short, and a volume CloudStack makes late is made twice.
+    #[arg(long, env = "CREATE_RESUME_SETTLE_S", default_value_t = 35, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
+    pub create_resume_settle_s: u64,
     /// How long a createVolume job may run before the operation fails with TIMEOUT.
     #[arg(long, env = "CREATE_JOB_TIMEOUT_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub create_job_timeout_s: u64,

@@ -30,6 +30,8 @@ pub struct Context {
     pub devices: Devices,
     /// How long an attach to the host VM waits for its device.
     pub correlation_timeout: Duration,
+    /// How long a resumed create with no recorded job waits before it looks for its volume.
+    pub create_resume_settle: Duration,
     /// Persistent names and NBD exports of host attachments.
     pub host: HostFiles,
     /// Wakes the relay when an outbox row was committed.

@@ -37,9 +37,22 @@ pub async fn run(
             // find its volume first. A first execution has nothing to find.
             let found = match known {
                 Some(v) => Some(v),
-                None if op.prior_attempts > 0 => find_created(ctx, op, client, create, zone)
-                    .await?
-                    .map(|v| v.id),
+                None if op.prior_attempts > 0 => {
+                    // The earlier execution's createVolume may still be on its way to acting:
+                    // look only once it has had the time to.
+                    tracing::info!(
+                        settle_s = ctx.create_resume_settle.as_secs(),
+                        "resumed create with no recorded job: waiting before looking for the volume it may have made"
+                    );
+                    ctx.until_shutdown(
+                        "waiting for an earlier createVolume to settle",
+                        tokio::time::sleep(ctx.create_resume_settle),
+                    )
+                    .await?;
+                    find_created(ctx, op, client, create, zone)
+                        .await?
+                        .map(|v| v.id)
+                }
                 None => None,
             };
             match found {
