@@ -317,7 +317,7 @@ async fn a_takeover_during_a_slow_createvolume_makes_one_volume() {
     env.promote_other(0, standby);
 
     let events = collector
-        .wait_all(&[id.clone()], Duration::from_secs(60))
+        .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
         .await;
     let mine: Vec<_> = events
         .iter()
