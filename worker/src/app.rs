@@ -293,6 +293,9 @@ impl Background {
 /// How long the relay may take to publish what the outbox holds at shutdown.
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// The housekeeping and intake tasks of an active period, once its repair ended.
+type Started = (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>);
+
 /// Why an active period ended.
 enum ActiveEnd {
     Shutdown,
@@ -353,20 +356,9 @@ impl Active<'_> {
         ));
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
         let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
-        // The host files are repaired before commands are taken, while the lease is renewed
-        // (a repair slowed by the database must not let the lease lapse under it).
         let (end, started) = {
-            let start = async {
-                reconcile_host(&ctx.store, &ctx.host, self.devices, &halt).await;
-                let housekeeping = self.spawn_housekeeping(&ctx, &halt);
-                (housekeeping, self.spawn_intake(ctx.clone(), ops_tx))
-            };
             let held = hold(&mut lease, stopping, &fenced);
-            tokio::pin!(start, held);
-            tokio::select! {
-                end = &mut held => (end, None),
-                started = &mut start => (held.await, Some(started)),
-            }
+            self.start_while(held, &ctx, &halt, ops_tx).await
         };
         match end {
             ActiveEnd::Shutdown => executor_stop.drain(),
@@ -403,6 +395,29 @@ impl Active<'_> {
             lease.release().await;
         }
         end
+    }
+
+    /// Repairs the host files, then starts the housekeeping and the intake (commands are taken
+    /// only after the repair), all while `held` renews the lease: a repair slowed by the
+    /// database must not let the lease lapse under it. Returns how the period ended and, when
+    /// the repair ended first, the housekeeping and intake tasks.
+    async fn start_while(
+        &self,
+        held: impl Future<Output = ActiveEnd>,
+        ctx: &Arc<Context>,
+        halt: &CancellationToken,
+        ops: mpsc::Sender<Operation>,
+    ) -> (ActiveEnd, Option<Started>) {
+        let start = async {
+            reconcile_host(&ctx.store, &ctx.host, self.devices, halt).await;
+            let housekeeping = self.spawn_housekeeping(ctx, halt);
+            (housekeeping, self.spawn_intake(ctx.clone(), ops))
+        };
+        tokio::pin!(start, held);
+        tokio::select! {
+            end = &mut held => (end, None),
+            started = &mut start => (held.await, Some(started)),
+        }
     }
 
     /// The executor of this period: operations run with `ctx`, at most

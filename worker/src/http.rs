@@ -52,21 +52,24 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the database answers, the broker connections are up, the device monitor scans.
-async fn ready(State(s): State<HttpState>) -> Response {
-    // One more try on a transient error (a connection the server dropped, a killed session):
-    // a single stale connection is not an unready daemon.
-    let db = tokio::time::timeout(Duration::from_secs(2), async {
-        match outbox::backlog(&s.pool).await {
-            Err(e) if !crate::db::is_permanent(&e) => outbox::backlog(&s.pool).await,
+/// The outbox backlog, `None` when the database does not answer within 2 s. One more try on a
+/// transient error (a connection the server dropped, a killed session): a single stale
+/// connection is not an unready daemon.
+async fn backlog(pool: &MySqlPool) -> Option<outbox::Backlog> {
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        match outbox::backlog(pool).await {
+            Err(e) if !crate::db::is_permanent(&e) => outbox::backlog(pool).await,
             done => done,
         }
     })
     .await;
-    let (db_ok, backlog) = match db {
-        Ok(Ok(b)) => (true, Some(b)),
-        _ => (false, None),
-    };
+    read.ok().and_then(Result::ok)
+}
+
+/// Readiness: the database answers, the broker connections are up, the device monitor scans.
+async fn ready(State(s): State<HttpState>) -> Response {
+    let backlog = backlog(&s.pool).await;
+    let db_ok = backlog.is_some();
     let intake = s.status.intake_connected();
     let relay = s.status.relay_connected();
     let probe = s.status.broker_reachable();

@@ -228,32 +228,8 @@ impl Intake {
             "invalid command; dead-lettering it"
         );
         if let Some(event) = rejection_event(&invalid, delivery.routing_key.as_str()) {
-            // Retried while the error is transient (a dropped connection, a killed session),
-            // within the bound.
-            let queued = tokio::time::timeout(ACCEPT_TIMEOUT, async {
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match (self.ctx.store)
-                        .queue_rejection_event(&event, invalid.reply_to.as_deref())
-                        .await
-                    {
-                        Err(StoreError::Db(e)) if !crate::db::is_permanent(&e) && attempt < 5 => {
-                            tracing::warn!(error = %e, attempt, "cannot queue the INVALID_COMMAND event yet; retrying");
-                            tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                        }
-                        done => return done,
-                    }
-                }
-            })
-            .await;
-            match queued {
-                Ok(Ok(())) => self.ctx.relay_wakeup.notify_one(),
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
-                Err(_) => {
-                    tracing::error!(timeout = ?ACCEPT_TIMEOUT, "queueing the INVALID_COMMAND event timed out")
-                }
-            }
+            self.queue_rejection(&event, invalid.reply_to.as_deref())
+                .await;
         }
 
         let props = dead_letter_properties(&delivery, &invalid.reason);
@@ -292,6 +268,34 @@ impl Intake {
             }
         }
         Ok(())
+    }
+}
+
+impl Intake {
+    /// Queues the INVALID_COMMAND event of a rejected message, retried while the error is
+    /// transient (a dropped connection, a killed session), within [`ACCEPT_TIMEOUT`].
+    async fn queue_rejection(&self, event: &CloudEvent, reply_to: Option<&str>) {
+        let queued = tokio::time::timeout(ACCEPT_TIMEOUT, async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.ctx.store.queue_rejection_event(event, reply_to).await {
+                    Err(StoreError::Db(e)) if !crate::db::is_permanent(&e) && attempt < 5 => {
+                        tracing::warn!(error = %e, attempt, "cannot queue the INVALID_COMMAND event yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                    }
+                    done => return done,
+                }
+            }
+        })
+        .await;
+        match queued {
+            Ok(Ok(())) => self.ctx.relay_wakeup.notify_one(),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
+            Err(_) => {
+                tracing::error!(timeout = ?ACCEPT_TIMEOUT, "queueing the INVALID_COMMAND event timed out")
+            }
+        }
     }
 }
 

@@ -122,6 +122,21 @@ fn registered<M: prometheus_client::registry::Metric + Clone>(
     metric
 }
 
+/// Registers a family of counters by label set under its name and help, and returns it.
+fn counters<L>(registry: &mut Registry, name: (&str, &str)) -> Counters<L>
+where
+    L: prometheus_client::encoding::EncodeLabelSet
+        + Clone
+        + std::hash::Hash
+        + Eq
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    registered(registry, name, Counters::<L>::default())
+}
+
 /// Every family's name (after the `volume_daemon_` prefix) and help text.
 mod names {
     /// `volume_daemon_operations`.
@@ -311,11 +326,7 @@ impl StateMetrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("volume_daemon");
-        let operations = registered(
-            &mut r,
-            names::OPERATIONS,
-            Counters::<OperationLabels>::default(),
-        );
+        let operations = counters::<OperationLabels>(&mut r, names::OPERATIONS);
         let duration = registered(
             &mut r,
             names::DURATION,
@@ -325,11 +336,7 @@ impl Metrics {
         );
         let commands = registered(&mut r, names::COMMANDS, Counters::<ResultLabels>::default());
         let events_published = registered(&mut r, names::EVENTS_PUBLISHED, Counter::default());
-        let events_refused = registered(
-            &mut r,
-            names::EVENTS_REFUSED,
-            Counters::<DestinationLabels>::default(),
-        );
+        let events_refused = counters::<DestinationLabels>(&mut r, names::EVENTS_REFUSED);
         let outbox_backlog = registered(&mut r, names::OUTBOX_BACKLOG, Gauge::default());
         let outbox_oldest_age = registered(
             &mut r,
@@ -337,26 +344,14 @@ impl Metrics {
             Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
         let nbd_exports = registered(&mut r, names::NBD_EXPORTS, Gauge::default());
-        let device_events = registered(
-            &mut r,
-            names::DEVICE_EVENTS,
-            Counters::<ResultLabels>::default(),
-        );
+        let device_events = counters::<ResultLabels>(&mut r, names::DEVICE_EVENTS);
         let correlation = registered(
             &mut r,
             names::CORRELATION,
             Histogram::new(exponential_buckets(0.01, 2.0, 14)),
         );
-        let cloudstack_calls = registered(
-            &mut r,
-            names::CLOUDSTACK_CALLS,
-            Counters::<CallLabels>::default(),
-        );
-        let cloudstack_retries = registered(
-            &mut r,
-            names::CLOUDSTACK_RETRIES,
-            Counters::<CommandLabels>::default(),
-        );
+        let cloudstack_calls = counters::<CallLabels>(&mut r, names::CLOUDSTACK_CALLS);
+        let cloudstack_retries = counters::<CommandLabels>(&mut r, names::CLOUDSTACK_RETRIES);
         let state = StateMetrics::register(&mut r);
         Self {
             state,

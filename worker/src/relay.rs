@@ -265,21 +265,8 @@ impl Relay {
                 continue;
             }
             refused.push(a.row.id);
-            let tries = a.row.attempts + 1;
-            if tries >= TRIES {
+            if self.refused(a) {
                 give_up.push(a.row.id);
-                if let Some((queue, copy)) = &a.copy
-                    && *copy != Answer::Ack
-                {
-                    // The copy went with each try of its event: that was its retry.
-                    self.metrics.event_refused("", queue.as_str());
-                    tracing::error!(event_id = %a.row.event_id, exchange = "", routing_key = %queue, answer = ?copy, "the reply_to queue refused the event's copy on every try: copy given up");
-                }
-                self.metrics
-                    .event_refused(&a.row.exchange, &a.row.routing_key);
-                tracing::error!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker keeps refusing this event (a queue bound to the exchange refuses it, or withholds its confirm): given up, recorded as refused");
-            } else {
-                tracing::warn!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker refused this event (a queue bound to the exchange refuses it, or withholds its confirm); trying again");
             }
         }
         if !refused.is_empty() {
@@ -297,6 +284,27 @@ impl Relay {
             }
         }
         Ok(published)
+    }
+
+    /// Logs (and, when it is given up, counts) an event the broker refused or left
+    /// unconfirmed; `true` when this was its last try.
+    fn refused(&self, a: &Answered<'_>) -> bool {
+        let tries = a.row.attempts + 1;
+        if tries < TRIES {
+            tracing::warn!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker refused this event (a queue bound to the exchange refuses it, or withholds its confirm); trying again");
+            return false;
+        }
+        if let Some((queue, copy)) = &a.copy
+            && *copy != Answer::Ack
+        {
+            // The copy went with each try of its event: that was its retry.
+            self.metrics.event_refused("", queue.as_str());
+            tracing::error!(event_id = %a.row.event_id, exchange = "", routing_key = %queue, answer = ?copy, "the reply_to queue refused the event's copy on every try: copy given up");
+        }
+        self.metrics
+            .event_refused(&a.row.exchange, &a.row.routing_key);
+        tracing::error!(event_id = %a.row.event_id, exchange = %a.row.exchange, routing_key = %a.row.routing_key, tries, answer = ?a.event, "the broker keeps refusing this event (a queue bound to the exchange refuses it, or withholds its confirm): given up, recorded as refused");
+        true
     }
 
     /// Sends `row`'s `reply_to` copy to `queue` once more after the broker refused it (a nack);

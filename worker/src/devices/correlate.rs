@@ -280,7 +280,11 @@ impl Devices {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One look at the table; claims the device when found.
+    /// One look at the table; claims the device when found. A device that carries the
+    /// volume's own serial is the volume's disk, whoever claimed its name before: a claim is
+    /// this process's memory of an earlier disk under that name (detached meanwhile, perhaps by
+    /// another instance while this one stood by), and the kernel reuses names. Claims guard
+    /// only the fallbacks (by-id link, size), which cannot tell disks apart by serial.
     pub fn try_match(&self, table: &DeviceTable, exp: &Expectation) -> Option<Found> {
         let mut claims = self.lock_claims();
         let free = |name: &str| claims.get(name).is_none_or(|v| *v == exp.volume);
@@ -289,7 +293,7 @@ impl Devices {
         let found = if let Some(p) = table
             .devices
             .values()
-            .find(|p| p.device.serial.as_deref() == Some(&exp.serial) && free(&p.device.name))
+            .find(|p| p.device.serial.as_deref() == Some(&exp.serial))
         {
             // Which by-id link it has (if udev made one yet) is for the caller to find.
             Some((p, MatchedBy::Serial, None))
@@ -411,6 +415,30 @@ mod tests {
         assert_eq!(
             fa.by_id_path, None,
             "a serial match names no by-id link it has not seen"
+        );
+    }
+
+    /// N5: a claim left from an earlier disk under the same name (detached while this instance
+    /// stood by) never keeps a volume from its own disk, found by its serial.
+    #[test]
+    fn a_stale_claim_does_not_hide_a_device_with_the_volumes_own_serial() {
+        let t = Tree::new();
+        let (mut m, d, _) = setup(&t);
+        let (a, b) = (VolumeId::new_random(), VolumeId::new_random());
+        t.add_dir("vdb", GIB_SECTORS, Some(&a.disk_serial()), "virtio4");
+        m.step();
+        let ea = d.expect(a, Some(1 << 30));
+        assert_eq!(d.try_match(&d.table(), &ea).expect("a").name, "vdb");
+        // A leaves (another instance detached it: no release here); B gets the name.
+        std::fs::remove_dir_all(t.0.join("block/vdb")).expect("gone");
+        m.step();
+        t.add_dir("vdb", GIB_SECTORS, Some(&b.disk_serial()), "virtio5");
+        m.step();
+        let eb = d.expect(b, Some(1 << 30));
+        let found = d.try_match(&d.table(), &eb).expect("b finds its own disk");
+        assert_eq!(
+            (found.name.as_str(), found.matched_by),
+            ("vdb", MatchedBy::Serial)
         );
     }
 

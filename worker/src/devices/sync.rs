@@ -35,9 +35,7 @@ pub async fn run(
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
             scanned = scans.changed() => {
-                if scanned.is_err() {
-                    return;
-                }
+                let Ok(()) = scanned else { return };
                 let table = scans.borrow_and_update().clone();
                 check_node_links(&devices, &host, &table).await;
                 continue;

@@ -77,24 +77,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
             }
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
-        let stop = stop.clone();
-        connections.spawn(async move {
-            let _slot = slot;
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            let connection = http.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = stop.cancelled() => {
-                    // Ends after the request in flight, at once when idle.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(limits.shutdown_grace, connection).await;
-                }
-            }
-        });
+        connections.spawn(connection(stream, app.clone(), limits, stop.clone(), slot));
     }
     // Stopped: what did not end within the grace is dropped.
     let drained = tokio::time::timeout(limits.shutdown_grace + Duration::from_millis(500), async {
@@ -103,6 +86,30 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
     .await;
     if drained.is_err() {
         connections.abort_all();
+    }
+}
+
+/// Serves one connection, holding its `slot` until it ends.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let service = TowerToHyperService::new(app);
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = stop.cancelled() => {
+            // Ends after the request in flight, at once when idle.
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.shutdown_grace, connection).await;
+        }
     }
 }
 

@@ -124,9 +124,8 @@ async fn find_device(
     expectation: &crate::devices::Expectation,
     vm: VmId,
     volume: &Volume,
-    mut response: serde_json::Value,
+    response: serde_json::Value,
 ) -> Result<Completion, Halt> {
-    let volume_id = volume.id;
     // At least two scans after the job ended, whatever the job took.
     let waited = expectation.registered.elapsed();
     let timeout = ctx
@@ -137,51 +136,60 @@ async fn find_device(
         .correlate(expectation, timeout, &ctx.shutdown)
         .await
     {
-        Ok(mut found) => {
+        Ok(found) => {
             tracing::info!(device = %found.device_path, matched_by = ?found.matched_by, "device correlated");
             ctx.metrics.correlated(expectation.registered.elapsed());
-            // udev makes the by-id link after the kernel's uevent: give it its time.
-            let target = host::target_of(
-                &ctx.devices,
-                &found.name,
-                found.serial.as_deref(),
-                Some(&ctx.shutdown),
-            )
-            .await;
-            found.by_id_path = by_id_path(&target);
-            response["device_path"] = json!(found.device_path);
-            let mut mapping = mapping(
-                volume_id,
-                vm,
-                AttachMode::Host,
-                volume,
-                Some(&found),
-                LinuxState::Present,
-            );
-            // From here to the commit of the outcome, no reconcile or sync touches the files.
-            ctx.hold_host_files(op).await;
-            let links = host_links(ctx, &found, &target, &mapping).await?;
-            let persistent_path = links.persistent_path.display().to_string();
-            response["persistent_path"] = json!(persistent_path);
-            mapping.host = Some(Box::new(host_record(&links)));
-            Ok(Completion {
-                volume_id: Some(volume_id),
-                vm_id: Some(vm),
-                mode: Some(AttachMode::Host),
-                device_path: Some(found.device_path.clone()),
-                by_id_path: found.by_id_path.clone(),
-                persistent_path: Some(persistent_path),
-                nbd_export: links.export.as_ref().map(|e| e.event()),
-                response,
-                mapping: Some(MappingChange::Upsert(mapping)),
-                ..Completion::default()
-            })
+            attached_at(ctx, op, found, vm, volume, response).await
         }
         Err(_) if ctx.shutdown.is_cancelled() => Err(Halt::Interrupted(
             "shut down while waiting for the device".into(),
         )),
         Err(candidates) => Err(no_device(expectation, vm, volume, &candidates, timeout)),
     }
+}
+
+/// A host attachment whose device was found: its persistent name (through the by-id link,
+/// which udev makes after the kernel's uevent, so it is given its time) and export, and the
+/// outcome that records them.
+async fn attached_at(
+    ctx: &Context,
+    op: &mut Operation,
+    mut found: Found,
+    vm: VmId,
+    volume: &Volume,
+    mut response: serde_json::Value,
+) -> Result<Completion, Halt> {
+    let shutdown = Some(&ctx.shutdown);
+    let serial = found.serial.clone();
+    let target = host::target_of(&ctx.devices, &found.name, serial.as_deref(), shutdown).await;
+    found.by_id_path = by_id_path(&target);
+    response["device_path"] = json!(found.device_path);
+    let mut mapping = mapping(
+        volume.id,
+        vm,
+        AttachMode::Host,
+        volume,
+        Some(&found),
+        LinuxState::Present,
+    );
+    // From here to the commit of the outcome, no reconcile or sync touches the files.
+    ctx.hold_host_files(op).await;
+    let links = host_links(ctx, &found, &target, &mapping).await?;
+    let persistent_path = links.persistent_path.display().to_string();
+    response["persistent_path"] = json!(persistent_path);
+    mapping.host = Some(Box::new(host_record(&links)));
+    Ok(Completion {
+        volume_id: Some(volume.id),
+        vm_id: Some(vm),
+        mode: Some(AttachMode::Host),
+        device_path: Some(found.device_path.clone()),
+        by_id_path: found.by_id_path.clone(),
+        persistent_path: Some(persistent_path),
+        nbd_export: links.export.as_ref().map(|e| e.event()),
+        response,
+        mapping: Some(MappingChange::Upsert(mapping)),
+        ..Completion::default()
+    })
 }
 
 /// What the mapping records of a host attachment's files.

@@ -15,6 +15,30 @@ use super::{Completion, Halt, Operation, jobs};
 use crate::cloud::{Session, classify};
 use crate::context::Context;
 
+/// The volume an earlier execution of `op` may have made (it died between createVolume and
+/// recording its job). That createVolume may still be on its way to acting: look only once it
+/// has had the time to (`CREATE_RESUME_SETTLE_S`).
+async fn earlier_volume(
+    ctx: &Context,
+    op: &Operation,
+    client: &Client,
+    create: &CreateVolume,
+    zone: ZoneId,
+) -> Result<Option<VolumeId>, Halt> {
+    tracing::info!(
+        settle_s = ctx.create_resume_settle.as_secs(),
+        "resumed create with no recorded job: waiting before looking for the volume it may have made"
+    );
+    ctx.until_shutdown(
+        "waiting for an earlier createVolume to settle",
+        tokio::time::sleep(ctx.create_resume_settle),
+    )
+    .await?;
+    Ok(find_created(ctx, op, client, create, zone)
+        .await?
+        .map(|v| v.id))
+}
+
 /// How many times a createVolume whose answer was lost is tried in all.
 const ATTEMPTS: usize = 3;
 
@@ -38,20 +62,7 @@ pub async fn run(
             let found = match known {
                 Some(v) => Some(v),
                 None if op.prior_attempts > 0 => {
-                    // The earlier execution's createVolume may still be on its way to acting:
-                    // look only once it has had the time to.
-                    tracing::info!(
-                        settle_s = ctx.create_resume_settle.as_secs(),
-                        "resumed create with no recorded job: waiting before looking for the volume it may have made"
-                    );
-                    ctx.until_shutdown(
-                        "waiting for an earlier createVolume to settle",
-                        tokio::time::sleep(ctx.create_resume_settle),
-                    )
-                    .await?;
-                    find_created(ctx, op, client, create, zone)
-                        .await?
-                        .map(|v| v.id)
+                    earlier_volume(ctx, op, client, create, zone).await?
                 }
                 None => None,
             };

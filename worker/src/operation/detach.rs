@@ -21,6 +21,8 @@ pub async fn run(
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
     let Some(vm) = listed.virtualmachineid else {
         tracing::info!("not attached; nothing to do in CloudStack");
+        // Detached already (by an earlier execution, or another instance): its device is free.
+        ctx.devices.release(volume_id);
         ctx.hold_host_files(op).await;
         release_host_files(ctx, volume_id, false).await?;
         return Ok(Completion {

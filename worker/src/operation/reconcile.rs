@@ -62,15 +62,7 @@ pub async fn reconcile(
         Some(vm) => [vm].into(),
         None => recorded.iter().map(|m| m.vm_id).chain(cs.host_vm).collect(),
     };
-    // Serialised with the attaches and detaches of these VMs (each holds its VM's lock until
-    // its outcome is committed) and with everything that changes the host files: the VMs'
-    // locks in order (no other holder takes two), then the host files'. What is read from
-    // here on cannot change under the repairs.
-    let mut _held = Vec::with_capacity(vms.len());
-    for vm in &vms {
-        _held.push(ctx.lock_vm(*vm).await);
-    }
-    let _host_files = ctx.host.lock().await;
+    let _held = lock_scope(ctx, &vms).await;
     let recorded = read_mappings().await?;
     let mut listed: HashMap<VolumeId, (VmId, Volume)> = HashMap::new();
     for vm in &vms {
@@ -111,6 +103,24 @@ pub async fn reconcile(
         ctx.metrics.reconcile_change(c.what);
     }
     Ok(changes)
+}
+
+/// Serialises a reconcile with the attaches and detaches of `vms` (each holds its VM's lock
+/// until its outcome is committed) and with everything that changes the host files: the VMs'
+/// locks in order (no other holder takes two), then the host files'. What is read while they
+/// are held cannot change under the repairs.
+async fn lock_scope(
+    ctx: &Context,
+    vms: &BTreeSet<VmId>,
+) -> (
+    Vec<tokio::sync::OwnedMutexGuard<()>>,
+    tokio::sync::OwnedMutexGuard<()>,
+) {
+    let mut held = Vec::with_capacity(vms.len());
+    for vm in vms {
+        held.push(ctx.lock_vm(*vm).await);
+    }
+    (held, ctx.host.lock().await)
 }
 
 /// The data disks CloudStack lists on `vm`.
