@@ -123,10 +123,10 @@ pub struct EventError {
 /// in a message can be any length, and both end up in events and in a `TEXT` column.
 pub const MAX_ERROR_TEXT: usize = 2048;
 
-/// `text` cut to [`MAX_ERROR_TEXT`] bytes on a character boundary, with `…` when cut.
-fn bounded(mut text: String) -> String {
-    if text.len() > MAX_ERROR_TEXT {
-        let mut cut = MAX_ERROR_TEXT;
+/// `text` cut to `max` bytes on a character boundary, with `…` added when cut.
+pub fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -134,6 +134,11 @@ fn bounded(mut text: String) -> String {
         text.push('…');
     }
     text
+}
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes.
+fn bounded(text: String) -> String {
+    cut_to(text, MAX_ERROR_TEXT)
 }
 
 impl EventError {

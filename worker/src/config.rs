@@ -204,10 +204,18 @@ fn parse_amqp_urls(s: &str) -> Result<SecretUrl, String> {
         return Err("no URL given".into());
     }
     for url in &urls {
-        let (scheme, _) = url.expose().split_once("://").unwrap_or_default();
+        let (scheme, rest) = url.expose().split_once("://").unwrap_or_default();
         if !matches!(scheme, "amqp" | "amqps") {
             return Err(format!(
                 "{url} is not an amqp:// or amqps:// URL (a list is comma-separated full URLs)"
+            ));
+        }
+        // After the credentials (which may hold a comma), up to the path: host and port.
+        let authority = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
+        let host = authority.split('/').next().unwrap_or_default();
+        if host.contains(',') {
+            return Err(format!(
+                "{url}: a comma in the host; a list is comma-separated full URLs, each with its own amqp:// or amqps://"
             ));
         }
     }

@@ -326,14 +326,7 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
             dropped.join(", ")
         );
     }
-    if reason.len() > MAX_REASON_BYTES {
-        let mut cut = MAX_REASON_BYTES;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-        reason.push('…');
-    }
+    let reason = schema::error::cut_to(reason, MAX_REASON_BYTES);
     headers.insert(
         headers::REJECTION_REASON.into(),
         AMQPValue::LongString(LongString::from(reason.as_str())),

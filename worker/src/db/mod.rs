@@ -182,28 +182,23 @@ pub async fn connect_and_migrate(
 /// The execution lease's own pool: two connections, quick to give up, connected lazily (a
 /// standby outlives database outages).
 pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
-    MySqlPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(2))
-        .idle_timeout(IDLE_TIMEOUT)
-        .before_acquire(fresh_enough)
-        .after_connect(|conn, _| Box::pin(bound_session(conn, LEASE_SESSION)))
-        .connect_lazy(url.expose())
-        .map_err(|source| DbError::Connect {
-            url: url.redacted().to_owned(),
-            source,
-        })
+    side_pool(url, 2, LEASE_SESSION)
 }
 
 /// The HTTP server's own pool (the read API, `/ready`, `/metrics`): a flood of read requests
 /// waits for these few connections and never for the operations' or the lease's.
 pub fn http_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
+    side_pool(url, 4, MAIN_SESSION)
+}
+
+/// A small pool beside the main one, connected lazily, with the main pool's idle rules.
+fn side_pool(url: &SecretUrl, max: u32, session: &'static str) -> Result<MySqlPool, DbError> {
     MySqlPoolOptions::new()
-        .max_connections(4)
+        .max_connections(max)
         .acquire_timeout(Duration::from_secs(2))
         .idle_timeout(IDLE_TIMEOUT)
         .before_acquire(fresh_enough)
-        .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))
+        .after_connect(move |conn, _| Box::pin(bound_session(conn, session)))
         .connect_lazy(url.expose())
         .map_err(|source| DbError::Connect {
             url: url.redacted().to_owned(),

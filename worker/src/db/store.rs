@@ -177,15 +177,7 @@ impl Store {
         match (OperationStatus::parse(&status), event_id, stored) {
             (Some(s), Some(_), Some(event)) if s.is_terminal() => {
                 // The event as it was first published (its outbox row may be gone by now).
-                let mut tx = self.pool.begin().await?;
-                outbox::insert(
-                    &mut tx,
-                    &event,
-                    &self.topology.events_exchange(),
-                    command.reply_to.as_deref(),
-                )
-                .await?;
-                self.commit_fenced(tx).await?;
+                self.requeue(&event, command.reply_to.as_deref()).await?;
                 Ok(Accepted::Ended)
             }
             (Some(s), Some(event_id), None) if s.is_terminal() => {
@@ -211,6 +203,13 @@ impl Store {
         }
     }
 
+    /// Queues `event` again (same id) for the events exchange and `reply_to`, fenced.
+    async fn requeue(&self, event: &CloudEvent, reply_to: Option<&str>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
+        self.commit_fenced(tx).await
+    }
+
     /// A command whose operation ended and was swept by retention: its event, kept in
     /// `ended_commands`, is queued again (same event id), to the events exchange and to this
     /// duplicate's `reply_to`. `None`: the command is not there.
@@ -224,17 +223,7 @@ impl Store {
             return Ok(None);
         };
         match payload.and_then(|p| serde_json::from_str::<CloudEvent>(&p).ok()) {
-            Some(event) => {
-                let mut tx = self.pool.begin().await?;
-                outbox::insert(
-                    &mut tx,
-                    &event,
-                    &self.topology.events_exchange(),
-                    command.reply_to.as_deref(),
-                )
-                .await?;
-                self.commit_fenced(tx).await?;
-            }
+            Some(event) => self.requeue(&event, command.reply_to.as_deref()).await?,
             None => {
                 tracing::warn!(operation_id = %command.command_id, "a duplicate of a command that ended long ago, whose event was not kept: not executed, nothing published");
             }

@@ -337,11 +337,7 @@ impl HostFiles {
             }
         }
         if let Some(name) = name {
-            let path = self.persistent_path(name);
-            links::remove(&path)
-                .await
-                .map_err(at("cannot remove the persistent name", &path))?;
-            self.lock_node_links().remove(name);
+            self.remove_persistent(name).await?;
         }
         Ok(())
     }
