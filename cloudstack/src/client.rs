@@ -122,6 +122,9 @@ impl Client {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
+            // A signed request (its key and signature in the URL) never follows a redirect to
+            // wherever it points: a 3xx is an answer, and an error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| CloudStackError::Transport {
                 command: "(building the HTTP client)".into(),

@@ -324,3 +324,46 @@ async fn only_a_not_found_431_means_absent() {
     };
     assert!(unknown_id.is_not_found());
 }
+
+/// L11: a signed request (key and signature in its URL) never follows a redirect: an endpoint
+/// that answers 302 towards the real API gets no second request, and the call is an error.
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    let sim = start(fast()).await;
+    let target = sim.api_url();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().fallback(move || {
+        let target = target.clone();
+        async move {
+            (
+                axum::http::StatusCode::FOUND,
+                [(axum::http::header::LOCATION, target)],
+                "moved",
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (api_key, secret_key) = sim.sim.keys();
+    let cs = Client::new(
+        Client::http().expect("http"),
+        Credentials {
+            api_url: format!("http://{addr}/client/api"),
+            api_key,
+            secret_key: secret_key.into(),
+        },
+        RetryPolicy {
+            deadline: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        },
+    );
+    let err = cs.list_volumes(&[]).await.expect_err("a 302 is an error");
+    assert_eq!(err.cloudstack_code(), Some(302), "{err:?}");
+    assert_eq!(
+        sim.sim.call_count("listVolumes"),
+        0,
+        "nothing reached the API"
+    );
+}

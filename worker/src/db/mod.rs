@@ -72,11 +72,14 @@ pub enum DbError {
 /// silent partition, a frozen VM) would otherwise keep its sessions, their open transactions
 /// and their row locks (on the lease row, on operation rows) for the server's default of
 /// 8 hours, and the new active would wait behind them. A statement waits at most 10 s for a
-/// row lock, then fails and is retried.
-const MAIN_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 10";
+/// row lock, and as long for a metadata lock (a migration or an `ALTER` by hand; the server's
+/// default is a year), then fails and is retried.
+const MAIN_SESSION: &str =
+    "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 10, lock_wait_timeout = 10";
 /// The lease pool's: a lease query never waits long behind a lock (it tries again a second
 /// later).
-const LEASE_SESSION: &str = "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 1";
+const LEASE_SESSION: &str =
+    "SET SESSION wait_timeout = 5, innodb_lock_wait_timeout = 1, lock_wait_timeout = 2";
 /// Our pools close idle connections before the server does.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection idle this long is closed instead of being handed out. The pool's reaper runs
