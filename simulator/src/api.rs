@@ -89,6 +89,9 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
+    if take_lost(&sim, &lower) {
+        return broken_answer();
+    }
     let admitted = authenticate(&sim, &pairs, &params)
         .and_then(|()| faults.injected_error(&lower).map_or(Ok(()), Err));
     let slow = admitted.is_ok().then(|| take_slow(&sim, &lower)).flatten();
@@ -132,13 +135,7 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
     });
     if dropped {
         // The call took effect; the client sees the connection break mid-answer.
-        let broken = futures_util::stream::once(async {
-            Err::<Bytes, std::io::Error>(std::io::Error::other("dropped by fault injection"))
-        });
-        return Response::builder()
-            .status(StatusCode::OK)
-            .body(Body::from_stream(broken))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        return broken_answer();
     }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(body)).into_response()
@@ -191,6 +188,31 @@ fn authenticate(
         Ok(())
     } else {
         Err(unauthorized())
+    }
+}
+
+/// An answer whose connection breaks before any byte of the body: the client cannot tell
+/// whether the call acted.
+fn broken_answer() -> Response {
+    let broken = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("dropped by fault injection"))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(Body::from_stream(broken))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Whether this call of `command` is to be lost (counts `lose_next` down).
+fn take_lost(sim: &Arc<Sim>, command: &str) -> bool {
+    let mut faults = sim.faults();
+    match faults.lose_next.get_mut(command) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            sim.set_faults(faults);
+            true
+        }
+        _ => false,
     }
 }
 

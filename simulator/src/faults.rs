@@ -29,6 +29,10 @@ pub struct Faults {
     pub drop_next: BTreeMap<String, u32>,
     /// Lowercase commands the error rates apply to; empty means every command.
     pub commands: Vec<String>,
+    /// Lose the next N calls of each command (lowercase name): the connection breaks before
+    /// the call is processed (a request lost on its way: nothing happened, the client cannot
+    /// tell).
+    pub lose_next: BTreeMap<String, u32>,
     /// The next call of each command (lowercase name) acts `act_after_ms` after it arrived and
     /// answers `answer_after_ms` after it arrived, as a loaded CloudStack does: it acts even
     /// when the client has gone by then. Used once.

@@ -283,6 +283,35 @@ async fn a_connection_dropped_after_createvolume_leaves_exactly_one_volume() {
     assert_eq!(event.data.volume_id, Some(id));
 }
 
+/// M1: three createVolume requests lost on their way (nothing happened, no answer): the volume
+/// is looked for after each, the last included, and the create ends `TIMEOUT`, not retryable,
+/// with a hint naming what to look for (CloudStack may still act), never a retryable
+/// CLOUDSTACK_UNAVAILABLE that invites a duplicate.
+#[tokio::test]
+async fn a_third_lost_createvolume_is_looked_up_then_ends_not_retryable() {
+    let mut faults = Faults::default();
+    faults.lose_next.insert("createvolume".into(), 3);
+    let mut env = TestEnv::with_sim(SimConfig {
+        faults,
+        ..SimConfig::default()
+    })
+    .await;
+    env.start_daemon().await;
+
+    let event = run(&env, &cmd::create("never-answered", "1GiB")).await;
+
+    let error = event.data.error.clone().expect("failed");
+    assert_eq!(error.code, ErrorCode::Timeout, "{event:?}");
+    assert!(!error.retryable);
+    assert!(error.hint.contains("never-answered"), "{}", error.hint);
+    assert_eq!(
+        env.sim.sim.call_count("listVolumes"),
+        3,
+        "a look-up after each lost request, the last included"
+    );
+    assert_eq!(env.sim.sim.volume_count(), 0, "nothing was created");
+}
+
 #[tokio::test]
 async fn dropped_attach_and_detach_answers_are_reconciled_not_repeated() {
     let mut faults = Faults::default();

@@ -127,7 +127,7 @@ async fn issue(
                 ctx.record_job(op, Some(volume_id), &job).await?;
                 return Ok((volume_id, jobs::wait(ctx, client, &job, polling).await?));
             }
-            Err(e) if e.was_answered() || attempt >= ATTEMPTS => return Err(classify(&e).into()),
+            Err(e) if e.was_answered() => return Err(classify(&e).into()),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "no answer to createVolume; looking for the volume before re-issuing");
                 jobs::settle_after(ctx, &e).await?;
@@ -135,9 +135,26 @@ async fn issue(
                     let id = listed.id;
                     return Ok((id, finish_found(ctx, op, client, polling, listed).await?));
                 }
+                if attempt >= ATTEMPTS {
+                    return Err(unanswered(create, &e).into());
+                }
             }
         }
     }
+}
+
+/// The end of a create whose every createVolume went unanswered and whose volume was not
+/// found after the last: CloudStack may still make it, so the producer must not simply send the
+/// command again (not retryable; the hint says what to look for).
+fn unanswered(create: &CreateVolume, last: &cloudstack::CloudStackError) -> EventError {
+    EventError::new(
+        ErrorCode::Timeout,
+        format!("createVolume was sent {ATTEMPTS} times and never answered; no volume named {:?} was found after the last: {last}", create.name),
+    )
+    .with_hint(format!(
+        "CloudStack may still create volume {:?}: look for it (listVolumes name={}) or send a reconcile before creating it again",
+        create.name, create.name
+    ))
 }
 
 /// A volume found by reconciliation: record it, and wait for its job if one still runs.
