@@ -312,6 +312,38 @@ async fn a_third_lost_createvolume_is_looked_up_then_ends_not_retryable() {
     assert_eq!(env.sim.sim.volume_count(), 0, "nothing was created");
 }
 
+/// N17: a delete whose detach succeeded but whose deleteVolume CloudStack refused fails, and
+/// still removes the mapping: the volume is attached nowhere, whatever failed after.
+#[tokio::test]
+async fn a_delete_that_fails_after_its_detach_still_removes_the_mapping() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let volume = env.sim.sim.seed_volume("detached-then-refused", 1 << 30);
+    completed(
+        &run(&env, &cmd::attach(volume, DEMO_VMS[0])).await,
+        "attach",
+    );
+    assert!(env.mappings().await.contains_key(&volume.to_string()));
+    let mut faults = Faults::default();
+    faults.error_rates.insert(531, 1.0);
+    faults.commands = vec!["deletevolume".into()];
+    env.sim.sim.set_faults(faults);
+
+    let event = run(&env, &cmd::delete(volume)).await;
+
+    let error = event.data.error.clone().expect("failed");
+    assert_eq!(error.cloudstack_error_code, Some(531), "{event:?}");
+    assert_eq!(
+        env.sim.sim.attachment(volume),
+        None,
+        "detached in CloudStack"
+    );
+    assert!(
+        !env.mappings().await.contains_key(&volume.to_string()),
+        "no mapping claims an attachment that no longer exists"
+    );
+}
+
 #[tokio::test]
 async fn dropped_attach_and_detach_answers_are_reconciled_not_repeated() {
     let mut faults = Faults::default();

@@ -124,6 +124,17 @@ impl From<EventError> for Halt {
     }
 }
 
+impl Halt {
+    /// A failure that still records `mapping` (what is true whatever failed after it: a
+    /// volume detached in CloudStack is no longer attached, even if a later step failed).
+    pub fn recording(self, mapping: MappingChange) -> Self {
+        match self {
+            Self::Fail(e, None) => Self::Fail(e, Some(Box::new(mapping))),
+            other => other,
+        }
+    }
+}
+
 /// The terminal event of `op` with `outcome`.
 pub fn event_for(
     op: &Operation,

@@ -52,7 +52,12 @@ pub async fn run(
         }
     }
 
-    if !delete_now(client, volume_id).await? {
+    // Detached by now: a failure from here on still removes the mapping (N17).
+    let gone = || MappingChange::Remove(volume_id);
+    if !delete_now(client, volume_id)
+        .await
+        .map_err(|h| h.recording(gone()))?
+    {
         return Ok(absent(detached_from));
     }
     Ok(Completion {

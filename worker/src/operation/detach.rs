@@ -71,7 +71,10 @@ pub(super) async fn detach_now(
     .await?;
     ctx.devices.release(volume);
     ctx.hold_host_files(op).await;
-    release_host_files(ctx, volume, on_host).await?;
+    // Detached in CloudStack: a failure to remove the files still removes the mapping (N17).
+    release_host_files(ctx, volume, on_host)
+        .await
+        .map_err(|h| h.recording(MappingChange::Remove(volume)))?;
     Ok(detached)
 }
 
