@@ -164,6 +164,24 @@ impl Monitor {
     /// One scan: updates the table, publishes it and the events, and returns the events.
     pub fn step(&mut self) -> Vec<DeviceEvent> {
         let result = scan_filtered(&self.root, &self.filter);
+        self.apply(result)
+    }
+
+    /// [`Self::step`] with the sysfs reads on the blocking pool, off the runtime's workers (a
+    /// slow or hung sysfs read must not stall the tasks that share them).
+    async fn step_off_runtime(&mut self) -> Vec<DeviceEvent> {
+        let (root, filter) = (self.root.clone(), self.filter.clone());
+        match tokio::task::spawn_blocking(move || scan_filtered(&root, &filter)).await {
+            Ok(result) => self.apply(result),
+            Err(e) => {
+                tracing::error!(error = %e, "a device scan failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Updates the table from one scan, publishes it and the events, and returns the events.
+    fn apply(&mut self, result: super::scan::Scan) -> Vec<DeviceEvent> {
         if result.unreadable {
             self.unreadable(result.warnings);
             return Vec::new();
@@ -271,11 +289,11 @@ impl Monitor {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    self.step();
+                    self.step_off_runtime().await;
                 }
                 got = next_uevent(&uevents) => match got {
                     Ok(()) => {
-                        self.step();
+                        self.step_off_runtime().await;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the uevent socket failed; the device monitor polls from now on");
