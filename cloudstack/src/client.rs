@@ -19,13 +19,24 @@ use crate::signing;
 
 /// Where and as whom to call CloudStack. Re-read for every operation, so a rotated key
 /// applies at once.
-/// The secret key is a [`SecretString`]: its `Debug` shows nothing, so no log can leak it.
-#[derive(Debug, Clone)]
+/// The secret key is a [`SecretString`]: its `Debug` shows nothing, so no log can leak it; the
+/// `Debug` below also hides the API key and any password inside the URL.
+#[derive(Clone)]
 pub struct Credentials {
     /// e.g. `http://cloudstack:8080/client/api`
     pub api_url: String,
     pub api_key: String,
     pub secret_key: SecretString,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("api_url", &schema::secret::redact_url(&self.api_url))
+            .field("api_key", &"***")
+            .field("secret_key", &"***")
+            .finish()
+    }
 }
 
 /// How transient errors are retried: exponential backoff with jitter, bounded by a deadline.
@@ -461,5 +472,25 @@ mod polling_tests {
         }
         assert_eq!(p.next_delay(Duration::ZERO), p.min_interval);
         assert_eq!(p.next_delay(Duration::from_secs(3600)), p.max_interval);
+    }
+}
+
+#[cfg(test)]
+mod credentials_tests {
+    use super::*;
+
+    /// L17: no key and no password in the URL show in a `Debug` of the credentials.
+    #[test]
+    fn credentials_debug_shows_no_key() {
+        let c = Credentials {
+            api_url: "http://admin:url-pass@cloudstack:8080/client/api".into(),
+            api_key: "the-api-key".into(),
+            secret_key: "the-secret".to_owned().into(),
+        };
+        let shown = format!("{c:?}");
+        for secret in ["url-pass", "the-api-key", "the-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("cloudstack:8080"), "{shown}");
     }
 }
