@@ -1,4 +1,4 @@
--- Idempotency outlives retention (CONTRACT §3 rule 2): when the retention sweep deletes an
+-- Idempotency outlives retention (docs/wire.md (processing rule 2)): when the retention sweep deletes an
 -- ended operation, what a duplicate of its command needs stays here, as long as the database
 -- lives: the command id, its type and its terminal event (the same event id is published again).
 -- About 1–2 KiB a command; nothing else of the operation is kept.

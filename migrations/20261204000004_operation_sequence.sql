@@ -1,4 +1,4 @@
--- The order operations were accepted in, assigned by the server (CONTRACT §3 rule 4): resumed
+-- The order operations were accepted in, assigned by the server (docs/wire.md (processing rule 4)): resumed
 -- operations are handed to the executor in this order, never in the daemon's clock order (two
 -- commands in one millisecond, or a clock stepped back, would otherwise swap an attach and the
 -- detach after it).

@@ -1,4 +1,4 @@
-//! Volume commands (CONTRACT §3) and their validation.
+//! Volume commands (docs/wire.md) and their validation.
 //!
 //! [`Command::parse`] is the only way into the system for a message: it checks every field
 //! and says which field is wrong and why. Everything downstream trusts a [`Command`].
@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 use crate::ids::{CommandId, DiskOfferingId, IdError, VmId, VolumeId, ZoneId};
 use crate::size::ByteSize;
 
-/// Largest accepted command body (CONTRACT §3).
+/// Largest accepted command body (docs/wire.md).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// The kinds of operation: the four volume commands, and `cancel` and `reconcile`, which act
-/// on the daemon's own records (CONTRACT §3).
+/// on the daemon's own records (docs/wire.md).
 #[derive(
     Debug,
     Clone,

@@ -1,4 +1,4 @@
-//! Error codes of failed events (CONTRACT §4).
+//! Error codes of failed events (docs/wire.md).
 
 use serde::{Deserialize, Serialize};
 

@@ -31,7 +31,7 @@ impl SecretUrl {
         self.url.expose_secret()
     }
 
-    /// The URLs of a comma-separated list (`AMQP_URL` may be one: CONTRACT §1), in order,
+    /// The URLs of a comma-separated list (`AMQP_URL` may be one: docs/configuration.md), in order,
     /// blanks dropped; a single URL gives itself.
     pub fn split_list(&self) -> Vec<SecretUrl> {
         split_urls(self.expose())

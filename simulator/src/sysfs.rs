@@ -1,4 +1,4 @@
-//! The guest side of a hot-plugged virtio disk (CONTRACT §7): attaching a volume to the host VM
+//! The guest side of a hot-plugged virtio disk (docs/host.md): attaching a volume to the host VM
 //! creates `block/vdX/{size,serial,device}` under the simulator's sysfs root; detaching removes
 //! it.
 

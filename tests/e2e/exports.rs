@@ -1,4 +1,4 @@
-//! The host appliance end to end (CONTRACT §8), with a real NBD server (`nbdkit file dir=`)
+//! The host appliance end to end (docs/host.md), with a real NBD server (`nbdkit file dir=`)
 //! and the real `libnbd` tools: persistent names, exports that appear and vanish with host
 //! attachments only, bytes written through `export → persistent name → by-id → backing file`,
 //! and the repair of the directory and the table at start.

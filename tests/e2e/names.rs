@@ -1,5 +1,5 @@
 //! Persistent names and exports follow the device's serial, never a bare device name the
-//! kernel may give to another volume (CONTRACT §8): udev's by-id link made after the device
+//! kernel may give to another volume (docs/host.md): udev's by-id link made after the device
 //! (the daemon waits for it), SCSI disks (`sdX`, `scsi-0QEMU_QEMU_HARDDISK_<serial>`), and no
 //! by-id link at all (the name points at the device node, is checked against the serial at
 //! every scan, and goes once the device is gone). In each case a volume detached behind the

@@ -1,4 +1,4 @@
-//! The operator's view: the read API (CONTRACT §6), `cancel` and `reconcile` (CONTRACT §3).
+//! The operator's view: the read API (docs/http.md), `cancel` and `reconcile` (docs/wire.md).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -972,7 +972,7 @@ fn libfaketime() -> std::path::PathBuf {
     found.expect("libfaketime (scripts/test installs the faketime package)")
 }
 
-/// CONTRACT §3 rule 2 holds as long as the database lives: an ended operation swept by
+/// docs/wire.md (processing rule 2) holds as long as the database lives: an ended operation swept by
 /// retention (once by age, once by a daemon whose clock runs 100 days ahead), then a duplicate
 /// of its command: no second CloudStack call, and the original event id again.
 #[tokio::test]

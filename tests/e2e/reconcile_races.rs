@@ -1,6 +1,6 @@
 //! Reconcile (the command and the periodic one) racing host attaches and detaches: it is
 //! serialised with them, so it never takes a fresh export for a stray nor makes a detached
-//! volume's links again (CONTRACT §8).
+//! volume's links again (docs/host.md).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

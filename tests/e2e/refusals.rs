@@ -1,4 +1,4 @@
-//! Destinations that refuse events (CONTRACT §4): a subscriber queue that is full with
+//! Destinations that refuse events (docs/wire.md): a subscriber queue that is full with
 //! `x-overflow: reject-publish`, and a `reply_to` queue that refuses everything. RabbitMQ nacks
 //! such a publish, yet every other queue the event was routed to has it; the relay gives a
 //! refused event up after a bounded number of tries, and nothing else waits behind it.

@@ -120,7 +120,7 @@ async fn invalid_commands_are_dead_lettered_with_their_reason_and_answered() {
     assert_eq!(status, 200);
 }
 
-/// CONTRACT §3 rule 3: a dead-lettered copy keeps the producer's headers and properties, as
+/// docs/wire.md (processing rule 3): a dead-lettered copy keeps the producer's headers and properties, as
 /// the broker's own dead-lettering would (its `user_id` aside), with the reason added; headers
 /// over the bound are dropped from the copy and the reason names them.
 #[tokio::test]
@@ -202,7 +202,7 @@ async fn a_dead_lettered_message_keeps_the_producers_headers_and_gains_the_reaso
     );
 }
 
-/// CONTRACT §3 rule 3: a readable command id with a type known neither from the body nor from
+/// docs/wire.md (processing rule 3): a readable command id with a type known neither from the body nor from
 /// the routing key is still answered, as `volume.unknown.failed`, also to its `reply_to`.
 #[tokio::test]
 async fn an_unknown_type_is_dead_lettered_and_answered_as_volume_unknown_failed() {

@@ -1,4 +1,4 @@
-//! The read-only JSON API under `/api/v1` (CONTRACT §6). Every input is parsed here, at the
+//! The read-only JSON API under `/api/v1` (docs/http.md). Every input is parsed here, at the
 //! edge: a malformed id or parameter is a 400 naming it, an unknown id a 404, a database that
 //! does not answer a 503, all with `{"error": {"code", "message"}}`. Nothing here writes.
 

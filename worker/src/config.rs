@@ -1,4 +1,4 @@
-//! The daemon's settings (CONTRACT §1), read once at start from the environment.
+//! The daemon's settings (docs/configuration.md), read once at start from the environment.
 //! `volume-daemon --help` lists every variable with its default.
 
 use std::net::SocketAddr;

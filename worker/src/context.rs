@@ -41,7 +41,7 @@ pub struct Context {
     /// Cancelled by a write that found the lease taken over: the active period must fence
     /// itself at once, without waiting for its next renewal.
     pub fenced: CancellationToken,
-    /// One attach or detach at a time per VM (CONTRACT §3 rule 4).
+    /// One attach or detach at a time per VM (docs/wire.md (processing rule 4)).
     pub vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 

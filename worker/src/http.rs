@@ -1,4 +1,4 @@
-//! Health, readiness and metrics (CONTRACT §6), and the server that serves them with the
+//! Health, readiness and metrics (docs/http.md), and the server that serves them with the
 //! read API ([`serve`]).
 
 mod serve;

@@ -1,7 +1,7 @@
 //! The intake: consumes the commands queue, validates each message, commits it as a `pending`
 //! operation, acknowledges it, and hands it to the executor.
 //!
-//! A message is acknowledged only after its operation row is committed (CONTRACT §3 rule 1).
+//! A message is acknowledged only after its operation row is committed (docs/wire.md (processing rule 1)).
 //! An invalid message is dead-lettered with its reason and, when its command id could be read,
 //! answered with a failed `INVALID_COMMAND` event (rule 3).
 
@@ -311,7 +311,7 @@ const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The properties a dead-lettered copy carries: those of the message, as the broker's own
-/// dead-lettering keeps them (CONTRACT §3 rule 3), with its headers cut to
+/// dead-lettering keeps them (docs/wire.md (processing rule 3)), with its headers cut to
 /// [`MAX_KEPT_HEADER_BYTES`], plus our two headers that say why and from where. Never the
 /// producer's `user_id` (the broker refuses a publish whose `user_id` is not the connection's
 /// user, and closes the channel) nor its `expiration` (the broker drops it too, so the copy
@@ -412,7 +412,7 @@ fn encoded_len(value: &AMQPValue) -> usize {
 }
 
 /// The failed event telling a producer its command was invalid, when the message carried a
-/// valid command id (CONTRACT §3 rule 3). Its type is the body's when that names a known
+/// valid command id (docs/wire.md (processing rule 3)). Its type is the body's when that names a known
 /// command type, else the routing key's, else `unknown`.
 fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudEvent> {
     let command_id = invalid.command_id.clone()?;

@@ -1,4 +1,4 @@
-//! Prometheus metrics (CONTRACT §6), served at `GET /metrics`.
+//! Prometheus metrics (docs/http.md), served at `GET /metrics`.
 
 use std::sync::Mutex;
 

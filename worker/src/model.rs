@@ -150,7 +150,7 @@ pub fn event_for(
     event_with(op, status, done, error, id, completed_at)
 }
 
-/// The terminal event of `op` cancelled by a `cancel` operation (CONTRACT §3): status
+/// The terminal event of `op` cancelled by a `cancel` operation (docs/wire.md): status
 /// `cancelled`, no error.
 pub fn cancelled_event(op: &Operation, id: EventId, completed_at: DateTime<Utc>) -> CloudEvent {
     let done = Completion::default();

@@ -53,7 +53,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Tries an event gets, the first included, while the broker refuses it (a nack) or leaves it
-/// unconfirmed; then it is given up (CONTRACT §4). Every try reaches each queue that accepts
+/// unconfirmed; then it is given up (docs/wire.md). Every try reaches each queue that accepts
 /// it, so a healthy subscriber sees a refused event at most this many times.
 const TRIES: u32 = 2;
 
@@ -228,7 +228,7 @@ impl Relay {
         Ok(rows.len())
     }
 
-    /// Sorts a batch's answers (CONTRACT §4) and returns the rows to mark published: those
+    /// Sorts a batch's answers (docs/wire.md) and returns the rows to mark published: those
     /// whose event the broker took. An event it refused (a nack) or left unconfirmed counts a
     /// try; after [`TRIES`] it is given up: recorded as refused, out of the backlog, counted
     /// and logged with its exchange and routing key (a nack does not say which queue refused).
@@ -498,7 +498,7 @@ fn short(s: &str) -> Option<ShortString> {
     ShortString::try_new(s).ok()
 }
 
-/// AMQP properties of an event (CONTRACT §4).
+/// AMQP properties of an event (docs/wire.md).
 fn properties(row: &OutboxRow) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_content_type(EVENT_CONTENT_TYPE.into())

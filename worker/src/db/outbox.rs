@@ -140,7 +140,7 @@ pub async fn mark_all_published(
 
 /// Counts one more refused (or unconfirmed) try of each row of `ids` and, for the rows of
 /// `give_up`, records that the relay gave them up: `refused_at` and `published_at` set, so they
-/// leave the backlog (CONTRACT §4). One fenced autocommit statement; how many rows it changed,
+/// leave the backlog (docs/wire.md). One fenced autocommit statement; how many rows it changed,
 /// none when the lease has moved on.
 pub async fn record_refusals(
     pool: &MySqlPool,

@@ -64,7 +64,7 @@ pub enum Accepted {
     Ended,
 }
 
-/// What a cancel found its target to be (CONTRACT §3 `cancel`).
+/// What a cancel found its target to be (docs/wire.md `cancel`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelFound {
     /// The target was pending: it is now `cancelled`, its event queued.
@@ -114,7 +114,7 @@ impl Store {
         Ok(self.fence.commit(tx).await??)
     }
 
-    /// Commits `command` as a `pending` operation (CONTRACT §3 rule 1: only then is the message
+    /// Commits `command` as a `pending` operation (docs/wire.md (processing rule 1): only then is the message
     /// acknowledged). A command id seen before is not executed again (rule 2): if its operation
     /// ended, its terminal event is queued again with the same event id.
     pub async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
@@ -503,7 +503,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(0);
         }
-        // What a duplicate needs outlives the row (CONTRACT §3 rule 2): the id and the event
+        // What a duplicate needs outlives the row (docs/wire.md (processing rule 2)): the id and the event
         // (from the outbox for rows that ended before `event_payload` was stored).
         let placeholders = vec!["?"; ids.len()].join(", ");
         let keep = format!(

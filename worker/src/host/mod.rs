@@ -1,4 +1,4 @@
-//! The host appliance's files (CONTRACT §8): for every attachment to the VM this daemon runs
+//! The host appliance's files (docs/host.md): for every attachment to the VM this daemon runs
 //! on, a **persistent device name** (`$PERSISTENT_DEVICE_DIR/vol<hex>`, a symlink to the
 //! device's by-id link, else to `/dev/vdX`) and, with `NBD_EXPORT_DIR` set, an **NBD export**
 //! (`$NBD_EXPORT_DIR/migration-vol-<volume_id>`, a symlink to the persistent name) that an NBD
@@ -158,7 +158,7 @@ pub fn persistent_name(volume: VolumeId, in_use: &[String]) -> String {
         .unwrap_or_else(|| format!("vol{hex}"))
 }
 
-/// What a persistent name points at (CONTRACT §8).
+/// What a persistent name points at (docs/host.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// udev's by-id link of the device: named by the serial, it leads only to that disk,

@@ -1,4 +1,4 @@
-//! Makes the host appliance's directories and tables agree (CONTRACT §8). Run by an instance
+//! Makes the host appliance's directories and tables agree (docs/host.md). Run by an instance
 //! when it becomes active, before it takes commands (and by `reconcile` once that exists):
 //!
 //! - every host mapping whose device the monitor's table shows (found by the volume's serial,

@@ -1,5 +1,5 @@
 //! `reconcile` (the old daemon's force-sync): make `device_mappings` and `nbd_exports` say what
-//! CloudStack and the guest say (CONTRACT §3). Only `listVolumes` is called; nothing in
+//! CloudStack and the guest say (docs/wire.md). Only `listVolumes` is called; nothing in
 //! CloudStack changes.
 //!
 //! In scope are one VM, or every VM that has mappings and the host VM. For each:
