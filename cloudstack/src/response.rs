@@ -50,6 +50,30 @@ pub struct Volume {
     pub jobstatus: Option<u8>,
 }
 
+impl Volume {
+    /// The async job CloudStack reports as running on the volume (`jobstatus` 0), if any.
+    pub fn running_job(&self) -> Option<JobId> {
+        match (self.jobstatus, &self.jobid) {
+            (Some(0), Some(job)) => Some(JobId(job.clone())),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a VM's root disk (`type` `ROOT`), not a data disk.
+    pub fn is_root(&self) -> bool {
+        self.kind.as_deref() == Some("ROOT")
+    }
+
+    /// When CloudStack created the volume (`created`, whole seconds with an offset, as
+    /// `2026-11-22T10:00:00+0000`); `None` when absent or not in that form.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let created = self.created.as_deref()?;
+        chrono::DateTime::parse_from_str(created, "%Y-%m-%dT%H:%M:%S%z")
+            .ok()
+            .map(|c| c.with_timezone(&chrono::Utc))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VirtualMachine {
     pub id: VmId,

@@ -409,11 +409,6 @@ impl Command {
             Err(reason) => fail(invalid, reason),
         }
     }
-
-    /// The JSON body a producer publishes for this command (see [`crate::wire::CommandBody`]).
-    pub fn to_body(&self) -> Value {
-        serde_json::to_value(crate::wire::CommandBody::from(self)).unwrap_or(Value::Null)
-    }
 }
 
 type Metadata = BTreeMap<String, String>;

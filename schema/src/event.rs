@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::command::OperationType;
 use crate::error::EventError;
 use crate::ids::{CommandId, EventId, VmId, VolumeId, ZoneId};
-use crate::topology::Topology;
 
 /// `content_type` of every event message.
 pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -318,6 +317,12 @@ pub struct CloudEvent {
     pub data: EventData,
 }
 
+/// Routing key and CloudEvent type of an event: `volume.<type>.<completed|failed|cancelled>`
+/// (`volume.unknown.failed` for a rejected message of unknown type).
+pub fn event_type(op: impl Into<EventOpType>, status: OperationStatus) -> String {
+    format!("volume.{}.{}", op.into().as_str(), status.as_str())
+}
+
 impl CloudEvent {
     /// Wraps an operation outcome; the event type follows from its type and status.
     pub fn new(id: EventId, time: DateTime<Utc>, data: EventData) -> Self {
@@ -325,7 +330,7 @@ impl CloudEvent {
             specversion: "1.0".into(),
             id,
             source: EVENT_SOURCE.into(),
-            event_type: Topology::event_type(data.op_type, data.status),
+            event_type: event_type(data.op_type, data.status),
             subject: data.volume_id.map(|v| v.to_string()),
             time,
             datacontenttype: "application/json".into(),

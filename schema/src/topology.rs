@@ -2,7 +2,6 @@
 //! never do.
 
 use crate::command::OperationType;
-use crate::event::{EventOpType, OperationStatus};
 
 /// Poison messages go to the dead-letter queue after this many deliveries (`x-delivery-limit`).
 pub const DELIVERY_LIMIT: i32 = 5;
@@ -92,12 +91,6 @@ impl Topology {
     pub fn command_routing_key(op: OperationType) -> String {
         format!("volume.{}", op.as_str())
     }
-
-    /// Routing key and CloudEvent type of an event: `volume.<type>.<completed|failed|cancelled>`
-    /// (`volume.unknown.failed` for a rejected message of unknown type).
-    pub fn event_type(op: impl Into<EventOpType>, status: OperationStatus) -> String {
-        format!("volume.{}.{}", op.into().as_str(), status.as_str())
-    }
 }
 
 impl Default for Topology {
@@ -132,12 +125,13 @@ mod tests {
             Topology::command_routing_key(OperationType::Create),
             "volume.create"
         );
+        use crate::event::{EventOpType, OperationStatus, event_type};
         assert_eq!(
-            Topology::event_type(OperationType::Create, OperationStatus::Completed),
+            event_type(OperationType::Create, OperationStatus::Completed),
             "volume.create.completed"
         );
         assert_eq!(
-            Topology::event_type(EventOpType::Unknown, OperationStatus::Failed),
+            event_type(EventOpType::Unknown, OperationStatus::Failed),
             "volume.unknown.failed"
         );
     }

@@ -145,6 +145,15 @@ pub fn event_schema() -> serde_json::Value {
     schemars::schema_for!(crate::CloudEvent).to_value()
 }
 
+impl Command {
+    /// The JSON body a producer publishes for this command (a [`CommandBody`]).
+    pub fn to_body(&self) -> serde_json::Value {
+        // A body is strings, numbers and maps with string keys: serde_json cannot refuse it.
+        serde_json::to_value(CommandBody::from(self))
+            .unwrap_or_else(|e| unreachable!("a command body always serializes: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
