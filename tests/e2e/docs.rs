@@ -99,3 +99,77 @@ fn the_asyncapi_command_examples_are_valid_commands() {
     }
     assert_eq!(types, ["create", "attach", "cancel", "reconcile"]);
 }
+
+/// The `.rs` files ARCHITECTURE.md's code map of the daemon names: in its table, a row whose
+/// first cell names a folder (`db/`) names that folder's files by their bare names; a name with
+/// a `/` is a path under `worker/src`.
+fn code_map_files(architecture: &str) -> std::collections::BTreeSet<String> {
+    let section = architecture
+        .split("### `worker`")
+        .nth(1)
+        .and_then(|s| s.split("\n### ").next())
+        .expect("ARCHITECTURE.md has a `worker` code map");
+    let mut named = std::collections::BTreeSet::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split('|').nth(1).unwrap_or_default();
+        let folder = first
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .find(|t| t.ends_with('/'))
+            .unwrap_or_default();
+        for token in row.split('`').skip(1).step_by(2) {
+            if !token.ends_with(".rs") || token.contains(' ') {
+                continue;
+            }
+            named.insert(if token.contains('/') {
+                token.to_owned()
+            } else {
+                format!("{folder}{token}")
+            });
+        }
+    }
+    named
+}
+
+/// Every `.rs` file under `worker/src`, as a path relative to it.
+fn worker_files(dir: &Path, base: &Path, out: &mut std::collections::BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir)
+        .expect("readable")
+        .filter_map(Result::ok)
+    {
+        let path = entry.path();
+        if path.is_dir() {
+            worker_files(&path, base, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let rel = path.strip_prefix(base).expect("under worker/src");
+            out.insert(rel.display().to_string());
+        }
+    }
+}
+
+/// ARCHITECTURE.md's code map matches the daemon's files: every module it names exists, and
+/// every module that exists is named (a moved or added file fails this until the map says so).
+#[test]
+fn the_code_map_names_every_module_of_the_daemon_and_no_other() {
+    let text = std::fs::read_to_string(repo().join("ARCHITECTURE.md")).expect("readable");
+    let named = code_map_files(&text);
+    let src = repo().join("worker/src");
+    let mut existing = std::collections::BTreeSet::new();
+    worker_files(&src, &src, &mut existing);
+    let missing: Vec<_> = named.difference(&existing).collect();
+    let unnamed: Vec<_> = existing.difference(&named).collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names modules that do not exist: {missing:?}"
+    );
+    assert!(
+        unnamed.is_empty(),
+        "modules ARCHITECTURE.md's code map does not name: {unnamed:?}"
+    );
+    assert!(
+        named.len() > 40,
+        "only {} found: is the parser right?",
+        named.len()
+    );
+}

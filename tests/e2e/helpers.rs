@@ -65,6 +65,14 @@ pub struct TestEnv {
     pub daemon_database_url: Option<String>,
     /// More daemons on the same prefix and database (hot standbys).
     pub others: Vec<Child>,
+    /// The daemon built in this process by [`TestEnv::spawn_app`].
+    app: Option<InProcess>,
+}
+
+/// A daemon running as a task of the test's own process.
+struct InProcess {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), worker::app::StartError>>,
 }
 
 impl TestEnv {
@@ -115,7 +123,79 @@ impl TestEnv {
             cloudstack_from_db: false,
             daemon_database_url: None,
             others: Vec::new(),
+            app: None,
         }
+    }
+
+    /// The daemon's settings, as environment variables (a process gets them so; the in-process
+    /// daemon as the flags of the same names).
+    fn daemon_env(&self) -> Vec<(String, String)> {
+        let database_url = self
+            .daemon_database_url
+            .clone()
+            .unwrap_or_else(|| self.database_url());
+        let dir = |d: &str| self.sysfs.join(d).display().to_string();
+        let mut env: Vec<(String, String)> = [
+            ("AMQP_URL", self.daemon_amqp_url.clone()),
+            ("AMQP_PREFIX", self.prefix.clone()),
+            ("DATABASE_URL", database_url),
+            ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("LOG_FORMAT", "json".to_owned()),
+            ("SHUTDOWN_GRACE_S", "5".to_owned()),
+            ("SYSFS_ROOT", self.sysfs.display().to_string()),
+            ("DEVICE_BY_ID_DIR", dir("by-id")),
+            ("DEVICE_NODE_DIR", dir("dev")),
+            // Resumed creates look for their volume after 1 s, not 35: the simulator answers
+            // at once (a test of the wait sets its own).
+            ("CREATE_RESUME_SETTLE_S", "1".to_owned()),
+            ("PERSISTENT_DEVICE_DIR", dir("persistent")),
+        ]
+        .into_iter()
+        .chain(self.cloudstack_env())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(
+            self.host_vm
+                .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
+        );
+        env.extend(self.extra_env.iter().cloned());
+        env
+    }
+
+    /// Builds the daemon in this process (`Application::build` with HTTP on port 0, the
+    /// settings a process would get) and runs it as a task until [`TestEnv::stop_app`] or the
+    /// end of the test; waits until `/ready` answers 200. The middle of the test pyramid:
+    /// everything but a process boundary (no SIGKILL, no SIGTERM).
+    pub async fn spawn_app(&mut self) {
+        use clap::Parser;
+        assert!(self.app.is_none(), "in-process daemon already running");
+        let mut args = vec!["volume-daemon".to_owned()];
+        for (k, v) in self.daemon_env() {
+            args.push(format!("--{}", k.to_lowercase().replace('_', "-")));
+            args.push(v);
+        }
+        let settings = worker::Settings::try_parse_from(args).expect("the daemon's settings");
+        let app = worker::Application::build(settings)
+            .await
+            .expect("the daemon builds");
+        self.http_addr = app.http_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        self.app = Some(InProcess { stop, task });
+        self.wait_ready(Duration::from_secs(30)).await;
+    }
+
+    /// Stops the in-process daemon as SIGTERM would and waits for it (20 s at most).
+    pub async fn stop_app(&mut self) {
+        let app = self.app.take().expect("in-process daemon running");
+        let _ = app.stop.send(());
+        tokio::time::timeout(Duration::from_secs(20), app.task)
+            .await
+            .expect("the in-process daemon stops")
+            .expect("its task did not panic")
+            .expect("it stopped cleanly");
     }
 
     pub fn database_url(&self) -> String {
@@ -230,31 +310,8 @@ impl TestEnv {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("AMQP_URL", &self.daemon_amqp_url)
-            .env("AMQP_PREFIX", &self.prefix)
-            .env(
-                "DATABASE_URL",
-                self.daemon_database_url
-                    .clone()
-                    .unwrap_or_else(|| self.database_url()),
-            )
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE_S", "5")
-            .env("SYSFS_ROOT", &self.sysfs)
-            .env("DEVICE_BY_ID_DIR", self.sysfs.join("by-id"))
-            .env("DEVICE_NODE_DIR", self.sysfs.join("dev"))
-            // Resumed creates look for their volume after 1 s, not 35: the simulator answers at
-            // once (a test of the wait sets its own).
-            .env("CREATE_RESUME_SETTLE_S", "1")
-            .env("PERSISTENT_DEVICE_DIR", self.sysfs.join("persistent"))
             .env("RUST_LOG", "info,worker=debug")
-            .envs(self.cloudstack_env())
-            .envs(
-                self.host_vm
-                    .map(|vm| ("HOST_VM_ID".to_owned(), vm.to_string())),
-            )
-            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.daemon_env())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))

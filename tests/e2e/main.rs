@@ -8,6 +8,7 @@
 mod helpers;
 
 mod cluster;
+mod commands;
 mod create;
 mod deploy;
 mod devices;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use cloudstack::{Client, Credentials, RetryPolicy};
@@ -27,7 +27,7 @@ use crate::config::Settings;
 use crate::context::Context;
 use crate::db::store::Store;
 use crate::db::{self, DbError};
-use crate::devices::{self, Devices, Monitor};
+use crate::devices::{Devices, Monitor};
 use crate::executor;
 use crate::housekeeping;
 use crate::http::{self, HttpState};
@@ -35,10 +35,17 @@ use crate::intake::Intake;
 use crate::lease::{self, Lease, Renewal};
 use crate::metrics::Metrics;
 use crate::operation::Operation;
+use crate::operation::host_files::ReconcileError;
 use crate::relay::Relay;
 use crate::selfcheck::{Checker, Checks};
 use crate::status::Status;
 use crate::stop::Stop;
+
+/// Connections of the main pool beyond one per concurrent operation: the intake, the relay
+/// and its marking, the mapping sync.
+const CONNECTIONS_BESIDE_OPERATIONS: u32 = 4;
+const HOUR_S: u64 = 3600;
+const DAY_S: u64 = 24 * HOUR_S;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -93,7 +100,8 @@ impl Application {
                 ));
             }
         };
-        let max_connections = u32::from(settings.max_concurrent_operations) + 4;
+        let max_connections =
+            u32::from(settings.max_concurrent_operations) + CONNECTIONS_BESIDE_OPERATIONS;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
         let me = db::appliance::Appliance {
             prefix: settings.amqp_prefix.clone(),
@@ -347,7 +355,7 @@ impl Active<'_> {
         let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
         let relay_stop = Stop::new();
         let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());
-        let sync = tokio::spawn(devices::sync::run(
+        let sync = tokio::spawn(crate::operation::mapping_sync::run(
             store,
             self.devices.clone(),
             ctx.host.clone(),
@@ -420,8 +428,6 @@ impl Active<'_> {
         }
     }
 
-    /// The executor of this period: operations run with `ctx`, at most
-    /// `MAX_CONCURRENT_OPERATIONS` at once.
     /// The retention sweep and, when configured, the periodic reconcile, until `halt`.
     fn spawn_housekeeping(
         &self,
@@ -430,8 +436,8 @@ impl Active<'_> {
     ) -> tokio::task::JoinHandle<()> {
         let s = self.settings;
         let policy = housekeeping::Retention {
-            outbox: Duration::from_secs(s.outbox_retention_h * 3600),
-            operations: Duration::from_secs(s.operations_retention_d * 86_400),
+            outbox: Duration::from_secs(s.outbox_retention_h * HOUR_S),
+            operations: Duration::from_secs(s.operations_retention_d * DAY_S),
             period: Duration::from_secs(s.retention_interval_s),
         };
         let retention = housekeeping::retention(ctx.clone(), policy, halt.clone());
@@ -448,6 +454,8 @@ impl Active<'_> {
         })
     }
 
+    /// The executor of this period: operations run with `ctx`, at most
+    /// `MAX_CONCURRENT_OPERATIONS` at once.
     fn spawn_executor(
         &self,
         ctx: &Arc<Context>,
@@ -482,8 +490,7 @@ impl Active<'_> {
             correlation_timeout: self.settings.correlation_timeout(),
             create_resume_settle: Duration::from_secs(self.settings.create_resume_settle_s),
             host: self.settings.host_files(),
-            relay_wakeup: Arc::new(Notify::new()),
-            shutdown: halt,
+            halt,
             fenced,
             vm_locks: Default::default(),
         })
@@ -500,7 +507,7 @@ impl Active<'_> {
             Relay {
                 pool: self.pool.clone(),
                 broker: self.broker.clone(),
-                wakeup: ctx.relay_wakeup.clone(),
+                wakeup: ctx.store.relay_bell(),
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
                 stop,
@@ -573,22 +580,14 @@ async fn hold(
 
 /// Hands every `pending` and `executing` operation to the executor, oldest first.
 async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
-    let resumed = loop {
-        // Raced with shutdown: a half-open connection must not keep this period alive.
-        let listed = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            listed = ctx.store.resumable() => listed,
-        };
-        match listed {
-            Ok(ops) => break ops,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list unfinished operations; retrying");
-                tokio::select! {
-                    () = ctx.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    // Raced with shutdown: a half-open connection must not keep this period alive.
+    let listed =
+        crate::retry::persistent("list unfinished operations", &ctx.halt, None, || async {
+            Ok(ctx.store.resumable().await?)
+        })
+        .await;
+    let Ok(resumed) = listed else {
+        return;
     };
     if !resumed.is_empty() {
         tracing::info!(count = resumed.len(), "resuming unfinished operations");
@@ -604,7 +603,7 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
 /// the active instance writes either). A failure is logged; attaches repair their own files.
 /// A failed repair is tried again this many times in all (a connection the server dropped, a
 /// killed session), then left to the next `reconcile`.
-const REPAIR_ATTEMPTS: u32 = 5;
+const REPAIR_ATTEMPTS: usize = 5;
 
 async fn reconcile_host(
     store: &Store,
@@ -613,34 +612,26 @@ async fn reconcile_host(
     halt: &CancellationToken,
 ) {
     let _held = files.lock().await;
-    for attempt in 1..=REPAIR_ATTEMPTS {
-        match crate::host::reconcile::run(store, files, devices).await {
-            Ok(r) if r == Default::default() => {
-                tracing::info!("host files and tables agree");
-                return;
-            }
-            Ok(r) => {
-                tracing::warn!(
-                    links = r.links,
-                    rows = r.rows,
-                    dropped = r.dropped,
-                    strays = r.strays,
-                    "host files and tables repaired"
-                );
-                return;
-            }
-            Err(e) if attempt < REPAIR_ATTEMPTS && e.is_transient() => {
-                tracing::warn!(error = %e, attempt, "cannot reconcile the host files with the tables yet; retrying");
-                tokio::select! {
-                    () = halt.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(500) * attempt) => {}
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reconcile the host files with the tables");
-                return;
-            }
-        }
+    let repaired = crate::retry::bounded(
+        "reconcile the host files with the tables",
+        REPAIR_ATTEMPTS,
+        ReconcileError::is_transient,
+        || crate::operation::host_files::run(store, files, devices),
+    );
+    let repaired = tokio::select! {
+        () = halt.cancelled() => return,
+        r = repaired => r,
+    };
+    match repaired {
+        Ok(r) if r == Default::default() => tracing::info!("host files and tables agree"),
+        Ok(r) => tracing::warn!(
+            links = r.links,
+            rows = r.rows,
+            dropped = r.dropped,
+            strays = r.strays,
+            "host files and tables repaired"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot reconcile the host files with the tables"),
     }
 }
 

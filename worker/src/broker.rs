@@ -10,6 +10,9 @@ use lapin::{Connection, ConnectionProperties};
 use schema::SecretUrl;
 use tokio_util::sync::CancellationToken;
 
+/// AMQP `delivery_mode` of a message the broker keeps on disk.
+pub const PERSISTENT: u8 = 2;
+
 /// Where the broker is: its URL (or a comma-separated list of URLs, tried in order: the nodes
 /// of a cluster) and, for `amqps://`, the CA certificates (PEM) to trust besides the public
 /// roots. `amqps://` is always TLS (rustls); it never falls back to plaintext.

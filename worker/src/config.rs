@@ -194,7 +194,6 @@ fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(s))
 }
 
-/// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
 /// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows
 /// a password.
 fn parse_amqp_urls(s: &str) -> Result<SecretUrl, String> {
@@ -222,16 +221,12 @@ fn parse_amqp_urls(s: &str) -> Result<SecretUrl, String> {
     Ok(list)
 }
 
+/// An `AMQP_PREFIX` whose derived names fit AMQP's 255 bytes.
 fn parse_prefix(s: &str) -> Result<String, schema::topology::PrefixError> {
     Topology::parse(s).map(|_| s.to_owned())
 }
 
 impl Settings {
-    /// Settings from the environment alone (no command-line flags), as tests use them.
-    pub fn from_env() -> Result<Self, clap::Error> {
-        Self::try_parse_from(["volume-daemon"])
-    }
-
     pub fn topology(&self) -> Topology {
         Topology::new(self.amqp_prefix.clone())
     }

@@ -5,21 +5,19 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use cloudstack::response::JobId;
 use schema::{VmId, VolumeId};
 
 use crate::cloud::{Cloud, Session};
-use crate::db::configs;
-use crate::db::is_permanent;
 use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
 use crate::host::HostFiles;
-use crate::mappings::MappingChange;
 use crate::metrics::Metrics;
-use crate::model::{Halt, Operation, Outcome};
+use crate::model::{Halt, Operation, Terminal};
+use crate::retry::{self, GaveUp};
 
 #[derive(Debug)]
 pub struct Context {
@@ -34,10 +32,8 @@ pub struct Context {
     pub create_resume_settle: Duration,
     /// Persistent names and NBD exports of host attachments.
     pub host: HostFiles,
-    /// Wakes the relay when an outbox row was committed.
-    pub relay_wakeup: Arc<Notify>,
     /// Fires on SIGTERM, and when this instance loses the execution lease.
-    pub shutdown: CancellationToken,
+    pub halt: CancellationToken,
     /// Cancelled by a write that found the lease taken over: the active period must fence
     /// itself at once, without waiting for its next renewal.
     pub fenced: CancellationToken,
@@ -45,66 +41,33 @@ pub struct Context {
     pub vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// A permanent database error is tried this many times in a row, then given up.
-const PERMANENT_ATTEMPTS: u32 = 3;
-
-/// How long to wait between attempts to write to an unreachable database.
-const DB_RETRY: Duration = Duration::from_millis(500);
-
 impl Context {
-    /// Runs a database write until it succeeds, waiting between attempts while the database
-    /// is unreachable. `Err` when shutdown comes first, or when the write was fenced (another
-    /// instance holds the lease): the operation's row is then still pending or executing, and
-    /// whoever is active resumes it.
-    pub async fn write<T, F, Fut>(&self, what: &str, write: F) -> Result<T, Halt>
+    /// Runs a database call an operation cannot go on without, with the persistent retry
+    /// policy ([`retry::persistent`]): retried while the database is unreachable. `Err` when
+    /// shutdown comes first, when the write was fenced (another instance holds the lease; this
+    /// period is then fenced at once), or on a permanent error: the operation's row is then
+    /// still pending or executing, and whoever is active resumes it.
+    pub async fn db<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Halt>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let mut permanent = 0;
-        loop {
-            match write().await {
-                Ok(done) => return Ok(done),
-                Err(StoreError::Db(e))
-                    if is_permanent(&e) && permanent + 1 >= PERMANENT_ATTEMPTS =>
-                {
-                    // Retrying cannot help (a schema mismatch, a value the column refuses): stop
-                    // here; the row keeps its state and the operation resumes at the next start.
-                    tracing::error!(error = %e, attempts = PERMANENT_ATTEMPTS, "cannot {what}: permanent database error; giving up until the next start");
-                    return Err(Halt::Interrupted(format!(
-                        "permanent database error: cannot {what}"
-                    )));
-                }
-                Err(StoreError::Fenced(f)) => {
-                    tracing::error!(error = %f, "write refused: cannot {what}; fencing this instance");
-                    self.fenced.cancel();
-                    return Err(Halt::Interrupted(format!("fenced before it could {what}")));
-                }
-                Err(StoreError::Db(e)) => {
-                    permanent = if is_permanent(&e) { permanent + 1 } else { 0 };
-                    tracing::warn!(error = %e, "cannot {what}; retrying");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => {
-                            return Err(Halt::Interrupted(format!("stopped before it could {what}")));
-                        }
-                        () = tokio::time::sleep(DB_RETRY) => {}
+        retry::persistent(what, &self.halt, None, call)
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    GaveUp::Stopped => format!("stopped before it could {what}"),
+                    GaveUp::Fenced(_) => {
+                        self.fenced.cancel();
+                        format!("fenced before it could {what}")
                     }
-                }
-            }
-        }
+                    GaveUp::Permanent(_) => format!("permanent database error: cannot {what}"),
+                };
+                Halt::Interrupted(why)
+            })
     }
 
-    /// A read an operation cannot go on without: the policy of [`Context::write`].
-    pub async fn read<T, F, Fut>(&self, what: &str, read: F) -> Result<T, Halt>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        self.write(what, read).await
-    }
-
-    /// The CloudStack access in force now. Reading `ossea_configs` has the policy of the
-    /// writes: a database that is down delays the operation (it never fails it with
+    /// The CloudStack access in force now. Reading `ossea_configs` has the persistent policy: a database that is down delays the operation (it never fails it with
     /// `INTERNAL`), and a shutdown interrupts it.
     pub async fn session(&self) -> Result<Session, Halt> {
         if !self.cloud.needs_config_row() {
@@ -112,8 +75,8 @@ impl Context {
             return Ok(self.cloud.session(None)?);
         }
         let row = self
-            .read("read ossea_configs", || async {
-                Ok(configs::active(self.store.pool()).await?)
+            .db("read ossea_configs", || async {
+                Ok(self.store.active_config().await?)
             })
             .await?;
         Ok(self.cloud.session(row)?)
@@ -128,7 +91,7 @@ impl Context {
         job: &JobId,
     ) -> Result<(), Halt> {
         let id = op.id().clone();
-        self.write(&format!("record job {job}"), || {
+        self.db(&format!("record job {job}"), || {
             self.store.record_job(&id, volume, job)
         })
         .await?;
@@ -180,23 +143,20 @@ impl Context {
         work: impl Future<Output = T>,
     ) -> Result<T, Halt> {
         tokio::select! {
-            () = self.shutdown.cancelled() => Err(Halt::Interrupted(format!("shut down while {what}"))),
+            () = self.halt.cancelled() => Err(Halt::Interrupted(format!("shut down while {what}"))),
             out = work => Ok(out),
         }
     }
 
-    /// Commits the outcome of `op`, its mapping change and its event, retrying while the
+    /// Commits the end of `op` (its row, mapping change and event), retrying while the
     /// database is down, then wakes the relay. When shutdown comes first nothing is lost: the
     /// row is still pending or executing and resumes later.
-    pub async fn finish(&self, op: &Operation, outcome: Outcome, mapping: Option<MappingChange>) {
+    pub async fn finish(&self, op: &Operation, terminal: Terminal) {
         let written = self
-            .write("record the outcome", || {
-                self.store.finish(op, &outcome, mapping.as_ref())
-            })
+            .db("record the outcome", || self.store.finish(op, &terminal))
             .await;
-        match written {
-            Ok(()) => self.relay_wakeup.notify_one(),
-            Err(_) => tracing::warn!("stopped before the outcome was recorded; it resumes later"),
+        if written.is_err() {
+            tracing::warn!("stopped before the outcome was recorded; it resumes later");
         }
     }
 }

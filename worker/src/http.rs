@@ -22,6 +22,9 @@ use crate::host::HostFiles;
 use crate::metrics::Metrics;
 use crate::status::Status;
 
+/// How long a probe or a scrape waits for the database before it says so.
+const DB_ANSWER: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct HttpState {
     pub pool: MySqlPool,
@@ -56,11 +59,15 @@ async fn health() -> Json<serde_json::Value> {
 /// transient error (a connection the server dropped, a killed session): a single stale
 /// connection is not an unready daemon.
 async fn backlog(pool: &MySqlPool) -> Option<outbox::Backlog> {
-    let read = tokio::time::timeout(Duration::from_secs(2), async {
-        match outbox::backlog(pool).await {
-            Err(e) if !crate::db::is_permanent(&e) => outbox::backlog(pool).await,
-            done => done,
-        }
+    let read = tokio::time::timeout(DB_ANSWER, async {
+        let read = || outbox::backlog(pool);
+        crate::retry::bounded(
+            "read the outbox backlog",
+            2,
+            crate::retry::transient_db,
+            read,
+        )
+        .await
     })
     .await;
     read.ok().and_then(Result::ok)
@@ -121,22 +128,17 @@ async fn ready(State(s): State<HttpState>) -> Response {
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), outbox::backlog(&s.pool)).await
-    {
+    if let Ok(Ok(b)) = tokio::time::timeout(DB_ANSWER, outbox::backlog(&s.pool)).await {
         let age = b
             .oldest
             .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
         s.metrics.set_outbox(b.count, age);
     }
-    if let Ok(Ok(n)) =
-        tokio::time::timeout(Duration::from_secs(2), exports::active_count(&s.pool)).await
-    {
+    if let Ok(Ok(n)) = tokio::time::timeout(DB_ANSWER, exports::active_count(&s.pool)).await {
         s.metrics.set_nbd_exports(n);
     }
-    if let Ok(Ok(g)) =
-        tokio::time::timeout(Duration::from_secs(2), crate::db::read::gauges(&s.pool)).await
-    {
+    if let Ok(Ok(g)) = tokio::time::timeout(DB_ANSWER, crate::db::read::gauges(&s.pool)).await {
         s.metrics.set_gauges(&g);
     }
     s.metrics.set_role(s.status.active());

@@ -1,5 +1,5 @@
 //! The intake: consumes the commands queue, validates each message, commits it as a `pending`
-//! operation, acknowledges it, and hands it to the executor.
+//! operation, hands it to the executor, and only then acknowledges it.
 //!
 //! A message is acknowledged only after its operation row is committed (docs/wire.md (processing rule 1)).
 //! An invalid message is dead-lettered with its reason and, when its command id could be read,
@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Confirmation};
@@ -28,14 +28,13 @@ use schema::{
 use crate::broker::{self, Backoff, Endpoint};
 use crate::config::ReplyToAllowed;
 use crate::context::Context;
-use crate::db::store::{self, Accepted, StoreError};
-use crate::operation::Operation;
+use crate::db::store::{self, Accepted};
+use crate::model::Operation;
+use crate::retry::{self, GaveUp};
 use crate::status::Status;
 
 /// Recording one command gives up after this and tries again.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Header naming why a message was dead-lettered.
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
@@ -64,13 +63,13 @@ impl Intake {
     /// Consumes until shutdown, reconnecting with backoff whenever the broker goes away.
     pub async fn run(self) {
         let mut backoff = Backoff::default();
-        while !self.ctx.shutdown.is_cancelled() {
+        while !self.ctx.halt.is_cancelled() {
             match self.session(&mut backoff).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.status.set_intake_connected(false);
                     tracing::warn!(error = %e, "intake lost the broker; reconnecting");
-                    if !backoff.wait(self.ctx.shutdown.cancelled()).await {
+                    if !backoff.wait(self.ctx.halt.cancelled()).await {
                         break;
                     }
                 }
@@ -103,7 +102,7 @@ impl Intake {
         tracing::info!(queue = %self.topology.commands_queue(), "consuming commands");
         loop {
             tokio::select! {
-                () = self.ctx.shutdown.cancelled() => {
+                () = self.ctx.halt.cancelled() => {
                     // Unacknowledged deliveries go back to the queue with the connection.
                     if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
                         tracing::debug!(error = %e, "closing the intake connection");
@@ -155,32 +154,8 @@ impl Intake {
     /// delivery stays unacknowledged and is retried; at shutdown it returns to the queue.
     async fn accept(&self, command: Command, delivery: Delivery) -> Result<(), IntakeError> {
         let id = command.command_id.clone();
-        let accepted = loop {
-            // Bounded, and raced with shutdown: a half-open database connection must not keep
-            // this consumer (the queue's single active one) registered after a fence.
-            let attempt = tokio::select! {
-                () = self.ctx.shutdown.cancelled() => return Ok(()),
-                a = tokio::time::timeout(ACCEPT_TIMEOUT, self.ctx.store.accept(command.clone())) => a,
-            };
-            match attempt {
-                Ok(Ok(a)) => break a,
-                Ok(Err(StoreError::Fenced(f))) => {
-                    // Not acknowledged: the delivery returns to the queue for the new holder.
-                    tracing::error!(operation_id = %id, error = %f, "command not recorded: fenced");
-                    self.ctx.fenced.cancel();
-                    return Ok(());
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(operation_id = %id, error = %e, "cannot record the command; retrying");
-                }
-                Err(_) => {
-                    tracing::warn!(operation_id = %id, timeout = ?ACCEPT_TIMEOUT, "recording the command timed out; retrying");
-                }
-            }
-            tokio::select! {
-                () = self.ctx.shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
+        let Some(accepted) = self.record(command, &delivery).await? else {
+            return Ok(());
         };
         match accepted {
             Accepted::New(op) => {
@@ -206,11 +181,50 @@ impl Intake {
             Accepted::Ended => {
                 self.ctx.metrics.command_received("duplicate");
                 tracing::info!(operation_id = %id, "duplicate of an ended operation; its event is published again");
-                self.ctx.relay_wakeup.notify_one();
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
+    }
+
+    /// Commits `command` with the persistent retry policy, each attempt bounded, and raced
+    /// with shutdown: a half-open database connection must not keep this consumer (the queue's
+    /// single active one) registered after a fence. `None`: not recorded, not acknowledged.
+    async fn record(
+        &self,
+        command: Command,
+        delivery: &Delivery,
+    ) -> Result<Option<Accepted>, IntakeError> {
+        let id = command.command_id.clone();
+        let accepted = retry::persistent(
+            "record the command",
+            &self.ctx.halt,
+            Some(ACCEPT_TIMEOUT),
+            || self.ctx.store.accept(command.clone()),
+        )
+        .await;
+        match accepted {
+            Ok(a) => Ok(Some(a)),
+            // At shutdown or after a fence the delivery returns to the queue (for the next
+            // holder) when this consumer's channel closes.
+            Err(GaveUp::Stopped) => Ok(None),
+            Err(GaveUp::Fenced(f)) => {
+                tracing::error!(operation_id = %id, error = %f, "command not recorded: fenced");
+                self.ctx.fenced.cancel();
+                Ok(None)
+            }
+            Err(GaveUp::Permanent(e)) => {
+                // Back to the queue: each try counts against its delivery limit, after which
+                // the broker dead-letters it.
+                tracing::error!(operation_id = %id, error = %e, "command cannot be recorded; returned to the queue");
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                delivery.acker.nack(requeue).await?;
+                Ok(None)
+            }
+        }
     }
 
     /// Dead-letters an invalid message with its reason, and tells the producer when possible.
@@ -275,22 +289,18 @@ impl Intake {
     /// Queues the INVALID_COMMAND event of a rejected message, retried while the error is
     /// transient (a dropped connection, a killed session), within [`ACCEPT_TIMEOUT`].
     async fn queue_rejection(&self, event: &CloudEvent, reply_to: Option<&str>) {
-        let queued = tokio::time::timeout(ACCEPT_TIMEOUT, async {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match self.ctx.store.queue_rejection_event(event, reply_to).await {
-                    Err(StoreError::Db(e)) if !crate::db::is_permanent(&e) && attempt < 5 => {
-                        tracing::warn!(error = %e, attempt, "cannot queue the INVALID_COMMAND event yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                    }
-                    done => return done,
-                }
-            }
-        })
+        let queued = tokio::time::timeout(
+            ACCEPT_TIMEOUT,
+            retry::bounded(
+                "queue the INVALID_COMMAND event",
+                5,
+                retry::transient,
+                || self.ctx.store.queue_rejection_event(event, reply_to),
+            ),
+        )
         .await;
         match queued {
-            Ok(Ok(())) => self.ctx.relay_wakeup.notify_one(),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot queue the INVALID_COMMAND event"),
             Err(_) => {
                 tracing::error!(timeout = ?ACCEPT_TIMEOUT, "queueing the INVALID_COMMAND event timed out")
@@ -337,7 +347,7 @@ fn dead_letter_properties(delivery: &Delivery, reason: &str) -> lapin::BasicProp
     );
     let mut props = lapin::BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(2);
+        .with_delivery_mode(broker::PERSISTENT);
     if let Some(v) = p.content_type() {
         props = props.with_content_type(v.clone());
     }

@@ -11,7 +11,7 @@
 //!   `expires_at` is at least `TTL` later in real time: the old holder is fenced at least
 //!   `TTL - FENCE_AFTER` before any other instance can take over. That gap covers requests
 //!   already on the wire to CloudStack when the fence came.
-//! - Every state write of an active period carries its epoch ([`Fence::check`]) inside the
+//! - Every state write of an active period carries its epoch ([`Fence::check`](crate::db::fence::Fence::check)) inside the
 //!   write's own transaction, with a shared lock on the lease row: a takeover waits for writes
 //!   in progress, and no write of an older epoch commits after it.
 //!
@@ -24,9 +24,10 @@
 
 use std::time::Duration;
 
-use sqlx::{MySqlConnection, MySqlPool};
+use sqlx::MySqlPool;
 
 use crate::db;
+use crate::db::fence::Fence;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,61 +47,6 @@ pub enum LeaseError {
     Db(#[from] sqlx::Error),
     #[error("execution lease query timed out after {QUERY_TIMEOUT:?}")]
     Timeout,
-}
-
-/// The epoch of one holding, checked by every state write of that active period.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    name: String,
-    epoch: u64,
-}
-
-/// A write was refused: another instance holds the lease now.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "fenced: this instance's execution lease (epoch {ours}) was taken over (epoch now {current:?})"
-)]
-pub struct Fenced {
-    pub ours: u64,
-    pub current: Option<u64>,
-}
-
-impl Fence {
-    /// Commits `tx` if the lease still has this epoch; otherwise rolls it back and returns
-    /// `Ok(Err(Fenced))`. Every fenced write ends this way.
-    pub async fn commit(
-        &self,
-        mut tx: sqlx::MySqlTransaction<'_>,
-    ) -> Result<Result<(), Fenced>, sqlx::Error> {
-        match self.check(&mut tx).await? {
-            Ok(()) => tx.commit().await.map(Ok),
-            Err(fenced) => tx.rollback().await.map(|()| Err(fenced)),
-        }
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// The lease row's name (the `AMQP_PREFIX`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Inside the caller's transaction, just before it commits: `Ok(Err(Fenced))` when the lease
-    /// now has another epoch (the caller must roll back). The shared lock it takes makes a
-    /// takeover wait until this transaction ends.
-    pub async fn check(&self, tx: &mut MySqlConnection) -> Result<Result<(), Fenced>, sqlx::Error> {
-        let current = db::lease::epoch_shared(tx, &self.name).await?;
-        if current == Some(self.epoch) {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(Fenced {
-                ours: self.epoch,
-                current,
-            }))
-        }
-    }
 }
 
 /// A held lease.
@@ -161,7 +107,7 @@ impl Lease {
                     return Some(Lease {
                         pool: pool.clone(),
                         holder: holder.to_owned(),
-                        fence: Fence { name, epoch },
+                        fence: Fence::new(name, epoch),
                         renewed: sent,
                     });
                 }
@@ -210,9 +156,9 @@ impl Lease {
         let sent = Instant::now();
         let renewed = bounded(db::lease::renew(
             &self.pool,
-            &self.fence.name,
+            self.fence.name(),
             &self.holder,
-            self.fence.epoch,
+            self.fence.epoch(),
             micros(TTL),
         ))
         .await;
@@ -223,7 +169,7 @@ impl Lease {
             }
             Ok(false) => {
                 tracing::error!(
-                    epoch = self.fence.epoch,
+                    epoch = self.fence.epoch(),
                     "the execution lease was taken over by another instance"
                 );
                 Renewal::Lost
@@ -243,9 +189,9 @@ impl Lease {
     pub async fn release(self) {
         let released = bounded(db::lease::release(
             &self.pool,
-            &self.fence.name,
+            self.fence.name(),
             &self.holder,
-            self.fence.epoch,
+            self.fence.epoch(),
         ))
         .await;
         if let Err(e) = released {
@@ -267,6 +213,7 @@ pub fn holder_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fence::{Fenced, StoreError};
     use crate::db::testdb::TestDb;
 
     #[test]
@@ -324,7 +271,7 @@ mod tests {
             .expect("lease");
         let fence = lease.fence();
         let mut tx = db.pool.begin().await.expect("tx");
-        assert_eq!(fence.check(&mut tx).await.expect("check"), Ok(()));
+        fence.check(&mut tx).await.expect("our epoch");
         tx.rollback().await.expect("rollback");
 
         lease.release().await;
@@ -333,12 +280,16 @@ mod tests {
             .expect("taken over");
         assert_eq!(next.fence().epoch(), 2, "a released lease is taken at once");
         let mut tx = db.pool.begin().await.expect("tx");
-        assert_eq!(
-            fence.check(&mut tx).await.expect("check"),
-            Err(Fenced {
-                ours: 1,
-                current: Some(2)
-            })
+        let refused = fence.check(&mut tx).await;
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::Fenced(Fenced {
+                    ours: 1,
+                    current: Some(2)
+                }))
+            ),
+            "{refused:?}"
         );
     }
 

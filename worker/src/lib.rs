@@ -1,6 +1,6 @@
 //! volume-daemon: the single place where volume operations happen.
 //!
-//! Commands arrive from RabbitMQ ([`intake`]), are committed as operations ([`store`]),
+//! Commands arrive from RabbitMQ ([`intake`]), are committed as operations ([`db`]),
 //! executed against CloudStack with bounded concurrency ([`executor`], [`operation`],
 //! [`cloud`]), and end with their result and an outbox row in one transaction; the
 //! [`relay`] publishes the outbox as CloudEvents with publisher confirms. [`http`] serves
@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod operation;
 pub mod relay;
+pub mod retry;
 pub mod selfcheck;
 pub mod status;
 pub mod stop;

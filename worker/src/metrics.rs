@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::model::{Operation, Outcome};
+use crate::model::{Operation, Terminal};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
@@ -371,11 +371,11 @@ impl Metrics {
         }
     }
 
-    pub fn operation_ended(&self, op: &Operation, outcome: &Outcome) {
+    pub fn operation_ended(&self, op: &Operation, terminal: &Terminal) {
         let r#type = op.command.operation_type().as_str().to_owned();
-        let outcome = match outcome {
-            Ok(_) => "completed".to_owned(),
-            Err(e) => e.code.as_str().to_owned(),
+        let outcome = match &terminal.error {
+            None => "completed".to_owned(),
+            Some(e) => e.code.as_str().to_owned(),
         };
         self.operations
             .get_or_create(&OperationLabels {

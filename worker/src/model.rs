@@ -1,7 +1,7 @@
-//! An operation as data: an accepted command and what is known of its progress, how it ended
-//! ([`Outcome`]), why it stopped early ([`Halt`]), and the terminal event it ends with
-//! ([`event_for`]). A leaf module: the persistence layer, the metrics and the executor use these
-//! types without depending on how operations run (the `operation` module does that).
+//! An operation as data: an accepted command and what is known of its progress, why it stopped
+//! early ([`Halt`]), and how it ends ([`Terminal`]: the record and event to write). A leaf
+//! module: the persistence layer, the metrics and the executor use these types without
+//! depending on how operations run (the `operation` module does that).
 
 use std::sync::Arc;
 
@@ -10,11 +10,7 @@ use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
 
 use cloudstack::response::JobId;
-use schema::event::{AttachMode, Change, NbdExport};
-use schema::{
-    Action, CloudEvent, Command, CommandId, EventData, EventError, EventId, OperationStatus, VmId,
-    VolumeId, VolumeInfo,
-};
+use schema::{CloudEvent, Command, CommandId, EventError, OperationStatus, VmId, VolumeId};
 
 use crate::mappings::MappingChange;
 
@@ -82,30 +78,26 @@ impl Operation {
     }
 }
 
-/// What a successful operation reports.
-#[derive(Debug, Clone, Default)]
-pub struct Completion {
-    pub volume_id: Option<VolumeId>,
-    pub vm_id: Option<VmId>,
-    /// Stored as the operation's `response`.
-    pub response: Value,
-    pub volume: Option<VolumeInfo>,
-    pub device_path: Option<String>,
-    pub by_id_path: Option<String>,
-    pub mode: Option<AttachMode>,
-    /// Host attach: the persistent name's path, and the export when exports are on.
-    pub persistent_path: Option<String>,
-    pub nbd_export: Option<NbdExport>,
-    pub already_detached: Option<bool>,
-    pub already_absent: Option<bool>,
-    /// Reconcile: what it repaired.
-    pub changes: Option<Vec<Change>>,
+/// How an operation ends, ready to be written: its event (which carries the terminal status,
+/// the volume and the VM), the row's `response` or error, and what it does to
+/// `device_mappings`. Built where the outcome is known (`operation::outcome`); the
+/// persistence layer only writes it.
+#[derive(Debug, Clone)]
+pub struct Terminal {
+    pub event: CloudEvent,
+    /// Stored as the operation's `response` (a completed or cancelled operation).
+    pub response: Option<Value>,
+    /// Stored as `error`, `error_code` and `error_detail` (a failed operation).
+    pub error: Option<EventError>,
     /// What the operation does to `device_mappings`, in the transaction that ends it.
     pub mapping: Option<MappingChange>,
 }
 
-/// How an operation ended: the result stored and announced.
-pub type Outcome = Result<Completion, EventError>;
+impl Terminal {
+    pub fn status(&self) -> OperationStatus {
+        self.event.data.status
+    }
+}
 
 /// Why a command module stopped before its end.
 #[derive(Debug)]
@@ -133,79 +125,4 @@ impl Halt {
             other => other,
         }
     }
-}
-
-/// The terminal event of `op` with `outcome`.
-pub fn event_for(
-    op: &Operation,
-    outcome: &Outcome,
-    id: EventId,
-    completed_at: DateTime<Utc>,
-) -> CloudEvent {
-    let empty = Completion::default();
-    let (status, done, error) = match outcome {
-        Ok(c) => (OperationStatus::Completed, c, None),
-        Err(e) => (OperationStatus::Failed, &empty, Some(e.clone())),
-    };
-    event_with(op, status, done, error, id, completed_at)
-}
-
-/// The terminal event of `op` cancelled by a `cancel` operation (docs/wire.md): status
-/// `cancelled`, no error.
-pub fn cancelled_event(op: &Operation, id: EventId, completed_at: DateTime<Utc>) -> CloudEvent {
-    let done = Completion::default();
-    event_with(
-        op,
-        OperationStatus::Cancelled,
-        &done,
-        None,
-        id,
-        completed_at,
-    )
-}
-
-fn event_with(
-    op: &Operation,
-    status: OperationStatus,
-    done: &Completion,
-    error: Option<EventError>,
-    id: EventId,
-    completed_at: DateTime<Utc>,
-) -> CloudEvent {
-    let cmd = &op.command;
-    let duration_ms = (completed_at - op.created_at).num_milliseconds().max(0) as u64;
-    CloudEvent::new(
-        id,
-        completed_at,
-        EventData {
-            operation_id: cmd.command_id.clone(),
-            command_id: cmd.command_id.clone(),
-            correlation_id: schema::correlation_or_command_id(
-                cmd.correlation_id.clone(),
-                &cmd.command_id,
-            ),
-            op_type: cmd.operation_type().into(),
-            status,
-            volume_id: done.volume_id.or(op.volume_id),
-            vm_id: done.vm_id.or(cmd.action.vm_id()),
-            device_path: done.device_path.clone(),
-            by_id_path: done.by_id_path.clone(),
-            mode: done.mode,
-            persistent_path: done.persistent_path.clone(),
-            nbd_export: done.nbd_export.clone(),
-            metadata: cmd.metadata.clone(),
-            error,
-            created_at: op.created_at,
-            completed_at,
-            duration_ms,
-            volume: done.volume.clone(),
-            already_detached: done.already_detached,
-            already_absent: done.already_absent,
-            target: match &cmd.action {
-                Action::Cancel { target } => Some(target.clone()),
-                _ => None,
-            },
-            changes: done.changes.clone(),
-        },
-    )
 }

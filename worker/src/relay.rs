@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use schema::event::EVENT_CONTENT_TYPE;
 
 use crate::broker::{self, Backoff, Endpoint};
+use crate::db::fence::{Fence, Fenced, StoreError};
 use crate::db::outbox::{self, OutboxRow};
-use crate::lease::{Fence, Fenced};
 use crate::metrics::Metrics;
 use crate::status::Status;
 use crate::stop::Stop;
@@ -41,6 +41,17 @@ enum RelayError {
     Fenced(#[from] Fenced),
     #[error("a batch took longer than {BATCH_TIMEOUT:?} (database or broker stalled)")]
     Stalled,
+    #[error("a task of the relay ended without an answer: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<StoreError> for RelayError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Db(e) => Self::Db(e),
+            StoreError::Fenced(f) => Self::Fenced(f),
+        }
+    }
 }
 
 /// The longest one batch (claim, publish, confirms, mark) may take.
@@ -188,7 +199,7 @@ impl Relay {
         pipeline: &mut Pipeline,
     ) -> Result<usize, RelayError> {
         let rows = match pipeline.next.take() {
-            Some(read) => read.await.unwrap_or(Err(sqlx::Error::PoolClosed))?,
+            Some(read) => read.await??,
             None => outbox::unpublished_except(&self.pool, BATCH, &pipeline.marking.ids).await?,
         };
         if rows.is_empty() {
@@ -270,18 +281,7 @@ impl Relay {
             }
         }
         if !refused.is_empty() {
-            let changed = outbox::record_refusals(
-                &self.pool,
-                &refused,
-                &give_up,
-                self.fence.name(),
-                self.fence.epoch(),
-            )
-            .await?;
-            if changed == 0 {
-                let mut conn = self.pool.acquire().await?;
-                self.fence.check(&mut conn).await??;
-            }
+            outbox::record_refusals_fenced(&self.pool, &refused, &give_up, &self.fence).await?;
         }
         Ok(published)
     }
@@ -370,7 +370,7 @@ impl Marking {
     async fn finish(&mut self) -> Result<(), RelayError> {
         self.ids.clear();
         match self.task.take() {
-            Some(task) => task.await.unwrap_or(Err(RelayError::Stalled)),
+            Some(task) => task.await?,
             None => Ok(()),
         }
     }
@@ -385,13 +385,9 @@ async fn mark(
     ids: Vec<u64>,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let marked = outbox::mark_all_published(&pool, &ids, fence.name(), fence.epoch()).await?;
-    if marked == 0 {
-        // Nothing marked: the lease moved on (or, if the check passes, the rows were marked
-        // already, which only a second relay of the same epoch could have done).
-        let mut conn = pool.acquire().await?;
-        fence.check(&mut conn).await??;
-    }
+    // Nothing marked: the lease moved on (fenced), or the rows were marked already, which
+    // only a second relay of the same epoch could have done.
+    let marked = outbox::mark_published_fenced(&pool, &ids, &fence).await?;
     for _ in 0..marked {
         metrics.event_published();
     }
@@ -502,7 +498,7 @@ fn short(s: &str) -> Option<ShortString> {
 fn properties(row: &OutboxRow) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_content_type(EVENT_CONTENT_TYPE.into())
-        .with_delivery_mode(2)
+        .with_delivery_mode(crate::broker::PERSISTENT)
         .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
     if let Some(id) = short(&row.event_id) {
         props = props.with_message_id(id);

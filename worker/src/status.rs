@@ -1,5 +1,6 @@
-//! What the HTTP readiness check reports about the long-running tasks. Each task owns its flag
-//! and is the only writer; the HTTP handler only reads.
+//! What the HTTP readiness check reports about the long-running tasks. Each flag is written by
+//! the task it describes and, when an active period ends, reset by the role loop (`app.rs`),
+//! which stopped that task; the HTTP handler only reads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -26,6 +26,13 @@ pub async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::Error> 
     .await
 }
 
+impl crate::db::store::Store {
+    /// The active `ossea_configs` row, if any.
+    pub async fn active_config(&self) -> Result<Option<ConfigRow>, sqlx::Error> {
+        active(&self.pool).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,23 @@ use schema::VolumeId;
 use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::db::HOST_MODE as HOST;
+use crate::db::store::{Store, StoreError, now};
 use crate::mappings::LinuxState;
+
+/// What the device monitor saw happen to a guest device, as the mapping sync records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFact<'a> {
+    /// The device at `path` vanished: its mapping has no device any more.
+    Removed { path: &'a str },
+    /// A device with `serial` appeared at `path`.
+    Added {
+        serial: &'a str,
+        path: &'a str,
+        size: Option<u64>,
+    },
+    /// The device at `path` has a new size.
+    Resized { path: &'a str, size: Option<u64> },
+}
 
 /// A host mapping as the sync sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -110,6 +126,41 @@ pub async fn set_host_device(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// The mapping sync's reads, and its writes, which fence themselves.
+impl Store {
+    /// Every host mapping, as the sync compares it with the device table.
+    pub async fn host_mappings(&self) -> Result<Vec<HostMapping>, sqlx::Error> {
+        host_mappings(&self.pool).await
+    }
+
+    /// Records `fact` in the host mappings it concerns, fenced.
+    pub async fn record_device(&self, fact: &DeviceFact<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        match *fact {
+            DeviceFact::Removed { path } => device_removed(&mut tx, path, now()).await?,
+            DeviceFact::Added { serial, path, size } => {
+                device_added(&mut tx, serial, path, size, now()).await?
+            }
+            DeviceFact::Resized { path, size } => {
+                device_resized(&mut tx, path, size, now()).await?
+            }
+        }
+        self.commit_fenced(tx).await
+    }
+
+    /// Sets where `volume`'s device is (or that it is missing), fenced.
+    pub async fn set_host_device(
+        &self,
+        volume: VolumeId,
+        path: Option<&str>,
+        linux_state: LinuxState,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        set_host_device(&mut tx, volume, path, linux_state, now()).await?;
+        self.commit_fenced(tx).await
+    }
 }
 
 #[cfg(test)]

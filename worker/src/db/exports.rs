@@ -7,6 +7,7 @@ use sqlx::{MySqlConnection, MySqlPool};
 use schema::VolumeId;
 
 use crate::db::HOST_MODE as HOST;
+use crate::db::store::{Store, StoreError};
 
 const ACTIVE: &str = "active";
 const REMOVED: &str = "removed";
@@ -145,6 +146,65 @@ pub async fn set_persistent_name(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The host files' rows as the operations and the host repair use them: reads, and writes that
+/// fence themselves.
+impl Store {
+    /// Every host mapping, with its persistent name.
+    pub async fn host_links(&self) -> Result<Vec<HostLinkRow>, sqlx::Error> {
+        host_links(&self.pool).await
+    }
+
+    /// Every active `nbd_exports` row.
+    pub async fn active_exports(&self) -> Result<Vec<ExportRow>, sqlx::Error> {
+        active(&self.pool).await
+    }
+
+    /// The persistent names held by volumes other than `volume`.
+    pub async fn names_in_use(&self, volume: VolumeId) -> Result<Vec<String>, sqlx::Error> {
+        names_in_use(&self.pool, volume).await
+    }
+
+    /// The persistent name of `volume`'s host mapping, if it has one.
+    pub async fn persistent_name_of(
+        &self,
+        volume: VolumeId,
+    ) -> Result<Option<String>, sqlx::Error> {
+        persistent_name_of(&self.pool, volume).await
+    }
+
+    /// Whether `volume` has an active export row.
+    pub async fn has_active_export(&self, volume: VolumeId) -> Result<bool, sqlx::Error> {
+        has_active(&self.pool, volume).await
+    }
+
+    /// `volume`'s export row is removed (its export entry is gone), fenced.
+    pub async fn drop_export(&self, volume: VolumeId) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        mark_removed(&mut tx, volume).await?;
+        self.commit_fenced(tx).await
+    }
+
+    /// Records what the host repair made for `volume`: its persistent `name` (shown as
+    /// `path`) when the mapping had none, an active export row `export` when it had none;
+    /// one fenced transaction.
+    pub async fn record_host_files(
+        &self,
+        volume: VolumeId,
+        name: Option<&str>,
+        export: Option<&str>,
+        path: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(name) = name {
+            set_persistent_name(&mut tx, volume, name, path).await?;
+        }
+        if let Some(export) = export {
+            upsert_active(&mut tx, volume, export, path).await?;
+        }
+        self.commit_fenced(tx).await
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The `execution_lease` row's SQL. The rules (who may take it, when the holder fences itself)
-//! are in [`crate::lease`]; times here are the server's (`UTC_TIMESTAMP(3)`), so no two
+//! are in the lease module (`lease.rs`, above this layer); times here are the server's (`UTC_TIMESTAMP(3)`), so no two
 //! daemons' clocks are ever compared.
 
 use sqlx::{MySqlConnection, MySqlPool};

@@ -2,9 +2,12 @@
 //! and migrated at start (migrations are embedded from the workspace's `migrations/`).
 //!
 //! - [`store`]: `volume_operations` (accept, progress, finish with the outbox row), fenced.
+//! - [`cancel`]: a pending operation ended `cancelled` by a `cancel`.
+//! - [`retention`]: the sweep of ended operations and published outbox rows.
 //! - [`outbox`]: events waiting to be published.
 //! - [`mappings`]: `device_mappings` changes.
-//! - [`lease`]: the `execution_lease` row and the fencing check.
+//! - [`lease`]: the `execution_lease` row's SQL.
+//! - [`fence`]: the fencing check every state write carries.
 //! - [`configs`]: the active `ossea_configs` row.
 //! - [`devices`]: the mapping sync's updates of host mappings.
 //! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
@@ -22,14 +25,34 @@ macro_rules! fenced {
     };
 }
 
+/// The columns `store::operation_from_row` reads (a macro, so queries stay `&'static str`).
+macro_rules! operation_columns {
+    () => {
+        "id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
+         volume_id, created_at, attempts"
+    };
+}
+
+/// The rows of operations that have not ended (`OperationStatus::Pending`, `Executing`): the
+/// only ones a daemon may still change. Every status the daemon writes is bound from
+/// [`OperationStatus`]; this is the one place its values appear in SQL.
+macro_rules! unended {
+    () => {
+        "status IN ('pending', 'executing')"
+    };
+}
+
 pub mod appliance;
+pub mod cancel;
 pub mod configs;
 pub mod devices;
 pub mod exports;
+pub mod fence;
 pub mod lease;
 pub mod mappings;
 pub mod outbox;
 pub mod read;
+pub mod retention;
 pub mod store;
 #[cfg(test)]
 pub mod testdb;

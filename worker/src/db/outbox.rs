@@ -11,6 +11,8 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use schema::CloudEvent;
 
+use crate::db::fence::{Fence, StoreError};
+
 /// An event to publish, as stored.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -136,6 +138,37 @@ pub async fn mark_all_published(
     }
     let done = query.bind(lease).bind(epoch).execute(pool).await?;
     Ok(done.rows_affected())
+}
+
+/// [`mark_all_published`] under `fence`: [`StoreError::Fenced`] when it marked nothing because
+/// the lease moved on (nothing marked while the fence holds: the rows were marked already).
+pub async fn mark_published_fenced(
+    pool: &MySqlPool,
+    ids: &[u64],
+    fence: &Fence,
+) -> Result<u64, StoreError> {
+    let marked = mark_all_published(pool, ids, fence.name(), fence.epoch()).await?;
+    if marked == 0 && !ids.is_empty() {
+        let mut conn = pool.acquire().await?;
+        fence.check(&mut conn).await?;
+    }
+    Ok(marked)
+}
+
+/// [`record_refusals`] under `fence`: [`StoreError::Fenced`] when it changed nothing because
+/// the lease moved on.
+pub async fn record_refusals_fenced(
+    pool: &MySqlPool,
+    ids: &[u64],
+    give_up: &[u64],
+    fence: &Fence,
+) -> Result<u64, StoreError> {
+    let changed = record_refusals(pool, ids, give_up, fence.name(), fence.epoch()).await?;
+    if changed == 0 && !ids.is_empty() {
+        let mut conn = pool.acquire().await?;
+        fence.check(&mut conn).await?;
+    }
+    Ok(changed)
 }
 
 /// Counts one more refused (or unconfirmed) try of each row of `ids` and, for the rows of

@@ -334,3 +334,9 @@ pub async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
         remote_mappings: n(remote),
     })
 }
+impl crate::db::store::Store {
+    /// The mappings (of `vm`, else all), as a reconcile compares them with CloudStack.
+    pub async fn mappings(&self, vm: Option<VmId>) -> Result<Vec<MappingView>, sqlx::Error> {
+        mappings(&self.pool, vm).await
+    }
+}

@@ -9,47 +9,22 @@
 //! takes a shared lock on the lease row that a takeover waits for. A write of an instance that
 //! lost the lease fails with [`StoreError::Fenced`] and changes nothing.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, MySqlTransaction, Row};
+use tokio::sync::Notify;
 
 use cloudstack::response::JobId;
-use schema::{
-    CloudEvent, Command, CommandId, EventId, MessageProps, OperationStatus, OperationType,
-    Topology, VolumeId,
-};
+use schema::{CloudEvent, Command, CommandId, MessageProps, OperationStatus, Topology, VolumeId};
 
+pub use crate::db::fence::StoreError;
+use crate::db::fence::{Fence, Fenced};
 use crate::db::mappings;
 use crate::db::outbox;
-use crate::lease::{Fence, Fenced};
 use crate::mappings::MappingChange;
-use crate::model::{Operation, Outcome, cancelled_event, event_for};
-
-/// The columns [`operation_from_row`] reads (a macro, so queries stay `&'static str`).
-macro_rules! operation_columns {
-    () => {
-        "id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
-         volume_id, created_at, attempts"
-    };
-}
-
-/// The rows of operations that have not ended (`OperationStatus::Pending`, `Executing`): the
-/// only ones a daemon may still change. Every status the daemon writes is bound from
-/// [`OperationStatus`]; this is the one place its values appear in SQL.
-macro_rules! unended {
-    () => {
-        "status IN ('pending', 'executing')"
-    };
-}
-
-/// Why a write did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error(transparent)]
-    Fenced(#[from] Fenced),
-}
+use crate::model::{Operation, Terminal};
 
 /// What accepting a command found.
 #[derive(Debug)]
@@ -64,27 +39,14 @@ pub enum Accepted {
     Ended,
 }
 
-/// What a cancel found its target to be (docs/wire.md `cancel`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CancelFound {
-    /// The target was pending: it is now `cancelled`, its event queued.
-    Cancelled(OperationType),
-    /// An earlier run of this same cancel (interrupted before it ended) cancelled it.
-    CancelledBefore(OperationType),
-    /// It started at CloudStack: too late to cancel.
-    Executing,
-    /// It had already ended, with this status.
-    Ended(OperationStatus),
-    /// No operation has that id.
-    Unknown,
-}
-
 /// Access to the operations table for one active period. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: MySqlPool,
+    pub(in crate::db) pool: MySqlPool,
     topology: Topology,
-    fence: Fence,
+    pub(in crate::db) fence: Fence,
+    /// Rung whenever a transaction that queued an outbox row commits: the relay waits on it.
+    pub(in crate::db) bell: Arc<Notify>,
 }
 
 /// Timestamps are stored with millisecond precision; keep the in-memory copy identical.
@@ -98,20 +60,28 @@ impl Store {
             pool,
             topology,
             fence,
+            bell: Arc::new(Notify::new()),
         }
     }
 
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
+    /// What the relay waits on: rung by every commit that queued an event.
+    pub fn relay_bell(&self) -> Arc<Notify> {
+        self.bell.clone()
     }
 
-    pub fn fence(&self) -> &Fence {
-        &self.fence
+    /// Commits `tx`, which queued an event, fenced, and wakes the relay.
+    async fn commit_queued(&self, tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
+        self.commit_fenced(tx).await?;
+        self.bell.notify_one();
+        Ok(())
     }
 
     /// Commits `tx` if the lease still has our epoch; otherwise rolls it back.
-    pub async fn commit_fenced(&self, tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
-        Ok(self.fence.commit(tx).await??)
+    pub(in crate::db) async fn commit_fenced(
+        &self,
+        tx: MySqlTransaction<'_>,
+    ) -> Result<(), StoreError> {
+        self.fence.commit(tx).await
     }
 
     /// Commits `command` as a `pending` operation (docs/wire.md (processing rule 1): only then is the message
@@ -192,7 +162,7 @@ impl Store {
                 .bind(event_id)
                 .execute(&mut *tx)
                 .await?;
-                self.commit_fenced(tx).await?;
+                self.commit_queued(tx).await?;
                 Ok(Accepted::Ended)
             }
             _ => match operation_from_row(&row)? {
@@ -207,7 +177,7 @@ impl Store {
     async fn requeue(&self, event: &CloudEvent, reply_to: Option<&str>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
-        self.commit_fenced(tx).await
+        self.commit_queued(tx).await
     }
 
     /// A command whose operation ended and was swept by retention: its event, kept in
@@ -248,10 +218,11 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?
         .is_some();
-        if !exists {
-            outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
+        if exists {
+            return Ok(tx.rollback().await?);
         }
-        self.commit_fenced(tx).await
+        outbox::insert(&mut tx, event, &self.topology.events_exchange(), reply_to).await?;
+        self.commit_queued(tx).await
     }
 
     /// Whether another create operation already owns `volume` (reconciliation must not take
@@ -324,14 +295,14 @@ impl Store {
 
     /// After a fenced statement changed nothing: [`StoreError::Fenced`] when the lease has
     /// moved on (the write was refused), `Ok` when it had nothing to change.
-    async fn unless_fenced(&self) -> Result<(), StoreError> {
+    pub(in crate::db) async fn unless_fenced(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Ok(self.fence.check(&mut conn).await??)
+        self.fence.check(&mut conn).await
     }
 
     /// A fenced statement that had something to change changed nothing: the lease moved on.
     /// The error names the epoch it has now (or a database error reading it).
-    async fn refused(&self) -> StoreError {
+    pub(in crate::db) async fn refused(&self) -> StoreError {
         match self.unless_fenced().await {
             Err(e) => e,
             // The check passed after the statement found the lease moved: impossible, since
@@ -343,27 +314,38 @@ impl Store {
         }
     }
 
-    /// Ends `op` with `outcome`: the row's terminal state, the change to `device_mappings` and
-    /// the outbox row of its event, in one transaction, fenced by its first statement. An
-    /// operation that already ended is left as it is.
-    pub async fn finish(
-        &self,
-        op: &Operation,
-        outcome: &Outcome,
-        mapping: Option<&MappingChange>,
-    ) -> Result<(), StoreError> {
-        let completed_at = now();
-        let event = event_for(op, outcome, EventId::new_random(), completed_at);
-        let (response, error, error_code, detail) = match outcome {
-            Ok(c) => (Some(c.response.to_string()), None, None, None),
-            Err(e) => (
-                None,
-                Some(e.message.as_str()),
-                Some(e.code.as_str()),
-                serde_json::to_string(e).ok(),
-            ),
-        };
+    /// Ends `op` as `terminal` says: the row's terminal state, the change to
+    /// `device_mappings` and the outbox row of its event, in one transaction, fenced by its
+    /// first statement. An operation that already ended is left as it is.
+    pub async fn finish(&self, op: &Operation, terminal: &Terminal) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        if !self.end_row(&mut tx, op.id(), terminal).await? {
+            tx.rollback().await?;
+            self.unless_fenced().await?;
+            tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
+            return Ok(());
+        }
+        // The UPDATE's fence holds a shared lock on the lease row until this commits: a
+        // takeover waits for it, so the rest of the transaction needs no check of its own.
+        if let Some(change) = &terminal.mapping {
+            mappings::apply(&mut tx, change).await?;
+        }
+        self.queue_event(&mut tx, op, &terminal.event).await?;
+        tx.commit().await?;
+        self.bell.notify_one();
+        Ok(())
+    }
+
+    /// Writes the terminal columns of the unended operation `id`, fenced. `false`: it had
+    /// ended already, or the fence refused (the caller tells which).
+    pub(in crate::db) async fn end_row(
+        &self,
+        tx: &mut MySqlTransaction<'_>,
+        id: &CommandId,
+        terminal: &Terminal,
+    ) -> Result<bool, sqlx::Error> {
+        let event = &terminal.event;
+        let error = terminal.error.as_ref();
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
@@ -372,89 +354,26 @@ impl Store {
             " AND ",
             fenced!()
         ))
-        .bind(event.data.status.as_str())
+        .bind(terminal.status().as_str())
         .bind(event.data.volume_id.map(|v| v.to_string()))
         .bind(event.data.vm_id.map(|v| v.to_string()))
-        .bind(response)
-        .bind(error)
-        .bind(error_code)
-        .bind(detail)
+        .bind(terminal.response.as_ref().map(|r| r.to_string()))
+        .bind(error.map(|e| e.message.as_str()))
+        .bind(error.map(|e| e.code.as_str()))
+        .bind(error.and_then(|e| serde_json::to_string(e).ok()))
         .bind(event.id.to_string())
-        .bind(serde_json::to_string(&event).ok())
-        .bind(completed_at)
-        .bind(op.id().as_str())
+        .bind(serde_json::to_string(event).ok())
+        .bind(event.data.completed_at)
+        .bind(id.as_str())
         .bind(self.fence.name())
         .bind(self.fence.epoch())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        if updated.rows_affected() == 0 {
-            tx.rollback().await?;
-            self.unless_fenced().await?;
-            tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
-            return Ok(());
-        }
-        // The UPDATE's fence holds a shared lock on the lease row until this commits: a
-        // takeover waits for it, so the rest of the transaction needs no check of its own.
-        if let Some(change) = mapping {
-            mappings::apply(&mut tx, change).await?;
-        }
-        self.queue_event(&mut tx, op, &event).await?;
-        Ok(tx.commit().await?)
-    }
-
-    /// Ends the `pending` operation `target` as `cancelled`, with its terminal event, on behalf
-    /// of the cancel operation `by` (recorded in the target's `response`, so a cancel that is
-    /// resumed after a crash recognises its own work). The row is locked first: a concurrent
-    /// [`Store::mark_executing`] either ran before (the target is `executing`: too late) or
-    /// finds it ended and skips it.
-    pub async fn cancel_pending(
-        &self,
-        target: &CommandId,
-        by: &CommandId,
-    ) -> Result<CancelFound, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(concat!(
-            "SELECT CAST(status AS CHAR) AS status, \
-             JSON_UNQUOTE(JSON_EXTRACT(response, '$.cancelled_by')) AS cancelled_by, \
-             CAST(type AS CHAR) AS op_type, ",
-            operation_columns!(),
-            " FROM volume_operations WHERE id = ? FOR UPDATE"
-        ))
-        .bind(target.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(CancelFound::Unknown);
-        };
-        if let Some(found) = cancel_refused(&row, by)? {
-            return Ok(found);
-        }
-        // A stored request that no longer parses was edited by hand: leave it be.
-        let Some(op) = operation_from_row(&row)? else {
-            return Ok(CancelFound::Unknown);
-        };
-        let completed_at = now();
-        let event = cancelled_event(&op, EventId::new_random(), completed_at);
-        sqlx::query(concat!(
-            "UPDATE volume_operations SET status = ?, response = ?, event_id = ?, event_payload = ?, \
-             completed_at = ? WHERE id = ? AND ",
-            unended!()
-        ))
-        .bind(OperationStatus::Cancelled.as_str())
-        .bind(serde_json::json!({"cancelled_by": by.as_str()}).to_string())
-        .bind(event.id.to_string())
-        .bind(serde_json::to_string(&event).ok())
-        .bind(completed_at)
-        .bind(target.as_str())
-        .execute(&mut *tx)
-        .await?;
-        self.queue_event(&mut tx, &op, &event).await?;
-        self.commit_fenced(tx).await?;
-        Ok(CancelFound::Cancelled(op.command.operation_type()))
+        Ok(updated.rows_affected() == 1)
     }
 
     /// Queues `op`'s terminal event in `tx` (to the events exchange and its `reply_to`).
-    async fn queue_event(
+    pub(in crate::db) async fn queue_event(
         &self,
         tx: &mut MySqlTransaction<'_>,
         op: &Operation,
@@ -467,63 +386,6 @@ impl Store {
             op.command.reply_to.as_deref(),
         )
         .await
-    }
-
-    /// Deletes up to `batch` outbox rows the broker confirmed before `cutoff`, oldest first;
-    /// returns how many (a short transaction: small batches never hold long locks).
-    pub async fn delete_published_outbox(
-        &self,
-        cutoff: DateTime<Utc>,
-        batch: u32,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = outbox::delete_published_before(&mut tx, cutoff, batch).await?;
-        self.commit_fenced(tx).await?;
-        Ok(done)
-    }
-
-    /// Deletes up to `batch` operations that ended before `cutoff`, oldest first; returns how
-    /// many.
-    pub async fn delete_ended_operations(
-        &self,
-        cutoff: DateTime<Utc>,
-        batch: u32,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(concat!(
-            "SELECT id FROM volume_operations WHERE completed_at < ? AND NOT ",
-            unended!(),
-            " ORDER BY completed_at LIMIT ? FOR UPDATE"
-        ))
-        .bind(cutoff)
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        if ids.is_empty() {
-            tx.rollback().await?;
-            return Ok(0);
-        }
-        // What a duplicate needs outlives the row (docs/wire.md (processing rule 2)): the id and the event
-        // (from the outbox for rows that ended before `event_payload` was stored).
-        let placeholders = vec!["?"; ids.len()].join(", ");
-        let keep = format!(
-            "INSERT IGNORE INTO ended_commands (id, type, event_payload, completed_at) \
-             SELECT o.id, CAST(o.type AS CHAR), COALESCE(o.event_payload, \
-               (SELECT x.payload FROM outbox x WHERE x.event_id = o.event_id ORDER BY x.id LIMIT 1)), \
-             o.completed_at FROM volume_operations o WHERE o.id IN ({placeholders})"
-        );
-        let delete = format!("DELETE FROM volume_operations WHERE id IN ({placeholders})");
-        // Only `?` placeholders are put into the texts; the ids are bound.
-        let mut keep = sqlx::query(sqlx::AssertSqlSafe(keep));
-        let mut delete = sqlx::query(sqlx::AssertSqlSafe(delete));
-        for id in &ids {
-            keep = keep.bind(id);
-            delete = delete.bind(id);
-        }
-        keep.execute(&mut *tx).await?;
-        let done = delete.execute(&mut *tx).await?.rows_affected();
-        self.commit_fenced(tx).await?;
-        Ok(done)
     }
 
     /// Applies one mapping change on its own (a reconcile's repair), fenced.
@@ -553,25 +415,8 @@ impl Store {
     }
 }
 
-/// What a cancel finds when its target is not pending (`None`: it is, go on).
-fn cancel_refused(row: &MySqlRow, by: &CommandId) -> Result<Option<CancelFound>, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let cancelled_by: Option<String> = row.try_get("cancelled_by")?;
-    let ty: String = row.try_get("op_type")?;
-    let ty = OperationType::parse(&ty).unwrap_or(OperationType::Create);
-    Ok(match OperationStatus::parse(&status) {
-        Some(OperationStatus::Pending) => None,
-        Some(OperationStatus::Executing) => Some(CancelFound::Executing),
-        Some(OperationStatus::Cancelled) if cancelled_by.as_deref() == Some(by.as_str()) => {
-            Some(CancelFound::CancelledBefore(ty))
-        }
-        Some(other) => Some(CancelFound::Ended(other)),
-        None => Some(CancelFound::Unknown),
-    })
-}
-
 /// An unfinished operation as stored; `None` (logged) when its request no longer parses.
-fn operation_from_row(row: &MySqlRow) -> Result<Option<Operation>, sqlx::Error> {
+pub(in crate::db) fn operation_from_row(row: &MySqlRow) -> Result<Option<Operation>, sqlx::Error> {
     let id: String = row.try_get("id")?;
     let request: String = row.try_get("request")?;
     let props = MessageProps {
@@ -672,12 +517,18 @@ mod tests {
         (Command::attach(volume, vm), volume, vm)
     }
 
-    fn attached(volume: VolumeId, vm: schema::VmId) -> crate::model::Completion {
-        crate::model::Completion {
-            volume_id: Some(volume),
-            vm_id: Some(vm),
-            response: serde_json::json!({"attached": true}),
-            mapping: Some(MappingChange::Upsert(crate::mappings::DeviceMapping {
+    fn attached(op: &Operation, volume: VolumeId, vm: schema::VmId) -> Terminal {
+        use crate::operation::outcome::{AttachedVolume, Attachment, Completed};
+        let done = Completed::Attached {
+            volume: AttachedVolume {
+                id: volume,
+                virtualmachineid: Some(vm),
+                deviceid: Some(1),
+                state: "Ready".into(),
+                size: None,
+            },
+            attachment: Attachment::Remote,
+            mapping: Box::new(crate::mappings::DeviceMapping {
                 volume_id: volume,
                 vm_id: vm,
                 mode: schema::event::AttachMode::Remote,
@@ -690,9 +541,9 @@ mod tests {
                 size: None,
                 last_sync: now(),
                 host: None,
-            })),
-            ..Default::default()
-        }
+            }),
+        };
+        crate::operation::outcome::completed(op, &done, now())
     }
 
     async fn count(pool: &MySqlPool, sql: &'static str, id: &str) -> i64 {
@@ -710,13 +561,9 @@ mod tests {
             .expect("count")
     }
 
-    async fn finish_ok(store: &Store, op: &Operation, done: crate::model::Completion) {
-        let mut outcome: Outcome = Ok(done);
-        let mapping = outcome.as_mut().ok().and_then(|c| c.mapping.take());
-        store
-            .finish(op, &outcome, mapping.as_ref())
-            .await
-            .expect("finish");
+    async fn finish_ok(store: &Store, op: &Operation, volume: VolumeId, vm: schema::VmId) {
+        let done = attached(op, volume, vm);
+        store.finish(op, &done).await.expect("finish");
     }
 
     /// Idempotency outlives retention: an ended operation swept with a cutoff 100 days ahead
@@ -732,7 +579,7 @@ mod tests {
         let Accepted::New(op) = store.accept(command.clone()).await.expect("accept") else {
             panic!("a new operation")
         };
-        finish_ok(&store, &op, attached(volume, vm)).await;
+        finish_ok(&store, &op, volume, vm).await;
         let event_id: String =
             sqlx::query_scalar("SELECT event_id FROM volume_operations WHERE id = ?")
                 .bind(id.as_str())
@@ -808,7 +655,7 @@ mod tests {
         assert_eq!(again.command, command, "the stored command");
 
         assert!(store.mark_executing(&id).await.expect("mark"));
-        finish_ok(&store, &op, attached(volume, vm)).await;
+        finish_ok(&store, &op, volume, vm).await;
         let duplicate = command.with_reply_to("amq.gen-dup");
         assert!(matches!(
             store.accept(duplicate).await.expect("dup"),
@@ -850,7 +697,7 @@ mod tests {
             panic!("new")
         };
         assert!(store.mark_executing(&id).await.expect("mark"));
-        finish_ok(&store, &op, attached(volume, vm)).await;
+        finish_ok(&store, &op, volume, vm).await;
 
         let (status, vm_id): (String, Option<String>) = sqlx::query_as(
             "SELECT CAST(status AS CHAR), vm_id FROM volume_operations WHERE id = ?",
@@ -882,8 +729,9 @@ mod tests {
         );
 
         // A second outcome (say, from a stale copy) is refused without error and writes nothing.
-        let failed: Outcome = Err(schema::EventError::new(schema::ErrorCode::Internal, "late"));
-        store.finish(&op, &failed, None).await.expect("no-op");
+        let late = schema::EventError::new(schema::ErrorCode::Internal, "late");
+        let failed = crate::operation::outcome::failed(&op, late, None, now());
+        store.finish(&op, &failed).await.expect("no-op");
         assert_eq!(
             outbox_rows(&db.pool).await,
             1,
@@ -921,9 +769,7 @@ mod tests {
         assert!(fenced(
             old.record_job(&id, Some(volume), &JobId("j".into())).await
         ));
-        let mut outcome: Outcome = Ok(attached(volume, vm));
-        let mapping = outcome.as_mut().ok().and_then(|c| c.mapping.take());
-        assert!(fenced(old.finish(&op, &outcome, mapping.as_ref()).await));
+        assert!(fenced(old.finish(&op, &attached(&op, volume, vm)).await));
         assert!(matches!(
             old.accept(Command::detach(volume)).await,
             Err(StoreError::Fenced(_))
@@ -1045,7 +891,7 @@ mod tests {
                 schema::EventError::new(schema::ErrorCode::InvalidCommand, "bad"),
                 now(),
             );
-            CloudEvent::new(EventId::new_random(), now(), data)
+            CloudEvent::new(schema::EventId::new_random(), now(), data)
         };
         store
             .queue_rejection_event(&rejected(&command.command_id), None)

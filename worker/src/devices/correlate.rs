@@ -226,7 +226,9 @@ impl Devices {
         }
     }
 
-    /// Registers the wait for `volume`'s device. Call before the attach is sent.
+    /// What to wait for of `volume`'s device (its serial and size) and since when: made before
+    /// the attach is sent, so a device that appears early is not missed. Nothing is registered:
+    /// the table is read whenever the expectation is matched.
     pub fn expect(&self, volume: VolumeId, size: Option<u64>) -> Expectation {
         Expectation {
             volume,
@@ -280,15 +282,28 @@ impl Devices {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The by-id links of `serial` that exist, each with the device name it leads to.
+    fn by_id_targets(&self, serial: &str) -> Vec<(PathBuf, String)> {
+        BY_ID_PREFIXES
+            .iter()
+            .filter_map(|prefix| {
+                let link = self.by_id_dir.join(format!("{prefix}{serial}"));
+                let name = link_target_name(&link)?;
+                Some((link, name))
+            })
+            .collect()
+    }
+
     /// One look at the table; claims the device when found. A device that carries the
     /// volume's own serial is the volume's disk, whoever claimed its name before: a claim is
     /// this process's memory of an earlier disk under that name (detached meanwhile, perhaps by
     /// another instance while this one stood by), and the kernel reuses names. Claims guard
     /// only the fallbacks (by-id link, size), which cannot tell disks apart by serial.
     pub fn try_match(&self, table: &DeviceTable, exp: &Expectation) -> Option<Found> {
+        // Read before the claims are locked: no file system call under the lock.
+        let linked = self.by_id_targets(&exp.serial);
         let mut claims = self.lock_claims();
         let free = |name: &str| claims.get(name).is_none_or(|v| *v == exp.volume);
-        let by_id = |prefix: &str| self.by_id_dir.join(format!("{prefix}{}", exp.serial));
 
         let found = if let Some(p) = table
             .devices
@@ -297,9 +312,7 @@ impl Devices {
         {
             // Which by-id link it has (if udev made one yet) is for the caller to find.
             Some((p, MatchedBy::Serial, None))
-        } else if let Some((p, link)) = BY_ID_PREFIXES.iter().find_map(|prefix| {
-            let link = by_id(prefix);
-            let name = link_target_name(&link)?;
+        } else if let Some((p, link)) = linked.into_iter().find_map(|(link, name)| {
             let p = table.devices.get(&name).filter(|p| free(&p.device.name))?;
             Some((p, link))
         }) {

@@ -1,9 +1,10 @@
-//! The device monitor and correlation (CONTRACT §7, CLOUDSTACK §5).
+//! The device monitor and correlation (docs/host.md): sysfs is read here, nothing is written
+//! to the database (the mapping sync that records what the monitor sees is
+//! `operation::mapping_sync`).
 //!
 //! - [`scan`]: one read of `$SYSFS_ROOT/block`.
 //! - [`monitor`]: the polling loop; publishes the device table and change events.
 //! - [`correlate`]: [`Devices`], the handle operations use to find a volume's device.
-//! - [`sync`]: keeps `device_mappings` current when mapped devices vanish or reappear.
 //! - [`uevents`]: the kernel's uevent socket, which makes the monitor rescan at once.
 //! - [`loops`]: real loop devices for the monitor's tests and benchmark.
 
@@ -11,7 +12,6 @@ pub mod correlate;
 pub mod loops;
 pub mod monitor;
 pub mod scan;
-pub mod sync;
 pub mod uevents;
 
 #[cfg(test)]

@@ -6,11 +6,10 @@
 //!
 //! Only the active instance calls this module. It touches nothing but those two directories,
 //! and only the entries of the volume it is asked about: a detach from another VM never reaches
-//! here (the v1.2.1 lesson of the old daemon). [`reconcile`] makes the directories and the
-//! tables agree when an instance becomes active.
+//! here (the v1.2.1 lesson of the old daemon). Making the directories and the tables agree when
+//! an instance becomes active is `operation::host_files` (it reads tables; this module does not).
 
 mod links;
-pub mod reconcile;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -4,16 +4,14 @@
 //! `VOLUME_IN_USE`. To the host VM (the one this daemon runs on) the guest device is found by
 //! serial; the expectation is registered before the attach is sent.
 
-use serde_json::json;
-
 use cloudstack::Volume;
 use schema::command::AttachVolume;
 use schema::event::AttachMode;
 use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
-use super::{Completion, Halt, Operation, jobs};
+use super::outcome::{AttachedVolume, Attachment, Completed};
+use super::{Halt, Operation, jobs, mutate};
 use crate::context::Context;
-use crate::db::exports;
 use crate::db::store::now;
 use crate::devices::Found;
 use crate::host::{self, HostLinks};
@@ -23,7 +21,7 @@ pub async fn run(
     ctx: &Context,
     op: &mut Operation,
     attach: &AttachVolume,
-) -> Result<Completion, Halt> {
+) -> Result<Completed, Halt> {
     let cs = ctx.session().await?;
     let polling = cs.polling(OperationType::Attach);
     let (volume_id, vm) = (attach.volume_id, attach.vm_id);
@@ -35,27 +33,13 @@ pub async fn run(
     // Registered before the attach is sent: a device that appears early is not missed.
     let expectation = host.then(|| ctx.devices.expect(volume_id, listed.size));
     let volume = ensure_attached(ctx, op, &cs.client, polling, attach, listed).await?;
-    let response = json!({"volume": {
-        "id": volume.id, "virtualmachineid": volume.virtualmachineid, "deviceid": volume.deviceid,
-        "state": volume.state, "size": volume.size,
-    }});
     match expectation {
-        None => Ok(Completion {
-            volume_id: Some(volume_id),
-            vm_id: Some(vm),
-            mode: Some(AttachMode::Remote),
-            response,
-            mapping: Some(MappingChange::Upsert(mapping(
-                volume_id,
-                vm,
-                AttachMode::Remote,
-                &volume,
-                None,
-                LinuxState::Remote,
-            ))),
-            ..Completion::default()
+        None => Ok(Completed::Attached {
+            volume: AttachedVolume::from(&volume),
+            attachment: Attachment::Remote,
+            mapping: Box::new(remote_mapping(vm, &volume)),
         }),
-        Some(expectation) => find_device(ctx, op, &expectation, vm, &volume, response).await,
+        Some(expectation) => find_device(ctx, op, &expectation, vm, &volume).await,
     }
 }
 
@@ -98,19 +82,12 @@ async fn ensure_attached(
         )
         .into()),
         None => {
-            jobs::start_and_wait(
+            let cloud = mutate::Cloud {
                 ctx,
-                op,
                 client,
                 polling,
-                volume_id,
-                || client.attach_volume(volume_id, vm, attach.device_id),
-                |v| {
-                    v.virtualmachineid == Some(vm)
-                        && attach.device_id.is_none_or(|d| v.deviceid == Some(d))
-                },
-            )
-            .await
+            };
+            mutate::attach(cloud, op, attach).await
         }
     }
 }
@@ -124,24 +101,19 @@ async fn find_device(
     expectation: &crate::devices::Expectation,
     vm: VmId,
     volume: &Volume,
-    response: serde_json::Value,
-) -> Result<Completion, Halt> {
+) -> Result<Completed, Halt> {
     // At least two scans after the job ended, whatever the job took.
     let waited = expectation.registered.elapsed();
     let timeout = ctx
         .correlation_timeout
         .max(waited + ctx.devices_period() * 2);
-    match ctx
-        .devices
-        .correlate(expectation, timeout, &ctx.shutdown)
-        .await
-    {
+    match ctx.devices.correlate(expectation, timeout, &ctx.halt).await {
         Ok(found) => {
             tracing::info!(device = %found.device_path, matched_by = ?found.matched_by, "device correlated");
             ctx.metrics.correlated(expectation.registered.elapsed());
-            attached_at(ctx, op, found, vm, volume, response).await
+            attached_at(ctx, op, found, vm, volume).await
         }
-        Err(_) if ctx.shutdown.is_cancelled() => Err(Halt::Interrupted(
+        Err(_) if ctx.halt.is_cancelled() => Err(Halt::Interrupted(
             "shut down while waiting for the device".into(),
         )),
         Err(candidates) => Err(no_device(expectation, vm, volume, &candidates, timeout)),
@@ -157,13 +129,11 @@ async fn attached_at(
     mut found: Found,
     vm: VmId,
     volume: &Volume,
-    mut response: serde_json::Value,
-) -> Result<Completion, Halt> {
-    let shutdown = Some(&ctx.shutdown);
+) -> Result<Completed, Halt> {
+    let shutdown = Some(&ctx.halt);
     let serial = found.serial.clone();
     let target = host::target_of(&ctx.devices, &found.name, serial.as_deref(), shutdown).await;
     found.by_id_path = by_id_path(&target);
-    response["device_path"] = json!(found.device_path);
     let mut mapping = mapping(
         volume.id,
         vm,
@@ -175,20 +145,16 @@ async fn attached_at(
     // From here to the commit of the outcome, no reconcile or sync touches the files.
     ctx.hold_host_files(op).await;
     let links = host_links(ctx, &found, &target, &mapping).await?;
-    let persistent_path = links.persistent_path.display().to_string();
-    response["persistent_path"] = json!(persistent_path);
     mapping.host = Some(Box::new(host_record(&links)));
-    Ok(Completion {
-        volume_id: Some(volume.id),
-        vm_id: Some(vm),
-        mode: Some(AttachMode::Host),
-        device_path: Some(found.device_path.clone()),
-        by_id_path: found.by_id_path.clone(),
-        persistent_path: Some(persistent_path),
-        nbd_export: links.export.as_ref().map(|e| e.event()),
-        response,
-        mapping: Some(MappingChange::Upsert(mapping)),
-        ..Completion::default()
+    Ok(Completed::Attached {
+        volume: AttachedVolume::from(volume),
+        attachment: Attachment::Host {
+            device_path: found.device_path,
+            by_id_path: found.by_id_path,
+            persistent_path: links.persistent_path.display().to_string(),
+            nbd_export: links.export.as_ref().map(|e| e.event()),
+        },
+        mapping: Box::new(mapping),
     })
 }
 
@@ -264,8 +230,8 @@ async fn host_links(
 ) -> Result<HostLinks, Halt> {
     let volume = truth.volume_id;
     let in_use = ctx
-        .read("read the persistent names in use", || async {
-            Ok(exports::names_in_use(ctx.store.pool(), volume).await?)
+        .db("read the persistent names in use", || async {
+            Ok(ctx.store.names_in_use(volume).await?)
         })
         .await?;
     let name = host::persistent_name(volume, &in_use);

@@ -5,19 +5,20 @@
 //! `target` in its own event. The executor skips a cancelled target when its turn comes (its
 //! `mark_executing` finds it ended). Nothing here calls CloudStack.
 
-use serde_json::json;
-
 use schema::{CommandId, ErrorCode, EventError};
 
-use super::{Completion, Halt, Operation};
+use super::outcome::{self, Completed};
+use super::{Halt, Operation};
 use crate::context::Context;
-use crate::db::store::CancelFound;
+use crate::db::cancel::CancelFound;
 
-pub async fn run(ctx: &Context, op: &Operation, target: &CommandId) -> Result<Completion, Halt> {
+pub async fn run(ctx: &Context, op: &Operation, target: &CommandId) -> Result<Completed, Halt> {
     let by = op.id().clone();
     let found = ctx
-        .write(&format!("cancel operation {target}"), || {
-            ctx.store.cancel_pending(target, &by)
+        .db(&format!("cancel operation {target}"), || {
+            ctx.store.cancel_pending(target, &by, |t| {
+                outcome::cancelled(t, &by, crate::db::store::now())
+            })
         })
         .await?;
     let fail = |code, message: String| {
@@ -29,12 +30,11 @@ pub async fn run(ctx: &Context, op: &Operation, target: &CommandId) -> Result<Co
         CancelFound::Cancelled(ty) | CancelFound::CancelledBefore(ty) => {
             if matches!(found, CancelFound::Cancelled(_)) {
                 ctx.metrics.operation_cancelled(ty);
-                ctx.relay_wakeup.notify_one();
             }
             tracing::info!(%target, "cancelled a pending {ty} operation");
-            Ok(Completion {
-                response: json!({"target": target, "target_type": ty, "cancelled": true}),
-                ..Completion::default()
+            Ok(Completed::Cancelled {
+                target: target.clone(),
+                target_type: ty,
             })
         }
         CancelFound::Executing => fail(

@@ -1,21 +1,19 @@
 //! `detach`: the volume ends attached to no VM. Detaching a detached volume completes with
 //! `already_detached: true`.
 
-use serde_json::json;
-
 use cloudstack::{Client, JobPolling, Volume};
 use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
-use super::{Completion, Halt, Operation, jobs};
+use super::outcome::{Completed, VolumeState};
+use super::{Halt, Operation, jobs, mutate};
 use crate::context::Context;
-use crate::db::exports;
 use crate::mappings::MappingChange;
 
 pub async fn run(
     ctx: &Context,
     op: &mut Operation,
     volume_id: VolumeId,
-) -> Result<Completion, Halt> {
+) -> Result<Completed, Halt> {
     let cs = ctx.session().await?;
     let polling = cs.polling(OperationType::Detach);
     let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
@@ -25,23 +23,22 @@ pub async fn run(
         ctx.devices.release(volume_id);
         ctx.hold_host_files(op).await;
         release_host_files(ctx, volume_id, false).await?;
-        return Ok(Completion {
-            volume_id: Some(volume_id),
-            already_detached: Some(true),
-            response: json!({"volume": {"id": volume_id, "state": listed.state}, "already_detached": true}),
-            mapping: Some(MappingChange::Remove(volume_id)),
-            ..Completion::default()
+        return Ok(Completed::Detached {
+            volume: VolumeState {
+                id: volume_id,
+                state: listed.state,
+            },
+            from: None,
         });
     };
     let on_host = cs.host_vm == Some(vm);
     let volume = detach_now(ctx, op, &cs.client, polling, volume_id, vm, on_host).await?;
-    Ok(Completion {
-        volume_id: Some(volume_id),
-        vm_id: Some(vm),
-        already_detached: Some(false),
-        response: json!({"volume": {"id": volume.id, "state": volume.state}, "detached_from": vm}),
-        mapping: Some(MappingChange::Remove(volume_id)),
-        ..Completion::default()
+    Ok(Completed::Detached {
+        volume: VolumeState {
+            id: volume.id,
+            state: volume.state,
+        },
+        from: Some(vm),
     })
 }
 
@@ -59,16 +56,12 @@ pub(super) async fn detach_now(
     on_host: bool,
 ) -> Result<Volume, Halt> {
     ctx.hold_vm(op, vm).await;
-    let detached = jobs::start_and_wait(
+    let cloud = mutate::Cloud {
         ctx,
-        op,
         client,
         polling,
-        volume,
-        || client.detach_volume(volume),
-        |v| v.virtualmachineid.is_none(),
-    )
-    .await?;
+    };
+    let detached = mutate::detach(cloud, op, volume).await?;
     ctx.devices.release(volume);
     ctx.hold_host_files(op).await;
     // Detached in CloudStack: a failure to remove the files still removes the mapping (N17).
@@ -88,15 +81,14 @@ pub(super) async fn release_host_files(
     volume: VolumeId,
     on_host: bool,
 ) -> Result<(), Halt> {
-    let pool = ctx.store.pool();
     let name = ctx
-        .read("read the persistent name", || async {
-            Ok(exports::persistent_name_of(pool, volume).await?)
+        .db("read the persistent name", || async {
+            Ok(ctx.store.persistent_name_of(volume).await?)
         })
         .await?;
     let exported = ctx
-        .read("read the export", || async {
-            Ok(exports::has_active(pool, volume).await?)
+        .db("read the export", || async {
+            Ok(ctx.store.has_active_export(volume).await?)
         })
         .await?;
     if !(on_host || name.is_some() || exported) {

@@ -18,10 +18,10 @@ use std::collections::HashSet;
 
 use schema::event::{Change, ChangeKind, NbdExport};
 
-use super::{HostError, HostFiles, persistent_name, target_of};
-use crate::db::exports::{self, HostLinkRow};
+use crate::db::exports::HostLinkRow;
 use crate::db::store::{Store, StoreError};
 use crate::devices::Devices;
+use crate::host::{HostError, HostFiles, persistent_name, target_of};
 
 /// What the reconcile repaired.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl ReconcileError {
     /// connection, a killed session, a lock wait). Fenced, a file error: no.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Db(e) | Self::Store(StoreError::Db(e)) => !crate::db::is_permanent(e),
+            Self::Db(e) | Self::Store(StoreError::Db(e)) => crate::retry::transient_db(e),
             _ => false,
         }
     }
@@ -80,7 +80,7 @@ pub async fn run(
     devices: &Devices,
 ) -> Result<Repairs, ReconcileError> {
     let mut repairs = Repairs::default();
-    let mappings = exports::host_links(store.pool()).await?;
+    let mappings = store.host_links().await?;
     let mut names: Vec<String> = mappings
         .iter()
         .filter_map(|m| m.persistent_device_name.clone())
@@ -90,13 +90,11 @@ pub async fn run(
     }
     let on_host: HashSet<_> = mappings.iter().map(|m| m.volume_id).collect();
     if files.exports_on() {
-        for row in exports::active(store.pool()).await? {
+        for row in store.active_exports().await? {
             if !on_host.contains(&row.volume_id) {
                 tracing::warn!(volume = %row.volume_id, export = row.export_name, "export of a volume not attached to the host VM: removed");
                 files.unlink(row.volume_id, None).await?;
-                let mut tx = store.pool().begin().await?;
-                exports::mark_removed(&mut tx, row.volume_id).await?;
-                store.commit_fenced(tx).await?;
+                store.drop_export(row.volume_id).await?;
                 repairs.dropped += 1;
                 repairs.exports.push(export_change(
                     row.volume_id,
@@ -163,22 +161,19 @@ async fn repair_mapping(
     let path = files.persistent_path(&name);
     let export = files.export_of(m.volume_id, &path);
     let has_row = match &export {
-        Some(_) => exports::has_active(store.pool(), m.volume_id).await?,
+        Some(_) => store.has_active_export(m.volume_id).await?,
         None => true,
     };
     if recorded.is_some() && has_row {
         return Ok(());
     }
-    let mut tx = store.pool().begin().await?;
     let shown = path.display().to_string();
-    if recorded.is_none() {
-        exports::set_persistent_name(&mut tx, m.volume_id, &name, &shown).await?;
-    }
     let added = export.filter(|_| !has_row);
-    if let Some(e) = &added {
-        exports::upsert_active(&mut tx, m.volume_id, &e.name, &shown).await?;
-    }
-    store.commit_fenced(tx).await?;
+    let new_name = recorded.is_none().then_some(name.as_str());
+    let new_export = added.as_ref().map(|e| e.name.as_str());
+    store
+        .record_host_files(m.volume_id, new_name, new_export, &shown)
+        .await?;
     if let Some(e) = added {
         repairs
             .exports

@@ -3,20 +3,20 @@
 //! `present` again with its (possibly new) path. Driven by the monitor's events; after a lag,
 //! and at start, every host mapping is recomputed from the device table.
 
-use std::time::Duration;
-
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeviceChange, DeviceEvent, DeviceTable, Devices};
-use crate::db::store::{Store, StoreError, now};
-use crate::db::{devices, exports};
+use crate::db::devices::{DeviceFact, HostMapping};
+use crate::db::fence::Fenced;
+use crate::db::store::{Store, StoreError};
+use crate::devices::{DeviceChange, DeviceEvent, DeviceTable, Devices};
 use crate::host::{self, HostFiles, Target};
 use crate::mappings::LinuxState;
+use crate::retry;
 
-/// Runs for one active period. Every mapping write is fenced ([`Store::commit_fenced`]); a
+/// Runs for one active period. Every mapping write is fenced (by the `Store` call); a
 /// fenced write cancels `fenced` and ends the task. At every scan the persistent names that
-/// point at a device node are checked ([`check_node_links`]).
+/// point at a device node are checked (`check_node_links`).
 pub async fn run(
     store: Store,
     devices: Devices,
@@ -83,7 +83,7 @@ pub async fn run(
 /// detach that removed a volume's files is committed before its mapping is read here.
 async fn repoint(store: &Store, devices: &Devices, host: &HostFiles) {
     let _held = host.lock().await;
-    let rows = match exports::host_links(store.pool()).await {
+    let rows = match store.host_links().await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read host mappings to re-point persistent names");
@@ -157,38 +157,26 @@ async fn check_node_links(devices: &Devices, host: &HostFiles, table: &DeviceTab
 /// [`apply`], tried again while the error is transient (a dropped connection, a killed
 /// session): a device event is not read twice, so giving up loses it until the next resync.
 async fn apply_retrying(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match apply(store, e).await {
-            Err(StoreError::Db(err)) if !crate::db::is_permanent(&err) && attempt < 5 => {
-                tracing::warn!(error = %err, attempt, device = %e.device.name, "cannot record a device change yet; retrying");
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-            }
-            done => return done,
-        }
-    }
+    let what = format!("record a change of device {}", e.device.name);
+    retry::bounded(&what, 5, retry::transient, || apply(store, e)).await
 }
 
 async fn apply(store: &Store, e: &DeviceEvent) -> Result<(), StoreError> {
-    let path = format!("/dev/{}", e.device.name);
-    let mut tx = store.pool().begin().await?;
-    match (&e.change, &e.device.serial) {
-        (DeviceChange::Removed, _) => devices::device_removed(&mut tx, &path, now()).await?,
-        (DeviceChange::Added, Some(serial)) => {
-            devices::device_added(&mut tx, serial, &path, e.device.size, now()).await?;
-        }
-        (DeviceChange::Resized { .. }, _) => {
-            devices::device_resized(&mut tx, &path, e.device.size, now()).await?;
-        }
-        (DeviceChange::Added, None) => return Ok(tx.rollback().await?),
-    }
-    store.commit_fenced(tx).await
+    let path = &format!("/dev/{}", e.device.name);
+    let size = e.device.size;
+    let fact = match (&e.change, &e.device.serial) {
+        (DeviceChange::Removed, _) => DeviceFact::Removed { path },
+        (DeviceChange::Added, Some(serial)) => DeviceFact::Added { serial, path, size },
+        (DeviceChange::Resized { .. }, _) => DeviceFact::Resized { path, size },
+        // No serial: no volume's device.
+        (DeviceChange::Added, None) => return Ok(()),
+    };
+    store.record_device(&fact).await
 }
 
 /// Recomputes every host mapping from the table. `Err` only when fenced.
-async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
-    let rows = match devices::host_mappings(store.pool()).await {
+async fn resync(store: &Store, table: &DeviceTable) -> Result<(), Fenced> {
+    let rows = match store.host_mappings().await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read device_mappings to resynchronise");
@@ -196,7 +184,7 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
         }
     };
     for row in rows {
-        let devices::HostMapping {
+        let HostMapping {
             volume_id: volume,
             serial,
             device_path: path,
@@ -218,18 +206,14 @@ async fn resync(store: &Store, table: &DeviceTable) -> Result<(), ()> {
         if want_path == path && want_state == state {
             continue;
         }
-        let updated = async {
-            let mut tx = store.pool().begin().await?;
-            devices::set_host_device(&mut tx, volume, want_path.as_deref(), want_state, now())
-                .await?;
-            store.commit_fenced(tx).await
-        }
-        .await;
+        let updated = store
+            .set_host_device(volume, want_path.as_deref(), want_state)
+            .await;
         match updated {
             Ok(()) => {}
             Err(StoreError::Fenced(f)) => {
                 tracing::error!(error = %f, "mapping resync fenced");
-                return Err(());
+                return Err(f);
             }
             Err(e) => tracing::warn!(error = %e, %volume, "cannot resynchronise device mapping"),
         }

@@ -9,7 +9,11 @@ mod cancel;
 mod create;
 mod delete;
 mod detach;
+pub mod host_files;
 pub mod jobs;
+pub mod mapping_sync;
+mod mutate;
+pub mod outcome;
 mod reconcile;
 
 use std::sync::Arc;
@@ -19,7 +23,8 @@ use tracing::Instrument;
 use schema::Action;
 
 use crate::context::Context;
-pub use crate::model::{Completion, Halt, Operation, Outcome};
+pub use crate::model::{Halt, Operation};
+use outcome::Completed;
 
 /// Runs `op` to its end and records the outcome with its event. Returns when the outcome is
 /// committed, or when `ctx` shuts down first (the operation then resumes at the next start).
@@ -33,7 +38,7 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
     async move {
         let id = op.id().clone();
         match ctx
-            .write("mark the operation executing", || {
+            .db("mark the operation executing", || {
                 ctx.store.mark_executing(&id)
             })
             .await
@@ -57,28 +62,26 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
             );
             result = run(&ctx, &mut op).await;
         }
-        let (outcome, mapping) = match result {
-            Ok(mut done) => {
-                let mapping = done.mapping.take();
-                (Ok(done), mapping)
+        let at = crate::db::store::now();
+        let terminal = match result {
+            Ok(done) => {
+                if let Some(v) = done.volume_id() {
+                    tracing::Span::current().record("volume_id", tracing::field::display(v));
+                }
+                tracing::info!("operation completed");
+                outcome::completed(&op, &done, at)
             }
-            Err(Halt::Fail(e, mapping)) => (Err(e), mapping.map(|m| *m)),
+            Err(Halt::Fail(e, mapping)) => {
+                tracing::warn!(code = %e.code, error = %e.message, "operation failed");
+                outcome::failed(&op, e, mapping.map(|m| *m), at)
+            }
             Err(Halt::Interrupted(why)) => {
                 tracing::info!(why, "operation interrupted; it resumes at the next start");
                 return;
             }
         };
-        match &outcome {
-            Ok(c) => {
-                if let Some(v) = c.volume_id {
-                    tracing::Span::current().record("volume_id", tracing::field::display(v));
-                }
-                tracing::info!("operation completed");
-            }
-            Err(e) => tracing::warn!(code = %e.code, error = %e.message, "operation failed"),
-        }
-        ctx.metrics.operation_ended(&op, &outcome);
-        ctx.finish(&op, outcome, mapping).await;
+        ctx.metrics.operation_ended(&op, &terminal);
+        ctx.finish(&op, terminal).await;
     }
     .instrument(span)
     .await
@@ -94,7 +97,7 @@ pub async fn reconcile_all(
 }
 
 /// The command's own module.
-async fn run(ctx: &Context, op: &mut Operation) -> Result<Completion, Halt> {
+async fn run(ctx: &Context, op: &mut Operation) -> Result<Completed, Halt> {
     match op.command.action.clone() {
         Action::Create(create) => create::run(ctx, op, &create).await,
         Action::Attach(attach) => attach::run(ctx, op, &attach).await,

@@ -16,20 +16,18 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde_json::json;
-
 use cloudstack::Volume;
 use schema::api::{MappingMode, MappingView};
 use schema::event::{Change, ChangeKind};
 use schema::{VmId, VolumeId};
 
-use super::{Completion, Halt, Operation, attach, detach, jobs};
+use super::outcome::Completed;
+use super::{Halt, Operation, attach, detach, jobs};
 use crate::cloud::{Session, classify};
 use crate::context::Context;
-use crate::db::{exports, read};
 use crate::mappings::{DeviceMapping, MappingChange};
 
-pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<Completion, Halt> {
+pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<Completed, Halt> {
     let cs = ctx.session().await?;
     let changes = reconcile(ctx, &cs, scope).await?;
     if changes.is_empty() {
@@ -37,12 +35,7 @@ pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<
     } else {
         tracing::warn!(changes = changes.len(), "reconcile repaired drift");
     }
-    Ok(Completion {
-        vm_id: scope,
-        response: json!({"changes": changes}),
-        changes: Some(changes),
-        ..Completion::default()
-    })
+    Ok(Completed::Reconciled { scope, changes })
 }
 
 /// Compares and repairs; returns what changed. Also the periodic reconcile's body.
@@ -51,10 +44,9 @@ pub async fn reconcile(
     cs: &Session,
     scope: Option<VmId>,
 ) -> Result<Vec<Change>, Halt> {
-    let pool = ctx.store.pool();
     let read_mappings = || {
-        ctx.read("read the mappings", || async {
-            Ok(read::mappings(pool, None).await?)
+        ctx.db("read the mappings", || async {
+            Ok(ctx.store.mappings(None).await?)
         })
     };
     let recorded = read_mappings().await?;
@@ -95,7 +87,7 @@ pub async fn reconcile(
         ));
         changes.extend(export);
     }
-    let repairs = crate::host::reconcile::run(&ctx.store, &ctx.host, &ctx.devices)
+    let repairs = super::host_files::run(&ctx.store, &ctx.host, &ctx.devices)
         .await
         .map_err(|e| Halt::from(host_error(e)))?;
     changes.extend(repairs.exports);
@@ -147,10 +139,9 @@ async fn gone_from(ctx: &Context, cs: &Session, m: &MappingView) -> Result<Vec<C
     };
     let mut changes = Vec::new();
     if m.mode == MappingMode::Oma {
-        let pool = ctx.store.pool();
         let exported = ctx
-            .read("read the export", || async {
-                Ok(exports::has_active(pool, m.volume_id).await?)
+            .db("read the export", || async {
+                Ok(ctx.store.has_active_export(m.volume_id).await?)
             })
             .await?;
         ctx.devices.release(m.volume_id);
@@ -264,7 +255,7 @@ async fn mapping_of(
 }
 
 async fn apply(ctx: &Context, change: MappingChange) -> Result<(), Halt> {
-    ctx.write("repair a mapping", || ctx.store.apply_mapping(&change))
+    ctx.db("repair a mapping", || ctx.store.apply_mapping(&change))
         .await
 }
 
@@ -284,7 +275,7 @@ fn change(
     }
 }
 
-fn host_error(e: crate::host::reconcile::ReconcileError) -> schema::EventError {
+fn host_error(e: super::host_files::ReconcileError) -> schema::EventError {
     schema::EventError::new(
         schema::ErrorCode::Internal,
         format!("cannot make the host files agree with the tables: {e}"),

@@ -1,0 +1,297 @@
+//! Every call that changes something in CloudStack, made through one primitive: start it, and
+//! when its answer is lost, see whether it happened before it is sent again; never twice.
+//!
+//! After a transport error on a mutating call CloudStack may or may not have acted. Blindly
+//! re-sending could attach twice or create two volumes, so [`mutate`] first waits for a
+//! timed-out request to settle, then asks CloudStack what it shows ([`Effect`]): the desired
+//! state reached, a job running on the volume (recorded and waited for), or neither (the call
+//! is sent again, at most [`ATTEMPTS`] times in all) (docs/cloudstack.md).
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta};
+
+use cloudstack::{Client, CloudStackError, JobId, JobPolling, Volume};
+use schema::command::{AttachVolume, CreateVolume};
+use schema::{DiskOfferingId, ErrorCode, EventError, VolumeId, ZoneId};
+
+use super::jobs::{current, wait};
+use super::{Halt, Operation};
+use crate::cloud::classify;
+use crate::context::Context;
+
+/// How many times a call whose answer was lost is sent in all.
+pub const ATTEMPTS: usize = 3;
+
+/// After a request timed out, how long CloudStack gets to finish it before its effect is
+/// checked (a slow management server may still act on it).
+const SETTLE_AFTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a mutating call runs: the operation's context, its CloudStack client and how its
+/// jobs are polled.
+#[derive(Clone, Copy)]
+pub struct Cloud<'a> {
+    pub ctx: &'a Context,
+    pub client: &'a Client,
+    pub polling: JobPolling,
+}
+
+/// What CloudStack answered to a mutating call.
+enum Sent<T> {
+    /// An async job started (on this volume, once known).
+    Job(JobId, VolumeId),
+    /// A synchronous call that is done.
+    Done(T),
+}
+
+/// What CloudStack shows after a call whose answer was lost.
+enum Effect<T> {
+    /// The call took effect.
+    Reached(T),
+    /// A job runs on the volume (most likely the call's own): wait for it.
+    Running(JobId, VolumeId),
+    /// Neither: the call can be sent again.
+    NotYet,
+}
+
+/// Sends `start` until CloudStack answers, checking `look` after every lost answer (see the
+/// module doc). A started job is recorded before it is waited for, so a restart resumes it
+/// instead of starting another; `from_job` turns its result into the outcome. `exhausted`
+/// is the failure after [`ATTEMPTS`] lost answers.
+async fn mutate<T, S, SF, L, LF>(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    start: S,
+    look: L,
+    from_job: impl Fn(Volume) -> T,
+    exhausted: impl Fn(&CloudStackError) -> EventError,
+) -> Result<T, Halt>
+where
+    S: Fn() -> SF,
+    SF: Future<Output = Result<Sent<T>, CloudStackError>>,
+    L: Fn() -> LF,
+    LF: Future<Output = Result<Effect<T>, Halt>>,
+{
+    let mut attempt = 0;
+    let job = loop {
+        attempt += 1;
+        let lost = match start().await {
+            Ok(Sent::Done(done)) => return Ok(done),
+            Ok(Sent::Job(job, volume)) => break (job, volume),
+            Err(e) if e.was_answered() => return Err(classify(&e).into()),
+            Err(e) => e,
+        };
+        tracing::warn!(error = %lost, attempt, "no answer from CloudStack; checking whether the call took effect before sending it again");
+        settle_after(cloud.ctx, &lost).await?;
+        match look().await? {
+            Effect::Reached(done) => {
+                tracing::info!("the call had taken effect");
+                return Ok(done);
+            }
+            Effect::Running(job, volume) => {
+                tracing::info!(job = %job, "a job is running on the volume; waiting for it");
+                break (job, volume);
+            }
+            Effect::NotYet if attempt >= ATTEMPTS => return Err(exhausted(&lost).into()),
+            Effect::NotYet => {}
+        }
+    };
+    let (job, volume) = job;
+    cloud.ctx.record_job(op, Some(volume), &job).await?;
+    Ok(from_job(
+        wait(cloud.ctx, cloud.client, &job, cloud.polling).await?,
+    ))
+}
+
+/// Waits [`SETTLE_AFTER_TIMEOUT`] when `lost` was a timeout (not a refused or reset
+/// connection, where nothing is still in progress).
+pub async fn settle_after(ctx: &Context, lost: &CloudStackError) -> Result<(), Halt> {
+    if lost.timed_out() {
+        tracing::info!(
+            wait_s = SETTLE_AFTER_TIMEOUT.as_secs(),
+            "the request timed out: giving CloudStack time to finish it before checking"
+        );
+        ctx.until_shutdown(
+            "waiting for a timed-out request to settle",
+            tokio::time::sleep(SETTLE_AFTER_TIMEOUT),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// What `listVolumes` shows of `volume` after a lost answer: `reached` says whether it is in
+/// the state the call would produce.
+async fn volume_effect(
+    client: &Client,
+    volume: VolumeId,
+    reached: impl Fn(&Volume) -> bool,
+) -> Result<Effect<Volume>, Halt> {
+    let now = current(client, volume).await?;
+    Ok(if reached(&now) {
+        Effect::Reached(now)
+    } else if let Some(job) = now.running_job() {
+        Effect::Running(job, volume)
+    } else {
+        Effect::NotYet
+    })
+}
+
+/// `attachVolume`: the volume as CloudStack lists it once attached.
+pub async fn attach(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    attach: &AttachVolume,
+) -> Result<Volume, Halt> {
+    let (volume, vm, device) = (attach.volume_id, attach.vm_id, attach.device_id);
+    let reached =
+        |v: &Volume| v.virtualmachineid == Some(vm) && device.is_none_or(|d| v.deviceid == Some(d));
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let job = cloud.client.attach_volume(volume, vm, device).await?;
+            Ok(Sent::Job(job, volume))
+        },
+        || volume_effect(cloud.client, volume, reached),
+        |v| v,
+        classify,
+    )
+    .await
+}
+
+/// `detachVolume`: the volume as CloudStack lists it once detached.
+pub async fn detach(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+) -> Result<Volume, Halt> {
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let job = cloud.client.detach_volume(volume).await?;
+            Ok(Sent::Job(job, volume))
+        },
+        || volume_effect(cloud.client, volume, |v| v.virtualmachineid.is_none()),
+        |v| v,
+        classify,
+    )
+    .await
+}
+
+/// `deleteVolume` (synchronous). `false`: the volume was already gone.
+pub async fn delete(cloud: Cloud<'_>, op: &mut Operation, volume: VolumeId) -> Result<bool, Halt> {
+    mutate(
+        cloud,
+        op,
+        || async move {
+            match cloud.client.delete_volume(volume).await {
+                Ok(()) => Ok(Sent::Done(true)),
+                // Gone meanwhile (CloudStack's answer for an id it does not know).
+                Err(e) if e.is_not_found() => Ok(Sent::Done(false)),
+                Err(e) => Err(e),
+            }
+        },
+        || async move {
+            let listed = cloud.client.get_volume(volume).await;
+            Ok(match listed.map_err(|e| classify(&e))? {
+                None => Effect::Reached(true),
+                Some(_) => Effect::NotYet,
+            })
+        },
+        // deleteVolume starts no job.
+        |_| true,
+        classify,
+    )
+    .await
+}
+
+/// `createVolume` of `create` in `zone`: the new volume once its job ended.
+pub async fn create(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    create: &CreateVolume,
+    zone: ZoneId,
+    offering: DiskOfferingId,
+) -> Result<Volume, Halt> {
+    let accepted = op.created_at;
+    let id = &op.id().clone();
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let size = Some(create.size.gib_rounded_up());
+            let (volume, job) = (cloud.client)
+                .create_volume(&create.name, zone, offering, size)
+                .await?;
+            tracing::info!(%volume, job = %job, "createVolume accepted");
+            Ok(Sent::Job(job, volume))
+        },
+        || async move {
+            let found = find_created(cloud, id, accepted, create, zone).await?;
+            Ok(match found {
+                Some(v) => match v.running_job() {
+                    Some(job) => Effect::Running(job, v.id),
+                    None => Effect::Reached(v),
+                },
+                None => Effect::NotYet,
+            })
+        },
+        |v| v,
+        |lost| unanswered(create, lost),
+    )
+    .await
+}
+
+/// The end of a create whose every createVolume went unanswered and whose volume was not
+/// found after the last: CloudStack may still make it, so the producer must not simply send the
+/// command again (not retryable; the hint says what to look for).
+fn unanswered(create: &CreateVolume, last: &CloudStackError) -> EventError {
+    EventError::new(
+        ErrorCode::Timeout,
+        format!("createVolume was sent {ATTEMPTS} times and never answered; no volume named {:?} was found after the last: {last}", create.name),
+    )
+    .with_hint(format!(
+        "CloudStack may still create volume {:?}: look for it (listVolumes name={}) or send a reconcile before creating it again",
+        create.name, create.name
+    ))
+}
+
+/// The volume the create operation `id` (accepted at `accepted`) made, if CloudStack has it:
+/// same name and zone, created after the command was accepted (CloudStack's timestamps have
+/// whole seconds), not another operation's.
+pub async fn find_created(
+    cloud: Cloud<'_>,
+    id: &schema::CommandId,
+    accepted: chrono::DateTime<chrono::Utc>,
+    create: &CreateVolume,
+    zone: ZoneId,
+) -> Result<Option<Volume>, Halt> {
+    let since = accepted
+        .duration_trunc(TimeDelta::seconds(1))
+        .unwrap_or(accepted);
+    let filter = [("name", create.name.clone()), ("zoneid", zone.to_string())];
+    let listed = cloud
+        .client
+        .list_volumes(&filter)
+        .await
+        .map_err(|e| classify(&e))?;
+    for v in listed {
+        if v.created_at().is_none_or(|c| c < since) {
+            continue;
+        }
+        let claimed = cloud
+            .ctx
+            .db(
+                &format!("check whether volume {} is another operation's", v.id),
+                || async { Ok(cloud.ctx.store.volume_claimed_by_other(v.id, id).await?) },
+            )
+            .await?;
+        if !claimed {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
