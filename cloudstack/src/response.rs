@@ -319,6 +319,38 @@ mod tests {
 
     const VOL: &str = "3106013a-e175-423e-a090-1234567890ab";
 
+    fn volume(extra: Value) -> Volume {
+        let mut v = serde_json::json!({"id": VOL, "name": "v"});
+        v.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        serde_json::from_value(v).expect("a volume")
+    }
+
+    #[test]
+    fn a_volume_says_its_running_job_whether_it_is_a_root_disk_and_when_it_was_made() {
+        let running = volume(serde_json::json!({"jobid": "j1", "jobstatus": 0}));
+        assert_eq!(running.running_job(), Some(JobId("j1".into())));
+        let ended = volume(serde_json::json!({"jobid": "j1", "jobstatus": 1}));
+        assert_eq!(ended.running_job(), None, "a finished job is not running");
+        assert_eq!(
+            volume(serde_json::json!({"jobstatus": 0})).running_job(),
+            None
+        );
+
+        assert!(volume(serde_json::json!({"type": "ROOT"})).is_root());
+        assert!(!volume(serde_json::json!({"type": "DATADISK"})).is_root());
+        assert!(!volume(serde_json::json!({})).is_root());
+
+        let made = volume(serde_json::json!({"created": "2026-11-22T10:00:05+0100"}));
+        assert_eq!(
+            made.created_at().map(|t| t.to_rfc3339()),
+            Some("2026-11-22T09:00:05+00:00".to_owned())
+        );
+        let odd = volume(serde_json::json!({"created": "yesterday"}));
+        assert_eq!(odd.created_at(), None);
+    }
+
     #[test]
     fn create_volume_gives_the_id_and_job() {
         let inner = unwrap_success(

@@ -164,7 +164,7 @@ impl Checker {
         };
         let Some(root) = volumes
             .iter()
-            .find(|v| v.kind.as_deref() == Some("ROOT") && v.virtualmachineid == Some(vm))
+            .find(|v| v.is_root() && v.virtualmachineid == Some(vm))
         else {
             tracing::error!(host_vm = %vm, "HOST_VM_ID names a VM for which CloudStack lists no root disk: it is not the VM this daemon runs on, and every attach to the real host VM would be mistaken for a remote one");
             return HostVmState::Mismatch;

@@ -124,7 +124,7 @@ async fn attached_to(cs: &Session, vm: VmId) -> Result<Vec<Volume>, Halt> {
         .map_err(|e| classify(&e))?;
     Ok(volumes
         .into_iter()
-        .filter(|v| v.kind.as_deref() != Some("ROOT"))
+        .filter(|v| !v.is_root())
         .filter(|v| v.virtualmachineid == Some(vm))
         .collect())
 }
