@@ -26,7 +26,7 @@ use crate::host::NbdUrl;
 
 /// What the read API reads: the database, the device monitor's table, the NBD URL.
 #[derive(Debug, Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub pool: sqlx::MySqlPool,
     pub devices: Devices,
     pub nbd_url: NbdUrl,
@@ -35,7 +35,7 @@ pub struct ApiState {
 /// How long a query may take before the API answers 503.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn routes(state: ApiState) -> Router {
+pub(crate) fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/operations", get(operations))
         .route("/api/v1/operations/{id}", get(operation))

@@ -2,7 +2,7 @@
 //! errors surface before anything runs), [`Application::run_until_stopped`] runs until the
 //! shutdown future resolves, then stops everything in order.
 //!
-//! A daemon is a **standby** until it holds the execution lease ([`crate::lease`]), then
+//! A daemon is a **standby** until it holds the execution lease (`lease.rs`), then
 //! **active**: only then does it consume commands, execute operations, relay the outbox and
 //! keep device mappings. Health, readiness, metrics, the broker probe and the device monitor
 //! run in both roles. An active daemon that loses its lease (its database connection broke)

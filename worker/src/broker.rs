@@ -11,7 +11,7 @@ use schema::SecretUrl;
 use tokio_util::sync::CancellationToken;
 
 /// AMQP `delivery_mode` of a message the broker keeps on disk.
-pub const PERSISTENT: u8 = 2;
+pub(crate) const PERSISTENT: u8 = 2;
 
 /// Where the broker is: its URL (or a comma-separated list of URLs, tried in order: the nodes
 /// of a cluster) and, for `amqps://`, the CA certificates (PEM) to trust besides the public
@@ -29,7 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection named `name` (visible in the management UI) to the first address of the
 /// endpoint that accepts one, trying them in order every time (CONTRACT §1).
-pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapin::Error> {
+pub(crate) async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapin::Error> {
     let urls = endpoint.url.split_list();
     let mut failures = Vec::with_capacity(urls.len());
     for url in &urls {
@@ -82,7 +82,7 @@ fn io_error(message: String) -> lapin::Error {
 
 /// Reconnection delays: 200 ms growing to 5 s, with jitter.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     delays: ExponentialBackoff,
 }
 
@@ -103,7 +103,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// Sleeps for the next delay; `false` when `stop` resolved first.
-    pub async fn wait(&mut self, stop: impl Future<Output = ()>) -> bool {
+    pub(crate) async fn wait(&mut self, stop: impl Future<Output = ()>) -> bool {
         let delay = self.delays.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             () = stop => false,
@@ -112,14 +112,14 @@ impl Backoff {
     }
 
     /// Starts again from the shortest delay (after a success).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.delays = delays();
     }
 }
 
 /// Keeps one idle connection to the broker and reports whether it is up: how a standby (which
 /// neither consumes nor publishes) knows the broker is reachable.
-pub async fn probe(
+pub(crate) async fn probe(
     url: Endpoint,
     status: std::sync::Arc<crate::status::Status>,
     shutdown: CancellationToken,

@@ -22,7 +22,7 @@ pub struct JobDeadlines {
 
 /// Static CloudStack settings from the environment.
 #[derive(Debug, Clone, Default)]
-pub struct CloudEnv {
+pub(crate) struct CloudEnv {
     /// `None` means "read `ossea_configs`".
     pub credentials: Option<Credentials>,
     pub zone: Option<ZoneId>,
@@ -31,7 +31,7 @@ pub struct CloudEnv {
 
 /// Builds a [`Session`] per operation.
 #[derive(Debug, Clone)]
-pub struct Cloud {
+pub(crate) struct Cloud {
     http: reqwest::Client,
     /// Told about every CloudStack call (metrics).
     observer: Option<std::sync::Arc<dyn cloudstack::Observer>>,
@@ -42,7 +42,7 @@ pub struct Cloud {
 
 /// A client with the credentials in force when the operation started.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub(crate) struct Session {
     pub client: Client,
     /// The configured default zone, if any.
     pub zone: Option<ZoneId>,
@@ -53,7 +53,7 @@ pub struct Session {
 
 impl Session {
     /// Job polling for one kind of job: fast at first, then backing off, up to its deadline.
-    pub fn polling(&self, job: OperationType) -> JobPolling {
+    pub(crate) fn polling(&self, job: OperationType) -> JobPolling {
         let deadline = match job {
             OperationType::Create => self.deadlines.create,
             OperationType::Attach => self.deadlines.attach,
@@ -80,7 +80,7 @@ struct OsseaConfig {
 }
 
 impl Cloud {
-    pub fn new(
+    pub(crate) fn new(
         http: reqwest::Client,
         env: CloudEnv,
         retry: RetryPolicy,
@@ -95,26 +95,29 @@ impl Cloud {
         }
     }
 
-    pub fn with_observer(mut self, observer: std::sync::Arc<dyn cloudstack::Observer>) -> Self {
+    pub(crate) fn with_observer(
+        mut self,
+        observer: std::sync::Arc<dyn cloudstack::Observer>,
+    ) -> Self {
         self.observer = Some(observer);
         self
     }
 
     /// Whether a session needs the `ossea_configs` row: the environment leaves the credentials,
     /// the zone or the host VM to it.
-    pub fn needs_config_row(&self) -> bool {
+    pub(crate) fn needs_config_row(&self) -> bool {
         self.env.credentials.is_none() || self.env.zone.is_none() || self.env.host_vm.is_none()
     }
 
     /// The CloudStack access in force now, given the active `ossea_configs` row (read by the
     /// caller, which owns the database's retry policy).
-    pub fn session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
+    pub(crate) fn session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
         self.session_with(row, self.retry)
     }
 
     /// A session for a self-check: retries for a few seconds only, so an unreachable
     /// CloudStack is reported soon.
-    pub fn probe_session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
+    pub(crate) fn probe_session(&self, row: Option<ConfigRow>) -> Result<Session, EventError> {
         let retry = RetryPolicy {
             deadline: PROBE_RETRY_DEADLINE,
             ..self.retry
@@ -194,7 +197,7 @@ fn parse_column<T, E: std::fmt::Display>(
 }
 
 /// The event error for a CloudStack failure (docs/cloudstack.md → the contract's codes).
-pub fn classify(e: &CloudStackError) -> EventError {
+pub(crate) fn classify(e: &CloudStackError) -> EventError {
     let code = match e {
         CloudStackError::Api { code, .. } => match code {
             401 | 531 => ErrorCode::CloudstackUnauthorized,

@@ -20,7 +20,7 @@ use crate::model::{Halt, Operation, Terminal};
 use crate::retry::{self, GaveUp};
 
 #[derive(Debug)]
-pub struct Context {
+pub(crate) struct Context {
     pub store: Store,
     pub cloud: Cloud,
     pub metrics: Arc<Metrics>,
@@ -47,7 +47,7 @@ impl Context {
     /// shutdown comes first, when the write was fenced (another instance holds the lease; this
     /// period is then fenced at once), or on a permanent error: the operation's row is then
     /// still pending or executing, and whoever is active resumes it.
-    pub async fn db<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Halt>
+    pub(crate) async fn db<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Halt>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -69,7 +69,7 @@ impl Context {
 
     /// The CloudStack access in force now. Reading `ossea_configs` has the persistent policy: a database that is down delays the operation (it never fails it with
     /// `INTERNAL`), and a shutdown interrupts it.
-    pub async fn session(&self) -> Result<Session, Halt> {
+    pub(crate) async fn session(&self) -> Result<Session, Halt> {
         if !self.cloud.needs_config_row() {
             // The environment names the endpoint, keys, zone and host VM: nothing to read.
             return Ok(self.cloud.session(None)?);
@@ -84,7 +84,7 @@ impl Context {
 
     /// Stores the job id of `op` before it is polled, so a restart resumes the job instead of
     /// starting another.
-    pub async fn record_job(
+    pub(crate) async fn record_job(
         &self,
         op: &mut Operation,
         volume: Option<VolumeId>,
@@ -103,7 +103,7 @@ impl Context {
     /// Waits for `vm`'s attach/detach lock.
     /// Locks no longer held or awaited by anyone are dropped on the way, so the map holds only
     /// the VMs with an attach or detach in progress (not every VM id ever seen).
-    pub async fn lock_vm(&self, vm: VmId) -> OwnedMutexGuard<()> {
+    pub(crate) async fn lock_vm(&self, vm: VmId) -> OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.retain(|_, l| Arc::strong_count(l) > 1);
@@ -114,7 +114,7 @@ impl Context {
 
     /// Takes `vm`'s attach/detach lock for `op` until its outcome is committed (once: a run
     /// after a refused key holds it already).
-    pub async fn hold_vm(&self, op: &mut Operation, vm: VmId) {
+    pub(crate) async fn hold_vm(&self, op: &mut Operation, vm: VmId) {
         if !op.held.holds_vm(vm) {
             let guard = self.lock_vm(vm).await;
             op.held.hold_vm(vm, guard);
@@ -123,7 +123,7 @@ impl Context {
 
     /// Takes the host files' lock for `op` until its outcome is committed: before it changes a
     /// persistent name or an export.
-    pub async fn hold_host_files(&self, op: &mut Operation) {
+    pub(crate) async fn hold_host_files(&self, op: &mut Operation) {
         if !op.held.holds_host_files() {
             let guard = self.host.lock().await;
             op.held.hold_host_files(guard);
@@ -131,13 +131,13 @@ impl Context {
     }
 
     /// The device scan period.
-    pub fn devices_period(&self) -> Duration {
+    pub(crate) fn devices_period(&self) -> Duration {
         self.devices.period()
     }
 
     /// Runs `work` unless shutdown comes first. Waiting on CloudStack is interrupted this way
     /// once the job id is stored: that is a safe point to resume from.
-    pub async fn until_shutdown<T>(
+    pub(crate) async fn until_shutdown<T>(
         &self,
         what: &str,
         work: impl Future<Output = T>,
@@ -151,7 +151,7 @@ impl Context {
     /// Commits the end of `op` (its row, mapping change and event), retrying while the
     /// database is down, then wakes the relay. When shutdown comes first nothing is lost: the
     /// row is still pending or executing and resumes later.
-    pub async fn finish(&self, op: &Operation, terminal: Terminal) {
+    pub(crate) async fn finish(&self, op: &Operation, terminal: Terminal) {
         let written = self
             .db("record the outcome", || self.store.finish(op, &terminal))
             .await;

@@ -21,7 +21,7 @@ use schema::{CommandId, VolumeId};
 use crate::model::Operation;
 
 /// What runs one operation to its end (in the daemon, [`crate::operation::execute`]).
-pub trait Runner: Clone + Send + 'static {
+pub(crate) trait Runner: Clone + Send + 'static {
     fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static;
 }
 
@@ -114,7 +114,7 @@ impl<R: Runner> Lanes<R> {
     }
 }
 
-pub async fn run<R: Runner>(
+pub(crate) async fn run<R: Runner>(
     runner: R,
     mut ops: mpsc::Receiver<Operation>,
     max_concurrent: usize,

@@ -16,20 +16,20 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 
 /// Rows per delete.
-pub const BATCH: u32 = 500;
+pub(crate) const BATCH: u32 = 500;
 /// The pause between two batches.
 const PAUSE: Duration = Duration::from_millis(20);
 
 /// How long rows are kept, and how often the sweep runs.
 #[derive(Debug, Clone, Copy)]
-pub struct Retention {
+pub(crate) struct Retention {
     pub outbox: Duration,
     pub operations: Duration,
     pub period: Duration,
 }
 
 /// Sweeps at once, then every period, until `stop`.
-pub async fn retention(ctx: Arc<Context>, policy: Retention, stop: CancellationToken) {
+pub(crate) async fn retention(ctx: Arc<Context>, policy: Retention, stop: CancellationToken) {
     loop {
         let swept = tokio::select! {
             () = stop.cancelled() => return,
@@ -94,7 +94,11 @@ where
 }
 
 /// A reconcile of every VM every `period`, until `stop`.
-pub async fn periodic_reconcile(ctx: Arc<Context>, period: Duration, stop: CancellationToken) {
+pub(crate) async fn periodic_reconcile(
+    ctx: Arc<Context>,
+    period: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

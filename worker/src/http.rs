@@ -3,7 +3,7 @@
 
 mod serve;
 
-pub use serve::{Limits, serve};
+pub(crate) use serve::{Limits, serve};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use crate::status::Status;
 const DB_ANSWER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     pub pool: MySqlPool,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
@@ -36,7 +36,7 @@ pub struct HttpState {
     pub checks: tokio::sync::watch::Receiver<crate::selfcheck::Checks>,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     let api = crate::api::ApiState {
         pool: state.pool.clone(),
         devices: state.devices.clone(),

@@ -37,7 +37,7 @@ use crate::status::Status;
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum IntakeError {
+pub(crate) enum IntakeError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
     #[error("the broker cancelled our consumer")]
@@ -46,7 +46,7 @@ pub enum IntakeError {
 
 /// The intake's configuration and handles.
 #[derive(Debug)]
-pub struct Intake {
+pub(crate) struct Intake {
     pub ctx: Arc<Context>,
     pub broker: Endpoint,
     pub topology: Topology,
@@ -61,7 +61,7 @@ pub struct Intake {
 
 impl Intake {
     /// Consumes until shutdown, reconnecting with backoff whenever the broker goes away.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut backoff = Backoff::default();
         while !self.ctx.halt.is_cancelled() {
             match self.session(&mut backoff).await {

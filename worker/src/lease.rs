@@ -32,17 +32,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How long a renewal keeps the lease, in the server's clock.
-pub const TTL: Duration = Duration::from_secs(5);
+pub(crate) const TTL: Duration = Duration::from_secs(5);
 /// How often the holder renews (and a standby tries to take an expired lease).
-pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// The holder fences itself after this long without a successful renewal. Above a 2 s stall
 /// of the database (not a loss), below [`TTL`] by a margin for requests in flight.
-pub const FENCE_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const FENCE_AFTER: Duration = Duration::from_secs(3);
 /// One lease query slower than this counts as failed.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
+pub(crate) enum LeaseError {
     #[error("execution lease query on the database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("execution lease query timed out after {QUERY_TIMEOUT:?}")]
@@ -51,7 +51,7 @@ pub enum LeaseError {
 
 /// A held lease.
 #[derive(Debug)]
-pub struct Lease {
+pub(crate) struct Lease {
     pool: MySqlPool,
     holder: String,
     fence: Fence,
@@ -61,7 +61,7 @@ pub struct Lease {
 
 /// What a renewal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewal {
+pub(crate) enum Renewal {
     /// Still ours.
     Held,
     /// The database did not answer in time; still ours until the fence deadline.
@@ -71,7 +71,7 @@ pub enum Renewal {
 }
 
 /// The lease row's name for one prefix.
-pub fn lease_name(prefix: &str) -> String {
+pub(crate) fn lease_name(prefix: &str) -> String {
     format!("volume-daemon:{prefix}")
 }
 
@@ -90,7 +90,7 @@ fn micros(d: Duration) -> u64 {
 impl Lease {
     /// Waits until the lease is ours; `None` when shutdown came first. Database errors are
     /// retried (a standby outlives database outages). `holder` names this process in the row.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         pool: &MySqlPool,
         prefix: &str,
         holder: &str,
@@ -142,17 +142,17 @@ impl Lease {
     }
 
     /// The fencing token of this holding.
-    pub fn fence(&self) -> Fence {
+    pub(crate) fn fence(&self) -> Fence {
         self.fence.clone()
     }
 
     /// When this holder must have stopped if no renewal succeeds before.
-    pub fn fence_deadline(&self) -> Instant {
+    pub(crate) fn fence_deadline(&self) -> Instant {
         self.renewed + FENCE_AFTER
     }
 
     /// Pushes the expiry ahead. Call every [`RENEW_EVERY`].
-    pub async fn renew(&mut self) -> Renewal {
+    pub(crate) async fn renew(&mut self) -> Renewal {
         let sent = Instant::now();
         let renewed = bounded(db::lease::renew(
             &self.pool,
@@ -186,7 +186,7 @@ impl Lease {
     }
 
     /// Gives the lease up (a clean shutdown), so a standby takes over without waiting.
-    pub async fn release(self) {
+    pub(crate) async fn release(self) {
         let released = bounded(db::lease::release(
             &self.pool,
             self.fence.name(),
@@ -202,7 +202,7 @@ impl Lease {
 
 /// How the holder names itself in the lease row: host, process and a random part, so two
 /// processes never share a name.
-pub fn holder_name() -> String {
+pub(crate) fn holder_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();

@@ -82,7 +82,7 @@ struct BuildLabels {
 
 /// What [`Metrics::encode`] produces: `prometheus-client` encodes OpenMetrics 1.0 text (`# EOF`,
 /// `_total` samples of `counter` families), and a scraper picks its parser by this header.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The daemon's metrics. Handles are cheap atomics; the registry is only locked to encode.
 #[derive(Debug)]
@@ -140,86 +140,87 @@ where
 /// Every family's name (after the `volume_daemon_` prefix) and help text.
 mod names {
     /// `volume_daemon_operations`.
-    pub const OPERATIONS: (&str, &str) = ("operations", "Operations ended, by type and outcome");
+    pub(super) const OPERATIONS: (&str, &str) =
+        ("operations", "Operations ended, by type and outcome");
     /// `volume_daemon_operation_duration_seconds`.
-    pub const DURATION: (&str, &str) = (
+    pub(super) const DURATION: (&str, &str) = (
         "operation_duration_seconds",
         "Time from acceptance to the end of an operation",
     );
     /// `volume_daemon_commands_received`.
-    pub const COMMANDS: (&str, &str) =
+    pub(super) const COMMANDS: (&str, &str) =
         ("commands_received", "Command messages received, by result");
     /// `volume_daemon_events_published`.
-    pub const EVENTS_PUBLISHED: (&str, &str) =
+    pub(super) const EVENTS_PUBLISHED: (&str, &str) =
         ("events_published", "Events confirmed by the broker");
     /// `volume_daemon_events_refused`.
-    pub const EVENTS_REFUSED: (&str, &str) = (
+    pub(super) const EVENTS_REFUSED: (&str, &str) = (
         "events_refused",
         "Events (or reply_to copies) given up after the broker kept refusing them, by exchange and routing key",
     );
     /// `volume_daemon_outbox_backlog`.
-    pub const OUTBOX_BACKLOG: (&str, &str) =
+    pub(super) const OUTBOX_BACKLOG: (&str, &str) =
         ("outbox_backlog", "Events not yet confirmed by the broker");
     /// `volume_daemon_outbox_oldest_age_seconds`.
-    pub const OUTBOX_OLDEST_AGE: (&str, &str) = (
+    pub(super) const OUTBOX_OLDEST_AGE: (&str, &str) = (
         "outbox_oldest_age_seconds",
         "Age of the oldest unpublished event (publish lag)",
     );
     /// `volume_daemon_nbd_exports`.
-    pub const NBD_EXPORTS: (&str, &str) = (
+    pub(super) const NBD_EXPORTS: (&str, &str) = (
         "nbd_exports",
         "Active NBD exports (host attachments exported)",
     );
     /// `volume_daemon_device_events`.
-    pub const DEVICE_EVENTS: (&str, &str) = (
+    pub(super) const DEVICE_EVENTS: (&str, &str) = (
         "device_events",
         "Device changes seen by the monitor, by kind",
     );
     /// `volume_daemon_correlation_latency_seconds`.
-    pub const CORRELATION: (&str, &str) = (
+    pub(super) const CORRELATION: (&str, &str) = (
         "correlation_latency_seconds",
         "Time from registering a device expectation to finding the device",
     );
     /// `volume_daemon_cloudstack_calls`.
-    pub const CLOUDSTACK_CALLS: (&str, &str) = (
+    pub(super) const CLOUDSTACK_CALLS: (&str, &str) = (
         "cloudstack_calls",
         "CloudStack API calls, by command and result (ok, an error code, transport)",
     );
     /// `volume_daemon_cloudstack_retries`.
-    pub const CLOUDSTACK_RETRIES: (&str, &str) = (
+    pub(super) const CLOUDSTACK_RETRIES: (&str, &str) = (
         "cloudstack_retries",
         "CloudStack calls retried after a transient error",
     );
     /// `volume_daemon_operations_in_flight`.
-    pub const IN_FLIGHT: (&str, &str) = (
+    pub(super) const IN_FLIGHT: (&str, &str) = (
         "operations_in_flight",
         "Operations not yet ended, by status (pending, executing)",
     );
     /// `volume_daemon_mappings`.
-    pub const MAPPINGS: (&str, &str) = (
+    pub(super) const MAPPINGS: (&str, &str) = (
         "mappings",
         "Attached volumes in device_mappings, by mode (oma = host VM, failover = remote)",
     );
     /// `volume_daemon_role`.
-    pub const ROLE: (&str, &str) = (
+    pub(super) const ROLE: (&str, &str) = (
         "role",
         "1 for this instance's role (active or standby), 0 for the other",
     );
     /// `volume_daemon_self_check`.
-    pub const SELF_CHECK: (&str, &str) = (
+    pub(super) const SELF_CHECK: (&str, &str) = (
         "self_check",
         "1 for each self-check's current state (cloudstack: up, down, unauthorized; host_vm: ok, mismatch, unknown), 0 for the others",
     );
     /// `volume_daemon_retention_deleted`.
-    pub const RETENTION: (&str, &str) = (
+    pub(super) const RETENTION: (&str, &str) = (
         "retention_deleted",
         "Rows deleted by the retention sweep, by table",
     );
     /// `volume_daemon_reconcile_changes`.
-    pub const RECONCILE: (&str, &str) =
+    pub(super) const RECONCILE: (&str, &str) =
         ("reconcile_changes", "Repairs made by reconciles, by kind");
     /// `volume_daemon_build_info`.
-    pub const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
+    pub(super) const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
 }
 
 /// Every state of each self-check, so each series exists from the first scrape.

@@ -101,7 +101,7 @@ impl Terminal {
 
 /// Why a command module stopped before its end.
 #[derive(Debug)]
-pub enum Halt {
+pub(crate) enum Halt {
     /// The operation failed: this is its outcome, and what it leaves in `device_mappings`
     /// (an attach whose device never appeared still records the attachment).
     Fail(EventError, Option<Box<MappingChange>>),
@@ -119,7 +119,7 @@ impl From<EventError> for Halt {
 impl Halt {
     /// A failure that still records `mapping` (what is true whatever failed after it: a
     /// volume detached in CloudStack is no longer attached, even if a later step failed).
-    pub fn recording(self, mapping: MappingChange) -> Self {
+    pub(crate) fn recording(self, mapping: MappingChange) -> Self {
         match self {
             Self::Fail(e, None) => Self::Fail(e, Some(Box::new(mapping))),
             other => other,

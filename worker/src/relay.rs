@@ -69,7 +69,7 @@ const COPY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 const TRIES: u32 = 2;
 
 #[derive(Debug)]
-pub struct Relay {
+pub(crate) struct Relay {
     pub pool: MySqlPool,
     pub broker: Endpoint,
     pub wakeup: Arc<Notify>,
@@ -91,7 +91,7 @@ enum Next {
 }
 
 impl Relay {
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut backoff = Backoff::default();
         // Database failures back off too: a batch published but not marked is sent again,
         // at a falling rate rather than every second.

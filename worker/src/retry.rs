@@ -20,14 +20,14 @@ use crate::db::fence::{Fenced, StoreError};
 use crate::db::is_permanent;
 
 /// How long [`persistent`] waits between attempts.
-pub const DB_RETRY: Duration = Duration::from_millis(500);
+pub(crate) const DB_RETRY: Duration = Duration::from_millis(500);
 
 /// A permanent database error is tried this many times in a row by [`persistent`].
-pub const PERMANENT_ATTEMPTS: u32 = 3;
+pub(crate) const PERMANENT_ATTEMPTS: u32 = 3;
 
 /// Why [`persistent`] gave up.
 #[derive(Debug, thiserror::Error)]
-pub enum GaveUp {
+pub(crate) enum GaveUp {
     #[error("stopped first")]
     Stopped,
     #[error(transparent)]
@@ -38,7 +38,7 @@ pub enum GaveUp {
 
 /// Runs `call` until it succeeds (see the module doc). Each attempt is bounded by `limit`
 /// when given (a half-open connection counts as unreachable) and raced with `halt`.
-pub async fn persistent<T, F, Fut>(
+pub(crate) async fn persistent<T, F, Fut>(
     what: &str,
     halt: &CancellationToken,
     limit: Option<Duration>,
@@ -89,7 +89,7 @@ where
 
 /// Runs `call` up to `attempts` times in all while `transient` says its error may pass,
 /// 100 ms, 200 ms, 400 ms… apart. The last error is returned.
-pub async fn bounded<T, E, F, Fut>(
+pub(crate) async fn bounded<T, E, F, Fut>(
     what: &str,
     attempts: usize,
     transient: impl Fn(&E) -> bool,
@@ -114,11 +114,11 @@ where
 
 /// Whether a store error may pass if the call is tried again: a database error that is not
 /// permanent (a dropped connection, a killed session, a lock wait). Fenced: never.
-pub fn transient(e: &StoreError) -> bool {
+pub(crate) fn transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Db(e) if transient_db(e))
 }
 
 /// Whether a database error may pass if the call is tried again (see [`transient`]).
-pub fn transient_db(e: &sqlx::Error) -> bool {
+pub(crate) fn transient_db(e: &sqlx::Error) -> bool {
     !is_permanent(e)
 }

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 
 /// `cloudstack`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloudState {
+pub(crate) enum CloudState {
     Up,
     Down,
     Unauthorized,
@@ -29,7 +29,7 @@ pub enum CloudState {
 
 /// `host_vm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostVmState {
+pub(crate) enum HostVmState {
     Ok,
     Mismatch,
     /// No host VM configured, or CloudStack unreachable.
@@ -38,7 +38,7 @@ pub enum HostVmState {
 
 /// The last results (before the first check: CloudStack down, host VM unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checks {
+pub(crate) struct Checks {
     pub cloudstack: CloudState,
     pub host_vm: HostVmState,
 }
@@ -53,7 +53,7 @@ impl Default for Checks {
 }
 
 impl CloudState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Up => "up",
             Self::Down => "down",
@@ -63,7 +63,7 @@ impl CloudState {
 }
 
 impl HostVmState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
             Self::Mismatch => "mismatch",
@@ -74,7 +74,7 @@ impl HostVmState {
 
 /// What the checker needs.
 #[derive(Debug, Clone)]
-pub struct Checker {
+pub(crate) struct Checker {
     pub cloud: Cloud,
     pub pool: MySqlPool,
     pub devices: Devices,
@@ -87,7 +87,7 @@ const CONFIG_READ_LIMIT: Duration = Duration::from_secs(3);
 
 impl Checker {
     /// Checks every period until `stop`; the first check runs at once.
-    pub async fn run(self, out: watch::Sender<Checks>, stop: CancellationToken) {
+    pub(crate) async fn run(self, out: watch::Sender<Checks>, stop: CancellationToken) {
         let mut last: Option<Checks> = None;
         loop {
             let checks = tokio::select! {

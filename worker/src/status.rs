@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, Default)]
-pub struct Status {
+pub(crate) struct Status {
     /// The intake has a live consumer on the commands queue.
     intake_connected: AtomicBool,
     /// The relay has a live publishing channel.
@@ -17,40 +17,40 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn set_intake_connected(&self, up: bool) {
+    pub(crate) fn set_intake_connected(&self, up: bool) {
         self.intake_connected.store(up, Ordering::Relaxed);
     }
 
-    pub fn set_relay_connected(&self, up: bool) {
+    pub(crate) fn set_relay_connected(&self, up: bool) {
         self.relay_connected.store(up, Ordering::Relaxed);
     }
 
-    pub fn set_broker_reachable(&self, up: bool) {
+    pub(crate) fn set_broker_reachable(&self, up: bool) {
         self.broker_reachable.store(up, Ordering::Relaxed);
     }
 
-    pub fn set_active(&self, active: bool) {
+    pub(crate) fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::Relaxed);
     }
 
-    pub fn intake_connected(&self) -> bool {
+    pub(crate) fn intake_connected(&self) -> bool {
         self.intake_connected.load(Ordering::Relaxed)
     }
 
-    pub fn relay_connected(&self) -> bool {
+    pub(crate) fn relay_connected(&self) -> bool {
         self.relay_connected.load(Ordering::Relaxed)
     }
 
-    pub fn broker_reachable(&self) -> bool {
+    pub(crate) fn broker_reachable(&self) -> bool {
         self.broker_reachable.load(Ordering::Relaxed)
     }
 
-    pub fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
     /// `active` or `standby`.
-    pub fn role(&self) -> &'static str {
+    pub(crate) fn role(&self) -> &'static str {
         if self.active() { "active" } else { "standby" }
     }
 }

@@ -13,42 +13,42 @@
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Default)]
-pub struct Stop {
+pub(crate) struct Stop {
     drain: CancellationToken,
     abort: CancellationToken,
 }
 
 impl Stop {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Finish what is in hand, take nothing new.
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         self.drain.cancel();
     }
 
     /// Stop at once (and drain: whoever watches only the drain stops too).
-    pub fn abort(&self) {
+    pub(crate) fn abort(&self) {
         self.abort.cancel();
         self.drain.cancel();
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.drain.is_cancelled()
     }
 
-    pub fn is_aborted(&self) -> bool {
+    pub(crate) fn is_aborted(&self) -> bool {
         self.abort.is_cancelled()
     }
 
     /// Resolves once a drain (or an abort) was asked for.
-    pub async fn draining(&self) {
+    pub(crate) async fn draining(&self) {
         self.drain.cancelled().await;
     }
 
     /// Resolves once an abort was asked for.
-    pub async fn aborted(&self) {
+    pub(crate) async fn aborted(&self) {
         self.abort.cancelled().await;
     }
 }

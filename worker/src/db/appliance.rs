@@ -8,7 +8,7 @@ use sqlx::MySqlPool;
 
 /// An appliance's identity as its settings give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appliance {
+pub(crate) struct Appliance {
     pub prefix: String,
     /// `HOST_VM_ID`; unset when the host VM comes from `ossea_configs` (of this database).
     pub host_vm: Option<VmId>,
@@ -38,7 +38,7 @@ pub enum ClaimError {
 /// Records `me` as the database's appliance if it has none, and checks it otherwise: the
 /// prefix must be the same, and so must the host VM when both name one (a recorded appliance
 /// without a host VM gets `me`'s).
-pub async fn claim(pool: &MySqlPool, me: &Appliance) -> Result<(), ClaimError> {
+pub(crate) async fn claim(pool: &MySqlPool, me: &Appliance) -> Result<(), ClaimError> {
     let host = me.host_vm.map(|v| v.to_string());
     sqlx::query("INSERT IGNORE INTO appliance (id, amqp_prefix, host_vm_id) VALUES (1, ?, ?)")
         .bind(&me.prefix)

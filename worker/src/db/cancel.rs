@@ -11,7 +11,7 @@ use crate::model::{Operation, Terminal};
 
 /// What a cancel found its target to be (docs/wire.md `cancel`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CancelFound {
+pub(crate) enum CancelFound {
     /// The target was pending: it is now `cancelled`, its event queued.
     Cancelled(OperationType),
     /// An earlier run of this same cancel (interrupted before it ended) cancelled it.
@@ -30,7 +30,7 @@ impl Store {
     /// target's `response` so a cancel resumed after a crash recognises its own work. The row
     /// is locked first: a concurrent [`Store::mark_executing`] either ran before (the target
     /// is `executing`: too late) or finds it ended and skips it.
-    pub async fn cancel_pending(
+    pub(crate) async fn cancel_pending(
         &self,
         target: &CommandId,
         by: &CommandId,

@@ -6,7 +6,7 @@ use sqlx::MySqlPool;
 
 /// One `ossea_configs` row as stored (its user validates the values).
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ConfigRow {
+pub(crate) struct ConfigRow {
     pub name: String,
     pub api_url: String,
     pub api_key: String,
@@ -17,7 +17,7 @@ pub struct ConfigRow {
 }
 
 /// The active row (the most recently updated one if several are marked active).
-pub async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::Error> {
+pub(crate) async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT name, api_url, api_key, secret_key, zone, oma_vm_id FROM ossea_configs \
          WHERE is_active = TRUE ORDER BY updated_at DESC, id DESC LIMIT 1",
@@ -28,7 +28,7 @@ pub async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::Error> 
 
 impl crate::db::store::Store {
     /// The active `ossea_configs` row, if any.
-    pub async fn active_config(&self) -> Result<Option<ConfigRow>, sqlx::Error> {
+    pub(crate) async fn active_config(&self) -> Result<Option<ConfigRow>, sqlx::Error> {
         active(&self.pool).await
     }
 }

@@ -11,7 +11,7 @@ use crate::mappings::LinuxState;
 
 /// What the device monitor saw happen to a guest device, as the mapping sync records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceFact<'a> {
+pub(crate) enum DeviceFact<'a> {
     /// The device at `path` vanished: its mapping has no device any more.
     Removed { path: &'a str },
     /// A device with `serial` appeared at `path`.
@@ -26,7 +26,7 @@ pub enum DeviceFact<'a> {
 
 /// A host mapping as the sync sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct HostMapping {
+pub(crate) struct HostMapping {
     #[sqlx(try_from = "String")]
     pub volume_id: VolumeId,
     pub serial: Option<String>,
@@ -36,7 +36,7 @@ pub struct HostMapping {
 }
 
 /// The device at `path` vanished: its mapping has no device any more.
-pub async fn device_removed(
+pub(crate) async fn device_removed(
     tx: &mut MySqlConnection,
     path: &str,
     at: DateTime<Utc>,
@@ -55,7 +55,7 @@ pub async fn device_removed(
 }
 
 /// A device with `serial` appeared at `path`: the mapping of that serial points there.
-pub async fn device_added(
+pub(crate) async fn device_added(
     tx: &mut MySqlConnection,
     serial: &str,
     path: &str,
@@ -80,7 +80,7 @@ pub async fn device_added(
 }
 
 /// The device at `path` changed size.
-pub async fn device_resized(
+pub(crate) async fn device_resized(
     tx: &mut MySqlConnection,
     path: &str,
     size: Option<u64>,
@@ -99,7 +99,7 @@ pub async fn device_resized(
 }
 
 /// Every host mapping.
-pub async fn host_mappings(pool: &MySqlPool) -> Result<Vec<HostMapping>, sqlx::Error> {
+pub(crate) async fn host_mappings(pool: &MySqlPool) -> Result<Vec<HostMapping>, sqlx::Error> {
     sqlx::query_as(
         "SELECT volume_id, serial, device_path, linux_state FROM device_mappings WHERE operation_mode = ?",
     )
@@ -109,7 +109,7 @@ pub async fn host_mappings(pool: &MySqlPool) -> Result<Vec<HostMapping>, sqlx::E
 }
 
 /// Sets where `volume`'s device is (or that it is missing).
-pub async fn set_host_device(
+pub(crate) async fn set_host_device(
     tx: &mut MySqlConnection,
     volume: VolumeId,
     path: Option<&str>,
@@ -131,12 +131,12 @@ pub async fn set_host_device(
 /// The mapping sync's reads, and its writes, which fence themselves.
 impl Store {
     /// Every host mapping, as the sync compares it with the device table.
-    pub async fn host_mappings(&self) -> Result<Vec<HostMapping>, sqlx::Error> {
+    pub(crate) async fn host_mappings(&self) -> Result<Vec<HostMapping>, sqlx::Error> {
         host_mappings(&self.pool).await
     }
 
     /// Records `fact` in the host mappings it concerns, fenced.
-    pub async fn record_device(&self, fact: &DeviceFact<'_>) -> Result<(), StoreError> {
+    pub(crate) async fn record_device(&self, fact: &DeviceFact<'_>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         match *fact {
             DeviceFact::Removed { path } => device_removed(&mut tx, path, now()).await?,
@@ -151,7 +151,7 @@ impl Store {
     }
 
     /// Sets where `volume`'s device is (or that it is missing), fenced.
-    pub async fn set_host_device(
+    pub(crate) async fn set_host_device(
         &self,
         volume: VolumeId,
         path: Option<&str>,

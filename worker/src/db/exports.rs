@@ -14,7 +14,7 @@ const REMOVED: &str = "removed";
 
 /// An `active` row of `nbd_exports`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct ExportRow {
+pub(crate) struct ExportRow {
     #[sqlx(try_from = "String")]
     pub volume_id: VolumeId,
     pub export_name: String,
@@ -23,7 +23,7 @@ pub struct ExportRow {
 
 /// A host mapping with what its files should be.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct HostLinkRow {
+pub(crate) struct HostLinkRow {
     #[sqlx(try_from = "String")]
     pub volume_id: VolumeId,
     pub persistent_device_name: Option<String>,
@@ -32,7 +32,7 @@ pub struct HostLinkRow {
 }
 
 /// The volume's export is `name` → `target`, active (a re-attach reuses the row).
-pub async fn upsert_active(
+pub(crate) async fn upsert_active(
     conn: &mut MySqlConnection,
     volume: VolumeId,
     name: &str,
@@ -53,7 +53,10 @@ pub async fn upsert_active(
 }
 
 /// The volume's export, if any, is gone.
-pub async fn mark_removed(conn: &mut MySqlConnection, volume: VolumeId) -> Result<(), sqlx::Error> {
+pub(crate) async fn mark_removed(
+    conn: &mut MySqlConnection,
+    volume: VolumeId,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE nbd_exports SET status = ? WHERE volume_id = ? AND status = ?")
         .bind(REMOVED)
         .bind(volume.to_string())
@@ -64,7 +67,7 @@ pub async fn mark_removed(conn: &mut MySqlConnection, volume: VolumeId) -> Resul
 }
 
 /// Every active export.
-pub async fn active(pool: &MySqlPool) -> Result<Vec<ExportRow>, sqlx::Error> {
+pub(crate) async fn active(pool: &MySqlPool) -> Result<Vec<ExportRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT volume_id, export_name, target_path FROM nbd_exports WHERE status = ? ORDER BY id",
     )
@@ -74,7 +77,7 @@ pub async fn active(pool: &MySqlPool) -> Result<Vec<ExportRow>, sqlx::Error> {
 }
 
 /// How many exports are active (`/metrics`).
-pub async fn active_count(pool: &MySqlPool) -> Result<u64, sqlx::Error> {
+pub(crate) async fn active_count(pool: &MySqlPool) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports WHERE status = ?")
         .bind(ACTIVE)
         .fetch_one(pool)
@@ -83,7 +86,7 @@ pub async fn active_count(pool: &MySqlPool) -> Result<u64, sqlx::Error> {
 }
 
 /// Every host mapping, with its persistent name.
-pub async fn host_links(pool: &MySqlPool) -> Result<Vec<HostLinkRow>, sqlx::Error> {
+pub(crate) async fn host_links(pool: &MySqlPool) -> Result<Vec<HostLinkRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT volume_id, persistent_device_name, device_path, by_id_path \
          FROM device_mappings WHERE operation_mode = ? ORDER BY id",
@@ -94,7 +97,10 @@ pub async fn host_links(pool: &MySqlPool) -> Result<Vec<HostLinkRow>, sqlx::Erro
 }
 
 /// The persistent names held by volumes other than `volume`.
-pub async fn names_in_use(pool: &MySqlPool, volume: VolumeId) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn names_in_use(
+    pool: &MySqlPool,
+    volume: VolumeId,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT persistent_device_name FROM device_mappings \
          WHERE persistent_device_name IS NOT NULL AND volume_id <> ?",
@@ -105,7 +111,7 @@ pub async fn names_in_use(pool: &MySqlPool, volume: VolumeId) -> Result<Vec<Stri
 }
 
 /// The persistent name of `volume`'s host mapping, if it has one.
-pub async fn persistent_name_of(
+pub(crate) async fn persistent_name_of(
     pool: &MySqlPool,
     volume: VolumeId,
 ) -> Result<Option<String>, sqlx::Error> {
@@ -120,7 +126,7 @@ pub async fn persistent_name_of(
 }
 
 /// Whether `volume` has an active export row.
-pub async fn has_active(pool: &MySqlPool, volume: VolumeId) -> Result<bool, sqlx::Error> {
+pub(crate) async fn has_active(pool: &MySqlPool, volume: VolumeId) -> Result<bool, sqlx::Error> {
     let n: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports WHERE volume_id = ? AND status = ?")
             .bind(volume.to_string())
@@ -131,7 +137,7 @@ pub async fn has_active(pool: &MySqlPool, volume: VolumeId) -> Result<bool, sqlx
 }
 
 /// Records the persistent name of a host mapping (the reconcile's repair).
-pub async fn set_persistent_name(
+pub(crate) async fn set_persistent_name(
     conn: &mut MySqlConnection,
     volume: VolumeId,
     name: &str,
@@ -152,22 +158,22 @@ pub async fn set_persistent_name(
 /// fence themselves.
 impl Store {
     /// Every host mapping, with its persistent name.
-    pub async fn host_links(&self) -> Result<Vec<HostLinkRow>, sqlx::Error> {
+    pub(crate) async fn host_links(&self) -> Result<Vec<HostLinkRow>, sqlx::Error> {
         host_links(&self.pool).await
     }
 
     /// Every active `nbd_exports` row.
-    pub async fn active_exports(&self) -> Result<Vec<ExportRow>, sqlx::Error> {
+    pub(crate) async fn active_exports(&self) -> Result<Vec<ExportRow>, sqlx::Error> {
         active(&self.pool).await
     }
 
     /// The persistent names held by volumes other than `volume`.
-    pub async fn names_in_use(&self, volume: VolumeId) -> Result<Vec<String>, sqlx::Error> {
+    pub(crate) async fn names_in_use(&self, volume: VolumeId) -> Result<Vec<String>, sqlx::Error> {
         names_in_use(&self.pool, volume).await
     }
 
     /// The persistent name of `volume`'s host mapping, if it has one.
-    pub async fn persistent_name_of(
+    pub(crate) async fn persistent_name_of(
         &self,
         volume: VolumeId,
     ) -> Result<Option<String>, sqlx::Error> {
@@ -175,12 +181,12 @@ impl Store {
     }
 
     /// Whether `volume` has an active export row.
-    pub async fn has_active_export(&self, volume: VolumeId) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn has_active_export(&self, volume: VolumeId) -> Result<bool, sqlx::Error> {
         has_active(&self.pool, volume).await
     }
 
     /// `volume`'s export row is removed (its export entry is gone), fenced.
-    pub async fn drop_export(&self, volume: VolumeId) -> Result<(), StoreError> {
+    pub(crate) async fn drop_export(&self, volume: VolumeId) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         mark_removed(&mut tx, volume).await?;
         self.commit_fenced(tx).await
@@ -189,7 +195,7 @@ impl Store {
     /// Records what the host repair made for `volume`: its persistent `name` (shown as
     /// `path`) when the mapping had none, an active export row `export` when it had none;
     /// one fenced transaction.
-    pub async fn record_host_files(
+    pub(crate) async fn record_host_files(
         &self,
         volume: VolumeId,
         name: Option<&str>,

@@ -8,7 +8,7 @@ use sqlx::{MySqlConnection, MySqlTransaction};
 
 /// The epoch of one holding, checked by every state write of that active period.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
+pub(crate) struct Fence {
     name: String,
     epoch: u64,
 }
@@ -18,14 +18,14 @@ pub struct Fence {
 #[error(
     "fenced: this instance's execution lease (epoch {ours}) was taken over (epoch now {current:?})"
 )]
-pub struct Fenced {
+pub(crate) struct Fenced {
     pub ours: u64,
     pub current: Option<u64>,
 }
 
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
@@ -35,13 +35,13 @@ pub enum StoreError {
 impl Fence {
     /// The fence of the lease row `name` (the lease's name for an `AMQP_PREFIX`) held with
     /// `epoch`.
-    pub fn new(name: String, epoch: u64) -> Self {
+    pub(crate) fn new(name: String, epoch: u64) -> Self {
         Self { name, epoch }
     }
 
     /// Commits `tx` if the lease still has this epoch; otherwise rolls it back and returns
     /// [`StoreError::Fenced`]. Every fenced transaction ends this way.
-    pub async fn commit(&self, mut tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
+    pub(crate) async fn commit(&self, mut tx: MySqlTransaction<'_>) -> Result<(), StoreError> {
         match self.check(&mut tx).await {
             Ok(()) => Ok(tx.commit().await?),
             Err(e) => {
@@ -51,19 +51,19 @@ impl Fence {
         }
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// The lease row's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Inside the caller's transaction, just before it commits: [`StoreError::Fenced`] when
     /// the lease now has another epoch (the caller must roll back). The shared lock it takes
     /// makes a takeover wait until this transaction ends.
-    pub async fn check(&self, tx: &mut MySqlConnection) -> Result<(), StoreError> {
+    pub(crate) async fn check(&self, tx: &mut MySqlConnection) -> Result<(), StoreError> {
         let current = super::lease::epoch_shared(tx, &self.name).await?;
         if current == Some(self.epoch) {
             Ok(())

@@ -6,7 +6,7 @@ use sqlx::{MySqlConnection, MySqlPool};
 
 /// The lease's current epoch, read with a shared lock inside the caller's transaction: a
 /// takeover (an exclusive update of the row) waits until that transaction ends.
-pub async fn epoch_shared(
+pub(crate) async fn epoch_shared(
     tx: &mut MySqlConnection,
     name: &str,
 ) -> Result<Option<u64>, sqlx::Error> {
@@ -18,7 +18,7 @@ pub async fn epoch_shared(
 
 /// Takes the lease for `holder` if it has expired (or was released): the new epoch, or `None`
 /// while another holder's lease runs.
-pub async fn take_if_expired(
+pub(crate) async fn take_if_expired(
     pool: &MySqlPool,
     name: &str,
     holder: &str,
@@ -56,7 +56,7 @@ pub async fn take_if_expired(
 }
 
 /// Pushes the expiry `ttl_micros` ahead if `holder` still holds `epoch`; `false` otherwise.
-pub async fn renew(
+pub(crate) async fn renew(
     pool: &MySqlPool,
     name: &str,
     holder: &str,
@@ -77,7 +77,7 @@ pub async fn renew(
 }
 
 /// Expires the lease now if `holder` still holds `epoch` (a clean shutdown).
-pub async fn release(
+pub(crate) async fn release(
     pool: &MySqlPool,
     name: &str,
     holder: &str,
@@ -97,7 +97,7 @@ pub async fn release(
 
 /// Makes the lease look expired, as time would (tests).
 #[cfg(test)]
-pub async fn expire(pool: &MySqlPool, name: &str) -> Result<(), sqlx::Error> {
+pub(crate) async fn expire(pool: &MySqlPool, name: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE execution_lease SET expires_at = UTC_TIMESTAMP(3) - INTERVAL 1 SECOND WHERE name = ?",
     )

@@ -6,7 +6,10 @@ use crate::db::{exports, mode_column};
 use crate::mappings::MappingChange;
 
 /// Applies `change` inside the caller's transaction.
-pub async fn apply(conn: &mut MySqlConnection, change: &MappingChange) -> Result<(), sqlx::Error> {
+pub(crate) async fn apply(
+    conn: &mut MySqlConnection,
+    change: &MappingChange,
+) -> Result<(), sqlx::Error> {
     match change {
         MappingChange::Remove(volume) => {
             sqlx::query("DELETE FROM device_mappings WHERE volume_id = ?")

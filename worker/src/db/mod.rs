@@ -42,20 +42,20 @@ macro_rules! unended {
     };
 }
 
-pub mod appliance;
-pub mod cancel;
-pub mod configs;
-pub mod devices;
-pub mod exports;
-pub mod fence;
-pub mod lease;
-pub mod mappings;
-pub mod outbox;
-pub mod read;
-pub mod retention;
-pub mod store;
+pub(crate) mod appliance;
+pub(crate) mod cancel;
+pub(crate) mod configs;
+pub(crate) mod devices;
+pub(crate) mod exports;
+pub(crate) mod fence;
+pub(crate) mod lease;
+pub(crate) mod mappings;
+pub(crate) mod outbox;
+pub(crate) mod read;
+pub(crate) mod retention;
+pub(crate) mod store;
 #[cfg(test)]
-pub mod testdb;
+pub(crate) mod testdb;
 
 use std::time::Duration;
 
@@ -66,7 +66,7 @@ use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
 /// The embedded migrations.
-pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -128,7 +128,7 @@ async fn bound_session(
 }
 
 /// `operation_mode`: how the daemon names an [`AttachMode`] in SQL (the one place).
-pub const fn mode_column(mode: AttachMode) -> &'static str {
+pub(crate) const fn mode_column(mode: AttachMode) -> &'static str {
     match mode {
         AttachMode::Host => "oma",
         AttachMode::Remote => "failover",
@@ -136,12 +136,12 @@ pub const fn mode_column(mode: AttachMode) -> &'static str {
 }
 
 /// `operation_mode` of host mappings.
-pub const HOST_MODE: &str = mode_column(AttachMode::Host);
+pub(crate) const HOST_MODE: &str = mode_column(AttachMode::Host);
 
 /// Whether a database error will come back however often the write is tried: the server
 /// refused the statement itself. Lost connections, killed sessions, lock waits, deadlocks and
 /// connection limits are transient.
-pub fn is_permanent(e: &sqlx::Error) -> bool {
+pub(crate) fn is_permanent(e: &sqlx::Error) -> bool {
     /// MySQL/MariaDB error numbers worth retrying: lock wait timeout, deadlock, too many
     /// connections, shutdown in progress, query interrupted, server gone, lost connection,
     /// connection killed, and MySQL 8's "disconnected by the server because of inactivity"
@@ -161,7 +161,7 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
 }
 
 /// Connects to `url`, creating the database if it does not exist, and applies migrations.
-pub async fn connect_and_migrate(
+pub(crate) async fn connect_and_migrate(
     url: &SecretUrl,
     max_connections: u32,
 ) -> Result<MySqlPool, DbError> {
@@ -207,13 +207,13 @@ pub async fn connect_and_migrate(
 
 /// The execution lease's own pool: two connections, quick to give up, connected lazily (a
 /// standby outlives database outages).
-pub fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
+pub(crate) fn lease_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
     side_pool(url, 2, LEASE_SESSION)
 }
 
 /// The HTTP server's own pool (the read API, `/ready`, `/metrics`): a flood of read requests
 /// waits for these few connections and never for the operations' or the lease's.
-pub fn http_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
+pub(crate) fn http_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
     side_pool(url, 4, MAIN_SESSION)
 }
 

@@ -1,7 +1,7 @@
 //! The outbox table: events waiting to be published.
 //!
 //! Rows are written in the same transaction as the result they announce ([`insert`]) and read
-//! by the relay without locks ([`unpublished`]): only the lease holder relays, and the relay
+//! by the relay without locks ([`unpublished_except`]): only the lease holder relays, and the relay
 //! must not hold row locks while it waits for the broker's confirms. There is no "highest id
 //! seen" cursor: auto-increment ids commit out of order, so every read looks at all rows whose
 //! `published_at` is still NULL.
@@ -15,7 +15,7 @@ use crate::db::fence::{Fence, StoreError};
 
 /// An event to publish, as stored.
 #[derive(Debug, Clone)]
-pub struct OutboxRow {
+pub(crate) struct OutboxRow {
     pub id: u64,
     pub event_id: String,
     pub exchange: String,
@@ -28,7 +28,7 @@ pub struct OutboxRow {
 }
 
 /// Adds `event` to the outbox, inside the caller's transaction.
-pub async fn insert(
+pub(crate) async fn insert(
     conn: &mut MySqlConnection,
     event: &CloudEvent,
     exchange: &str,
@@ -52,7 +52,7 @@ pub async fn insert(
 
 /// Deletes up to `batch` rows the broker confirmed before `cutoff` (the retention sweep).
 /// Unpublished rows are never deleted, however old.
-pub async fn delete_published_before(
+pub(crate) async fn delete_published_before(
     conn: &mut MySqlConnection,
     cutoff: chrono::DateTime<chrono::Utc>,
     batch: u32,
@@ -68,14 +68,10 @@ pub async fn delete_published_before(
     Ok(done.rows_affected())
 }
 
-/// Up to `limit` unpublished rows, oldest first (a plain read: no locks held).
-pub async fn unpublished(pool: &MySqlPool, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    unpublished_except(pool, limit, &[]).await
-}
-
-/// [`unpublished`] without the rows `except` names (published, their marking not yet
-/// committed): the server skips them in its index, so their payloads are not sent again.
-pub async fn unpublished_except(
+/// Up to `limit` unpublished rows, oldest first (a plain read: no locks held), without the
+/// rows `except` names (published, their marking not yet committed): the server skips them in
+/// its index, so their payloads are not sent again.
+pub(crate) async fn unpublished_except(
     pool: &MySqlPool,
     limit: u32,
     except: &[u64],
@@ -113,7 +109,7 @@ pub async fn unpublished_except(
 /// Marks rows published (a relay batch the broker confirmed) in one fenced autocommit
 /// statement (`lease` and `epoch` are the fence's): how many rows it marked, none when the
 /// lease has moved on. One round trip, not one per row.
-pub async fn mark_all_published(
+pub(crate) async fn mark_all_published(
     pool: &MySqlPool,
     ids: &[u64],
     lease: &str,
@@ -142,7 +138,7 @@ pub async fn mark_all_published(
 
 /// [`mark_all_published`] under `fence`: [`StoreError::Fenced`] when it marked nothing because
 /// the lease moved on (nothing marked while the fence holds: the rows were marked already).
-pub async fn mark_published_fenced(
+pub(crate) async fn mark_published_fenced(
     pool: &MySqlPool,
     ids: &[u64],
     fence: &Fence,
@@ -157,7 +153,7 @@ pub async fn mark_published_fenced(
 
 /// [`record_refusals`] under `fence`: [`StoreError::Fenced`] when it changed nothing because
 /// the lease moved on.
-pub async fn record_refusals_fenced(
+pub(crate) async fn record_refusals_fenced(
     pool: &MySqlPool,
     ids: &[u64],
     give_up: &[u64],
@@ -175,7 +171,7 @@ pub async fn record_refusals_fenced(
 /// `give_up`, records that the relay gave them up: `refused_at` and `published_at` set, so they
 /// leave the backlog (docs/wire.md). One fenced autocommit statement; how many rows it changed,
 /// none when the lease has moved on.
-pub async fn record_refusals(
+pub(crate) async fn record_refusals(
     pool: &MySqlPool,
     ids: &[u64],
     give_up: &[u64],
@@ -215,12 +211,12 @@ pub async fn record_refusals(
 
 /// How many events wait, and since when the oldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     pub count: u64,
     pub oldest: Option<DateTime<Utc>>,
 }
 
-pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
+pub(crate) async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
     let row = sqlx::query(
         "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL",
     )
@@ -236,6 +232,10 @@ pub async fn backlog(pool: &MySqlPool) -> Result<Backlog, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn unpublished(pool: &MySqlPool, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        unpublished_except(pool, limit, &[]).await
+    }
     use crate::db::testdb::{TestDb, rejected_event as event};
 
     /// The ids of the unpublished rows, oldest first.

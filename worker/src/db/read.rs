@@ -12,7 +12,7 @@ use crate::db::HOST_MODE as HOST;
 
 /// The filters of `GET /api/v1/operations`, parsed and bounded by the HTTP layer.
 #[derive(Debug, Clone, Default)]
-pub struct OperationFilter {
+pub(crate) struct OperationFilter {
     pub status: Option<OperationStatus>,
     pub op_type: Option<OperationType>,
     pub volume_id: Option<VolumeId>,
@@ -94,7 +94,7 @@ impl TryFrom<OperationRow> for OperationView {
     }
 }
 
-pub async fn operation(
+pub(crate) async fn operation(
     pool: &MySqlPool,
     id: &CommandId,
 ) -> Result<Option<OperationView>, sqlx::Error> {
@@ -111,7 +111,7 @@ pub async fn operation(
 
 /// Operations matching `f`, newest first (`created_at`, then `id`, both descending), at most
 /// `f.limit`.
-pub async fn operations(
+pub(crate) async fn operations(
     pool: &MySqlPool,
     f: &OperationFilter,
 ) -> Result<Vec<OperationView>, sqlx::Error> {
@@ -197,7 +197,7 @@ fn views(rows: Vec<MappingRow>) -> Result<Vec<MappingView>, sqlx::Error> {
     rows.into_iter().map(MappingView::try_from).collect()
 }
 
-pub async fn mapping(
+pub(crate) async fn mapping(
     pool: &MySqlPool,
     volume: VolumeId,
 ) -> Result<Option<MappingView>, sqlx::Error> {
@@ -213,7 +213,10 @@ pub async fn mapping(
 }
 
 /// The mappings on `vm`, or every mapping.
-pub async fn mappings(pool: &MySqlPool, vm: Option<VmId>) -> Result<Vec<MappingView>, sqlx::Error> {
+pub(crate) async fn mappings(
+    pool: &MySqlPool,
+    vm: Option<VmId>,
+) -> Result<Vec<MappingView>, sqlx::Error> {
     let rows: Vec<MappingRow> = sqlx::query_as(concat!(
         "SELECT ",
         mapping_columns!(),
@@ -227,7 +230,7 @@ pub async fn mappings(pool: &MySqlPool, vm: Option<VmId>) -> Result<Vec<MappingV
 }
 
 /// The host mapping whose device is `device_path`.
-pub async fn mapping_on_device(
+pub(crate) async fn mapping_on_device(
     pool: &MySqlPool,
     device_path: &str,
 ) -> Result<Option<MappingView>, sqlx::Error> {
@@ -254,7 +257,7 @@ struct ExportRow {
 }
 
 /// Active exports (of one volume, or all), with their URL made by `url_of(name)`.
-pub async fn exports(
+pub(crate) async fn exports(
     pool: &MySqlPool,
     volume: Option<VolumeId>,
     url_of: impl Fn(&str) -> String,
@@ -285,7 +288,7 @@ pub async fn exports(
 }
 
 /// The newest operation on `volume`.
-pub async fn last_operation(
+pub(crate) async fn last_operation(
     pool: &MySqlPool,
     volume: VolumeId,
 ) -> Result<Option<OperationView>, sqlx::Error> {
@@ -310,7 +313,7 @@ pub struct Gauges {
     pub remote_mappings: u64,
 }
 
-pub async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
+pub(crate) async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
     let (pending, executing): (i64, i64) = sqlx::query_as(
         "SELECT CAST(COALESCE(SUM(status = 'pending'), 0) AS SIGNED), \
          CAST(COALESCE(SUM(status = 'executing'), 0) AS SIGNED) \
@@ -336,7 +339,7 @@ pub async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
 }
 impl crate::db::store::Store {
     /// The mappings (of `vm`, else all), as a reconcile compares them with CloudStack.
-    pub async fn mappings(&self, vm: Option<VmId>) -> Result<Vec<MappingView>, sqlx::Error> {
+    pub(crate) async fn mappings(&self, vm: Option<VmId>) -> Result<Vec<MappingView>, sqlx::Error> {
         mappings(&self.pool, vm).await
     }
 }

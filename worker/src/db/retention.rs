@@ -10,7 +10,7 @@ use crate::db::store::{Store, StoreError};
 impl Store {
     /// Deletes up to `batch` outbox rows the broker confirmed before `cutoff`, oldest first;
     /// returns how many (a short transaction: small batches never hold long locks).
-    pub async fn delete_published_outbox(
+    pub(crate) async fn delete_published_outbox(
         &self,
         cutoff: DateTime<Utc>,
         batch: u32,
@@ -23,7 +23,7 @@ impl Store {
 
     /// Deletes up to `batch` operations that ended before `cutoff`, oldest first; returns how
     /// many.
-    pub async fn delete_ended_operations(
+    pub(crate) async fn delete_ended_operations(
         &self,
         cutoff: DateTime<Utc>,
         batch: u32,

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use cloudstack::response::JobId;
 use schema::{CloudEvent, Command, CommandId, MessageProps, OperationStatus, Topology, VolumeId};
 
-pub use crate::db::fence::StoreError;
+pub(crate) use crate::db::fence::StoreError;
 use crate::db::fence::{Fence, Fenced};
 use crate::db::mappings;
 use crate::db::outbox;
@@ -28,7 +28,7 @@ use crate::model::{Operation, Terminal};
 
 /// What accepting a command found.
 #[derive(Debug)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// A new operation, committed as `pending`.
     New(Box<Operation>),
     /// The same command id is already pending or executing: the operation as stored. The
@@ -41,7 +41,7 @@ pub enum Accepted {
 
 /// Access to the operations table for one active period. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Store {
     pub(in crate::db) pool: MySqlPool,
     topology: Topology,
     pub(in crate::db) fence: Fence,
@@ -50,12 +50,12 @@ pub struct Store {
 }
 
 /// Timestamps are stored with millisecond precision; keep the in-memory copy identical.
-pub fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 
 impl Store {
-    pub fn new(pool: MySqlPool, topology: Topology, fence: Fence) -> Self {
+    pub(crate) fn new(pool: MySqlPool, topology: Topology, fence: Fence) -> Self {
         Self {
             pool,
             topology,
@@ -65,7 +65,7 @@ impl Store {
     }
 
     /// What the relay waits on: rung by every commit that queued an event.
-    pub fn relay_bell(&self) -> Arc<Notify> {
+    pub(crate) fn relay_bell(&self) -> Arc<Notify> {
         self.bell.clone()
     }
 
@@ -87,7 +87,7 @@ impl Store {
     /// Commits `command` as a `pending` operation (docs/wire.md (processing rule 1): only then is the message
     /// acknowledged). A command id seen before is not executed again (rule 2): if its operation
     /// ended, its terminal event is queued again with the same event id.
-    pub async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
+    pub(crate) async fn accept(&self, command: Command) -> Result<Accepted, StoreError> {
         let created_at = now();
         // One fenced autocommit statement: the row is inserted only while the lease has our
         // epoch and the command did not end long ago (its operation swept by retention, its
@@ -203,7 +203,7 @@ impl Store {
 
     /// Queues the failed event of a message that was not a valid command, unless an operation
     /// with that command id exists (its own event must stay the only terminal one).
-    pub async fn queue_rejection_event(
+    pub(crate) async fn queue_rejection_event(
         &self,
         event: &CloudEvent,
         reply_to: Option<&str>,
@@ -227,7 +227,7 @@ impl Store {
 
     /// Whether another create operation already owns `volume` (reconciliation must not take
     /// another command's volume).
-    pub async fn volume_claimed_by_other(
+    pub(crate) async fn volume_claimed_by_other(
         &self,
         volume: VolumeId,
         id: &CommandId,
@@ -242,7 +242,7 @@ impl Store {
 
     /// Marks the operation executing (one more attempt), in one fenced statement. `false`: it
     /// is no longer pending or executing (it ended meanwhile): not ours to execute.
-    pub async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
+    pub(crate) async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?) WHERE id = ? AND ",
@@ -266,7 +266,7 @@ impl Store {
 
     /// Records the CloudStack job (and, for a create, the new volume) before polling it, so a
     /// restart resumes from the job instead of starting a second one. One fenced statement.
-    pub async fn record_job(
+    pub(crate) async fn record_job(
         &self,
         id: &CommandId,
         volume: Option<VolumeId>,
@@ -317,7 +317,11 @@ impl Store {
     /// Ends `op` as `terminal` says: the row's terminal state, the change to
     /// `device_mappings` and the outbox row of its event, in one transaction, fenced by its
     /// first statement. An operation that already ended is left as it is.
-    pub async fn finish(&self, op: &Operation, terminal: &Terminal) -> Result<(), StoreError> {
+    pub(crate) async fn finish(
+        &self,
+        op: &Operation,
+        terminal: &Terminal,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         if !self.end_row(&mut tx, op.id(), terminal).await? {
             tx.rollback().await?;
@@ -389,14 +393,14 @@ impl Store {
     }
 
     /// Applies one mapping change on its own (a reconcile's repair), fenced.
-    pub async fn apply_mapping(&self, change: &MappingChange) -> Result<(), StoreError> {
+    pub(crate) async fn apply_mapping(&self, change: &MappingChange) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         mappings::apply(&mut tx, change).await?;
         self.commit_fenced(tx).await
     }
 
     /// Every `pending` and `executing` operation, oldest first, to resume at start.
-    pub async fn resumable(&self) -> Result<Vec<Operation>, sqlx::Error> {
+    pub(crate) async fn resumable(&self) -> Result<Vec<Operation>, sqlx::Error> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             operation_columns!(),

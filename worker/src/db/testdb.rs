@@ -11,7 +11,7 @@ fn server() -> String {
 }
 
 /// A failed event of `command_id` (a rejected message): what outbox and relay tests store.
-pub fn rejected_event(command_id: &str) -> schema::CloudEvent {
+pub(crate) fn rejected_event(command_id: &str) -> schema::CloudEvent {
     let data = schema::EventData::rejected(
         schema::CommandId::parse(command_id).expect("a command id"),
         schema::OperationType::Create.into(),
@@ -23,14 +23,14 @@ pub fn rejected_event(command_id: &str) -> schema::CloudEvent {
 }
 
 /// A migrated database named `vd_unit_<random>`.
-pub struct TestDb {
+pub(crate) struct TestDb {
     pub pool: MySqlPool,
     pub url: String,
     name: String,
 }
 
 impl TestDb {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let name = format!(
             "vd_unit_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -45,7 +45,7 @@ impl TestDb {
     }
 
     /// A user of this database only, with a password; its URL. Dropped with the database.
-    pub async fn user_with_password(&self, tag: &str) -> String {
+    pub(crate) async fn user_with_password(&self, tag: &str) -> String {
         let user = format!("{}_{tag}", self.name);
         let password = format!("pw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         for sql in [
@@ -64,7 +64,7 @@ impl TestDb {
     }
 
     /// The execution lease of this database (prefix `unit`), held by this test.
-    pub async fn lease(&self) -> crate::lease::Lease {
+    pub(crate) async fn lease(&self) -> crate::lease::Lease {
         let stop = tokio_util::sync::CancellationToken::new();
         crate::lease::Lease::acquire(&self.pool, "unit", "unit-test", &stop)
             .await
@@ -72,7 +72,7 @@ impl TestDb {
     }
 
     /// A store fenced by a lease this test holds (prefix `unit`).
-    pub async fn store(&self) -> crate::db::store::Store {
+    pub(crate) async fn store(&self) -> crate::db::store::Store {
         let lease = self.lease().await;
         crate::db::store::Store::new(
             self.pool.clone(),

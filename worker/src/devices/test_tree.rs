@@ -4,21 +4,27 @@ use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 
 /// A temporary sysfs tree, removed on drop.
-pub struct Tree(pub PathBuf);
+pub(crate) struct Tree(pub PathBuf);
 
 impl Tree {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let p = std::env::temp_dir().join(format!("vd-scan-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(p.join("block")).expect("tree");
         Self(p)
     }
 
     /// The simulator's layout: `block/<name>/` is a directory.
-    pub fn add_dir(&self, name: &str, sectors: &str, serial: Option<&str>, controller: &str) {
+    pub(crate) fn add_dir(
+        &self,
+        name: &str,
+        sectors: &str,
+        serial: Option<&str>,
+        controller: &str,
+    ) {
         Self::add_dir_at(&self.0, name, sectors, serial, controller);
     }
 
-    pub fn add_dir_at(
+    pub(crate) fn add_dir_at(
         root: &std::path::Path,
         name: &str,
         sectors: &str,
@@ -36,7 +42,7 @@ impl Tree {
     }
 
     /// A virtio-scsi disk: no `serial` file, the serial in the VPD page `device/vpd_pg80`.
-    pub fn add_scsi(&self, name: &str, sectors: &str, serial: &str) {
+    pub(crate) fn add_scsi(&self, name: &str, sectors: &str, serial: &str) {
         let d = self.0.join("block").join(name);
         std::fs::create_dir_all(d.join("device")).expect("dirs");
         std::fs::write(d.join("size"), sectors).expect("size");
@@ -48,7 +54,7 @@ impl Tree {
     }
 
     /// A real guest's layout: `block/<name>` is a symlink into `devices/`.
-    pub fn add_real(&self, name: &str, sectors: &str, serial: &str, controller: &str) {
+    pub(crate) fn add_real(&self, name: &str, sectors: &str, serial: &str, controller: &str) {
         let real = self.0.join(format!(
             "devices/pci0000:00/0000:00:06.0/{controller}/block/{name}"
         ));

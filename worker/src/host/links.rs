@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Makes `link` a symlink to `target`, replacing whatever link was there, atomically.
-pub async fn replace(target: &Path, link: &Path) -> io::Result<()> {
+pub(super) async fn replace(target: &Path, link: &Path) -> io::Result<()> {
     let dir = link.parent().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -31,7 +31,7 @@ pub async fn replace(target: &Path, link: &Path) -> io::Result<()> {
 }
 
 /// Removes `link`; `false` when there was nothing to remove.
-pub async fn remove(link: &Path) -> io::Result<bool> {
+pub(super) async fn remove(link: &Path) -> io::Result<bool> {
     match tokio::fs::remove_file(link).await {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -40,12 +40,12 @@ pub async fn remove(link: &Path) -> io::Result<bool> {
 }
 
 /// Where `link` points, if it is a symlink.
-pub async fn target(link: &Path) -> Option<PathBuf> {
+pub(super) async fn target(link: &Path) -> Option<PathBuf> {
     tokio::fs::read_link(link).await.ok()
 }
 
 /// The entries of `dir` (not the temporary ones of [`replace`]); empty when it does not exist.
-pub async fn entries(dir: &Path) -> io::Result<Vec<String>> {
+pub(super) async fn entries(dir: &Path) -> io::Result<Vec<String>> {
     let mut read = match tokio::fs::read_dir(dir).await {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -148,7 +148,7 @@ fn at(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HostError {
 
 /// The persistent name of `volume`: `vol` and the first 8 hex digits of its id, then 12, then
 /// all 32 when another attached volume holds the shorter one (`in_use`).
-pub fn persistent_name(volume: VolumeId, in_use: &[String]) -> String {
+pub(crate) fn persistent_name(volume: VolumeId, in_use: &[String]) -> String {
     let hex = volume.as_uuid().simple().to_string();
     [8, 12, 32]
         .into_iter()
@@ -185,7 +185,7 @@ impl Target {
 /// The target for the device `device` that carries `serial` now: its by-id link when udev made
 /// one, else its node. `wait`: give udev up to `BY_ID_LINK_WAIT_MS` to make the link (a fresh
 /// attach); a repair takes what is there.
-pub async fn target_of(
+pub(crate) async fn target_of(
     devices: &Devices,
     device: &str,
     serial: Option<&str>,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The server's bounds.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
@@ -43,7 +43,12 @@ impl Default for Limits {
 }
 
 /// Serves `app` on `listener` until `stop`, within `limits`.
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+) {
     let app = app.layer(axum::middleware::from_fn(
         move |req: Request, next: Next| bounded(limits.request_timeout, req, next),
     ));

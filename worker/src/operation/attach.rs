@@ -17,7 +17,7 @@ use crate::devices::Found;
 use crate::host::{self, HostLinks};
 use crate::mappings::{CloudStackState, DeviceMapping, HostRecord, LinuxState, MappingChange};
 
-pub async fn run(
+pub(super) async fn run(
     ctx: &Context,
     op: &mut Operation,
     attach: &AttachVolume,

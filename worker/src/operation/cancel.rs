@@ -12,7 +12,11 @@ use super::{Halt, Operation};
 use crate::context::Context;
 use crate::db::cancel::CancelFound;
 
-pub async fn run(ctx: &Context, op: &Operation, target: &CommandId) -> Result<Completed, Halt> {
+pub(super) async fn run(
+    ctx: &Context,
+    op: &Operation,
+    target: &CommandId,
+) -> Result<Completed, Halt> {
     let by = op.id().clone();
     let found = ctx
         .db(&format!("cancel operation {target}"), || {

@@ -42,7 +42,7 @@ async fn earlier_volume(
     Ok(found.map(|v| v.id))
 }
 
-pub async fn run(
+pub(super) async fn run(
     ctx: &Context,
     op: &mut Operation,
     create: &CreateVolume,

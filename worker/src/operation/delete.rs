@@ -8,7 +8,7 @@ use super::{Halt, Operation, detach, jobs, mutate};
 use crate::context::Context;
 use crate::mappings::MappingChange;
 
-pub async fn run(
+pub(super) async fn run(
     ctx: &Context,
     op: &mut Operation,
     volume_id: VolumeId,

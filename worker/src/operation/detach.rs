@@ -9,7 +9,7 @@ use super::{Halt, Operation, jobs, mutate};
 use crate::context::Context;
 use crate::mappings::MappingChange;
 
-pub async fn run(
+pub(super) async fn run(
     ctx: &Context,
     op: &mut Operation,
     volume_id: VolumeId,

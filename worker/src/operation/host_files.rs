@@ -25,7 +25,7 @@ use crate::host::{HostError, HostFiles, persistent_name, target_of};
 
 /// What the reconcile repaired.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Repairs {
+pub(crate) struct Repairs {
     /// Persistent names or export entries made or re-pointed.
     pub links: usize,
     /// Rows written (a missing persistent name or active export recorded).
@@ -54,7 +54,7 @@ fn export_change(volume: schema::VolumeId, what: ChangeKind, name: &str) -> Chan
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
+pub(crate) enum ReconcileError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database: {0}")]
@@ -66,7 +66,7 @@ pub enum ReconcileError {
 impl ReconcileError {
     /// Whether trying again may succeed: a database error that is not permanent (a dropped
     /// connection, a killed session, a lock wait). Fenced, a file error: no.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Self::Db(e) | Self::Store(StoreError::Db(e)) => crate::retry::transient_db(e),
             _ => false,
@@ -74,7 +74,7 @@ impl ReconcileError {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     store: &Store,
     files: &HostFiles,
     devices: &Devices,

@@ -8,7 +8,7 @@ use super::{Halt, Operation};
 use crate::cloud::classify;
 use crate::context::Context;
 
-pub fn not_found(volume: VolumeId) -> EventError {
+pub(crate) fn not_found(volume: VolumeId) -> EventError {
     EventError::new(
         ErrorCode::VolumeNotFound,
         format!("CloudStack does not know volume {volume}"),
@@ -16,7 +16,7 @@ pub fn not_found(volume: VolumeId) -> EventError {
 }
 
 /// The volume as CloudStack lists it now.
-pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> {
+pub(crate) async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> {
     client
         .get_volume(volume)
         .await
@@ -28,7 +28,7 @@ pub async fn current(client: &Client, volume: VolumeId) -> Result<Volume, Halt> 
 /// (its failure is this operation's failure); then any job still in progress on the volume
 /// (ours from before a crash that came before the id was stored, or anyone's), so that no call
 /// is sent while CloudStack is still acting.
-pub async fn settled(
+pub(crate) async fn settled(
     ctx: &Context,
     op: &mut Operation,
     client: &Client,
@@ -60,7 +60,7 @@ pub async fn settled(
 }
 
 /// Waits for `job` (interrupted by shutdown: the job id is stored, so that is a safe point).
-pub async fn wait(
+pub(crate) async fn wait(
     ctx: &Context,
     client: &Client,
     job: &JobId,

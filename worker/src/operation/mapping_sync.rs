@@ -17,7 +17,7 @@ use crate::retry;
 /// Runs for one active period. Every mapping write is fenced (by the `Store` call); a
 /// fenced write cancels `fenced` and ends the task. At every scan the persistent names that
 /// point at a device node are checked (`check_node_links`).
-pub async fn run(
+pub(crate) async fn run(
     store: Store,
     devices: Devices,
     host: HostFiles,

@@ -9,11 +9,11 @@ mod cancel;
 mod create;
 mod delete;
 mod detach;
-pub mod host_files;
-pub mod jobs;
-pub mod mapping_sync;
+pub(crate) mod host_files;
+pub(crate) mod jobs;
+pub(crate) mod mapping_sync;
 mod mutate;
-pub mod outcome;
+pub(crate) mod outcome;
 mod reconcile;
 
 use std::sync::Arc;
@@ -23,12 +23,12 @@ use tracing::Instrument;
 use schema::Action;
 
 use crate::context::Context;
-pub use crate::model::{Halt, Operation};
+pub(crate) use crate::model::{Halt, Operation};
 use outcome::Completed;
 
 /// Runs `op` to its end and records the outcome with its event. Returns when the outcome is
 /// committed, or when `ctx` shuts down first (the operation then resumes at the next start).
-pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
+pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
     let span = tracing::info_span!(
         "operation",
         operation_id = %op.id(),
@@ -89,7 +89,7 @@ pub async fn execute(ctx: Arc<Context>, mut op: Operation) {
 
 /// A reconcile of every VM with mappings and the host VM (the periodic one; a `reconcile`
 /// command runs the same through [`execute`]).
-pub async fn reconcile_all(
+pub(crate) async fn reconcile_all(
     ctx: &Context,
     cs: &crate::cloud::Session,
 ) -> Result<Vec<schema::event::Change>, Halt> {

@@ -22,7 +22,7 @@ use crate::cloud::classify;
 use crate::context::Context;
 
 /// How many times a call whose answer was lost is sent in all.
-pub const ATTEMPTS: usize = 3;
+pub(super) const ATTEMPTS: usize = 3;
 
 /// After a request timed out, how long CloudStack gets to finish it before its effect is
 /// checked (a slow management server may still act on it).
@@ -31,7 +31,7 @@ const SETTLE_AFTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where a mutating call runs: the operation's context, its CloudStack client and how its
 /// jobs are polled.
 #[derive(Clone, Copy)]
-pub struct Cloud<'a> {
+pub(super) struct Cloud<'a> {
     pub ctx: &'a Context,
     pub client: &'a Client,
     pub polling: JobPolling,
@@ -106,7 +106,7 @@ where
 
 /// Waits [`SETTLE_AFTER_TIMEOUT`] when `lost` was a timeout (not a refused or reset
 /// connection, where nothing is still in progress).
-pub async fn settle_after(ctx: &Context, lost: &CloudStackError) -> Result<(), Halt> {
+pub(super) async fn settle_after(ctx: &Context, lost: &CloudStackError) -> Result<(), Halt> {
     if lost.timed_out() {
         tracing::info!(
             wait_s = SETTLE_AFTER_TIMEOUT.as_secs(),
@@ -139,7 +139,7 @@ async fn volume_effect(
 }
 
 /// `attachVolume`: the volume as CloudStack lists it once attached.
-pub async fn attach(
+pub(super) async fn attach(
     cloud: Cloud<'_>,
     op: &mut Operation,
     attach: &AttachVolume,
@@ -162,7 +162,7 @@ pub async fn attach(
 }
 
 /// `detachVolume`: the volume as CloudStack lists it once detached.
-pub async fn detach(
+pub(super) async fn detach(
     cloud: Cloud<'_>,
     op: &mut Operation,
     volume: VolumeId,
@@ -182,7 +182,11 @@ pub async fn detach(
 }
 
 /// `deleteVolume` (synchronous). `false`: the volume was already gone.
-pub async fn delete(cloud: Cloud<'_>, op: &mut Operation, volume: VolumeId) -> Result<bool, Halt> {
+pub(super) async fn delete(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+) -> Result<bool, Halt> {
     mutate(
         cloud,
         op,
@@ -209,7 +213,7 @@ pub async fn delete(cloud: Cloud<'_>, op: &mut Operation, volume: VolumeId) -> R
 }
 
 /// `createVolume` of `create` in `zone`: the new volume once its job ended.
-pub async fn create(
+pub(super) async fn create(
     cloud: Cloud<'_>,
     op: &mut Operation,
     create: &CreateVolume,
@@ -262,7 +266,7 @@ fn unanswered(create: &CreateVolume, last: &CloudStackError) -> EventError {
 /// The volume the create operation `id` (accepted at `accepted`) made, if CloudStack has it:
 /// same name and zone, created after the command was accepted (CloudStack's timestamps have
 /// whole seconds), not another operation's.
-pub async fn find_created(
+pub(super) async fn find_created(
     cloud: Cloud<'_>,
     id: &schema::CommandId,
     accepted: chrono::DateTime<chrono::Utc>,

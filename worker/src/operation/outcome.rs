@@ -19,7 +19,7 @@ use crate::model::{Operation, Terminal};
 
 /// What a successful operation did.
 #[derive(Debug, Clone)]
-pub enum Completed {
+pub(crate) enum Completed {
     Created {
         volume: VolumeInfo,
         job: Option<JobId>,
@@ -54,7 +54,7 @@ pub enum Completed {
 
 /// Where an attached volume's data can be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attachment {
+pub(crate) enum Attachment {
     /// On another VM: nothing of it is on the host appliance.
     Remote,
     /// On the host VM: its guest device, persistent name and (when exports are on) export.
@@ -68,7 +68,7 @@ pub enum Attachment {
 
 /// The volume of an attach response, as CloudStack lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AttachedVolume {
+pub(crate) struct AttachedVolume {
     pub id: VolumeId,
     pub virtualmachineid: Option<VmId>,
     pub deviceid: Option<u32>,
@@ -90,7 +90,7 @@ impl From<&Volume> for AttachedVolume {
 
 /// The volume of a detach response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VolumeState {
+pub(crate) struct VolumeState {
     pub id: VolumeId,
     pub state: String,
 }
@@ -149,7 +149,7 @@ enum Response<'a> {
 
 impl Completed {
     /// The operation's stored `response`.
-    pub fn response(&self) -> serde_json::Value {
+    pub(crate) fn response(&self) -> serde_json::Value {
         let r = match self {
             Self::Created { volume, job } => Response::Created {
                 volume,
@@ -200,7 +200,7 @@ impl Completed {
     }
 
     /// What the operation does to `device_mappings` when it ends.
-    pub fn mapping_change(&self) -> Option<MappingChange> {
+    pub(crate) fn mapping_change(&self) -> Option<MappingChange> {
         match self {
             Self::Attached { mapping, .. } => Some(MappingChange::Upsert((**mapping).clone())),
             Self::Detached { volume, .. } => Some(MappingChange::Remove(volume.id)),
@@ -210,7 +210,7 @@ impl Completed {
     }
 
     /// The volume this outcome is about, when it names one.
-    pub fn volume_id(&self) -> Option<VolumeId> {
+    pub(crate) fn volume_id(&self) -> Option<VolumeId> {
         match self {
             Self::Created { volume, .. } => Some(volume.id),
             Self::Attached { volume, .. } => Some(volume.id),
@@ -284,7 +284,7 @@ fn attached<'a>(volume: &'a AttachedVolume, attachment: &'a Attachment) -> Respo
 }
 
 /// The terminal record of `op`, which completed with `done`.
-pub fn completed(op: &Operation, done: &Completed, at: DateTime<Utc>) -> Terminal {
+pub(crate) fn completed(op: &Operation, done: &Completed, at: DateTime<Utc>) -> Terminal {
     let mut data = data(op, OperationStatus::Completed, None, at);
     done.fill(&mut data);
     Terminal {
@@ -297,7 +297,7 @@ pub fn completed(op: &Operation, done: &Completed, at: DateTime<Utc>) -> Termina
 
 /// The terminal record of `op`, which failed with `error`, leaving `mapping` (what is true
 /// whatever failed: an attach whose device never appeared is still attached).
-pub fn failed(
+pub(crate) fn failed(
     op: &Operation,
     error: EventError,
     mapping: Option<MappingChange>,
@@ -313,7 +313,7 @@ pub fn failed(
 
 /// The terminal record of the pending operation `op`, cancelled by the cancel operation `by`
 /// (recorded in its `response`, so a cancel resumed after a crash recognises its own work).
-pub fn cancelled(op: &Operation, by: &CommandId, at: DateTime<Utc>) -> Terminal {
+pub(crate) fn cancelled(op: &Operation, by: &CommandId, at: DateTime<Utc>) -> Terminal {
     let response = Response::CancelledBy { cancelled_by: by };
     Terminal {
         event: event(data(op, OperationStatus::Cancelled, None, at)),

@@ -27,7 +27,11 @@ use crate::cloud::{Session, classify};
 use crate::context::Context;
 use crate::mappings::{DeviceMapping, MappingChange};
 
-pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<Completed, Halt> {
+pub(super) async fn run(
+    ctx: &Context,
+    _op: &Operation,
+    scope: Option<VmId>,
+) -> Result<Completed, Halt> {
     let cs = ctx.session().await?;
     let changes = reconcile(ctx, &cs, scope).await?;
     if changes.is_empty() {
@@ -39,7 +43,7 @@ pub async fn run(ctx: &Context, _op: &Operation, scope: Option<VmId>) -> Result<
 }
 
 /// Compares and repairs; returns what changed. Also the periodic reconcile's body.
-pub async fn reconcile(
+pub(super) async fn reconcile(
     ctx: &Context,
     cs: &Session,
     scope: Option<VmId>,
