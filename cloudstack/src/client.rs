@@ -9,11 +9,11 @@ use chrono::Utc;
 use serde_json::Value;
 
 use schema::secret::{ExposeSecret, SecretString};
-use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
+use schema::{DiskOfferingId, SnapshotId, VmId, VolumeId, ZoneId};
 
 use crate::error::CloudStackError;
 use crate::response::{
-    self, AsyncJob, DiskOffering, JobId, JobStatus, VirtualMachine, Volume, Zone,
+    self, AsyncJob, DiskOffering, JobId, JobStatus, Snapshot, VirtualMachine, Volume, Zone,
 };
 use crate::signing;
 
@@ -319,6 +319,71 @@ impl Client {
             .request("detachVolume", &[("id", volume.to_string())], true)
             .await?;
         response::parse_job_id("detachVolume", &inner)
+    }
+
+    /// `createSnapshot` (async) of `volume` named `name`: the snapshot's id and the job.
+    pub async fn create_snapshot(
+        &self,
+        volume: VolumeId,
+        name: &str,
+    ) -> Result<(SnapshotId, JobId), CloudStackError> {
+        let params = [("volumeid", volume.to_string()), ("name", name.to_owned())];
+        let inner = self.request("createSnapshot", &params, true).await?;
+        response::parse_create_snapshot(&inner)
+    }
+
+    /// `revertSnapshot` (async): the snapshot's volume back to it.
+    pub async fn revert_snapshot(&self, snapshot: SnapshotId) -> Result<JobId, CloudStackError> {
+        let inner = self
+            .request("revertSnapshot", &[("id", snapshot.to_string())], true)
+            .await?;
+        response::parse_job_id("revertSnapshot", &inner)
+    }
+
+    /// `deleteSnapshot` (async).
+    pub async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<JobId, CloudStackError> {
+        let inner = self
+            .request("deleteSnapshot", &[("id", snapshot.to_string())], true)
+            .await?;
+        response::parse_job_id("deleteSnapshot", &inner)
+    }
+
+    /// `resizeVolume` (async) to `size_gib` GiB; a smaller size needs `shrink_ok`.
+    pub async fn resize_volume(
+        &self,
+        volume: VolumeId,
+        size_gib: u64,
+        shrink_ok: bool,
+    ) -> Result<JobId, CloudStackError> {
+        let params = [
+            ("id", volume.to_string()),
+            ("size", size_gib.to_string()),
+            ("shrinkok", shrink_ok.to_string()),
+        ];
+        let inner = self.request("resizeVolume", &params, true).await?;
+        response::parse_job_id("resizeVolume", &inner)
+    }
+
+    /// `listSnapshots` with the given filters (`("volumeid", ...)`, `("id", ...)`,
+    /// `("name", ...)`).
+    pub async fn list_snapshots(
+        &self,
+        filters: &[(&str, String)],
+    ) -> Result<Vec<Snapshot>, CloudStackError> {
+        let mut params = vec![("listall", "true".to_owned())];
+        params.extend(filters.iter().cloned());
+        let inner = self.request("listSnapshots", &params, false).await?;
+        response::parse_list("listSnapshots", "snapshot", &inner)
+    }
+
+    /// Waits for a snapshot job (createSnapshot, revertSnapshot): the snapshot it ended with.
+    pub async fn wait_for_snapshot_job(
+        &self,
+        job: &JobId,
+        polling: JobPolling,
+    ) -> Result<Snapshot, CloudStackError> {
+        let result = self.wait_for_job(job, polling).await?;
+        response::parse_job_snapshot(job, &result)
     }
 
     /// `deleteVolume` (synchronous).

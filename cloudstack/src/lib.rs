@@ -14,4 +14,6 @@ pub mod signing;
 
 pub use client::{Client, Credentials, JobPolling, Observer, RetryPolicy};
 pub use error::CloudStackError;
-pub use response::{AsyncJob, DiskOffering, JobId, JobStatus, VirtualMachine, Volume, Zone};
+pub use response::{
+    AsyncJob, DiskOffering, JobId, JobStatus, Snapshot, VirtualMachine, Volume, Zone,
+};

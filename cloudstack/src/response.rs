@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
+use schema::{DiskOfferingId, SnapshotId, VmId, VolumeId, ZoneId};
 
 use crate::error::CloudStackError;
 
@@ -37,6 +37,9 @@ pub struct Volume {
     pub kind: Option<String>,
     #[serde(default)]
     pub virtualmachineid: Option<VmId>,
+    /// The power state of the VM it is attached to (`Running`, `Stopped`, ...).
+    #[serde(default)]
+    pub vmstate: Option<String>,
     #[serde(default)]
     pub deviceid: Option<u32>,
     #[serde(default)]
@@ -67,11 +70,56 @@ impl Volume {
     /// When CloudStack created the volume (`created`, whole seconds with an offset, as
     /// `2026-11-22T10:00:00+0000`); `None` when absent or not in that form.
     pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        let created = self.created.as_deref()?;
-        chrono::DateTime::parse_from_str(created, "%Y-%m-%dT%H:%M:%S%z")
-            .ok()
-            .map(|c| c.with_timezone(&chrono::Utc))
+        parse_created(self.created.as_deref()?)
     }
+}
+
+/// A volume snapshot as CloudStack lists it (`SnapshotResponse`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub volumeid: Option<VolumeId>,
+    /// `Allocated`, `Creating`, `CreatedOnPrimary`, `BackingUp`, `BackedUp`, `Error`, ...
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub created: Option<String>,
+    #[serde(default)]
+    pub jobid: Option<String>,
+    /// Status of the latest async job on the snapshot (0 while it runs).
+    #[serde(default)]
+    pub jobstatus: Option<u8>,
+}
+
+impl Snapshot {
+    /// Whether a volume can be reverted to it or it can be kept as a restore point: backed up,
+    /// or (where snapshots stay on primary storage) created there.
+    pub fn is_usable(&self) -> bool {
+        matches!(self.state.as_str(), "BackedUp" | "CreatedOnPrimary")
+    }
+
+    /// The async job CloudStack reports as running on the snapshot, if any.
+    pub fn running_job(&self) -> Option<JobId> {
+        match (self.jobstatus, &self.jobid) {
+            (Some(0), Some(job)) => Some(JobId(job.clone())),
+            _ => None,
+        }
+    }
+
+    /// When CloudStack took it (see [`Volume::created_at`] for the form).
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        parse_created(self.created.as_deref()?)
+    }
+}
+
+/// CloudStack's `created` timestamps: whole seconds with an offset (`2026-11-22T10:00:00+0000`).
+fn parse_created(created: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_str(created, "%Y-%m-%dT%H:%M:%S%z")
+        .ok()
+        .map(|c| c.with_timezone(&chrono::Utc))
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -224,6 +272,27 @@ pub fn parse_create_volume(inner: &Value) -> Result<(VolumeId, JobId), CloudStac
     Created::deserialize(inner)
         .map(|c| (c.id, c.jobid))
         .map_err(|e| decode("createVolume", format!("{e}: {inner}")))
+}
+
+/// `createSnapshot`: `{"id": "<snapshot>", "jobid": "<job>"}`.
+pub fn parse_create_snapshot(inner: &Value) -> Result<(SnapshotId, JobId), CloudStackError> {
+    #[derive(Deserialize)]
+    struct Created {
+        id: SnapshotId,
+        jobid: JobId,
+    }
+    Created::deserialize(inner)
+        .map(|c| (c.id, c.jobid))
+        .map_err(|e| decode("createSnapshot", format!("{e}: {inner}")))
+}
+
+/// The snapshot a snapshot job (createSnapshot, revertSnapshot) ended with.
+pub fn parse_job_snapshot(job_id: &JobId, result: &Value) -> Result<Snapshot, CloudStackError> {
+    result
+        .get("snapshot")
+        .ok_or_else(|| format!("no `snapshot` in {result}"))
+        .and_then(|v| Snapshot::deserialize(v).map_err(|e| format!("{e}: {v}")))
+        .map_err(|reason| decode(&format!("job {job_id}"), reason))
 }
 
 /// An async command's `{"jobid": "..."}`.

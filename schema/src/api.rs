@@ -105,6 +105,22 @@ pub struct VolumeView {
     pub nbd_export: Option<ExportView>,
     /// The newest operation on the volume.
     pub last_operation: Option<OperationView>,
+    /// The snapshots the daemon took of the volume that were not deleted, newest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotView>,
+}
+
+/// A volume snapshot the daemon took (`snapshots`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotView {
+    pub id: crate::SnapshotId,
+    /// CloudStack's name (it contains the command id that took it).
+    pub name: String,
+    /// CloudStack's state when the snapshot operation ended (`BackedUp`, ...).
+    pub state: String,
+    pub created: DateTime<Utc>,
+    /// The `snapshot` command that took it.
+    pub operation_id: Option<CommandId>,
 }
 
 /// `GET /api/v1/vms/{id}/volumes`.

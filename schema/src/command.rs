@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::ids::{CommandId, DiskOfferingId, IdError, VmId, VolumeId, ZoneId};
+use crate::ids::{CommandId, DiskOfferingId, IdError, SnapshotId, VmId, VolumeId, ZoneId};
 use crate::size::ByteSize;
 
 /// Largest accepted command body (docs/wire.md).
@@ -34,16 +34,24 @@ pub enum OperationType {
     Delete,
     Cancel,
     Reconcile,
+    Snapshot,
+    RevertSnapshot,
+    DeleteSnapshot,
+    Resize,
 }
 
 impl OperationType {
-    pub const ALL: [OperationType; 6] = [
+    pub const ALL: [OperationType; 10] = [
         Self::Create,
         Self::Attach,
         Self::Detach,
         Self::Delete,
         Self::Cancel,
         Self::Reconcile,
+        Self::Snapshot,
+        Self::RevertSnapshot,
+        Self::DeleteSnapshot,
+        Self::Resize,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +62,10 @@ impl OperationType {
             Self::Delete => "delete",
             Self::Cancel => "cancel",
             Self::Reconcile => "reconcile",
+            Self::Snapshot => "snapshot",
+            Self::RevertSnapshot => "revert_snapshot",
+            Self::DeleteSnapshot => "delete_snapshot",
+            Self::Resize => "resize",
         }
     }
 
@@ -115,6 +127,32 @@ pub enum Action {
     Reconcile {
         vm_id: Option<VmId>,
     },
+    /// Take a CloudStack snapshot of the volume.
+    Snapshot {
+        volume_id: VolumeId,
+        /// Part of the snapshot's CloudStack name (which always contains the command id).
+        name: Option<String>,
+    },
+    /// Return the volume to one of its snapshots.
+    RevertSnapshot {
+        volume_id: VolumeId,
+        snapshot_id: SnapshotId,
+    },
+    /// Delete one of the volume's snapshots.
+    DeleteSnapshot {
+        volume_id: VolumeId,
+        snapshot_id: SnapshotId,
+    },
+    Resize(ResizeVolume),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResizeVolume {
+    pub volume_id: VolumeId,
+    /// The new size; CloudStack receives whole GiB, rounded up.
+    pub size: ByteSize,
+    /// A smaller size is refused unless this is set.
+    pub shrink_ok: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -218,6 +256,10 @@ impl Action {
             Self::Delete { .. } => OperationType::Delete,
             Self::Cancel { .. } => OperationType::Cancel,
             Self::Reconcile { .. } => OperationType::Reconcile,
+            Self::Snapshot { .. } => OperationType::Snapshot,
+            Self::RevertSnapshot { .. } => OperationType::RevertSnapshot,
+            Self::DeleteSnapshot { .. } => OperationType::DeleteSnapshot,
+            Self::Resize(_) => OperationType::Resize,
         }
     }
 
@@ -226,7 +268,12 @@ impl Action {
         match self {
             Self::Create(_) | Self::Cancel { .. } | Self::Reconcile { .. } => None,
             Self::Attach(a) => Some(a.volume_id),
-            Self::Detach { volume_id } | Self::Delete { volume_id } => Some(*volume_id),
+            Self::Detach { volume_id }
+            | Self::Delete { volume_id }
+            | Self::Snapshot { volume_id, .. }
+            | Self::RevertSnapshot { volume_id, .. }
+            | Self::DeleteSnapshot { volume_id, .. } => Some(*volume_id),
+            Self::Resize(r) => Some(r.volume_id),
         }
     }
 
@@ -285,6 +332,37 @@ impl Command {
     /// `reconcile` of one VM, or (`None`) of every VM with mappings and the host VM.
     pub fn reconcile(vm_id: Option<VmId>) -> Self {
         Command::new(Action::Reconcile { vm_id })
+    }
+
+    /// `snapshot` of `volume_id`; `name` becomes part of the snapshot's CloudStack name.
+    pub fn snapshot(volume_id: VolumeId, name: Option<String>) -> Self {
+        Command::new(Action::Snapshot { volume_id, name })
+    }
+
+    /// `revert_snapshot`: `volume_id` back to its snapshot `snapshot_id`.
+    pub fn revert_snapshot(volume_id: VolumeId, snapshot_id: SnapshotId) -> Self {
+        Command::new(Action::RevertSnapshot {
+            volume_id,
+            snapshot_id,
+        })
+    }
+
+    /// `delete_snapshot` of `volume_id`'s snapshot `snapshot_id`.
+    pub fn delete_snapshot(volume_id: VolumeId, snapshot_id: SnapshotId) -> Self {
+        Command::new(Action::DeleteSnapshot {
+            volume_id,
+            snapshot_id,
+        })
+    }
+
+    /// `resize` of `volume_id` to `size` (whole GiB at CloudStack, rounded up); a smaller
+    /// size needs `shrink_ok`.
+    pub fn resize(volume_id: VolumeId, size: ByteSize, shrink_ok: bool) -> Self {
+        Command::new(Action::Resize(ResizeVolume {
+            volume_id,
+            size,
+            shrink_ok,
+        }))
     }
 
     /// Replaces the random command id: reuse an id to retry safely.
@@ -417,7 +495,7 @@ fn parse_body(obj: &Map<String, Value>) -> Result<(Action, Metadata), String> {
     let ty = match obj.get("type") {
         Some(Value::String(t)) => OperationType::parse(t).ok_or_else(|| {
             format!(
-                "field `type`: unknown type {t:?}; expected create, attach, detach, delete, cancel or reconcile"
+                "field `type`: unknown type {t:?}; expected create, attach, detach, delete, cancel, reconcile, snapshot, revert_snapshot, delete_snapshot or resize"
             )
         })?,
         Some(other) => {
@@ -452,6 +530,23 @@ fn parse_body(obj: &Map<String, Value>) -> Result<(Action, Metadata), String> {
         OperationType::Reconcile => Action::Reconcile {
             vm_id: opt_id(obj, "vm_id", VmId::parse)?,
         },
+        OperationType::Snapshot => Action::Snapshot {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+            name: opt_snapshot_name(obj)?,
+        },
+        OperationType::RevertSnapshot => Action::RevertSnapshot {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+            snapshot_id: req_id(obj, "snapshot_id", SnapshotId::parse)?,
+        },
+        OperationType::DeleteSnapshot => Action::DeleteSnapshot {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+            snapshot_id: req_id(obj, "snapshot_id", SnapshotId::parse)?,
+        },
+        OperationType::Resize => Action::Resize(ResizeVolume {
+            volume_id: req_id(obj, "volume_id", VolumeId::parse)?,
+            size: req_size(obj)?,
+            shrink_ok: opt_bool(obj, "shrink_ok")?.unwrap_or(false),
+        }),
     };
     Ok((action, metadata(obj)?))
 }
@@ -522,6 +617,37 @@ fn req_size(obj: &Map<String, Value>) -> Result<ByteSize, String> {
         },
         Some(other) => Err(format!(
             "field `size` must be a whole number of bytes, got {}",
+            kind(other)
+        )),
+    }
+}
+
+/// The longest `name` of a snapshot: CloudStack's name column holds 255 characters, and the
+/// daemon adds the command id (at most 64) and a separator.
+pub const MAX_SNAPSHOT_NAME: usize = 180;
+
+fn opt_snapshot_name(obj: &Map<String, Value>) -> Result<Option<String>, String> {
+    let Some(name) = opt_string(obj, "name")? else {
+        return Ok(None);
+    };
+    let len = name.chars().count();
+    if name.trim().is_empty() {
+        Err("field `name` must not be empty when given".into())
+    } else if len > MAX_SNAPSHOT_NAME {
+        Err(format!(
+            "field `name` is {len} characters; at most {MAX_SNAPSHOT_NAME}"
+        ))
+    } else {
+        Ok(Some(name))
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(format!(
+            "field `{field}` must be a boolean, got {}",
             kind(other)
         )),
     }
@@ -606,6 +732,39 @@ mod tests {
             let c = parse(json!({"command_id": "c3", "type": ty, "volume_id": VOL})).expect(ty);
             assert_eq!(c.operation_type().as_str(), ty);
         }
+
+        const SNAP: &str = "9b2c7e14-58f1-4c3a-8a8e-0d8d2b6f4a11";
+        let s = parse(json!({"command_id": "c4", "type": "snapshot", "volume_id": VOL, "name": "before-test"}))
+            .expect("snapshot");
+        assert_eq!(
+            s.action,
+            Action::Snapshot {
+                volume_id: VolumeId::parse(VOL).expect("id"),
+                name: Some("before-test".into())
+            }
+        );
+        for ty in ["revert_snapshot", "delete_snapshot"] {
+            let c = parse(
+                json!({"command_id": "c5", "type": ty, "volume_id": VOL, "snapshot_id": SNAP}),
+            )
+            .expect(ty);
+            assert_eq!(c.operation_type().as_str(), ty);
+            assert_eq!(
+                c.action.volume_id().map(|v| v.to_string()).as_deref(),
+                Some(VOL)
+            );
+        }
+        let r = parse(
+            json!({"command_id": "c6", "type": "resize", "volume_id": VOL, "size": 3u64 << 30}),
+        )
+        .expect("resize");
+        let Action::Resize(resize) = &r.action else {
+            panic!("not a resize: {r:?}")
+        };
+        assert_eq!((resize.size.gib_rounded_up(), resize.shrink_ok), (3, false));
+        let shrink = parse(json!({"command_id": "c7", "type": "resize", "volume_id": VOL, "size": 1, "shrink_ok": true}))
+            .expect("shrink");
+        assert!(matches!(&shrink.action, Action::Resize(r) if r.shrink_ok));
     }
 
     #[test]
@@ -647,8 +806,32 @@ mod tests {
             ),
             (json!({"command_id": "c"}), "`type` is missing"),
             (
-                json!({"command_id": "c", "type": "resize"}),
-                "unknown type \"resize\"",
+                json!({"command_id": "c", "type": "grow"}),
+                "unknown type \"grow\"",
+            ),
+            (
+                json!({"command_id": "c", "type": "resize", "volume_id": VOL}),
+                "`size` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "resize", "volume_id": VOL, "size": 1, "shrink_ok": "yes"}),
+                "`shrink_ok` must be a boolean, got a string",
+            ),
+            (
+                json!({"command_id": "c", "type": "revert_snapshot", "volume_id": VOL}),
+                "`snapshot_id` is missing",
+            ),
+            (
+                json!({"command_id": "c", "type": "delete_snapshot", "volume_id": VOL, "snapshot_id": "nope"}),
+                "`snapshot_id`:",
+            ),
+            (
+                json!({"command_id": "c", "type": "snapshot", "volume_id": VOL, "name": " "}),
+                "`name` must not be empty",
+            ),
+            (
+                json!({"command_id": "c", "type": "snapshot", "volume_id": VOL, "name": "n".repeat(181)}),
+                "`name` is 181 characters; at most 180",
             ),
             (
                 json!({"command_id": "c", "type": "create", "name": "n"}),

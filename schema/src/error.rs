@@ -13,6 +13,7 @@ pub enum ErrorCode {
     CloudstackUnavailable,
     CloudstackJobFailed,
     VolumeNotFound,
+    SnapshotNotFound,
     VolumeInUse,
     DeviceCorrelationTimeout,
     Timeout,
@@ -20,7 +21,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         Self::InvalidCommand,
         Self::CloudstackInvalidParameter,
         Self::CloudstackUnauthorized,
@@ -28,6 +29,7 @@ impl ErrorCode {
         Self::CloudstackUnavailable,
         Self::CloudstackJobFailed,
         Self::VolumeNotFound,
+        Self::SnapshotNotFound,
         Self::VolumeInUse,
         Self::DeviceCorrelationTimeout,
         Self::Timeout,
@@ -43,6 +45,7 @@ impl ErrorCode {
             Self::CloudstackUnavailable => "CLOUDSTACK_UNAVAILABLE",
             Self::CloudstackJobFailed => "CLOUDSTACK_JOB_FAILED",
             Self::VolumeNotFound => "VOLUME_NOT_FOUND",
+            Self::SnapshotNotFound => "SNAPSHOT_NOT_FOUND",
             Self::VolumeInUse => "VOLUME_IN_USE",
             Self::DeviceCorrelationTimeout => "DEVICE_CORRELATION_TIMEOUT",
             Self::Timeout => "TIMEOUT",
@@ -81,6 +84,9 @@ impl ErrorCode {
                 "read CloudStack's errortext; the management server log has the details"
             }
             Self::VolumeNotFound => "check the volume id: CloudStack does not know it",
+            Self::SnapshotNotFound => {
+                "check the snapshot id: it is not a snapshot of that volume (list them with `volumectl snapshots <volume>`)"
+            }
             Self::VolumeInUse => "detach the volume from its VM first",
             Self::DeviceCorrelationTimeout => {
                 "the volume is attached but no guest device appeared: check the VM's kernel log"

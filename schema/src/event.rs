@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::command::OperationType;
 use crate::error::EventError;
-use crate::ids::{CommandId, EventId, VmId, VolumeId, ZoneId};
+use crate::ids::{CommandId, EventId, SnapshotId, VmId, VolumeId, ZoneId};
 
 /// `content_type` of every event message.
 pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -106,7 +106,7 @@ pub mod millis {
 /// The `type` of an event's data: the operation's type, or `unknown` for a rejected message
 /// whose type could be read neither from its body nor from its routing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum EventOpType {
     Create,
     Attach,
@@ -114,6 +114,10 @@ pub enum EventOpType {
     Delete,
     Cancel,
     Reconcile,
+    Snapshot,
+    RevertSnapshot,
+    DeleteSnapshot,
+    Resize,
     Unknown,
 }
 
@@ -126,6 +130,10 @@ impl EventOpType {
             Self::Delete => "delete",
             Self::Cancel => "cancel",
             Self::Reconcile => "reconcile",
+            Self::Snapshot => "snapshot",
+            Self::RevertSnapshot => "revert_snapshot",
+            Self::DeleteSnapshot => "delete_snapshot",
+            Self::Resize => "resize",
             Self::Unknown => "unknown",
         }
     }
@@ -145,6 +153,10 @@ impl From<OperationType> for EventOpType {
             OperationType::Delete => Self::Delete,
             OperationType::Cancel => Self::Cancel,
             OperationType::Reconcile => Self::Reconcile,
+            OperationType::Snapshot => Self::Snapshot,
+            OperationType::RevertSnapshot => Self::RevertSnapshot,
+            OperationType::DeleteSnapshot => Self::DeleteSnapshot,
+            OperationType::Resize => Self::Resize,
         }
     }
 }
@@ -202,6 +214,30 @@ pub struct EventData {
     /// Reconcile only: what it repaired (empty when nothing had drifted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<Vec<Change>>,
+    /// Snapshot and revert_snapshot: the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+    /// Delete_snapshot: the snapshot deleted (or already gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<SnapshotId>,
+    /// Resize: the volume's size before, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_size: Option<u64>,
+}
+
+/// The `snapshot` object of a snapshot or revert_snapshot event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub volume_id: VolumeId,
+    /// CloudStack's name of the snapshot (it contains the command id that took it).
+    pub name: String,
+    /// CloudStack's state (`BackedUp`, `CreatedOnPrimary`, ...).
+    pub state: String,
+    /// When CloudStack took it.
+    #[serde(with = "millis")]
+    #[schemars(with = "DateTime<Utc>")]
+    pub created: DateTime<Utc>,
 }
 
 /// One repair a reconcile made (CONTRACT §3).
@@ -289,6 +325,9 @@ impl EventData {
             already_absent: None,
             target: None,
             changes: None,
+            snapshot: None,
+            snapshot_id: None,
+            previous_size: None,
         }
     }
 }

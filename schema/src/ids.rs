@@ -160,6 +160,10 @@ uuid_id!(
     DiskOfferingId
 );
 uuid_id!(
+    /// A CloudStack volume snapshot.
+    SnapshotId
+);
+uuid_id!(
     /// A CloudEvent id: stable across re-publication, so subscribers dedupe on it.
     EventId
 );

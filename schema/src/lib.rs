@@ -32,9 +32,10 @@ pub mod wire;
 pub use command::{Action, Command, InvalidCommand, MessageProps, OperationType};
 pub use error::{ErrorCode, EventError};
 pub use event::{
-    CloudEvent, EventData, EventOpType, OperationStatus, VolumeInfo, correlation_or_command_id,
+    CloudEvent, EventData, EventOpType, OperationStatus, SnapshotInfo, VolumeInfo,
+    correlation_or_command_id,
 };
-pub use ids::{CommandId, DiskOfferingId, EventId, VmId, VolumeId, ZoneId};
+pub use ids::{CommandId, DiskOfferingId, EventId, SnapshotId, VmId, VolumeId, ZoneId};
 pub use secret::{SecretString, SecretUrl};
 pub use size::ByteSize;
 pub use topology::Topology;

@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Action, Command};
-use crate::ids::{CommandId, DiskOfferingId, VmId, VolumeId, ZoneId};
+use crate::ids::{CommandId, DiskOfferingId, SnapshotId, VmId, VolumeId, ZoneId};
 
 /// Fields every command may carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -33,7 +33,7 @@ pub struct Envelope {
 /// A volume command (docs/wire.md). Routing key `volume.<type>`, at most 64 KiB; unknown fields
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "snake_case")]
 #[schemars(title = "volume-daemon command")]
 pub enum CommandBody {
     /// Create a volume.
@@ -92,6 +92,43 @@ pub enum CommandBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm_id: Option<VmId>,
     },
+    /// Take a CloudStack snapshot of a volume; completes when CloudStack reports it usable.
+    Snapshot {
+        #[serde(flatten)]
+        envelope: Envelope,
+        volume_id: VolumeId,
+        /// Part of the snapshot's CloudStack name, which always contains the command id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(min = 1, max = 180))]
+        name: Option<String>,
+    },
+    /// Return a volume to one of its snapshots (CloudStack's preconditions apply: on KVM the
+    /// volume detached or its VM stopped).
+    RevertSnapshot {
+        #[serde(flatten)]
+        envelope: Envelope,
+        volume_id: VolumeId,
+        snapshot_id: SnapshotId,
+    },
+    /// Delete one of a volume's snapshots (one already gone completes `already_absent`).
+    DeleteSnapshot {
+        #[serde(flatten)]
+        envelope: Envelope,
+        volume_id: VolumeId,
+        snapshot_id: SnapshotId,
+    },
+    /// Resize a volume.
+    Resize {
+        #[serde(flatten)]
+        envelope: Envelope,
+        volume_id: VolumeId,
+        /// Bytes; CloudStack receives whole GiB, rounded up.
+        #[schemars(range(min = 1))]
+        size: u64,
+        /// A smaller size than the volume's is refused unless this is true.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shrink_ok: bool,
+    },
 }
 
 impl From<&Command> for CommandBody {
@@ -130,6 +167,33 @@ impl From<&Command> for CommandBody {
             Action::Reconcile { vm_id } => CommandBody::Reconcile {
                 envelope,
                 vm_id: *vm_id,
+            },
+            Action::Snapshot { volume_id, name } => CommandBody::Snapshot {
+                envelope,
+                volume_id: *volume_id,
+                name: name.clone(),
+            },
+            Action::RevertSnapshot {
+                volume_id,
+                snapshot_id,
+            } => CommandBody::RevertSnapshot {
+                envelope,
+                volume_id: *volume_id,
+                snapshot_id: *snapshot_id,
+            },
+            Action::DeleteSnapshot {
+                volume_id,
+                snapshot_id,
+            } => CommandBody::DeleteSnapshot {
+                envelope,
+                volume_id: *volume_id,
+                snapshot_id: *snapshot_id,
+            },
+            Action::Resize(r) => CommandBody::Resize {
+                envelope,
+                volume_id: r.volume_id,
+                size: r.size.bytes(),
+                shrink_ok: r.shrink_ok,
             },
         }
     }
@@ -202,6 +266,12 @@ mod tests {
             Command::cancel(CommandId::parse("op-1").expect("id")),
             Command::reconcile(Some(vm)),
             Command::reconcile(None),
+            Command::snapshot(vol, Some("before".into())),
+            Command::snapshot(vol, None),
+            Command::revert_snapshot(vol, crate::SnapshotId::new_random()),
+            Command::delete_snapshot(vol, crate::SnapshotId::new_random()),
+            Command::resize(vol, "20GiB".parse().expect("size"), false),
+            Command::resize(vol, "1GiB".parse().expect("size"), true),
         ];
         for c in commands {
             let body = c.to_body();

@@ -27,6 +27,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/keys", post(set_keys))
         .route("/sim/vms", post(add_vm))
+        .route("/sim/vms/{id}/power", post(set_power))
         .with_state(sim)
 }
 
@@ -58,11 +59,39 @@ async fn set_keys(State(sim): State<Arc<Sim>>, Json(keys): Json<Keys>) -> Status
 struct NewVm {
     id: VmId,
     name: String,
+    /// With a root disk at device 0 (default).
+    #[serde(default = "yes")]
+    root: bool,
+    /// Running (default) or stopped.
+    #[serde(default = "yes")]
+    running: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn add_vm(State(sim): State<Arc<Sim>>, Json(vm): Json<NewVm>) -> StatusCode {
-    sim.add_vm(vm.id, &vm.name);
+    sim.add_vm_with(vm.id, &vm.name, vm.root, vm.running);
     StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct Power {
+    running: bool,
+}
+
+/// Starts or stops a VM: `{"running": false}`.
+async fn set_power(
+    State(sim): State<Arc<Sim>>,
+    axum::extract::Path(id): axum::extract::Path<VmId>,
+    Json(power): Json<Power>,
+) -> StatusCode {
+    if sim.set_vm_running(id, power.running) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
 }
 
 /// What CloudStack answers to any authentication failure, and to an unknown command.
@@ -286,6 +315,11 @@ fn dispatch(sim: &Arc<Sim>, command: &str, p: &HashMap<String, String>) -> Resul
         "deletevolume" => sim.delete_volume(p),
         "queryasyncjobresult" => sim.query_async_job(p),
         "listvolumes" => sim.list_volumes(p),
+        "createsnapshot" => sim.create_snapshot(p),
+        "listsnapshots" => sim.list_snapshots(p),
+        "revertsnapshot" => sim.revert_snapshot(p),
+        "deletesnapshot" => sim.delete_snapshot(p),
+        "resizevolume" => sim.resize_volume(p),
         // CloudStack answers an unknown command like a bad signature.
         _ => Err(unauthorized()),
     }

@@ -50,7 +50,14 @@ pub struct SlowCall {
 pub fn is_mutating(command: &str) -> bool {
     matches!(
         command,
-        "createvolume" | "attachvolume" | "detachvolume" | "deletevolume"
+        "createvolume"
+            | "attachvolume"
+            | "detachvolume"
+            | "deletevolume"
+            | "createsnapshot"
+            | "revertsnapshot"
+            | "deletesnapshot"
+            | "resizevolume"
     )
 }
 

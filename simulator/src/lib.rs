@@ -62,6 +62,9 @@ pub struct SimConfig {
     /// Data disks a VM may have: CloudStack's `max_data_volumes_limit` of the hypervisor
     /// (6 for the oldest ones, which is the default here).
     pub max_data_disks: usize,
+    /// CloudStack's global setting `kvm.snapshot.enabled` (off by default, as in CloudStack):
+    /// off, a snapshot of a volume whose VM is running fails (errorcode 530).
+    pub kvm_snapshot_enabled: bool,
 }
 
 /// Two VMs every simulator knows unless told otherwise, so the demo can attach something.
@@ -82,6 +85,7 @@ impl Default for SimConfig {
             vms: DEMO_VMS.to_vec(),
             faults: Faults::default(),
             max_data_disks: state::MAX_DATA_DISKS,
+            kvm_snapshot_enabled: false,
         }
     }
 }

@@ -47,6 +47,9 @@ struct Args {
     /// Data disks a VM may have (CloudStack's per-hypervisor limit).
     #[arg(long, default_value_t = cloudstack_sim::state::MAX_DATA_DISKS)]
     max_data_disks: usize,
+    /// CloudStack's `kvm.snapshot.enabled`: on, a volume of a running VM can be snapshotted.
+    #[arg(long, env = "SIM_KVM_SNAPSHOT_ENABLED")]
+    kvm_snapshot_enabled: bool,
     /// Latency added to every call, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -85,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             args.vms
         },
         max_data_disks: args.max_data_disks,
+        kvm_snapshot_enabled: args.kvm_snapshot_enabled,
         faults: Faults {
             latency_ms: args.latency_ms,
             error_rates: args.error_rates.into_iter().collect(),

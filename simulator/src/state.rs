@@ -15,6 +15,8 @@ use uuid::Uuid;
 
 use schema::{DiskOfferingId, VmId, VolumeId, ZoneId};
 
+mod volume_ops;
+
 use crate::faults::Faults;
 use crate::{CUSTOM_OFFERING_ID, FIXED_OFFERING_ID, SimConfig, ZONE_ID, sysfs};
 
@@ -86,6 +88,8 @@ struct SimVolume {
 struct SimVm {
     id: VmId,
     name: String,
+    /// Power state: `Running` or `Stopped` (set through the control API).
+    running: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +152,10 @@ struct Inner {
     /// Guest device names of volumes attached to the host VM.
     device_names: HashMap<VolumeId, String>,
     next_controller: u32,
+    /// Volume snapshots, destroyed ones included (`listSnapshots` leaves those out).
+    snapshots: HashMap<schema::SnapshotId, volume_ops::SimSnapshot>,
+    /// `kvm.snapshot.enabled`.
+    kvm_snapshot_enabled: bool,
 }
 
 /// The simulator's state and behaviour.
@@ -220,6 +228,7 @@ impl Sim {
                 SimVm {
                     id: *id,
                     name: format!("sim-vm-{}", i + 1),
+                    running: true,
                 },
             );
             let root = root_disk(&config, *id, i + 1);
@@ -238,6 +247,8 @@ impl Sim {
                 calls: Vec::new(),
                 device_names: HashMap::new(),
                 next_controller: 4,
+                snapshots: HashMap::new(),
+                kvm_snapshot_enabled: config.kvm_snapshot_enabled,
             }),
             config,
         }
@@ -295,10 +306,16 @@ impl Sim {
         self.lock().devices = devices;
     }
 
-    /// Registers a VM (CloudStack would have it already).
+    /// Registers a running VM with its root disk (CloudStack would have it already).
     pub fn add_vm(&self, id: VmId, name: &str) {
+        self.add_vm_with(id, name, true, true);
+    }
+
+    /// Registers a VM, with a root disk at device 0 or (`root` false) none, running or
+    /// stopped: a stopped VM without a root disk can boot from a volume attached at device 0.
+    pub fn add_vm_with(&self, id: VmId, name: &str, root: bool, running: bool) {
         let mut inner = self.lock();
-        if !inner.vms.contains_key(&id) {
+        if root && !inner.vms.contains_key(&id) {
             let root = root_disk(&self.config, id, inner.vms.len() + 1);
             inner.volumes.insert(root.id, root);
         }
@@ -307,8 +324,27 @@ impl Sim {
             SimVm {
                 id,
                 name: name.to_owned(),
+                running,
             },
         );
+    }
+
+    /// Starts or stops a VM (its power state; nothing else changes). `false`: no such VM.
+    pub fn set_vm_running(&self, id: VmId, running: bool) -> bool {
+        match self.lock().vms.get_mut(&id) {
+            Some(vm) => {
+                vm.running = running;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The volume's CloudStack type (`ROOT` or `DATADISK`) and size in bytes.
+    pub fn volume_type_and_size(&self, id: VolumeId) -> Option<(String, u64)> {
+        let inner = self.lock();
+        let v = inner.volumes.get(&id)?;
+        Some((v.kind.to_owned(), v.size_bytes))
     }
 
     pub fn record_call(&self, call: CallRecord) {
@@ -423,7 +459,7 @@ impl Sim {
         let items: Vec<Value> = vms
             .iter()
             .map(|v| json!({"id": v.id, "name": v.name, "displayname": v.name, "instancename": format!("i-2-{}-VM", v.name),
-                 "state": "Running", "zoneid": ZONE_ID, "zonename": "sim-zone-1", "hypervisor": "KVM"}))
+                 "state": power(v.running), "zoneid": ZONE_ID, "zonename": "sim-zone-1", "hypervisor": "KVM"}))
             .collect();
         Ok(json!({"count": items.len(), "virtualmachine": items}))
     }
@@ -550,6 +586,13 @@ impl Sim {
                 "deviceId {d} is already used by another volume of VM {vm}"
             )));
         }
+        // CloudStack's volume DAO: a volume attached at device 0 becomes the VM's root disk,
+        // which only a stopped VM without one may get.
+        if device_id == Some(0) && inner.vms.get(&vm).is_some_and(|m| m.running) {
+            return Err(ApiError::param(format!(
+                "VM {vm} is running: stop it before attaching a volume as its root disk (deviceId 0)"
+            )));
+        }
         let max = self.config.max_data_disks;
         if on_vm.iter().filter(|d| **d != 0).count() >= max && device_id != Some(0) {
             return Err(ApiError::param(format!(
@@ -598,6 +641,7 @@ impl Sim {
                 }
                 vol.vm = Some(vm);
                 vol.device_id = Some(chosen);
+                vol.kind = if chosen == 0 { ROOT } else { DATADISK };
                 vol.state = "Ready";
                 vol.attached = Some(Utc::now());
                 let out = volume_json_by_id(id, inner);
@@ -615,9 +659,14 @@ impl Sim {
         let id = parse_id(required(p, "id", "detachvolume")?, "id", VolumeId::parse)?;
         let mut inner = self.lock();
         let vol = find_volume(&inner, id)?;
-        if vol.vm.is_none() {
+        let Some(vm) = vol.vm else {
             return Err(ApiError::param(format!(
                 "Please specify a volume that is attached to a VM: volume {id} is not attached"
+            )));
+        };
+        if vol.kind == ROOT && inner.vms.get(&vm).is_some_and(|m| m.running) {
+            return Err(ApiError::param(format!(
+                "Volume {id} is the root disk of VM {vm}, which is running: stop the VM before detaching it"
             )));
         }
         let job_id = new_job(
@@ -640,6 +689,8 @@ impl Sim {
                 vol.vm = None;
                 vol.device_id = None;
                 vol.attached = None;
+                // A root disk detached is a data disk again (CloudStack's volume DAO).
+                vol.kind = DATADISK;
                 let out = volume_json_by_id(id, inner);
                 if let (Some(root), Some(name)) = (root, inner.device_names.remove(&id))
                     && let Err(e) = sysfs::remove_device(&root, &name)
@@ -869,6 +920,11 @@ fn new_job(inner: &mut Inner, command: &'static str, instance: Option<VolumeId>)
     job_id
 }
 
+/// CloudStack's name of a VM power state.
+fn power(running: bool) -> &'static str {
+    if running { "Running" } else { "Stopped" }
+}
+
 /// `{"volume": {...}}` of a volume that exists.
 fn volume_json_by_id(id: VolumeId, inner: &Inner) -> Value {
     match inner.volumes.get(&id) {
@@ -903,7 +959,8 @@ fn volume_json(v: &SimVolume, inner: &Inner) -> Value {
                 .unwrap_or_default();
             obj.insert("virtualmachineid".into(), json!(vm));
             obj.insert("vmname".into(), json!(vm_name));
-            obj.insert("vmstate".into(), json!("Running"));
+            let running = inner.vms.get(&vm).is_some_and(|m| m.running);
+            obj.insert("vmstate".into(), json!(power(running)));
             obj.insert("deviceid".into(), json!(dev));
             obj.insert("attached".into(), json!(v.attached.map(cs_time)));
         }

@@ -222,6 +222,7 @@ async fn volume(State(s): State<ApiState>, Path(id): Path<String>) -> Answer<Vol
     )
     .await?;
     let last_operation = query(&what, read::last_operation(&s.pool, volume)).await?;
+    let snapshots = query(&what, crate::db::snapshots::of_volume(&s.pool, volume)).await?;
     if mapping.is_none() && export.is_empty() && last_operation.is_none() {
         return Err(Failure::NotFound(format!(
             "the daemon knows nothing of volume {volume}: no mapping, export or operation"
@@ -232,6 +233,7 @@ async fn volume(State(s): State<ApiState>, Path(id): Path<String>) -> Answer<Vol
         mapping,
         nbd_export: export.into_iter().next(),
         last_operation,
+        snapshots,
     }))
 }
 

@@ -18,6 +18,7 @@ pub struct JobDeadlines {
     pub create: Duration,
     pub attach: Duration,
     pub detach: Duration,
+    pub snapshot: Duration,
 }
 
 /// Static CloudStack settings from the environment.
@@ -58,6 +59,11 @@ impl Session {
             OperationType::Create => self.deadlines.create,
             OperationType::Attach => self.deadlines.attach,
             OperationType::Detach | OperationType::Delete => self.deadlines.detach,
+            OperationType::Snapshot
+            | OperationType::RevertSnapshot
+            | OperationType::DeleteSnapshot => self.deadlines.snapshot,
+            // A resize is a volume change of the size of an attach.
+            OperationType::Resize => self.deadlines.attach,
             // They start no job; a listVolumes is bounded by the request deadline.
             OperationType::Cancel | OperationType::Reconcile => self.deadlines.detach,
         };

@@ -116,6 +116,10 @@ pub struct Settings {
     /// How long a detachVolume job may run (also the detach before a delete).
     #[arg(long, env = "DETACH_JOB_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub detach_job_timeout_s: u64,
+    /// How long a snapshot job (createSnapshot, revertSnapshot, deleteSnapshot) may run: a
+    /// snapshot is copied to secondary storage, which takes long for a large volume.
+    #[arg(long, env = "SNAPSHOT_JOB_TIMEOUT_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
+    pub snapshot_job_timeout_s: u64,
     /// How long one CloudStack request is retried on transient errors (job polling goes on until the job deadline).
     #[arg(long, env = "CLOUDSTACK_RETRY_DEADLINE_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub cloudstack_retry_deadline_s: u64,
@@ -267,6 +271,7 @@ impl Settings {
             create: Duration::from_secs(self.create_job_timeout_s),
             attach: Duration::from_secs(self.attach_job_timeout_s),
             detach: Duration::from_secs(self.detach_job_timeout_s),
+            snapshot: Duration::from_secs(self.snapshot_job_timeout_s),
         }
     }
 

@@ -115,6 +115,8 @@ impl TryFrom<String> for LinuxState {
 pub enum MappingChange {
     Upsert(DeviceMapping),
     Remove(VolumeId),
+    /// The volume's size (bytes) changed: its mapping, if any, records it.
+    Resized(VolumeId, u64),
 }
 
 #[cfg(test)]

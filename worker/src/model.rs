@@ -10,7 +10,10 @@ use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
 
 use cloudstack::response::JobId;
-use schema::{CloudEvent, Command, CommandId, EventError, OperationStatus, VmId, VolumeId};
+use schema::{
+    CloudEvent, Command, CommandId, EventError, OperationStatus, SnapshotId, SnapshotInfo, VmId,
+    VolumeId,
+};
 
 use crate::mappings::MappingChange;
 
@@ -91,6 +94,20 @@ pub struct Terminal {
     pub error: Option<EventError>,
     /// What the operation does to `device_mappings`, in the transaction that ends it.
     pub mapping: Option<MappingChange>,
+    /// What the operation does to `snapshots`, in the same transaction.
+    pub snapshot: Option<SnapshotChange>,
+}
+
+/// What an operation does to the `snapshots` table when it ends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotChange {
+    /// A snapshot the daemon took (by the operation `operation_id`), or its new state.
+    Taken {
+        info: SnapshotInfo,
+        operation_id: CommandId,
+    },
+    /// The snapshot is gone.
+    Deleted(SnapshotId),
 }
 
 impl Terminal {

@@ -4,6 +4,7 @@
 //! - [`store`]: `volume_operations` (accept, progress, finish with the outbox row), fenced.
 //! - [`cancel`]: a pending operation ended `cancelled` by a `cancel`.
 //! - [`retention`]: the sweep of ended operations and published outbox rows.
+//! - [`snapshots`]: the volume snapshots the daemon took.
 //! - [`outbox`]: events waiting to be published.
 //! - [`mappings`]: `device_mappings` changes.
 //! - [`lease`]: the `execution_lease` row's SQL.
@@ -53,6 +54,7 @@ pub(crate) mod mappings;
 pub(crate) mod outbox;
 pub(crate) mod read;
 pub(crate) mod retention;
+pub(crate) mod snapshots;
 pub(crate) mod store;
 #[cfg(test)]
 pub(crate) mod testdb;

@@ -334,6 +334,9 @@ impl Store {
         if let Some(change) = &terminal.mapping {
             mappings::apply(&mut tx, change).await?;
         }
+        if let Some(change) = &terminal.snapshot {
+            crate::db::snapshots::apply(&mut tx, change, terminal.event.data.completed_at).await?;
+        }
         self.queue_event(&mut tx, op, &terminal.event).await?;
         tx.commit().await?;
         self.bell.notify_one();

@@ -8,6 +8,7 @@ mod attach;
 mod cancel;
 mod create;
 mod delete;
+mod delete_snapshot;
 mod detach;
 pub(crate) mod host_files;
 pub(crate) mod jobs;
@@ -15,6 +16,9 @@ pub(crate) mod mapping_sync;
 mod mutate;
 pub(crate) mod outcome;
 mod reconcile;
+mod resize;
+mod revert;
+mod snapshot;
 
 use std::sync::Arc;
 
@@ -105,5 +109,17 @@ async fn run(ctx: &Context, op: &mut Operation) -> Result<Completed, Halt> {
         Action::Delete { volume_id } => delete::run(ctx, op, volume_id).await,
         Action::Cancel { target } => cancel::run(ctx, op, &target).await,
         Action::Reconcile { vm_id } => reconcile::run(ctx, op, vm_id).await,
+        Action::Snapshot { volume_id, name } => {
+            snapshot::run(ctx, op, volume_id, name.as_deref()).await
+        }
+        Action::RevertSnapshot {
+            volume_id,
+            snapshot_id,
+        } => revert::run(ctx, op, volume_id, snapshot_id).await,
+        Action::DeleteSnapshot {
+            volume_id,
+            snapshot_id,
+        } => delete_snapshot::run(ctx, op, volume_id, snapshot_id).await,
+        Action::Resize(resize) => resize::run(ctx, op, &resize).await,
     }
 }

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use chrono::{DurationRound, TimeDelta};
 
-use cloudstack::{Client, CloudStackError, JobId, JobPolling, Volume};
+use cloudstack::{Client, CloudStackError, JobId, JobPolling, Snapshot, Volume};
 use schema::command::{AttachVolume, CreateVolume};
-use schema::{DiskOfferingId, ErrorCode, EventError, VolumeId, ZoneId};
+use schema::{DiskOfferingId, ErrorCode, EventError, SnapshotId, VolumeId, ZoneId};
 
 use super::jobs::{current, wait};
 use super::{Halt, Operation};
@@ -46,7 +46,7 @@ enum Sent<T> {
 }
 
 /// What CloudStack shows after a call whose answer was lost.
-enum Effect<T> {
+pub(super) enum Effect<T> {
     /// The call took effect.
     Reached(T),
     /// A job runs on the volume (most likely the call's own): wait for it.
@@ -56,15 +56,16 @@ enum Effect<T> {
 }
 
 /// Sends `start` until CloudStack answers, checking `look` after every lost answer (see the
-/// module doc). A started job is recorded before it is waited for, so a restart resumes it
-/// instead of starting another; `from_job` turns its result into the outcome. `exhausted`
-/// is the failure after [`ATTEMPTS`] lost answers.
-async fn mutate<T, S, SF, L, LF>(
+/// module doc), `attempts` sends in all. A started job is recorded before it is waited for
+/// (`wait`), so a restart resumes it instead of starting another. `exhausted` is the failure
+/// once every send went unanswered.
+async fn mutate<T, S, SF, L, LF, W, WF>(
     cloud: Cloud<'_>,
     op: &mut Operation,
     start: S,
     look: L,
-    from_job: impl Fn(Volume) -> T,
+    wait: W,
+    attempts: usize,
     exhausted: impl Fn(&CloudStackError) -> EventError,
 ) -> Result<T, Halt>
 where
@@ -72,6 +73,8 @@ where
     SF: Future<Output = Result<Sent<T>, CloudStackError>>,
     L: Fn() -> LF,
     LF: Future<Output = Result<Effect<T>, Halt>>,
+    W: FnOnce(JobId) -> WF,
+    WF: Future<Output = Result<T, Halt>>,
 {
     let mut attempt = 0;
     let job = loop {
@@ -93,15 +96,195 @@ where
                 tracing::info!(job = %job, "a job is running on the volume; waiting for it");
                 break (job, volume);
             }
-            Effect::NotYet if attempt >= ATTEMPTS => return Err(exhausted(&lost).into()),
+            Effect::NotYet if attempt >= attempts => return Err(exhausted(&lost).into()),
             Effect::NotYet => {}
         }
     };
     let (job, volume) = job;
     cloud.ctx.record_job(op, Some(volume), &job).await?;
-    Ok(from_job(
-        wait(cloud.ctx, cloud.client, &job, cloud.polling).await?,
-    ))
+    wait(job).await
+}
+
+/// How a volume job (attach, detach, create, resize) is waited for: the volume it ends with.
+fn volume_job<'a>(cloud: Cloud<'a>) -> impl FnOnce(JobId) -> VolumeJob<'a> {
+    move |job| Box::pin(async move { wait(cloud.ctx, cloud.client, &job, cloud.polling).await })
+}
+
+type VolumeJob<'a> = Job<'a, Volume>;
+type Job<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, Halt>> + Send + 'a>>;
+
+/// How a snapshot job (createSnapshot, revertSnapshot) is waited for: the snapshot it ends with.
+fn snapshot_job<'a>(cloud: Cloud<'a>) -> impl FnOnce(JobId) -> Job<'a, Snapshot> {
+    move |job| Box::pin(wait_snapshot(cloud, job))
+}
+
+/// Waits for the snapshot job `job` (interrupted by shutdown: its id is stored).
+pub(super) async fn wait_snapshot(cloud: Cloud<'_>, job: JobId) -> Result<Snapshot, Halt> {
+    let waited = cloud.client.wait_for_snapshot_job(&job, cloud.polling);
+    (cloud.ctx)
+        .until_shutdown(&format!("waiting for job {job}"), waited)
+        .await?
+        .map_err(|e| classify(&e).into())
+}
+
+/// Waits for a job whose result is only its success (deleteSnapshot).
+pub(super) async fn wait_plain(cloud: Cloud<'_>, job: JobId) -> Result<(), Halt> {
+    let waited = cloud.client.wait_for_job(&job, cloud.polling);
+    (cloud.ctx)
+        .until_shutdown(&format!("waiting for job {job}"), waited)
+        .await?
+        .map(|_| ())
+        .map_err(|e| classify(&e).into())
+}
+
+/// The snapshot `id` as `listSnapshots` shows it, if it exists.
+pub(super) async fn listed_snapshot(
+    cloud: Cloud<'_>,
+    id: SnapshotId,
+) -> Result<Option<Snapshot>, Halt> {
+    let found = cloud.client.list_snapshots(&[("id", id.to_string())]).await;
+    Ok(found.map_err(|e| classify(&e))?.into_iter().next())
+}
+
+/// What `listSnapshots` shows of the snapshot named `name` of `volume` (a name contains the
+/// command id that took it): found with its job running, found, or not there.
+pub(super) async fn snapshot_effect(
+    cloud: Cloud<'_>,
+    volume: VolumeId,
+    name: &str,
+) -> Result<Effect<Snapshot>, Halt> {
+    let filter = [("volumeid", volume.to_string()), ("name", name.to_owned())];
+    let found = cloud.client.list_snapshots(&filter).await;
+    let found = found.map_err(|e| classify(&e))?.into_iter().next();
+    Ok(match found {
+        Some(s) => match s.running_job() {
+            Some(job) => Effect::Running(job, volume),
+            // Usable or failed: either way this command's snapshot, never a second one.
+            None => Effect::Reached(s),
+        },
+        None => Effect::NotYet,
+    })
+}
+
+/// `createSnapshot` of `volume`, named `name`: the snapshot once its job ended. After a lost
+/// answer `listSnapshots` is asked for that name.
+pub(super) async fn snapshot(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+    name: &str,
+) -> Result<Snapshot, Halt> {
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let (id, job) = cloud.client.create_snapshot(volume, name).await?;
+            tracing::info!(snapshot = %id, job = %job, "createSnapshot accepted");
+            Ok(Sent::Job(job, volume))
+        },
+        || snapshot_effect(cloud, volume, name),
+        snapshot_job(cloud),
+        ATTEMPTS,
+        classify,
+    )
+    .await
+}
+
+/// `revertSnapshot`: the snapshot once the volume was reverted to it. A revert leaves nothing
+/// to see but its job on the snapshot: after a lost answer with no job of it running, it is sent
+/// once more (two sends in all, the second counted as a retry and logged: reverting twice to the
+/// same snapshot leaves the same data) (docs/cloudstack.md).
+pub(super) async fn revert(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+    snapshot: SnapshotId,
+) -> Result<Snapshot, Halt> {
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let job = cloud.client.revert_snapshot(snapshot).await?;
+            Ok(Sent::Job(job, volume))
+        },
+        || async move {
+            let running = listed_snapshot(cloud, snapshot).await?.and_then(|s| s.running_job());
+            Ok(match running {
+                Some(job) => Effect::Running(job, volume),
+                None => {
+                    tracing::warn!(%snapshot, "revertSnapshot's answer was lost and no job of it runs: sending it once more");
+                    cloudstack::Observer::retry(&*cloud.ctx.metrics, "revertSnapshot");
+                    Effect::NotYet
+                }
+            })
+        },
+        snapshot_job(cloud),
+        REVERT_ATTEMPTS,
+        classify,
+    )
+    .await
+}
+
+/// Sends of a revertSnapshot whose answers were lost (see [`revert`]).
+const REVERT_ATTEMPTS: usize = 2;
+
+/// `deleteSnapshot`. `false`: the snapshot was already gone.
+pub(super) async fn delete_snapshot(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+    snapshot: SnapshotId,
+) -> Result<bool, Halt> {
+    mutate(
+        cloud,
+        op,
+        || async move {
+            match cloud.client.delete_snapshot(snapshot).await {
+                Ok(job) => Ok(Sent::Job(job, volume)),
+                Err(e) if e.is_not_found() => Ok(Sent::Done(false)),
+                Err(e) => Err(e),
+            }
+        },
+        || async move {
+            Ok(match listed_snapshot(cloud, snapshot).await? {
+                None => Effect::Reached(true),
+                Some(s) => match s.running_job() {
+                    Some(job) => Effect::Running(job, volume),
+                    None => Effect::NotYet,
+                },
+            })
+        },
+        |job| -> Job<'_, bool> {
+            Box::pin(async move { wait_plain(cloud, job).await.map(|()| true) })
+        },
+        ATTEMPTS,
+        classify,
+    )
+    .await
+}
+
+/// `resizeVolume` to `gib` GiB: the volume once its job ended.
+pub(super) async fn resize(
+    cloud: Cloud<'_>,
+    op: &mut Operation,
+    volume: VolumeId,
+    gib: u64,
+    shrink_ok: bool,
+) -> Result<Volume, Halt> {
+    let bytes = gib << 30;
+    mutate(
+        cloud,
+        op,
+        || async move {
+            let job = cloud.client.resize_volume(volume, gib, shrink_ok).await?;
+            Ok(Sent::Job(job, volume))
+        },
+        || volume_effect(cloud.client, volume, move |v| v.size == Some(bytes)),
+        volume_job(cloud),
+        ATTEMPTS,
+        classify,
+    )
+    .await
 }
 
 /// Waits [`SETTLE_AFTER_TIMEOUT`] when `lost` was a timeout (not a refused or reset
@@ -155,7 +338,8 @@ pub(super) async fn attach(
             Ok(Sent::Job(job, volume))
         },
         || volume_effect(cloud.client, volume, reached),
-        |v| v,
+        volume_job(cloud),
+        ATTEMPTS,
         classify,
     )
     .await
@@ -175,7 +359,8 @@ pub(super) async fn detach(
             Ok(Sent::Job(job, volume))
         },
         || volume_effect(cloud.client, volume, |v| v.virtualmachineid.is_none()),
-        |v| v,
+        volume_job(cloud),
+        ATTEMPTS,
         classify,
     )
     .await
@@ -206,7 +391,8 @@ pub(super) async fn delete(
             })
         },
         // deleteVolume starts no job.
-        |_| true,
+        |_| async { Ok(true) },
+        ATTEMPTS,
         classify,
     )
     .await
@@ -243,7 +429,8 @@ pub(super) async fn create(
                 None => Effect::NotYet,
             })
         },
-        |v| v,
+        volume_job(cloud),
+        ATTEMPTS,
         |lost| unanswered(create, lost),
     )
     .await

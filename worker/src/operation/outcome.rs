@@ -11,11 +11,11 @@ use cloudstack::response::JobId;
 use schema::event::{Change, NbdExport};
 use schema::{
     Action, CloudEvent, CommandId, EventData, EventError, EventId, OperationStatus, OperationType,
-    VmId, VolumeId, VolumeInfo,
+    SnapshotId, SnapshotInfo, VmId, VolumeId, VolumeInfo,
 };
 
 use crate::mappings::{DeviceMapping, MappingChange};
-use crate::model::{Operation, Terminal};
+use crate::model::{Operation, SnapshotChange, Terminal};
 
 /// What a successful operation did.
 #[derive(Debug, Clone)]
@@ -49,6 +49,25 @@ pub(crate) enum Completed {
     Reconciled {
         scope: Option<VmId>,
         changes: Vec<Change>,
+    },
+    SnapshotTaken {
+        snapshot: SnapshotInfo,
+    },
+    Reverted {
+        snapshot: SnapshotInfo,
+    },
+    SnapshotDeleted {
+        volume: VolumeId,
+        snapshot_id: SnapshotId,
+        /// It was already gone.
+        already_absent: bool,
+    },
+    Resized {
+        /// The volume with its new size.
+        volume: VolumeInfo,
+        previous_size: u64,
+        /// A host-attached volume keeps its device, persistent name and export.
+        host: Option<Attachment>,
     },
 }
 
@@ -141,6 +160,22 @@ enum Response<'a> {
     Reconciled {
         changes: &'a [Change],
     },
+    Snapshot {
+        snapshot: &'a SnapshotInfo,
+    },
+    SnapshotDeleted {
+        snapshot_id: SnapshotId,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        already_absent: bool,
+    },
+    Resized {
+        volume: &'a VolumeInfo,
+        previous_size: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device_path: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        persistent_path: Option<&'a str>,
+    },
     /// The record of a pending operation a cancel ended.
     CancelledBy {
         cancelled_by: &'a CommandId,
@@ -171,21 +206,9 @@ impl Completed {
             },
             Self::Deleted {
                 volume,
-                already_absent: true,
-                ..
-            } => Response::AlreadyAbsent {
-                volume: VolumeRef { id: *volume },
-                already_absent: true,
-            },
-            Self::Deleted {
-                volume,
                 detached_from,
-                ..
-            } => Response::Deleted {
-                volume: VolumeRef { id: *volume },
-                deleted: true,
-                detached_from: *detached_from,
-            },
+                already_absent,
+            } => deleted(*volume, *detached_from, *already_absent),
             Self::Cancelled {
                 target,
                 target_type,
@@ -195,6 +218,22 @@ impl Completed {
                 cancelled: true,
             },
             Self::Reconciled { changes, .. } => Response::Reconciled { changes },
+            Self::SnapshotTaken { snapshot } | Self::Reverted { snapshot } => {
+                Response::Snapshot { snapshot }
+            }
+            Self::SnapshotDeleted {
+                snapshot_id,
+                already_absent,
+                ..
+            } => Response::SnapshotDeleted {
+                snapshot_id: *snapshot_id,
+                already_absent: *already_absent,
+            },
+            Self::Resized {
+                volume,
+                previous_size,
+                host,
+            } => resized(volume, *previous_size, host.as_ref()),
         };
         serde_json::to_value(r).unwrap_or_default()
     }
@@ -205,7 +244,27 @@ impl Completed {
             Self::Attached { mapping, .. } => Some(MappingChange::Upsert((**mapping).clone())),
             Self::Detached { volume, .. } => Some(MappingChange::Remove(volume.id)),
             Self::Deleted { volume, .. } => Some(MappingChange::Remove(*volume)),
-            Self::Created { .. } | Self::Cancelled { .. } | Self::Reconciled { .. } => None,
+            Self::Resized { volume, .. } => Some(MappingChange::Resized(volume.id, volume.size)),
+            Self::Created { .. }
+            | Self::Cancelled { .. }
+            | Self::Reconciled { .. }
+            | Self::SnapshotTaken { .. }
+            | Self::Reverted { .. }
+            | Self::SnapshotDeleted { .. } => None,
+        }
+    }
+
+    /// What the operation `by` does to `snapshots` when it ends.
+    pub(crate) fn snapshot_change(&self, by: &CommandId) -> Option<SnapshotChange> {
+        match self {
+            Self::SnapshotTaken { snapshot } => Some(SnapshotChange::Taken {
+                info: snapshot.clone(),
+                operation_id: by.clone(),
+            }),
+            Self::SnapshotDeleted { snapshot_id, .. } => {
+                Some(SnapshotChange::Deleted(*snapshot_id))
+            }
+            _ => None,
         }
     }
 
@@ -216,6 +275,11 @@ impl Completed {
             Self::Attached { volume, .. } => Some(volume.id),
             Self::Detached { volume, .. } => Some(volume.id),
             Self::Deleted { volume, .. } => Some(*volume),
+            Self::SnapshotTaken { snapshot } | Self::Reverted { snapshot } => {
+                Some(snapshot.volume_id)
+            }
+            Self::SnapshotDeleted { volume, .. } => Some(*volume),
+            Self::Resized { volume, .. } => Some(volume.id),
             Self::Cancelled { .. } | Self::Reconciled { .. } => None,
         }
     }
@@ -232,18 +296,7 @@ impl Completed {
             } => {
                 data.vm_id = Some(mapping.vm_id);
                 data.mode = Some(mapping.mode);
-                if let Attachment::Host {
-                    device_path,
-                    by_id_path,
-                    persistent_path,
-                    nbd_export,
-                } = attachment
-                {
-                    data.device_path = Some(device_path.clone());
-                    data.by_id_path = by_id_path.clone();
-                    data.persistent_path = Some(persistent_path.clone());
-                    data.nbd_export = nbd_export.clone();
-                }
+                fill_host(data, attachment);
             }
             Self::Detached { from, .. } => {
                 data.vm_id = *from;
@@ -262,7 +315,87 @@ impl Completed {
                 data.vm_id = *scope;
                 data.changes = Some(changes.clone());
             }
+            Self::SnapshotTaken { snapshot } | Self::Reverted { snapshot } => {
+                data.snapshot = Some(snapshot.clone());
+            }
+            Self::SnapshotDeleted {
+                snapshot_id,
+                already_absent,
+                ..
+            } => {
+                data.snapshot_id = Some(*snapshot_id);
+                data.already_absent = Some(*already_absent);
+            }
+            Self::Resized {
+                volume,
+                previous_size,
+                host,
+            } => {
+                data.volume = Some(volume.clone());
+                data.previous_size = Some(*previous_size);
+                if let Some(attachment) = host {
+                    fill_host(data, attachment);
+                }
+            }
         }
+    }
+}
+
+/// The host fields of an event (a host attach, a resize of a host-attached volume).
+fn fill_host(data: &mut EventData, attachment: &Attachment) {
+    if let Attachment::Host {
+        device_path,
+        by_id_path,
+        persistent_path,
+        nbd_export,
+    } = attachment
+    {
+        data.device_path = Some(device_path.clone());
+        data.by_id_path = by_id_path.clone();
+        data.persistent_path = Some(persistent_path.clone());
+        data.nbd_export = nbd_export.clone();
+    }
+}
+
+/// The response of a delete.
+fn deleted<'a>(
+    volume: VolumeId,
+    detached_from: Option<VmId>,
+    already_absent: bool,
+) -> Response<'a> {
+    let volume = VolumeRef { id: volume };
+    match already_absent {
+        true => Response::AlreadyAbsent {
+            volume,
+            already_absent,
+        },
+        false => Response::Deleted {
+            volume,
+            deleted: true,
+            detached_from,
+        },
+    }
+}
+
+/// The response of a resize.
+fn resized<'a>(
+    volume: &'a VolumeInfo,
+    previous_size: u64,
+    host: Option<&'a Attachment>,
+) -> Response<'a> {
+    let (device_path, persistent_path) = match host {
+        Some(Attachment::Host {
+            device_path,
+            persistent_path,
+            ..
+        }) => (Some(device_path.as_str()), Some(persistent_path.as_str())),
+        _ => (None, None),
+    };
+    Response::Resized {
+        volume,
+        previous_size,
+        device_path,
+        persistent_path,
     }
 }
 
@@ -292,6 +425,7 @@ pub(crate) fn completed(op: &Operation, done: &Completed, at: DateTime<Utc>) -> 
         response: Some(done.response()),
         error: None,
         mapping: done.mapping_change(),
+        snapshot: done.snapshot_change(op.id()),
     }
 }
 
@@ -308,6 +442,7 @@ pub(crate) fn failed(
         response: None,
         error: Some(error),
         mapping,
+        snapshot: None,
     }
 }
 
@@ -320,6 +455,7 @@ pub(crate) fn cancelled(op: &Operation, by: &CommandId, at: DateTime<Utc>) -> Te
         response: serde_json::to_value(response).ok(),
         error: None,
         mapping: None,
+        snapshot: None,
     }
 }
 
@@ -365,5 +501,8 @@ fn data(
             _ => None,
         },
         changes: None,
+        snapshot: None,
+        snapshot_id: None,
+        previous_size: None,
     }
 }
