@@ -97,7 +97,19 @@ fn the_asyncapi_command_examples_are_valid_commands() {
             .unwrap_or_else(|e| panic!("the daemon refuses {example}: {e}"));
         types.push(command.operation_type().as_str());
     }
-    assert_eq!(types, ["create", "attach", "cancel", "reconcile"]);
+    assert_eq!(
+        types,
+        [
+            "create",
+            "attach",
+            "cancel",
+            "reconcile",
+            "snapshot",
+            "revert_snapshot",
+            "delete_snapshot",
+            "resize"
+        ]
+    );
 }
 
 /// The `.rs` files ARCHITECTURE.md's code map of the daemon names: in its table, a row whose

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// `nbdkit file dir=<dir>` on a port of its own, stopped when dropped.
 pub(crate) struct NbdServer {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl NbdServer {

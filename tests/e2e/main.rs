@@ -28,3 +28,4 @@ mod rejections;
 mod resilience;
 mod scale_out;
 mod tls;
+mod volume_api;

@@ -3,13 +3,14 @@
 //! CloudStack changes.
 //!
 //! In scope are one VM, or every VM that has mappings and the host VM. For each:
-//! 1. CloudStack's attachments (`listVolumes virtualmachineid=`; root disks are not the
-//!    daemon's and are left out).
+//! 1. CloudStack's attachments (`listVolumes virtualmachineid=`, root disks included: a boot
+//!    volume the daemon attached at device 0 keeps its mapping).
 //! 2. Each recorded mapping on a VM in scope: CloudStack no longer lists it there → it is
 //!    looked up by id: on another VM (`mapping_moved`) or on none (`mapping_removed`). Still
 //!    there and on the host VM → its device is compared with the monitor's table
 //!    (`device_changed`).
-//! 3. Each attachment CloudStack lists that no mapping records → `mapping_added`.
+//! 3. Each data disk CloudStack lists that no mapping records → `mapping_added` (a VM's own
+//!    template root disk is not the daemon's and is never added).
 //! 4. The host files and export rows are made to agree (`export_added`, `export_removed`).
 //!
 //! Each repair is committed on its own (fenced) and reported in the order it was made.
@@ -77,8 +78,32 @@ pub(super) async fn reconcile(
             None => changes.extend(gone_from(ctx, cs, m).await?),
         }
     }
+    changes.extend(added(ctx, cs, &recorded, &listed).await?);
+    let repairs = super::host_files::run(&ctx.store, &ctx.host, &ctx.devices)
+        .await
+        .map_err(|e| Halt::from(host_error(e)))?;
+    changes.extend(repairs.exports);
+    for c in &changes {
+        ctx.metrics.reconcile_change(c.what);
+    }
+    Ok(changes)
+}
+
+/// The attachments CloudStack lists that no mapping records (made outside the daemon), recorded.
+/// Only data disks are added: a VM's template root disk is not the daemon's. A root disk the
+/// daemon attached (a boot volume at device 0) keeps its mapping.
+async fn added(
+    ctx: &Context,
+    cs: &Session,
+    recorded: &[MappingView],
+    listed: &HashMap<VolumeId, (VmId, Volume)>,
+) -> Result<Vec<Change>, Halt> {
     let known: HashSet<VolumeId> = recorded.iter().map(|m| m.volume_id).collect();
-    for (vm, v) in listed.values().filter(|(_, v)| !known.contains(&v.id)) {
+    let unknown = listed
+        .values()
+        .filter(|(_, v)| !known.contains(&v.id) && !v.is_root());
+    let mut changes = Vec::new();
+    for (vm, v) in unknown {
         let mapping = mapping_of(ctx, cs, *vm, v).await?;
         let export = upsert(ctx, mapping).await?;
         tracing::warn!(volume = %v.id, %vm, "reconcile: attachment made outside the daemon recorded");
@@ -90,13 +115,6 @@ pub(super) async fn reconcile(
             Some(vm.to_string()),
         ));
         changes.extend(export);
-    }
-    let repairs = super::host_files::run(&ctx.store, &ctx.host, &ctx.devices)
-        .await
-        .map_err(|e| Halt::from(host_error(e)))?;
-    changes.extend(repairs.exports);
-    for c in &changes {
-        ctx.metrics.reconcile_change(c.what);
     }
     Ok(changes)
 }
@@ -119,7 +137,7 @@ async fn lock_scope(
     (held, ctx.host.lock().await)
 }
 
-/// The data disks CloudStack lists on `vm`.
+/// The volumes CloudStack lists on `vm`, root disks included (a mapped boot volume is one).
 async fn attached_to(cs: &Session, vm: VmId) -> Result<Vec<Volume>, Halt> {
     let volumes = cs
         .client
@@ -128,7 +146,6 @@ async fn attached_to(cs: &Session, vm: VmId) -> Result<Vec<Volume>, Halt> {
         .map_err(|e| classify(&e))?;
     Ok(volumes
         .into_iter()
-        .filter(|v| !v.is_root())
         .filter(|v| v.virtualmachineid == Some(vm))
         .collect())
 }
