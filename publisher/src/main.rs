@@ -16,8 +16,8 @@ use publisher::{Error, Subscription, VolumeClient};
 use schema::command::AttachVolume;
 use schema::command::CreateVolume;
 use schema::{
-    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, OperationType, VmId,
-    VolumeId, ZoneId,
+    ByteSize, CloudEvent, Command, CommandId, DiskOfferingId, OperationStatus, OperationType,
+    SnapshotId, VmId, VolumeId, ZoneId,
 };
 
 #[derive(Debug, Parser)]
@@ -100,6 +100,61 @@ enum Cmd {
         volume: VolumeId,
         #[command(flatten)]
         common: Common,
+    },
+    /// Take a CloudStack snapshot of a volume (its name contains the command id).
+    Snapshot {
+        /// The CloudStack volume id (UUID).
+        #[arg(long)]
+        volume: VolumeId,
+        /// Part of the snapshot's CloudStack name (default: vd).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Return a volume to one of its snapshots (the volume detached or its VM stopped).
+    Revert {
+        /// The CloudStack volume id (UUID).
+        #[arg(long)]
+        volume: VolumeId,
+        /// The snapshot id (UUID), one of that volume's.
+        #[arg(long)]
+        snapshot: SnapshotId,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete one of a volume's snapshots.
+    DeleteSnapshot {
+        /// The CloudStack volume id (UUID).
+        #[arg(long)]
+        volume: VolumeId,
+        /// The snapshot id (UUID).
+        #[arg(long)]
+        snapshot: SnapshotId,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Resize a volume (CloudStack rounds up to whole GiB; shrinking needs --shrink-ok).
+    Resize {
+        /// The CloudStack volume id (UUID).
+        #[arg(long)]
+        volume: VolumeId,
+        /// The new size in bytes or with a unit: 20GiB.
+        #[arg(long)]
+        size: ByteSize,
+        /// Allow a smaller size (the data past it is lost).
+        #[arg(long)]
+        shrink_ok: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the snapshots the daemon took of a volume (read API).
+    Snapshots {
+        /// The volume id.
+        volume: VolumeId,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Cancel a pending operation: it ends `cancelled` and never reaches CloudStack (an
     /// executing one cannot be cancelled).
@@ -232,6 +287,7 @@ async fn main() -> ExitCode {
         query @ (Cmd::Get { .. }
         | Cmd::Ops { .. }
         | Cmd::Volume { .. }
+        | Cmd::Snapshots { .. }
         | Cmd::Vm { .. }
         | Cmd::Devices { .. }) => return read(&cli.api_url, query).await,
         command => {
@@ -286,6 +342,27 @@ fn build(command: Cmd) -> Result<(Command, Common), String> {
         Cmd::Delete { volume, common } => (Command::delete(volume), common),
         Cmd::Cancel { operation, common } => (Command::cancel(operation), common),
         Cmd::Reconcile { vm, common } => (Command::reconcile(vm), common),
+        Cmd::Snapshot {
+            volume,
+            name,
+            common,
+        } => (Command::snapshot(volume, name), common),
+        Cmd::Revert {
+            volume,
+            snapshot,
+            common,
+        } => (Command::revert_snapshot(volume, snapshot), common),
+        Cmd::DeleteSnapshot {
+            volume,
+            snapshot,
+            common,
+        } => (Command::delete_snapshot(volume, snapshot), common),
+        Cmd::Resize {
+            volume,
+            size,
+            shrink_ok,
+            common,
+        } => (Command::resize(volume, size, shrink_ok), common),
         _ => return Err("not a command".into()),
     };
     if let Some(id) = common.command_id.clone() {
@@ -408,6 +485,15 @@ fn human(event: &CloudEvent) -> String {
     if d.already_absent == Some(true) {
         line.push_str("  (did not exist)");
     }
+    if let Some(s) = &d.snapshot {
+        line.push_str(&format!("  snapshot {} ({}, {})", s.id, s.name, s.state));
+    }
+    if let Some(s) = d.snapshot_id {
+        line.push_str(&format!("  snapshot {s}"));
+    }
+    if let Some(p) = d.previous_size {
+        line.push_str(&format!("  (was {p} bytes)"));
+    }
     if let Some(t) = &d.target {
         line.push_str(&format!("  target {t}"));
     }
@@ -511,6 +597,14 @@ async fn run_query(api: &ApiClient, query: Cmd) -> Result<String, ApiClientError
         Cmd::Volume { volume, json } => {
             let v = api.volume(volume).await?;
             if json { pretty(&v) } else { tables::volume(&v) }
+        }
+        Cmd::Snapshots { volume, json } => {
+            let v = api.volume(volume).await?;
+            if json {
+                pretty(&v.snapshots)
+            } else {
+                tables::snapshots(&v.snapshots)
+            }
         }
         Cmd::Vm { vm, json } => {
             let v = api.vm_volumes(vm).await?;

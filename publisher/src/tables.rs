@@ -1,7 +1,7 @@
 //! `volumectl`'s read-API output: aligned tables for people, the API's JSON for scripts.
 
 use chrono::{DateTime, Utc};
-use schema::api::{DeviceView, MappingView, OperationView, VolumeView};
+use schema::api::{DeviceView, MappingView, OperationView, SnapshotView, VolumeView};
 
 /// Columns padded to the widest cell; the last column is not padded.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -134,6 +134,9 @@ pub fn volume(v: &VolumeView) -> String {
             e.name, e.url, e.target_path
         ));
     }
+    if !v.snapshots.is_empty() {
+        out.push_str(&format!("\nsnapshots\n{}\n", snapshots(&v.snapshots)));
+    }
     if let Some(o) = &v.last_operation {
         out.push_str(&format!(
             "\nlast operation\n{}\n",
@@ -141,6 +144,28 @@ pub fn volume(v: &VolumeView) -> String {
         ));
     }
     out.trim_end().to_owned()
+}
+
+pub fn snapshots(items: &[SnapshotView]) -> String {
+    if items.is_empty() {
+        return "no snapshots".to_owned();
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.name.clone(),
+                s.state.clone(),
+                s.created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                or_dash(s.operation_id.as_ref()),
+            ]
+        })
+        .collect();
+    table(
+        &["SNAPSHOT", "NAME", "STATE", "CREATED", "OPERATION"],
+        &rows,
+    )
 }
 
 pub fn devices(items: &[DeviceView]) -> String {

@@ -470,3 +470,83 @@ async fn the_test_failover_recipe_runs_twice_and_gives_back_the_data_from_before
     completed(&reconciled, "reconcile");
     assert_eq!(reconciled.data.changes, Some(Vec::new()), "nothing drifted");
 }
+
+/// `volumectl snapshot|snapshots|revert|delete-snapshot|resize`: each publishes its command,
+/// waits for the event and exits 0; `snapshots` lists what the read API shows.
+#[tokio::test]
+async fn volumectl_takes_lists_reverts_deletes_snapshots_and_resizes() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        kvm_snapshot_enabled: true,
+        ..SimConfig::default()
+    })
+    .await;
+    env.start_daemon().await;
+    let vm = DEMO_VMS[0];
+    let volume = ready_volume(&env, "by-volumectl", GIB, vm).await;
+    let v = volume.to_string();
+    let run = |args: Vec<String>| {
+        let env = &env;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, out, err) = crate::helpers::run_volumectl(env, &args).await;
+            assert_eq!(code, 0, "volumectl {args:?}: {out}{err}");
+            out
+        }
+    };
+    let out = run(vec![
+        "snapshot".into(),
+        "--volume".into(),
+        v.clone(),
+        "--name".into(),
+        "ctl".into(),
+        "--wait".into(),
+    ])
+    .await;
+    assert!(out.contains("volume.snapshot.completed"), "{out}");
+    let (id, _) = env.sim.sim.snapshots_of(volume)[0].clone();
+    let listed = run(vec!["snapshots".into(), v.clone()]).await;
+    assert!(
+        listed.contains(&id.to_string()) && listed.contains("BackedUp"),
+        "{listed}"
+    );
+    assert!(env.sim.sim.set_vm_running(vm, false));
+    let out = run(vec![
+        "revert".into(),
+        "--volume".into(),
+        v.clone(),
+        "--snapshot".into(),
+        id.to_string(),
+        "--wait".into(),
+    ])
+    .await;
+    assert!(out.contains("volume.revert_snapshot.completed"), "{out}");
+    let out = run(vec![
+        "delete-snapshot".into(),
+        "--volume".into(),
+        v.clone(),
+        "--snapshot".into(),
+        id.to_string(),
+        "--wait".into(),
+    ])
+    .await;
+    assert!(out.contains("volume.delete_snapshot.completed"), "{out}");
+    let out = run(vec![
+        "resize".into(),
+        "--volume".into(),
+        v.clone(),
+        "--size".into(),
+        "3GiB".into(),
+        "--wait".into(),
+    ])
+    .await;
+    assert!(
+        out.contains("volume.resize.completed") && out.contains(&format!("was {GIB} bytes")),
+        "{out}"
+    );
+    assert_eq!(
+        env.sim.sim.volume_type_and_size(volume).map(|t| t.1),
+        Some(3 * GIB)
+    );
+    let listed = run(vec!["snapshots".into(), v]).await;
+    assert!(listed.contains("no snapshots"), "{listed}");
+}
