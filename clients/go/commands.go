@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"strings"
 )
 
 // GiB is 2^30 bytes, the unit CloudStack sizes volumes in (a [Create]'s Size is rounded up to it).
@@ -94,15 +95,54 @@ type Reconcile struct {
 	VMID string
 }
 
+// Snapshot takes a CloudStack snapshot of a volume; the event carries it in Data.Snapshot.
+type Snapshot struct {
+	Common
+	VolumeID string
+	// Name becomes part of the snapshot's CloudStack name, which always contains the command
+	// id (at most 180 characters; default "vd").
+	Name string
+}
+
+// RevertSnapshot returns a volume to one of its snapshots. CloudStack needs the volume
+// detached or its VM stopped; a refusal fails with [CodeVolumeInUse].
+type RevertSnapshot struct {
+	Common
+	VolumeID   string
+	SnapshotID string
+}
+
+// DeleteSnapshot deletes one of a volume's snapshots (one already gone completes with
+// Data.AlreadyAbsent).
+type DeleteSnapshot struct {
+	Common
+	VolumeID   string
+	SnapshotID string
+}
+
+// Resize changes a volume's size. CloudStack receives whole GiB, rounded up; a smaller size
+// needs ShrinkOK.
+type Resize struct {
+	Common
+	VolumeID string
+	// Size in bytes (> 0).
+	Size     uint64
+	ShrinkOK bool
+}
+
 // DeviceID returns a pointer to n, for [Attach].DeviceID.
 func DeviceID(n uint32) *uint32 { return &n }
 
-func (*Create) Type() string    { return "create" }
-func (*Attach) Type() string    { return "attach" }
-func (*Detach) Type() string    { return "detach" }
-func (*Delete) Type() string    { return "delete" }
-func (*Cancel) Type() string    { return "cancel" }
-func (*Reconcile) Type() string { return "reconcile" }
+func (*Create) Type() string         { return "create" }
+func (*Attach) Type() string         { return "attach" }
+func (*Detach) Type() string         { return "detach" }
+func (*Delete) Type() string         { return "delete" }
+func (*Cancel) Type() string         { return "cancel" }
+func (*Reconcile) Type() string      { return "reconcile" }
+func (*Snapshot) Type() string       { return "snapshot" }
+func (*RevertSnapshot) Type() string { return "revert_snapshot" }
+func (*DeleteSnapshot) Type() string { return "delete_snapshot" }
+func (*Resize) Type() string         { return "resize" }
 
 // wireCommand is the JSON body of every command type (docs/wire.md in the daemon's repository).
 type wireCommand struct {
@@ -118,6 +158,8 @@ type wireCommand struct {
 	VMID           string            `json:"vm_id,omitempty"`
 	DeviceID       *uint32           `json:"device_id,omitempty"`
 	Target         string            `json:"target,omitempty"`
+	SnapshotID     string            `json:"snapshot_id,omitempty"`
+	ShrinkOK       bool              `json:"shrink_ok,omitempty"`
 }
 
 func (c *Common) wireHeader(ty string) wireCommand {
@@ -157,6 +199,30 @@ func (c *Cancel) wire() wireCommand {
 func (c *Reconcile) wire() wireCommand {
 	w := c.wireHeader(c.Type())
 	w.VMID = c.VMID
+	return w
+}
+
+func (c *Snapshot) wire() wireCommand {
+	w := c.wireHeader(c.Type())
+	w.VolumeID, w.Name = c.VolumeID, c.Name
+	return w
+}
+
+func (c *RevertSnapshot) wire() wireCommand {
+	w := c.wireHeader(c.Type())
+	w.VolumeID, w.SnapshotID = c.VolumeID, c.SnapshotID
+	return w
+}
+
+func (c *DeleteSnapshot) wire() wireCommand {
+	w := c.wireHeader(c.Type())
+	w.VolumeID, w.SnapshotID = c.VolumeID, c.SnapshotID
+	return w
+}
+
+func (c *Resize) wire() wireCommand {
+	w := c.wireHeader(c.Type())
+	w.VolumeID, w.Size, w.ShrinkOK = c.VolumeID, c.Size, c.ShrinkOK
 	return w
 }
 
@@ -214,6 +280,26 @@ func validateFields(c Command, bad badField) error {
 		}
 	case *Reconcile:
 		return uuid("vm_id", c.VMID, false)
+	case *Snapshot:
+		if len([]rune(c.Name)) > 180 || (c.Name != "" && strings.TrimSpace(c.Name) == "") {
+			return bad("name", "must be 1-180 characters when given")
+		}
+		return uuid("volume_id", c.VolumeID, true)
+	case *RevertSnapshot:
+		if err := uuid("volume_id", c.VolumeID, true); err != nil {
+			return err
+		}
+		return uuid("snapshot_id", c.SnapshotID, true)
+	case *DeleteSnapshot:
+		if err := uuid("volume_id", c.VolumeID, true); err != nil {
+			return err
+		}
+		return uuid("snapshot_id", c.SnapshotID, true)
+	case *Resize:
+		if c.Size == 0 {
+			return bad("size", "must be > 0 bytes")
+		}
+		return uuid("volume_id", c.VolumeID, true)
 	default:
 		return bad("type", "unknown command type %T", c)
 	}
@@ -268,6 +354,14 @@ func ParseCommand(body []byte) (Command, error) {
 		c = &Cancel{Common: common, Target: w.Target}
 	case "reconcile":
 		c = &Reconcile{Common: common, VMID: w.VMID}
+	case "snapshot":
+		c = &Snapshot{Common: common, VolumeID: w.VolumeID, Name: w.Name}
+	case "revert_snapshot":
+		c = &RevertSnapshot{Common: common, VolumeID: w.VolumeID, SnapshotID: w.SnapshotID}
+	case "delete_snapshot":
+		c = &DeleteSnapshot{Common: common, VolumeID: w.VolumeID, SnapshotID: w.SnapshotID}
+	case "resize":
+		c = &Resize{Common: common, VolumeID: w.VolumeID, Size: w.Size, ShrinkOK: w.ShrinkOK}
 	default:
 		return nil, &InvalidCommandError{CommandID: w.CommandID, Field: "type", Problem: fmt.Sprintf("unknown type %q", w.Type)}
 	}

@@ -32,6 +32,11 @@ func TestInvalidCommandsAreRefusedBeforePublishingAndNameTheField(t *testing.T) 
 		{&volumeclient.Delete{Common: id}, "volume_id"},
 		{&volumeclient.Cancel{Common: id, Target: ""}, "target"},
 		{&volumeclient.Reconcile{Common: id, VMID: "vm-1"}, "vm_id"},
+		{&volumeclient.Snapshot{Common: id, VolumeID: vol, Name: strings.Repeat("n", 181)}, "name"},
+		{&volumeclient.Snapshot{Common: id}, "volume_id"},
+		{&volumeclient.RevertSnapshot{Common: id, VolumeID: vol, SnapshotID: "snap-1"}, "snapshot_id"},
+		{&volumeclient.DeleteSnapshot{Common: id, VolumeID: vol}, "snapshot_id"},
+		{&volumeclient.Resize{Common: id, VolumeID: vol}, "size"},
 		{&volumeclient.Detach{Common: volumeclient.Common{CommandID: "c1", CorrelationID: strings.Repeat("c", 256)}, VolumeID: vol}, "correlation_id"},
 		{&volumeclient.Detach{Common: volumeclient.Common{CommandID: "c1", Metadata: map[string]string{"big": strings.Repeat("m", 70000)}}, VolumeID: vol}, ""},
 	}
@@ -52,6 +57,10 @@ func TestValidCommandsEncodeAsTheWireFormatAndParseBack(t *testing.T) {
 		&volumeclient.Delete{Common: volumeclient.Common{CommandID: "c4"}, VolumeID: vol},
 		&volumeclient.Cancel{Common: volumeclient.Common{CommandID: "c5"}, Target: "c2"},
 		&volumeclient.Reconcile{Common: volumeclient.Common{CommandID: "c6"}},
+		&volumeclient.Snapshot{Common: volumeclient.Common{CommandID: "c7"}, VolumeID: vol, Name: "before"},
+		&volumeclient.RevertSnapshot{Common: volumeclient.Common{CommandID: "c8"}, VolumeID: vol, SnapshotID: vm},
+		&volumeclient.DeleteSnapshot{Common: volumeclient.Common{CommandID: "c9"}, VolumeID: vol, SnapshotID: vm},
+		&volumeclient.Resize{Common: volumeclient.Common{CommandID: "c10"}, VolumeID: vol, Size: 2 * volumeclient.GiB, ShrinkOK: true},
 	}
 	want := []string{
 		`{"command_id":"c1","type":"create","correlation_id":"job-7","metadata":{"k":"v"},"name":"disk0","size":5368709120,"zone_id":"` + vm + `"}`,
@@ -60,6 +69,10 @@ func TestValidCommandsEncodeAsTheWireFormatAndParseBack(t *testing.T) {
 		`{"command_id":"c4","type":"delete","volume_id":"` + vol + `"}`,
 		`{"command_id":"c5","type":"cancel","target":"c2"}`,
 		`{"command_id":"c6","type":"reconcile"}`,
+		`{"command_id":"c7","type":"snapshot","name":"before","volume_id":"` + vol + `"}`,
+		`{"command_id":"c8","type":"revert_snapshot","volume_id":"` + vol + `","snapshot_id":"` + vm + `"}`,
+		`{"command_id":"c9","type":"delete_snapshot","volume_id":"` + vol + `","snapshot_id":"` + vm + `"}`,
+		`{"command_id":"c10","type":"resize","size":2147483648,"volume_id":"` + vol + `","shrink_ok":true}`,
 	}
 	for i, c := range cmds {
 		body, err := volumeclient.Encode(c)
@@ -75,7 +88,7 @@ func TestValidCommandsEncodeAsTheWireFormatAndParseBack(t *testing.T) {
 			t.Fatalf("round trip of %s: %s", body, again)
 		}
 	}
-	if _, err := volumeclient.ParseCommand([]byte(`{"command_id":"x","type":"resize"}`)); err == nil {
+	if _, err := volumeclient.ParseCommand([]byte(`{"command_id":"x","type":"grow"}`)); err == nil {
 		t.Fatal("an unknown type parsed")
 	}
 }

@@ -29,6 +29,7 @@ const (
 	CodeCloudStackUnavailable      Code = "CLOUDSTACK_UNAVAILABLE"
 	CodeCloudStackJobFailed        Code = "CLOUDSTACK_JOB_FAILED"
 	CodeVolumeNotFound             Code = "VOLUME_NOT_FOUND"
+	CodeSnapshotNotFound           Code = "SNAPSHOT_NOT_FOUND"
 	CodeVolumeInUse                Code = "VOLUME_IN_USE"
 	CodeDeviceCorrelationTimeout   Code = "DEVICE_CORRELATION_TIMEOUT"
 	CodeTimeout                    Code = "TIMEOUT"
@@ -89,6 +90,21 @@ type EventData struct {
 	Target string `json:"target,omitempty"`
 	// Reconcile: what it repaired (empty, not nil, when nothing had drifted).
 	Changes []Change `json:"changes"`
+	// Snapshot and RevertSnapshot: the snapshot.
+	Snapshot *SnapshotInfo `json:"snapshot,omitempty"`
+	// DeleteSnapshot: the snapshot deleted (AlreadyAbsent says whether it was gone already).
+	SnapshotID string `json:"snapshot_id,omitempty"`
+	// Resize: the size before, in bytes (Volume has the new one).
+	PreviousSize *uint64 `json:"previous_size,omitempty"`
+}
+
+// SnapshotInfo is a volume snapshot (Snapshot and RevertSnapshot events).
+type SnapshotInfo struct {
+	ID       string    `json:"id"`
+	VolumeID string    `json:"volume_id"`
+	Name     string    `json:"name"`
+	State    string    `json:"state"`
+	Created  time.Time `json:"created"`
 }
 
 // EventError is a failed operation's error.
