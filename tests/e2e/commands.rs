@@ -274,3 +274,68 @@ async fn reconcile_records_an_attachment_made_outside_and_reports_it_in_response
     );
     env.stop_app().await;
 }
+
+/// Mutation: `Completed::snapshot_change` without the taken snapshot (the read API and the
+/// `snapshots` table lose it), or a `Snapshot` response without the snapshot.
+#[tokio::test]
+async fn snapshot_revert_and_delete_snapshot_store_their_snapshot_in_response_event_and_table() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        kvm_snapshot_enabled: true,
+        ..SimConfig::default()
+    })
+    .await;
+    env.spawn_app().await;
+    let vm = DEMO_VMS[0];
+    let volume = env.sim.sim.seed_volume("inproc-snap", 1 << 30);
+    completed(&run(&mut env, &cmd::attach(volume, vm)).await.0, "attach");
+
+    let (taken, row) = run(&mut env, &Command::snapshot(volume, None)).await;
+    completed(&taken, "snapshot");
+    let snapshot = taken.data.snapshot.clone().expect("the event's snapshot");
+    assert_eq!(row.response, Some(json!({"snapshot": snapshot})));
+    let (_, view) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
+    assert_eq!(view["snapshots"][0]["id"], json!(snapshot.id), "{view}");
+
+    completed(&run(&mut env, &cmd::detach(volume)).await.0, "detach");
+    let (reverted, row) = run(&mut env, &Command::revert_snapshot(volume, snapshot.id)).await;
+    completed(&reverted, "revert");
+    assert_eq!(
+        reverted.data.snapshot.as_ref().map(|s| s.id),
+        Some(snapshot.id)
+    );
+    assert_eq!(
+        row.response.expect("response")["snapshot"]["id"],
+        json!(snapshot.id)
+    );
+
+    let (deleted, row) = run(&mut env, &Command::delete_snapshot(volume, snapshot.id)).await;
+    completed(&deleted, "delete_snapshot");
+    assert_eq!(row.response, Some(json!({"snapshot_id": snapshot.id})));
+    let (_, view) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
+    assert_eq!(view["snapshots"], json!([]), "{view}");
+}
+
+/// Mutation: `Completed::mapping_change` without `Resized` (the mapping keeps the old size),
+/// or a `Resized` response without `previous_size`.
+#[tokio::test]
+async fn resize_reports_the_new_and_previous_size_and_the_mapping_follows() {
+    let mut env = TestEnv::new().await;
+    env.spawn_app().await;
+    let vm = DEMO_VMS[1];
+    let volume = env.sim.sim.seed_volume("inproc-resize", 1 << 30);
+    completed(&run(&mut env, &cmd::attach(volume, vm)).await.0, "attach");
+    let grow = Command::resize(volume, "2GiB".parse().expect("size"), false);
+    let (event, row) = run(&mut env, &grow).await;
+    completed(&event, "resize");
+    let info = event.data.volume.clone().expect("the event's volume");
+    assert_eq!(
+        (info.size, event.data.previous_size),
+        (2 << 30, Some(1 << 30))
+    );
+    assert_eq!(
+        row.response,
+        Some(json!({"volume": info, "previous_size": 1u64 << 30}))
+    );
+    let (_, view) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
+    assert_eq!(view["mapping"]["size"], json!(2u64 << 30), "{view}");
+}

@@ -197,8 +197,8 @@ async fn capture_every_kind_of_message(env: &mut TestEnv) {
     let mut unknown = EventTap::new(&env.prefix).await;
     rejections::publish_raw(
         &env.prefix,
-        "volume.resize",
-        br#"{"command_id": "go-corpus-resize", "type": "resize"}"#,
+        "volume.grow",
+        br#"{"command_id": "go-corpus-grow", "type": "grow"}"#,
         None,
     )
     .await;
@@ -238,8 +238,8 @@ async fn save_valid(tap: &mut EventTap, kind: &str, dir: &PathBuf) -> usize {
             .iter_errors(&value)
             .map(|e| e.to_string())
             .collect();
-        if value["type"] == "resize" {
-            assert!(!errors.is_empty(), "the schema accepts type resize");
+        if value["type"] == "grow" {
+            assert!(!errors.is_empty(), "the schema accepts type grow");
             continue;
         }
         assert!(errors.is_empty(), "{value}: {errors:?}");

@@ -163,7 +163,7 @@ async fn the_read_api_shows_an_attached_host_volume_in_every_view() {
         "/api/v1/operations?limit=0",
         "/api/v1/operations?limit=501",
         "/api/v1/operations?status=done",
-        "/api/v1/operations?type=resize",
+        "/api/v1/operations?type=grow",
         "/api/v1/operations?cursor=garbage",
         "/api/v1/operations?volume=x",
     ] {

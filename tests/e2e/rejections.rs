@@ -301,8 +301,8 @@ fn malformed(i: usize) -> Bad {
             false,
         ),
         7 => (
-            "volume.resize",
-            json(serde_json::json!({"command_id": id, "type": "resize", "volume_id": vol})),
+            "volume.grow",
+            json(serde_json::json!({"command_id": id, "type": "grow", "volume_id": vol})),
             None,
             true,
         ),

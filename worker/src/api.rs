@@ -341,7 +341,7 @@ mod tests {
         assert!(message(of(&[("limit", "0")])).contains("limit"));
         assert!(message(of(&[("limit", "501")])).contains("1 to 500"));
         assert!(message(of(&[("status", "done")])).contains("status"));
-        assert!(message(of(&[("type", "resize")])).contains("reconcile"));
+        assert!(message(of(&[("type", "grow")])).contains("reconcile"));
         assert!(message(of(&[("volume_id", "x")])).contains("volume_id"));
         assert!(message(of(&[("colour", "red")])).contains("colour"));
         let ok = of(&[("status", "failed"), ("type", "attach"), ("limit", "500")]).expect("valid");

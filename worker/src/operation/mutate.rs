@@ -208,12 +208,13 @@ pub(super) async fn revert(
             Ok(Sent::Job(job, volume))
         },
         || async move {
-            let running = listed_snapshot(cloud, snapshot).await?.and_then(|s| s.running_job());
+            let running = listed_snapshot(cloud, snapshot)
+                .await?
+                .and_then(|s| s.running_job());
             Ok(match running {
                 Some(job) => Effect::Running(job, volume),
                 None => {
-                    tracing::warn!(%snapshot, "revertSnapshot's answer was lost and no job of it runs: sending it once more");
-                    cloudstack::Observer::retry(&*cloud.ctx.metrics, "revertSnapshot");
+                    resent(cloud, snapshot, "its answer was lost");
                     Effect::NotYet
                 }
             })
@@ -223,6 +224,13 @@ pub(super) async fn revert(
         classify,
     )
     .await
+}
+
+/// Logs and counts (`volume_daemon_cloudstack_retries{command="revertSnapshot"}`) a
+/// revertSnapshot about to be sent again because `why` and no job of it runs.
+pub(super) fn resent(cloud: Cloud<'_>, snapshot: SnapshotId, why: &str) {
+    tracing::warn!(%snapshot, why, "no revertSnapshot job runs on the snapshot: sending the revert (again)");
+    cloudstack::Observer::retry(&*cloud.ctx.metrics, "revertSnapshot");
 }
 
 /// Sends of a revertSnapshot whose answers were lost (see [`revert`]).

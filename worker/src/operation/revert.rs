@@ -32,13 +32,19 @@ pub(super) async fn run(
                 .await?
                 .ok_or_else(|| not_found(volume, snapshot))?;
             preconditions(&listed, &snap)?;
-            match snap.running_job().filter(|_| op.prior_attempts > 0) {
+            match (snap.running_job(), op.prior_attempts) {
                 // Ours, from before a crash that came before the job id was stored.
-                Some(job) => {
+                (Some(job), 1..) => {
                     ctx.record_job(op, Some(volume), &job).await?;
                     mutate::wait_snapshot(cloud, job).await?
                 }
-                None => mutate::revert(cloud, op, volume, snapshot).await?,
+                (None, 1..) => {
+                    // An earlier execution may have sent it and died: a revert leaves nothing
+                    // to look at once its job ended, so it is sent again (docs/cloudstack.md).
+                    mutate::resent(cloud, snapshot, "an earlier execution may have sent it");
+                    mutate::revert(cloud, op, volume, snapshot).await?
+                }
+                (_, 0) => mutate::revert(cloud, op, volume, snapshot).await?,
             }
         }
     };
