@@ -94,3 +94,43 @@ func ExampleClient_Subscribe() {
 	}
 	// Output: volume.reconcile.completed 0
 }
+
+// The test-failover recipe (docs/failover.md in the daemon's repository) for one disk: snapshot
+// it, detach it from the appliance, boot the test VM from it (device 0), detach it again, revert
+// it to the snapshot, attach it back to the appliance (same persistent name and export), and
+// delete the snapshot. Every step is a daemon command; nothing calls CloudStack directly.
+func Example_testFailover() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	client, err := volumeclient.Dial(ctx, os.Getenv("AMQP_URL"), os.Getenv("AMQP_PREFIX"), nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+	run := func(c volumeclient.Command) *volumeclient.Event {
+		pending, err := client.Publish(ctx, c)
+		if err != nil {
+			log.Fatal(err)
+		}
+		event, err := pending.Wait(ctx)
+		if err != nil {
+			log.Fatalf("%s: %v", c.Type(), err)
+		}
+		return event
+	}
+	appliance, testVM := os.Getenv("HOST_VM_ID"), os.Getenv("TEST_VM_ID")
+
+	disk := run(&volumeclient.Create{Name: "test-failover-boot", Size: volumeclient.GiB}).Data.VolumeID
+	first := run(&volumeclient.Attach{VolumeID: disk, VMID: appliance})
+	snapshot := run(&volumeclient.Snapshot{VolumeID: disk, Name: "before-test"}).Data.Snapshot.ID
+	run(&volumeclient.Detach{VolumeID: disk})
+	run(&volumeclient.Attach{VolumeID: disk, VMID: testVM, DeviceID: volumeclient.DeviceID(0)})
+	// ... the test VM boots from the disk and runs; then it is stopped ...
+	run(&volumeclient.Detach{VolumeID: disk})
+	reverted := run(&volumeclient.RevertSnapshot{VolumeID: disk, SnapshotID: snapshot})
+	back := run(&volumeclient.Attach{VolumeID: disk, VMID: appliance})
+	run(&volumeclient.DeleteSnapshot{VolumeID: disk, SnapshotID: snapshot})
+
+	fmt.Println(reverted.Type, back.Data.Mode, back.Data.PersistentPath == first.Data.PersistentPath)
+	// Output: volume.revert_snapshot.completed host true
+}

@@ -34,6 +34,7 @@ const GO_TESTS: &[&str] = &[
     "Example",
     "ExampleCommandError",
     "ExampleClient_Subscribe",
+    "Example_testFailover",
 ];
 
 #[tokio::test]
@@ -78,12 +79,23 @@ async fn the_go_client_passes_its_tests_against_the_daemon() {
     assert!(offline.status.success(), "offline go build: {offline:?}");
 
     let vm = DEMO_VMS[0].to_string();
+    // The test-failover example: snapshots of the appliance's (running) volumes, and a stopped
+    // test VM without a root disk to boot from one.
+    env.sim.sim.set_kvm_snapshot_enabled(true);
+    let test_vm = schema::VmId::new_random();
+    env.sim
+        .sim
+        .add_vm_with(test_vm, "go-test-failover", false, false);
+    let host_vm = env.host_vm.expect("host vm").to_string();
+    let test_vm = test_vm.to_string();
     let out = go(
         &["test", "-count=1", "-v", "./..."],
         &[
             ("AMQP_URL", AMQP_URL),
             ("AMQP_PREFIX", &env.prefix),
             ("VM_ID", &vm),
+            ("HOST_VM_ID", &host_vm),
+            ("TEST_VM_ID", &test_vm),
             ("VOLUME_EXAMPLES_DIR", &examples.display().to_string()),
         ],
     )

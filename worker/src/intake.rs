@@ -42,6 +42,28 @@ pub(crate) enum IntakeError {
     Broker(#[from] lapin::Error),
     #[error("the broker cancelled our consumer")]
     ConsumerEnded,
+    #[error("the intake's connection is no longer open ({0})")]
+    ConnectionLost(String),
+    #[error("the broker did not take an acknowledgement within {ACK_TIMEOUT:?}")]
+    AckTimeout,
+}
+
+/// How long an acknowledgement may take before the connection is given up for a new one.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a waiting intake checks that its connection is still open: a consumer whose
+/// connection was reset is not always told (seen with a cluster node stopped under load).
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
+
+/// Settles a delivery (`ack`, `nack`), bounded: on a connection that died without saying so,
+/// the promise may never resolve.
+async fn settle<T>(
+    what: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, IntakeError> {
+    tokio::time::timeout(ACK_TIMEOUT, what)
+        .await
+        .map_err(|_| IntakeError::AckTimeout)?
+        .map_err(IntakeError::from)
 }
 
 /// The intake's configuration and handles.
@@ -100,8 +122,16 @@ impl Intake {
         self.status.set_intake_connected(true);
         backoff.reset();
         tracing::info!(queue = %self.topology.commands_queue(), "consuming commands");
+        let mut check = tokio::time::interval(CONNECTION_CHECK);
         loop {
             tokio::select! {
+                _ = check.tick() => {
+                    let status = conn.status();
+                    if !status.connected() {
+                        let state = if status.errored() { "errored" } else { "closed or reconnecting" };
+                        return Err(IntakeError::ConnectionLost(state.to_owned()));
+                    }
+                }
                 () = self.ctx.halt.cancelled() => {
                     // Unacknowledged deliveries go back to the queue with the connection.
                     if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
@@ -183,7 +213,7 @@ impl Intake {
                 tracing::info!(operation_id = %id, "duplicate of an ended operation; its event is published again");
             }
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        settle(delivery.acker.ack(BasicAckOptions::default())).await?;
         Ok(())
     }
 
@@ -221,7 +251,7 @@ impl Intake {
                     requeue: true,
                     ..BasicNackOptions::default()
                 };
-                delivery.acker.nack(requeue).await?;
+                settle(delivery.acker.nack(requeue)).await?;
                 Ok(None)
             }
         }
@@ -262,7 +292,7 @@ impl Intake {
         .await;
         match published {
             Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                settle(delivery.acker.ack(BasicAckOptions::default())).await?;
             }
             other => {
                 // Let the broker dead-letter it instead (without our reason header).
