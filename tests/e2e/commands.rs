@@ -338,4 +338,7 @@ async fn resize_reports_the_new_and_previous_size_and_the_mapping_follows() {
     );
     let (_, view) = env.get_json(&format!("/api/v1/volumes/{volume}")).await;
     assert_eq!(view["mapping"]["size"], json!(2u64 << 30), "{view}");
+    // A duplicate: the same event, no second resizeVolume.
+    assert_eq!(env.execute(&grow).await.id, event.id);
+    assert_eq!(env.sim.sim.call_count("resizeVolume"), 1);
 }

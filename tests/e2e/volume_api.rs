@@ -554,10 +554,15 @@ async fn volumectl_takes_lists_reverts_deletes_snapshots_and_resizes() {
 /// Where a SIGKILL lands in one of the new commands.
 #[derive(Debug, Clone, Copy)]
 enum KillAt {
+    /// The command is committed (accepted); it may or may not have reached CloudStack.
+    Accepted,
     /// The CloudStack call was sent and acted, its answer is held back.
     AnswerHeldBack,
     /// The job id is stored and the job still runs.
     JobStored,
+    /// The job ended but the outcome could not be committed (the daemon's database link
+    /// frozen from when the job id was stored).
+    JobDoneNotCommitted,
 }
 
 /// Acceptance 1 (the SIGKILL part): the command of `kind` survives a SIGKILL at `at` with
@@ -569,6 +574,10 @@ async fn survives_a_sigkill(kind: &str, call: &str, at: KillAt, job_ms: u64) {
         ..SimConfig::default()
     })
     .await;
+    let link = crate::helpers::TcpProxy::start("127.0.0.1:3306".parse().expect("addr")).await;
+    if let KillAt::JobDoneNotCommitted = at {
+        env.daemon_database_url = Some(format!("mysql://root@{}/{}", link.addr, env.db_name));
+    }
     env.start_daemon().await;
     let vm = DEMO_VMS[0];
     let volume = ready_volume(&env, kind, GIB, vm).await;
@@ -601,9 +610,21 @@ async fn survives_a_sigkill(kind: &str, call: &str, at: KillAt, job_ms: u64) {
     let pending = client.publish(&command).await.expect("published");
     let id = command.command_id.as_str().to_owned();
     match at {
+        KillAt::Accepted => {
+            env.wait_for_operation(&id, WAIT, |_| true).await;
+        }
         KillAt::JobStored => {
             env.wait_for_operation(&id, WAIT, |r| r.cloudstack_job_id.is_some())
                 .await;
+        }
+        KillAt::JobDoneNotCommitted => {
+            env.wait_for_operation(&id, WAIT, |r| r.cloudstack_job_id.is_some())
+                .await;
+            link.freeze();
+            // The job ends meanwhile; the outcome cannot reach the database.
+            tokio::time::sleep(Duration::from_millis(job_ms + 1000)).await;
+            let status = env.operation(&id).await.expect("row").status;
+            assert_eq!(status, "executing", "the outcome was not committed");
         }
         KillAt::AnswerHeldBack => {
             let deadline = tokio::time::Instant::now() + WAIT;
@@ -615,6 +636,7 @@ async fn survives_a_sigkill(kind: &str, call: &str, at: KillAt, job_ms: u64) {
         }
     }
     env.kill_daemon().await;
+    env.daemon_database_url = None;
     env.start_daemon().await;
     let event = pending
         .wait(Duration::from_secs(60))
@@ -634,6 +656,11 @@ async fn survives_a_sigkill(kind: &str, call: &str, at: KillAt, job_ms: u64) {
         // to look at then, so it is sent once more, counted as a retry.
         ("revert_snapshot", KillAt::AnswerHeldBack) if job_ms < 5000 => {
             assert_eq!(calls, 2, "{kind}: the one documented re-send");
+            assert!(resent, "the re-send is counted");
+        }
+        // Killed right after the accept, the revert may have been sent without its job being
+        // stored: the same exception, when it happens.
+        ("revert_snapshot", KillAt::Accepted) if calls == 2 => {
             assert!(resent, "the re-send is counted");
         }
         _ => assert_eq!(
@@ -701,4 +728,55 @@ async fn a_revert_whose_job_still_runs_after_a_sigkill_is_not_sent_again() {
         10_000,
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_snapshot_survives_a_sigkill_after_its_job_ended_before_its_outcome_was_committed() {
+    survives_a_sigkill(
+        "snapshot",
+        "createSnapshot",
+        KillAt::JobDoneNotCommitted,
+        2000,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_revert_survives_a_sigkill_after_its_job_ended_before_its_outcome_was_committed() {
+    survives_a_sigkill(
+        "revert_snapshot",
+        "revertSnapshot",
+        KillAt::JobDoneNotCommitted,
+        2000,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_delete_snapshot_survives_a_sigkill_after_its_job_ended_before_its_outcome_was_committed()
+{
+    survives_a_sigkill(
+        "delete_snapshot",
+        "deleteSnapshot",
+        KillAt::JobDoneNotCommitted,
+        2000,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_resize_survives_a_sigkill_after_its_job_ended_before_its_outcome_was_committed() {
+    survives_a_sigkill("resize", "resizeVolume", KillAt::JobDoneNotCommitted, 2000).await;
+}
+
+#[tokio::test]
+async fn each_new_command_survives_a_sigkill_right_after_it_was_accepted() {
+    for (kind, call) in [
+        ("snapshot", "createSnapshot"),
+        ("revert_snapshot", "revertSnapshot"),
+        ("delete_snapshot", "deleteSnapshot"),
+        ("resize", "resizeVolume"),
+    ] {
+        survives_a_sigkill(kind, call, KillAt::Accepted, 2000).await;
+    }
 }
