@@ -342,3 +342,35 @@ async fn resize_reports_the_new_and_previous_size_and_the_mapping_follows() {
     assert_eq!(env.execute(&grow).await.id, event.id);
     assert_eq!(env.sim.sim.call_count("resizeVolume"), 1);
 }
+
+/// The new commands are cancellable while pending, as the others: a snapshot queued behind a
+/// slow attach on its volume is cancelled and never reaches CloudStack. Mutation: a snapshot
+/// outside the volume's lane (`Action::volume_id` without it) runs at once and cannot be
+/// cancelled.
+#[tokio::test]
+async fn a_pending_snapshot_is_cancelled_before_it_reaches_cloudstack() {
+    let mut env = TestEnv::with_sim(SimConfig {
+        job_latency: Duration::from_millis(1500),
+        kvm_snapshot_enabled: true,
+        ..SimConfig::default()
+    })
+    .await;
+    env.spawn_app().await;
+    let volume = env.sim.sim.seed_volume("inproc-cancel-snap", 1 << 30);
+    let client = env.client().await;
+    let attach = client
+        .publish(&cmd::attach(volume, DEMO_VMS[0]))
+        .await
+        .expect("attach published");
+    let snapshot = Command::snapshot(volume, None);
+    let snap_wait = client.publish(&snapshot).await.expect("snapshot published");
+    let id = snapshot.command_id.as_str().to_owned();
+    env.wait_for_operation(&id, WAIT, |r| r.status == "pending")
+        .await;
+    let (cancelled, _) = run(&mut env, &Command::cancel(snapshot.command_id.clone())).await;
+    completed(&cancelled, "cancel");
+    let target = snap_wait.wait(WAIT).await.expect("the snapshot's event");
+    assert_eq!(target.event_type, "volume.snapshot.cancelled");
+    completed(&attach.wait(WAIT).await.expect("attach"), "attach");
+    assert_eq!(env.sim.sim.call_count("createSnapshot"), 0);
+}
