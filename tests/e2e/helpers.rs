@@ -129,7 +129,7 @@ impl TestEnv {
 
     /// The daemon's settings, as environment variables (a process gets them so; the in-process
     /// daemon as the flags of the same names).
-    fn daemon_env(&self) -> Vec<(String, String)> {
+    pub fn daemon_env(&self) -> Vec<(String, String)> {
         let database_url = self
             .daemon_database_url
             .clone()

@@ -10,6 +10,7 @@ mod helpers;
 mod cluster;
 mod commands;
 mod create;
+mod cutover;
 mod deploy;
 mod devices;
 mod docs;

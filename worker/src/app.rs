@@ -67,6 +67,40 @@ pub enum StartError {
     Appliance(#[from] db::appliance::ClaimError),
 }
 
+/// `volume-daemon set-host-vm <vm>`: records `vm` as the appliance's host VM in the database
+/// `settings` name (refused while a daemon holds its lease), and logs the change.
+pub async fn set_host_vm(settings: &Settings, vm: schema::VmId) -> Result<(), SetHostVmError> {
+    let pool = db::connect_and_migrate(&settings.database_url, 1).await?;
+    let name = lease::lease_name(&settings.amqp_prefix);
+    let old = db::appliance::set_host_vm(&pool, &name, vm).await;
+    pool.close().await;
+    let old = old?;
+    let old = old.unwrap_or_else(|| "(unset)".into());
+    tracing::warn!(old, new = %vm, prefix = settings.amqp_prefix, "the appliance's host VM was changed: start the daemon with HOST_VM_ID={vm}");
+    Ok(())
+}
+
+/// Why `set-host-vm` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SetHostVmError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Refused(#[from] db::appliance::SetHostError),
+}
+
+impl StartError {
+    /// Whether restarting cannot help: the database is another program's or another
+    /// appliance's (the operator must change the settings).
+    pub fn refuses_restart(&self) -> bool {
+        match self {
+            Self::Database(e) => e.is_foreign(),
+            Self::Appliance(db::appliance::ClaimError::Foreign(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// A daemon ready to run.
 #[derive(Debug)]
 pub struct Application {

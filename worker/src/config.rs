@@ -22,6 +22,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "volume-daemon", version, about, long_about = None)]
 pub struct Settings {
+    /// A one-off task instead of running the daemon.
+    #[command(subcommand)]
+    pub task: Option<Task>,
     /// Broker URL, or a comma-separated list of full AMQP URLs tried in order on connect and on
     /// every reconnect (the nodes of a cluster).
     #[arg(
@@ -196,6 +199,18 @@ fn parse_patterns(s: &str) -> Result<ReplyToAllowed, String> {
 
 fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(s))
+}
+
+/// One-off tasks of `volume-daemon <task>`; without one, the daemon runs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Task {
+    /// Correct the host VM recorded for this database (the VM the daemon runs on), e.g. after
+    /// a wrong HOST_VM_ID. Refused while a daemon of this appliance holds the execution lease;
+    /// afterwards start the daemon with HOST_VM_ID set to the same id.
+    SetHostVm {
+        /// The CloudStack VM id (UUID) of the VM the daemon runs on.
+        vm: VmId,
+    },
 }
 
 /// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows

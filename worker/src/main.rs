@@ -4,12 +4,41 @@
 use clap::Parser;
 use worker::{Application, Settings};
 
+/// sysexits' `EX_CONFIG`: a start refused for a reason a restart cannot fix (the unit lists it
+/// in `RestartPreventExitStatus=`, so systemd does not loop).
+const EX_CONFIG: i32 = 78;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("DATABASE_DSN").is_some() {
+        eprintln!(
+            "volume-daemon: DATABASE_DSN is the old daemon's variable and is not read: set DATABASE_URL \
+             (mysql://user:password@host:3306/database) to a database of this daemon's own, not the old \
+             daemon's (docs/configuration.md, \"A database of its own\")"
+        );
+        std::process::exit(EX_CONFIG);
+    }
     let settings = Settings::parse();
     worker::telemetry::init(settings.log_format);
+    if let Some(worker::config::Task::SetHostVm { vm }) = &settings.task {
+        return match worker::app::set_host_vm(&settings, *vm).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("volume-daemon set-host-vm: {e}");
+                std::process::exit(1)
+            }
+        };
+    }
     tracing::info!(?settings, "starting");
-    let app = Application::build(settings).await?;
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) if e.refuses_restart() => {
+            tracing::error!(error = %e, "refusing to start");
+            eprintln!("volume-daemon: {e}");
+            std::process::exit(EX_CONFIG);
+        }
+        Err(e) => return Err(e.into()),
+    };
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT` picks text or JSON lines.
+//! Logging: `RUST_LOG` filters (default `info`; the old daemon's `LOG_LEVEL` when `RUST_LOG`
+//! is unset), `LOG_FORMAT` picks text or JSON lines.
 
 use tracing_subscriber::EnvFilter;
 
@@ -6,7 +7,15 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let legacy = std::env::var("LOG_LEVEL")
+        .ok()
+        .filter(|l| !l.trim().is_empty());
+    let rust_log = std::env::var_os("RUST_LOG").is_some();
+    let filter = match (&legacy, rust_log) {
+        (Some(level), false) => EnvFilter::try_new(level.trim().to_lowercase())
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+        _ => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -17,5 +26,15 @@ pub fn init(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(true)
             .init(),
+    }
+    match (legacy, rust_log) {
+        (Some(level), false) => tracing::warn!(
+            level,
+            "LOG_LEVEL is the old daemon's variable: honoured as the log filter; set RUST_LOG instead"
+        ),
+        (Some(_), true) => {
+            tracing::warn!("LOG_LEVEL is the old daemon's variable: ignored, RUST_LOG is set")
+        }
+        (None, _) => {}
     }
 }

@@ -70,6 +70,55 @@ pub(crate) async fn claim(pool: &MySqlPool, me: &Appliance) -> Result<(), ClaimE
     Ok(())
 }
 
+/// Why the host VM was not changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetHostError {
+    #[error(
+        "a daemon holds the execution lease of this database ({holder}, until {until} UTC): stop every daemon of the appliance first, then set the host VM"
+    )]
+    LeaseHeld { holder: String, until: String },
+    #[error(
+        "the database has no appliance recorded yet: start the daemon once with the right HOST_VM_ID instead"
+    )]
+    Unclaimed,
+    #[error("the database: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Records `vm` as the appliance's host VM, in one transaction refused while a daemon of the
+/// lease `lease` holds it (its expiry in the server's clock not yet passed). The host VM it
+/// replaces.
+pub(crate) async fn set_host_vm(
+    pool: &MySqlPool,
+    lease: &str,
+    vm: VmId,
+) -> Result<Option<String>, SetHostError> {
+    let mut tx = pool.begin().await?;
+    let held: Option<(String, String)> = sqlx::query_as(
+        "SELECT holder, CAST(expires_at AS CHAR) FROM execution_lease \
+         WHERE name = ? AND holder <> '' AND expires_at > UTC_TIMESTAMP(3) FOR UPDATE",
+    )
+    .bind(lease)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((holder, until)) = held {
+        return Err(SetHostError::LeaseHeld { holder, until });
+    }
+    let old: Option<Option<String>> =
+        sqlx::query_scalar("SELECT host_vm_id FROM appliance WHERE id = 1 FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(old) = old else {
+        return Err(SetHostError::Unclaimed);
+    };
+    sqlx::query("UPDATE appliance SET host_vm_id = ? WHERE id = 1")
+        .bind(vm.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

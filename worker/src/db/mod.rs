@@ -90,6 +90,52 @@ pub enum DbError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "the database at {url} is not volume-daemon's: it holds {} other table(s) ({}) and no record of this daemon's migrations; nothing was written to it. Give the daemon a database of its own (DATABASE_URL naming a new or empty database on the same server is fine); the old daemon's tables are never read or written (docs/configuration.md, section \"A database of its own\")",
+        tables.len(),
+        tables.join(", ")
+    )]
+    Foreign { url: String, tables: Vec<String> },
+}
+
+impl DbError {
+    /// Whether restarting cannot help: the database is another program's.
+    pub fn is_foreign(&self) -> bool {
+        matches!(self, Self::Foreign { .. })
+    }
+}
+
+/// The daemon's first migration: a database whose `_sqlx_migrations` records it is the
+/// daemon's, whatever later migrations (of a newer daemon) it holds.
+const FIRST_MIGRATION: i64 = 20261122000001;
+
+/// `Ok` when the database is the daemon's to migrate: it has no tables, or its
+/// `_sqlx_migrations` records the daemon's first migration. Otherwise (the old Go daemon's
+/// `migratekit_oma`, another program's database) the tables it holds, sorted. Reads only.
+async fn check_ours(pool: &MySqlPool) -> Result<(), Vec<String>> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
+         WHERE table_schema = DATABASE() ORDER BY table_name",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(|e| vec![format!("(cannot list the tables: {e})")])?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    if tables.iter().any(|t| t == "_sqlx_migrations") {
+        let first: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE version = ?")
+                .bind(FIRST_MIGRATION)
+                .fetch_optional(pool)
+                .await
+                .ok()
+                .flatten();
+        if first.is_some() {
+            return Ok(());
+        }
+    }
+    Err(tables)
 }
 
 /// Session settings of the main pool's connections. `wait_timeout`: the server drops a
@@ -200,6 +246,12 @@ pub(crate) async fn connect_and_migrate(
             url: shown.clone(),
             source,
         })?;
+    // Before anything is written: sqlx would create `_sqlx_migrations` and fail half-way on a
+    // table of the same name, leaving a database that refuses every later start.
+    if let Err(tables) = check_ours(&pool).await {
+        pool.close().await;
+        return Err(DbError::Foreign { url: shown, tables });
+    }
     MIGRATOR
         .run(&pool)
         .await
