@@ -241,3 +241,61 @@ async fn a_wrong_host_vm_id_is_corrected_with_set_host_vm_and_the_self_check_agr
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Acceptance 4: with `OSSEA_CONFIGS_URL` the CloudStack settings come from the platform's
+/// `ossea_configs` (the table its GUI edits, here in the old daemon's database, never written):
+/// a key rotated there applies to the next operation without a restart.
+#[tokio::test]
+async fn a_key_rotated_in_the_platforms_ossea_configs_applies_to_the_next_operation() {
+    let mut env = TestEnv::new().await;
+    let tag = format!("{}cfg", &env.db_name[8..]);
+    let platform = LegacyDb::load(&tag, "legacy-production.sql").await;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&platform.url())
+        .await
+        .expect("the platform's database");
+    let (key, secret) = env.sim.sim.keys();
+    sqlx::query("UPDATE ossea_configs SET api_url = ?, api_key = ?, secret_key = ?, zone = ? WHERE name = 'production'")
+        .bind(env.sim.api_url())
+        .bind(&key)
+        .bind(&secret)
+        .bind(cloudstack_sim::ZONE_ID.to_string())
+        .execute(&pool)
+        .await
+        .expect("point the platform's row at the simulator");
+    env.cloudstack_from_db = true;
+    env.extra_env
+        .push(("OSSEA_CONFIGS_URL".into(), platform.url()));
+    env.start_daemon().await;
+    let create = |name: &str| crate::helpers::cmd::create(name, "1GiB");
+    let first = env.execute(&create("before-rotation")).await;
+    assert_eq!(
+        first.event_type, "volume.create.completed",
+        "{:?}",
+        first.data.error
+    );
+
+    env.sim.sim.set_keys("rotated-key", "rotated-secret");
+    let refused = env.execute(&create("old-keys")).await;
+    assert_eq!(
+        refused.data.error.map(|e| e.code),
+        Some(schema::ErrorCode::CloudstackUnauthorized)
+    );
+    sqlx::query("UPDATE ossea_configs SET api_key = 'rotated-key', secret_key = 'rotated-secret' WHERE name = 'production'")
+        .execute(&pool)
+        .await
+        .expect("the GUI rotates the key");
+    let after = env.execute(&create("after-rotation")).await;
+    assert_eq!(
+        after.event_type, "volume.create.completed",
+        "{:?}",
+        after.data.error
+    );
+    // The daemon's own database has no ossea_configs row: the platform's was read.
+    let own: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ossea_configs")
+        .fetch_one(&env.db().await)
+        .await
+        .expect("count");
+    assert_eq!(own, 0);
+}

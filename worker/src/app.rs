@@ -110,6 +110,8 @@ pub struct Application {
     lease_pool: MySqlPool,
     /// A pool of its own for the HTTP server: its clients never wait for the operations'.
     http_pool: MySqlPool,
+    /// The platform's database of `OSSEA_CONFIGS_URL`, if set.
+    configs_pool: Option<MySqlPool>,
     broker: broker::Endpoint,
     listener: TcpListener,
     cloud: Cloud,
@@ -146,6 +148,10 @@ impl Application {
         settings.host_files().prepare().await?;
         let lease_pool = db::lease_pool(&settings.database_url)?;
         let http_pool = db::http_pool(&settings.database_url)?;
+        let configs_pool = match &settings.ossea_configs_url {
+            Some(url) => Some(db::configs_pool(url)?),
+            None => None,
+        };
         let broker = settings.broker_endpoint().map_err(StartError::Config)?;
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -168,6 +174,7 @@ impl Application {
             pool,
             lease_pool,
             http_pool,
+            configs_pool,
             broker,
             listener,
             cloud,
@@ -191,6 +198,7 @@ impl Application {
             pool,
             lease_pool,
             http_pool,
+            configs_pool,
             broker,
             listener,
             cloud,
@@ -223,6 +231,7 @@ impl Application {
         let active = Active {
             settings: &settings,
             pool: &pool,
+            configs_pool: &configs_pool,
             cloud: &cloud,
             status: &status,
             metrics: &metrics,
@@ -238,6 +247,9 @@ impl Application {
         pool.close().await;
         lease_pool.close().await;
         http_pool.close().await;
+        if let Some(p) = &configs_pool {
+            p.close().await;
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -348,6 +360,7 @@ enum ActiveEnd {
 struct Active<'a> {
     settings: &'a Settings,
     pool: &'a MySqlPool,
+    configs_pool: &'a Option<MySqlPool>,
     cloud: &'a Cloud,
     status: &'a Arc<Status>,
     metrics: &'a Arc<Metrics>,
@@ -385,7 +398,8 @@ impl Active<'_> {
         let halt = stopping.child_token();
         let executor_stop = Stop::new();
         let fenced = CancellationToken::new();
-        let store = Store::new(self.pool.clone(), self.settings.topology(), lease.fence());
+        let store = Store::new(self.pool.clone(), self.settings.topology(), lease.fence())
+            .with_configs_from(self.configs_pool.clone());
         let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
         let relay_stop = Stop::new();
         let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());

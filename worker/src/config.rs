@@ -49,6 +49,11 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub database_url: SecretUrl,
+    /// The platform's database whose `ossea_configs` gives the CloudStack settings (the one its
+    /// GUI edits, read again for every operation); default: the daemon's own database.
+    /// `CLOUDSTACK_*` variables come first.
+    #[arg(long, env = "OSSEA_CONFIGS_URL", hide_env_values = true)]
+    pub ossea_configs_url: Option<SecretUrl>,
     /// Address of the health, readiness and metrics server.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8090")]
     pub http_addr: SocketAddr,

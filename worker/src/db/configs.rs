@@ -27,9 +27,10 @@ pub(crate) async fn active(pool: &MySqlPool) -> Result<Option<ConfigRow>, sqlx::
 }
 
 impl crate::db::store::Store {
-    /// The active `ossea_configs` row, if any.
+    /// The active `ossea_configs` row, if any: of the platform's database when
+    /// `OSSEA_CONFIGS_URL` names one, else of this one.
     pub(crate) async fn active_config(&self) -> Result<Option<ConfigRow>, sqlx::Error> {
-        active(&self.pool).await
+        active(self.configs.as_ref().unwrap_or(&self.pool)).await
     }
 }
 

@@ -271,6 +271,11 @@ pub(crate) fn http_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
     side_pool(url, 4, MAIN_SESSION)
 }
 
+/// The platform's database of `OSSEA_CONFIGS_URL`: read only, two connections, lazily.
+pub(crate) fn configs_pool(url: &SecretUrl) -> Result<MySqlPool, DbError> {
+    side_pool(url, 2, MAIN_SESSION)
+}
+
 /// A small pool beside the main one, connected lazily, with the main pool's idle rules.
 fn side_pool(url: &SecretUrl, max: u32, session: &'static str) -> Result<MySqlPool, DbError> {
     MySqlPoolOptions::new()

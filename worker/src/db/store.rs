@@ -47,6 +47,8 @@ pub(crate) struct Store {
     pub(in crate::db) fence: Fence,
     /// Rung whenever a transaction that queued an outbox row commits: the relay waits on it.
     pub(in crate::db) bell: Arc<Notify>,
+    /// Where `ossea_configs` is read (`OSSEA_CONFIGS_URL`), when not this database.
+    pub(in crate::db) configs: Option<MySqlPool>,
 }
 
 /// Timestamps are stored with millisecond precision; keep the in-memory copy identical.
@@ -61,7 +63,14 @@ impl Store {
             topology,
             fence,
             bell: Arc::new(Notify::new()),
+            configs: None,
         }
+    }
+
+    /// Reads `ossea_configs` from `pool` (the platform's database) instead of this one.
+    pub(crate) fn with_configs_from(mut self, pool: Option<MySqlPool>) -> Self {
+        self.configs = pool;
+        self
     }
 
     /// What the relay waits on: rung by every commit that queued an event.
