@@ -119,23 +119,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let env_creds = match (
-            &settings.cloudstack_api_url,
-            &settings.cloudstack_api_key,
-            &settings.cloudstack_secret_key,
-        ) {
-            (None, _, _) => None,
-            (Some(url), Some(key), Some(secret)) => Some(Credentials {
-                api_url: url.expose().to_owned(),
-                api_key: schema::secret::ExposeSecret::expose_secret(key).to_owned(),
-                secret_key: secret.clone(),
-            }),
-            (Some(_), _, _) => {
-                return Err(StartError::Config(
-                    "CLOUDSTACK_API_URL is set but CLOUDSTACK_API_KEY or CLOUDSTACK_SECRET_KEY is not".into(),
-                ));
-            }
-        };
+        let env_creds = env_credentials(&settings)?;
         let max_connections =
             u32::from(settings.max_concurrent_operations) + CONNECTIONS_BESIDE_OPERATIONS;
         let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
@@ -244,14 +228,36 @@ impl Application {
 
         background_stop.cancel();
         background.join().await;
-        pool.close().await;
-        lease_pool.close().await;
-        http_pool.close().await;
-        if let Some(p) = &configs_pool {
-            p.close().await;
-        }
+        close_pools(&[&pool, &lease_pool, &http_pool], configs_pool.as_ref()).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Closes every pool: their connections end cleanly instead of being dropped.
+async fn close_pools(pools: &[&MySqlPool], extra: Option<&MySqlPool>) {
+    for p in pools.iter().copied().chain(extra) {
+        p.close().await;
+    }
+}
+
+/// The CloudStack credentials of `CLOUDSTACK_*`, if set (all three, or none).
+fn env_credentials(settings: &Settings) -> Result<Option<Credentials>, StartError> {
+    match (
+        &settings.cloudstack_api_url,
+        &settings.cloudstack_api_key,
+        &settings.cloudstack_secret_key,
+    ) {
+        (None, _, _) => Ok(None),
+        (Some(url), Some(key), Some(secret)) => Ok(Some(Credentials {
+            api_url: url.expose().to_owned(),
+            api_key: schema::secret::ExposeSecret::expose_secret(key).to_owned(),
+            secret_key: secret.clone(),
+        })),
+        (Some(_), _, _) => Err(StartError::Config(
+            "CLOUDSTACK_API_URL is set but CLOUDSTACK_API_KEY or CLOUDSTACK_SECRET_KEY is not"
+                .into(),
+        )),
     }
 }
 
@@ -391,15 +397,20 @@ impl Active<'_> {
     }
 
     /// Consumes, executes and relays while the lease is held.
+    /// The store of an active period fenced by `lease`.
+    fn store(&self, lease: &Lease) -> Store {
+        Store::new(self.pool.clone(), self.settings.topology(), lease.fence())
+            .with_configs_from(self.configs_pool.clone())
+    }
+
     async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
-        // `halt` fires on shutdown and on lease loss (operations watch it); the executor and
-        // the relay each get a two-level `Stop` (drain on shutdown, abort on lease loss);
-        // `fenced` fires when a write found the lease taken over.
+        // `halt`: shutdown or lease loss (operations watch it); the executor and the relay each
+        // get a two-level `Stop` (drain: shutdown; abort: lease loss); `fenced`: a write found
+        // the lease taken over.
         let halt = stopping.child_token();
         let executor_stop = Stop::new();
         let fenced = CancellationToken::new();
-        let store = Store::new(self.pool.clone(), self.settings.topology(), lease.fence())
-            .with_configs_from(self.configs_pool.clone());
+        let store = self.store(&lease);
         let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
         let relay_stop = Stop::new();
         let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());
