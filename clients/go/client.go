@@ -49,7 +49,7 @@ type Client struct {
 	closeErr error
 }
 
-// names are the broker names of one prefix (the daemon's CONTRACT §2).
+// names are the broker names of one prefix (the daemon's docs/wire.md).
 type names struct{ prefix string }
 
 func (n names) commands() string { return n.prefix + ".commands" }

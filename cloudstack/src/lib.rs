@@ -1,7 +1,7 @@
 //! A client for the slice of Apache CloudStack's API that volume-daemon uses.
 //!
 //! - [`signing`]: request signatures exactly as CloudStack's `ApiServer` verifies them
-//!   (shared/CLOUDSTACK.md §1). The simulator verifies with the same code; the public test
+//!   (docs/cloudstack.md). The simulator verifies with the same code; the public test
 //!   vectors pin it down.
 //! - [`response`]: CloudStack's JSON shapes, parsed into typed values.
 //! - [`error`]: [`CloudStackError`], classified into retryable and final failures.

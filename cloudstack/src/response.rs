@@ -1,4 +1,4 @@
-//! CloudStack's JSON responses (shared/CLOUDSTACK.md §2–4), parsed into typed values.
+//! CloudStack's JSON responses (docs/cloudstack.md), parsed into typed values.
 //!
 //! Every response is `{"<command lowercase>response": {...}}`; errors use the same key or
 //! `errorresponse`. These functions take the raw body so that each shape is unit-tested.

@@ -1,4 +1,4 @@
-//! CloudStack request signing (shared/CLOUDSTACK.md §1).
+//! CloudStack request signing (docs/cloudstack.md).
 //!
 //! The string to sign is every parameter except `signature`, sorted by name as sent
 //! (case-sensitive), each `name=` + Java-URL-encoded value, joined with `&`, then lowercased
@@ -66,7 +66,7 @@ pub fn verify<'a>(
 mod tests {
     use super::*;
 
-    /// The last row of the table, whose signed string CLOUDSTACK.md §1 also gives.
+    /// The last row of the table, whose signed string docs/cloudstack.md also gives.
     const CREATE_VOLUME: &[(&str, &str)] = &[
         ("apiKey", "foo"),
         ("command", "createVolume"),
@@ -82,7 +82,7 @@ mod tests {
     /// (secret, parameters as sent, expected signature)
     type Vector<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
 
-    /// Every row of shared/CLOUDSTACK.md §1's table of public test vectors.
+    /// Every row of docs/cloudstack.md's table of public test vectors.
     #[test]
     fn reproduces_the_public_test_vectors() {
         let vectors: &[Vector] = &[

@@ -1,4 +1,4 @@
-//! A client of the daemon's read-only JSON API (CONTRACT §6): what `volumectl get`, `ops`,
+//! A client of the daemon's read-only JSON API (docs/http.md): what `volumectl get`, `ops`,
 //! `volume`, `vm` and `devices` read. The bodies are `schema::api`'s types, the ones the daemon
 //! serializes.
 

@@ -155,7 +155,7 @@ impl VolumeClient {
         &self.topology
     }
 
-    /// Declares the exchanges and queues of CONTRACT §2 (idempotent).
+    /// Declares the exchanges and queues of docs/wire.md (idempotent).
     pub async fn declare_topology(&self) -> Result<(), Error> {
         schema::amqp::declare(&self.channel, &self.topology)
             .await

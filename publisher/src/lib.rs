@@ -1,6 +1,6 @@
 //! The AMQP side of volume-daemon's contract, for producers and subscribers written in Rust.
 //!
-//! - [`topology`]: declares the exchanges and queues of CONTRACT §2 (idempotent); it is
+//! - [`topology`]: declares the exchanges and queues of docs/wire.md (idempotent); it is
 //!   `schema::amqp`, the one declaration the daemon uses too.
 //! - [`client`]: [`VolumeClient`] publishes commands with publisher confirms and the mandatory
 //!   flag, and returns a [`PendingCommand`] whose [`wait`](PendingCommand::wait) resolves to the

@@ -1,4 +1,4 @@
-//! Declares the broker topology of CONTRACT §2 with lapin (feature `amqp`). Every declaration
+//! Declares the broker topology of docs/wire.md with lapin (feature `amqp`). Every declaration
 //! is idempotent, so the daemon, `volumectl` and tests all call the same [`declare`]; the names
 //! come from [`Topology`], the arguments from here, and nowhere else.
 

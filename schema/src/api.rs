@@ -1,4 +1,4 @@
-//! The read-only JSON API (CONTRACT §6): the bodies the daemon serves under `/api/v1` and
+//! The read-only JSON API (docs/http.md): the bodies the daemon serves under `/api/v1` and
 //! `volumectl` reads. The daemon serializes these types and the client deserializes them, and
 //! `openapi.json` at the workspace root is generated from them ([`openapi`]); a test fails when
 //! the committed document and the types disagree.
@@ -68,7 +68,7 @@ pub struct MappingView {
     /// `/dev/vdX` of a host attachment whose device is present; null otherwise.
     pub device_path: Option<String>,
     pub by_id_path: Option<String>,
-    /// The persistent device name of a host attachment (CONTRACT §8).
+    /// The persistent device name of a host attachment (docs/host.md).
     pub persistent_path: Option<String>,
     pub serial: Option<String>,
     /// `attached`.
@@ -218,7 +218,7 @@ pub fn openapi() -> Value {
         "info": {
             "title": "volume-daemon read API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Read-only: no mutation ever happens over HTTP; mutations are commands (CONTRACT §3).",
+            "description": "Read-only: no mutation ever happens over HTTP; mutations are commands (docs/wire.md).",
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "paths": paths,

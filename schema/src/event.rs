@@ -1,4 +1,4 @@
-//! Completion events (CONTRACT §4): CloudEvents 1.0 in structured mode.
+//! Completion events (docs/wire.md): CloudEvents 1.0 in structured mode.
 
 use std::collections::BTreeMap;
 
@@ -72,7 +72,7 @@ pub struct NbdExport {
 }
 
 impl NbdExport {
-    /// The export name of `volume` (CONTRACT §8).
+    /// The export name of `volume` (docs/host.md).
     pub fn name_of(volume: VolumeId) -> String {
         format!("migration-vol-{volume}")
     }
@@ -183,7 +183,7 @@ pub struct EventData {
     pub device_path: Option<String>,
     pub by_id_path: Option<String>,
     pub mode: Option<AttachMode>,
-    /// Host attach only: the volume's persistent path (CONTRACT §8), stable across re-attaches.
+    /// Host attach only: the volume's persistent path (docs/host.md), stable across re-attaches.
     #[serde(default)]
     pub persistent_path: Option<String>,
     /// Host attach with exports on: the NBD export the replication engine writes through.
@@ -240,7 +240,7 @@ pub struct SnapshotInfo {
     pub created: DateTime<Utc>,
 }
 
-/// One repair a reconcile made (CONTRACT §3).
+/// One repair a reconcile made (docs/wire.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Change {
     pub volume_id: VolumeId,
@@ -332,7 +332,7 @@ impl EventData {
     }
 }
 
-/// The correlation id an event carries: the command's, else its command id (CONTRACT §4).
+/// The correlation id an event carries: the command's, else its command id (docs/wire.md).
 pub fn correlation_or_command_id(correlation_id: Option<String>, command_id: &CommandId) -> String {
     correlation_id.unwrap_or_else(|| command_id.as_str().to_owned())
 }

@@ -19,7 +19,7 @@ pub enum IdError {
 }
 
 /// The idempotency key of a command; it also becomes the operation id.
-/// 1–64 characters of `[A-Za-z0-9._:-]` (CONTRACT §3).
+/// 1–64 characters of `[A-Za-z0-9._:-]` (docs/wire.md).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CommandId(String);
 
@@ -170,7 +170,7 @@ uuid_id!(
 
 impl VolumeId {
     /// The disk serial CloudStack gives this volume's virtio disk: the UUID without dashes,
-    /// first 20 characters (CLOUDSTACK.md §5).
+    /// first 20 characters (docs/cloudstack.md).
     pub fn disk_serial(&self) -> String {
         self.0.simple().to_string()[..20].to_owned()
     }

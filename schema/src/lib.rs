@@ -1,8 +1,8 @@
 //! Wire and domain types shared by every volume-daemon crate.
 //!
 //! This crate is the **API boundary** of the project: it alone owns the JSON shapes of
-//! commands (CONTRACT §3) and events (CONTRACT §4), the error codes, and the broker names
-//! (CONTRACT §2, with their declaration under the `amqp` feature). It knows nothing of databases
+//! commands (docs/wire.md) and events (docs/wire.md), the error codes, and the broker names
+//! (docs/wire.md, with their declaration under the `amqp` feature). It knows nothing of databases
 //! or CloudStack: the worker and the publisher convert at their edges.
 //!
 //! # Layout

@@ -1,4 +1,4 @@
-//! Broker names (CONTRACT §2). Only exchange and queue names carry the prefix; routing keys
+//! Broker names (docs/wire.md). Only exchange and queue names carry the prefix; routing keys
 //! never do.
 
 use crate::command::OperationType;
@@ -6,7 +6,7 @@ use crate::command::OperationType;
 /// Poison messages go to the dead-letter queue after this many deliveries (`x-delivery-limit`).
 pub const DELIVERY_LIMIT: i32 = 5;
 
-/// Header names the daemon sets on messages it dead-letters (CONTRACT §2), read back by
+/// Header names the daemon sets on messages it dead-letters (docs/wire.md), read back by
 /// `volumectl dead-letters`.
 pub mod headers {
     /// Why the daemon rejected the command (at most 1 KiB of text).

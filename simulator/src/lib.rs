@@ -1,7 +1,7 @@
 //! `cloudstack-sim`: a CloudStack API simulator for volume-daemon's demo and tests.
 //!
 //! It serves the API subset the daemon uses at `/client/api`, verifying signatures exactly as
-//! CloudStack does (shared/CLOUDSTACK.md §1), answering with CloudStack's JSON shapes, running
+//! CloudStack does (docs/cloudstack.md), answering with CloudStack's JSON shapes, running
 //! async jobs that finish after `job_latency`, and returning CloudStack's error codes.
 //!
 //! Beside the API, `/sim/*` serves the test controls: `GET /sim/calls` lists every API call

@@ -1,7 +1,7 @@
 //! The simulated cloud: zones, disk offerings, VMs, volumes and async jobs, in memory.
 //!
 //! One `std::sync::Mutex` guards it all: every operation is a few map look-ups and no lock is
-//! held across an `.await`. Rules follow shared/CLOUDSTACK.md §2–3.
+//! held across an `.await`. Rules follow docs/cloudstack.md.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,4 +1,4 @@
-//! The simulator's volume lifecycle rules (CLOUDSTACK.md §2–3), fault injection and guest
+//! The simulator's volume lifecycle rules (docs/cloudstack.md), fault injection and guest
 //! devices, driven through the project's client over real HTTP.
 
 use std::net::SocketAddr;

@@ -11,7 +11,7 @@ use crate::helpers::{EventTap, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// CONTRACT §4: `data.correlation_id` is never null and always equals the AMQP property: the
+/// docs/wire.md: `data.correlation_id` is never null and always equals the AMQP property: the
 /// command's correlation id, else its command id. Both a completed and a failed event.
 #[tokio::test]
 async fn without_a_correlation_id_events_carry_the_command_id_in_data_and_properties() {
@@ -95,7 +95,7 @@ async fn one_create_yields_exactly_one_completed_event_with_the_new_volume() {
     assert_eq!(volume.zone_id, cloudstack_sim::ZONE_ID);
     assert!(event.data.completed_at >= event.data.created_at);
 
-    // Assert: AMQP properties of CONTRACT §4
+    // Assert: AMQP properties of docs/wire.md
     assert_eq!(
         props.message_id().as_ref().map(|s| s.as_str()),
         Some(event.id.to_string().as_str())
@@ -273,7 +273,7 @@ for family in text_string_to_metric_families(body):
     print(family.name, family.type)
 "#;
 
-/// CONTRACT §6: the Content-Type matches the body, so an independent parser picked by it reads
+/// docs/http.md: the Content-Type matches the body, so an independent parser picked by it reads
 /// every family with its type (with a mismatched header the counters come out untyped).
 #[tokio::test]
 async fn metrics_parse_with_the_parser_their_content_type_names_and_no_family_is_untyped() {

@@ -299,3 +299,29 @@ async fn a_key_rotated_in_the_platforms_ossea_configs_applies_to_the_next_operat
         .expect("count");
     assert_eq!(own, 0);
 }
+
+/// Text logs carry no ANSI colour codes when stdout is not a terminal (journald, a file).
+#[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let env = TestEnv::new().await;
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.daemon_env())
+        .env("LOG_FORMAT", "text")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("volume-daemon runs");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    daemon.start_kill().expect("kill");
+    let out = daemon.wait_with_output().await.expect("output");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("volume-daemon running"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+}

@@ -185,3 +185,89 @@ fn the_code_map_names_every_module_of_the_daemon_and_no_other() {
         named.len()
     );
 }
+
+/// Every setting `volume-daemon --help` lists (its environment variable) is documented in
+/// docs/configuration.md.
+#[test]
+fn every_setting_of_the_daemon_is_documented() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .arg("--help")
+        .output()
+        .expect("volume-daemon --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let doc = std::fs::read_to_string(repo().join("docs/configuration.md")).expect("readable");
+    let names: Vec<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .collect();
+    assert!(
+        names.len() > 30,
+        "only {} settings found: {help}",
+        names.len()
+    );
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|n| !doc.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "settings missing from docs/configuration.md: {missing:?}"
+    );
+}
+
+/// The code, the generated documents and the Go client cite the project's own `docs/`, never
+/// the developers' reference a clone does not have.
+#[test]
+fn sources_cite_the_projects_own_docs() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir)
+            .expect("readable")
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() {
+                if !matches!(name, "target" | "vendor" | ".git") {
+                    walk(&path, out);
+                }
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("rs" | "go" | "json" | "yaml")
+            ) && name != "docs.rs"
+            {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for dir in [
+        "schema",
+        "cloudstack",
+        "simulator",
+        "worker",
+        "publisher",
+        "clients",
+        "tests",
+        "schemas",
+    ] {
+        walk(&repo().join(dir), &mut files);
+    }
+    files.push(repo().join("openapi.json"));
+    files.push(repo().join("asyncapi.yaml"));
+    let citing: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            text.contains("CONTRACT §")
+                || text.contains("shared/")
+                || text.contains("CLOUDSTACK.md")
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(files.len() > 100, "only {} files scanned", files.len());
+    assert!(
+        citing.is_empty(),
+        "files citing the developers' reference: {citing:?}"
+    );
+}

@@ -28,7 +28,7 @@ pub struct Endpoint {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection named `name` (visible in the management UI) to the first address of the
-/// endpoint that accepts one, trying them in order every time (CONTRACT §1).
+/// endpoint that accepts one, trying them in order every time (docs/configuration.md).
 pub(crate) async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, lapin::Error> {
     let urls = endpoint.url.split_list();
     let mut failures = Vec::with_capacity(urls.len());

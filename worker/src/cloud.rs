@@ -1,5 +1,5 @@
 //! Access to CloudStack for one operation: whose credentials, which zone, which VM is ours,
-//! and how CloudStack's errors become the error codes of CONTRACT §4.
+//! and how CloudStack's errors become the error codes of docs/wire.md.
 //!
 //! Credentials come from `CLOUDSTACK_*` when `CLOUDSTACK_API_URL` is set, else from the
 //! active `ossea_configs` row. The row is read again for every operation (a [`Session`]), so a

@@ -1,5 +1,5 @@
 //! Runs accepted operations: at most `MAX_CONCURRENT_OPERATIONS` at a time, and those on the
-//! same volume one after another in arrival order (CONTRACT §3 rule 4). Attach and detach on
+//! same volume one after another in arrival order (docs/wire.md (processing rule 4)). Attach and detach on
 //! the same VM also take that VM's lock inside the operation ([`crate::context::Context::lock_vm`]).
 //!
 //! The intake (and recovery) send operations through a bounded channel. The executor holds at

@@ -1,4 +1,4 @@
-//! What the active instance does besides operations: the retention sweep (CONTRACT §1:
+//! What the active instance does besides operations: the retention sweep (docs/configuration.md:
 //! published outbox rows older than `OUTBOX_RETENTION_H`, ended operations older than
 //! `OPERATIONS_RETENTION_D`, at start and every `RETENTION_INTERVAL_S`) and, when
 //! `RECONCILE_INTERVAL_S` is set, a periodic reconcile (logs and metrics only: only a

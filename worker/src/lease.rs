@@ -1,4 +1,4 @@
-//! The execution lease: at most one daemon executes operations (CONTRACT §3 rule 5), and one
+//! The execution lease: at most one daemon executes operations (docs/wire.md (processing rule 5)), and one
 //! that lost the lease can no longer change anything (fencing).
 //!
 //! The lease is a row of `execution_lease` per AMQP prefix: `(holder, epoch, expires_at)`.

@@ -28,7 +28,7 @@ pub struct DeviceMapping {
     pub host: Option<Box<HostRecord>>,
 }
 
-/// The files of a host attachment (CONTRACT §8) as recorded with its mapping: the persistent
+/// The files of a host attachment (docs/host.md) as recorded with its mapping: the persistent
 /// name (`persistent_device_name`, `symlink_path`) and, with exports on, its `nbd_exports` row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostRecord {

@@ -1,4 +1,4 @@
-//! The self-checks `/ready` reports, not gating readiness (CONTRACT §6): can the daemon reach
+//! The self-checks `/ready` reports, not gating readiness (docs/http.md): can the daemon reach
 //! CloudStack with its keys (`cloudstack`), and is `HOST_VM_ID` really the VM it runs on
 //! (`host_vm`: the host VM's root disk serial, from `listVolumes`, must be among the local
 //! devices; the old daemon's worst bug was a wrong host VM id turning every host attach into a

@@ -1,4 +1,4 @@
-//! The read API's queries (CONTRACT §6): operations, mappings and exports as `schema::api`
+//! The read API's queries (docs/http.md): operations, mappings and exports as `schema::api`
 //! views. Read-only; nothing here is fenced, since nothing here writes.
 
 use chrono::{DateTime, Utc};

@@ -1,6 +1,6 @@
 //! Finding the guest device of a volume attached to the host VM.
 //!
-//! The expected serial (CLOUDSTACK.md §5: the volume id without dashes, first 20 characters)
+//! The expected serial (docs/cloudstack.md: the volume id without dashes, first 20 characters)
 //! is known before the attach is sent, so the expectation is registered first and the device
 //! table is checked, on every scan, until the device is there: a device that appeared before
 //! the job result was read is found like any other. Without a serial, the fallbacks are, in

@@ -1,6 +1,6 @@
 //! Symlinks made so that no reader ever sees a half-made one: a link is created under a
 //! temporary name in the same directory and `rename(2)`d over the final name, which replaces an
-//! old link atomically (CONTRACT §8). Removing is `unlink(2)`, which an NBD server that has the
+//! old link atomically (docs/host.md). Removing is `unlink(2)`, which an NBD server that has the
 //! file open does not notice: its clients keep their connection.
 
 use std::io;

@@ -1,4 +1,4 @@
-//! `cancel`: end a `pending` operation as `cancelled` before it reaches CloudStack (CONTRACT §3).
+//! `cancel`: end a `pending` operation as `cancelled` before it reaches CloudStack (docs/wire.md).
 //!
 //! The target's row, its `cancelled` event and the marker naming this cancel are written in one
 //! transaction ([`crate::db::store::Store::cancel_pending`]); this operation then completes with
