@@ -404,7 +404,11 @@ impl Sim {
 
     /// Creates a volume directly (as if created earlier), for tests that start from one.
     pub fn seed_volume(&self, name: &str, size_bytes: u64) -> VolumeId {
-        let id = VolumeId::new_random();
+        self.seed_volume_as(VolumeId::new_random(), name, size_bytes)
+    }
+
+    /// [`Sim::seed_volume`] with a given id (a volume an installation already knows).
+    pub fn seed_volume_as(&self, id: VolumeId, name: &str, size_bytes: u64) -> VolumeId {
         let vol = SimVolume {
             id,
             kind: DATADISK,

@@ -132,7 +132,10 @@ async fn the_old_daemons_database_is_refused_and_left_byte_identical() {
             for table in tables {
                 assert!(stderr.contains(table), "{fixture}: names {table}: {stderr}");
             }
-            assert!(stderr.contains("a database of its own"), "{stderr}");
+            assert!(
+                stderr.contains("a database of its own") && stderr.contains("import-legacy"),
+                "{stderr}"
+            );
             assert!(stderr.contains("nothing was written"), "{stderr}");
             assert!(!stderr.contains("_sqlx_migrations ("), "{stderr}");
             assert_eq!(
@@ -157,7 +160,7 @@ async fn the_old_daemons_variables_are_refused_or_honoured_never_ignored() {
     let (code, stderr) = run_daemon(&env, &[dsn]).await;
     assert_eq!(code, 78, "{stderr}");
     assert!(
-        stderr.contains("DATABASE_URL") && stderr.contains("database of this daemon's own"),
+        stderr.contains("DATABASE_URL") && stderr.contains("import-legacy"),
         "{stderr}"
     );
 
@@ -324,4 +327,224 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes() {
         !log.contains('\u{1b}'),
         "colour codes in a piped log: {log:?}"
     );
+}
+
+/// The fixture's ids (tests/e2e/fixtures/legacy-production.sql).
+const OLD_HOST_VM: &str = "8f3a1c2e-0b4d-4e6f-9a8b-7c6d5e4f3a2b";
+const OLD_HOST_VOLUME: &str = "3106013a-e175-423e-a090-1f2c6b7d8e9f";
+const OLD_REMOTE_VM: &str = "9a1c2b3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d";
+const OLD_REMOTE_VOLUME: &str = "a0b1c2d3-e4f5-4a6b-8c7d-8e9f0a1b2c3d";
+
+/// Acceptance 2 and 7: an old installation (production form) imported: a dry run changes
+/// nothing, the import writes each row once (a second one writes nothing), the daemon then
+/// serves the imported mapping and export (nbdkit lists the old export name), a detach of the
+/// imported host volume removes its export, and after all that (and a create and delete) the
+/// old database is byte-identical to its dump from before the import. An old database with an
+/// unfinished operation is refused.
+#[tokio::test]
+async fn an_old_installation_is_imported_served_as_before_and_never_written() {
+    use std::time::Duration;
+    let host_vm = schema::VmId::parse(OLD_HOST_VM).expect("id");
+    let mut env = TestEnv::with_sim(cloudstack_sim::SimConfig {
+        host_vm_id: Some(host_vm),
+        job_latency: Duration::from_millis(100),
+        ..cloudstack_sim::SimConfig::default()
+    })
+    .await;
+    // CloudStack as the old daemon left it: both volumes attached.
+    let sim = env.sim.sim.clone();
+    let remote_vm = schema::VmId::parse(OLD_REMOTE_VM).expect("id");
+    sim.add_vm(remote_vm, "db01");
+    for (volume, vm, size) in [
+        (OLD_HOST_VOLUME, OLD_HOST_VM, 10u64 << 30),
+        (OLD_REMOTE_VOLUME, OLD_REMOTE_VM, 20 << 30),
+    ] {
+        let id = schema::VolumeId::parse(volume).expect("id");
+        sim.seed_volume_as(id, volume, size);
+        let params = std::collections::HashMap::from([
+            ("id".to_owned(), volume.to_owned()),
+            ("virtualmachineid".to_owned(), vm.to_owned()),
+        ]);
+        sim.attach_volume(&params)
+            .expect("attached by the old daemon");
+    }
+    let exports = env.sysfs.join("exports");
+    std::fs::create_dir_all(&exports).expect("export dir");
+    let nbd = crate::exports::NbdServer::start(&exports).await;
+    env.extra_env
+        .push(("NBD_EXPORT_DIR".into(), exports.display().to_string()));
+    env.extra_env.push(("NBD_URL".into(), nbd.url.clone()));
+    // The imported credentials name the old cloud's zone; this cloud is the simulator.
+    env.extra_env.push((
+        "CLOUDSTACK_ZONE_ID".into(),
+        cloudstack_sim::ZONE_ID.to_string(),
+    ));
+
+    let tag = format!("{}imp", &env.db_name[8..]);
+    let old = LegacyDb::load(&tag, "legacy-production.sql").await;
+    let before = old.dump().await;
+    let from = old.url();
+    let (code, out, err) =
+        run_task(&env, &[], &["import-legacy", "--from", &from, "--dry-run"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("production form; would import 2 mapping(s), 1 export(s), 3 operation(s)"),
+        "{out}"
+    );
+    let ours_exists: Option<String> = sqlx::query_scalar(
+        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+    )
+    .bind(&env.db_name)
+    .fetch_optional(
+        &MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(MYSQL_SERVER)
+            .await
+            .expect("server"),
+    )
+    .await
+    .expect("query");
+    assert_eq!(
+        ours_exists, None,
+        "a dry run writes nothing, not even a database"
+    );
+
+    let (code, out, err) = run_task(&env, &[], &["import-legacy", "--from", &from]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("rows written: 2 mapping(s), 1 export(s), 3 operation(s), 1 credentials"),
+        "{out}"
+    );
+    let (code, out, err) = run_task(&env, &[], &["import-legacy", "--from", &from]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("rows written: 0 mapping(s), 0 export(s), 0 operation(s), 0 credentials"),
+        "a second import writes nothing: {out}"
+    );
+
+    env.start_daemon().await;
+    let (code, shown, err) =
+        crate::helpers::run_volumectl(&env, &["volume", OLD_HOST_VOLUME, "--json"]).await;
+    assert_eq!(code, 0, "{shown}{err}");
+    let view: serde_json::Value = serde_json::from_str(&shown).expect("JSON");
+    assert_eq!(view["mapping"]["vm_id"], OLD_HOST_VM, "{view}");
+    assert_eq!(view["mapping"]["mode"], "oma", "{view}");
+    assert_eq!(
+        view["nbd_export"]["name"],
+        format!("migration-vol-{OLD_HOST_VOLUME}"),
+        "{view}"
+    );
+    let (_, remote, _) =
+        crate::helpers::run_volumectl(&env, &["volume", OLD_REMOTE_VOLUME, "--json"]).await;
+    let remote: serde_json::Value = serde_json::from_str(&remote).expect("JSON");
+    assert_eq!(
+        remote["mapping"]["device_path"],
+        serde_json::Value::Null,
+        "no made-up path: {remote}"
+    );
+    let export = format!("migration-vol-{OLD_HOST_VOLUME}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while nbd.list().await != vec![export.clone()] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nbdkit never served {export}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let volume = schema::VolumeId::parse(OLD_HOST_VOLUME).expect("id");
+    let detached = env.execute(&crate::helpers::cmd::detach(volume)).await;
+    assert_eq!(
+        detached.event_type, "volume.detach.completed",
+        "{:?}",
+        detached.data.error
+    );
+    assert!(nbd.list().await.is_empty(), "the detach removed the export");
+    let created = env
+        .execute(&crate::helpers::cmd::create("after-cutover", "1GiB"))
+        .await;
+    let new = created
+        .data
+        .volume_id
+        .unwrap_or_else(|| panic!("{:?}", created.data.error));
+    env.execute(&crate::helpers::cmd::delete(new)).await;
+    assert_eq!(
+        old.dump().await,
+        before,
+        "the old database was never written"
+    );
+
+    // An old database with an unfinished operation is refused, and left as it was.
+    let pending = LegacyDb::load(&format!("{tag}p"), "legacy-documented.sql").await;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&pending.url())
+        .await
+        .expect("db");
+    sqlx::query("INSERT INTO volume_operations (id, type, status, volume_id, request) VALUES ('op-running', 'attach', 'executing', ?, '{}')")
+        .bind(OLD_HOST_VOLUME)
+        .execute(&pool)
+        .await
+        .expect("a running operation");
+    pool.close().await;
+    let (code, _, err) = run_task(&env, &[], &["import-legacy", "--from", &pending.url()]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("op-running") && err.contains("unfinished"),
+        "{err}"
+    );
+}
+
+/// The old documentation's table form is read too: its mapping (a host one: a `/dev/` path)
+/// and its operation are imported, and a row that cannot be mapped gets a report line.
+#[tokio::test]
+async fn the_documented_table_form_is_imported_and_unmappable_rows_are_reported() {
+    let env = TestEnv::new().await;
+    let tag = format!("{}doc", &env.db_name[8..]);
+    let old = LegacyDb::load(&tag, "legacy-documented.sql").await;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&old.url())
+        .await
+        .expect("db");
+    sqlx::query("INSERT INTO device_mappings (id, volume_id, vm_id, device_path, cloudstack_state, linux_state) VALUES ('m2', 'not-a-uuid', 'x', '/dev/vdc', 'attached', 'detected')")
+        .execute(&pool)
+        .await
+        .expect("a broken row");
+    pool.close().await;
+    let (code, out, err) = run_task(&env, &[], &["import-legacy", "--from", &old.url()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("documented form; imported 1 mapping(s), 0 export(s), 1 operation(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("not imported: mapping of \"not-a-uuid\": not a volume id"),
+        "{out}"
+    );
+    let own = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&env.database_url())
+        .await
+        .expect("the daemon's database");
+    let (mode, path, name): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT CAST(operation_mode AS CHAR), device_path, persistent_device_name FROM device_mappings WHERE volume_id = ?",
+    )
+    .bind(OLD_HOST_VOLUME)
+    .fetch_one(&own)
+    .await
+    .expect("the imported mapping");
+    assert_eq!((mode.as_str(), path.as_deref()), ("oma", Some("/dev/vdb")));
+    assert_eq!(
+        name.as_deref(),
+        Some("vol3106013a"),
+        "a persistent name of the daemon's form"
+    );
+    let history: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM legacy_operations WHERE id = 'op-create-1'")
+            .fetch_one(&own)
+            .await
+            .expect("history");
+    assert_eq!(history, 1);
+    own.close().await;
 }

@@ -24,7 +24,7 @@ pub(crate) struct NbdServer {
 }
 
 impl NbdServer {
-    async fn start(dir: &Path) -> Self {
+    pub(crate) async fn start(dir: &Path) -> Self {
         for _ in 0..5 {
             let port = {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -61,7 +61,7 @@ impl NbdServer {
     }
 
     /// The export names `nbdinfo --list` shows.
-    async fn list(&self) -> Vec<String> {
+    pub(crate) async fn list(&self) -> Vec<String> {
         let out = Command::new("nbdinfo")
             .args(["--list", "--json", &self.url])
             .output()

@@ -216,6 +216,18 @@ pub enum Task {
         /// The CloudStack VM id (UUID) of the VM the daemon runs on.
         vm: VmId,
     },
+    /// Bring an old Go daemon's installation into this daemon's database (DATABASE_URL): its
+    /// mappings, persistent names, exports, credentials and operation history. The old
+    /// database is only read. Exit status 0: done; 1: refused (unfinished operations, an
+    /// unreadable database); 2: usage.
+    ImportLegacy {
+        /// The old daemon's database, as a mysql:// URL (e.g. mysql://user:pw@host:3306/migratekit_oma).
+        #[arg(long)]
+        from: SecretUrl,
+        /// Say what would be imported; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows

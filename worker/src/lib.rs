@@ -23,6 +23,7 @@ pub(crate) mod executor;
 pub(crate) mod host;
 pub(crate) mod housekeeping;
 pub(crate) mod http;
+pub mod import;
 pub(crate) mod intake;
 pub(crate) mod lease;
 pub(crate) mod mappings;

@@ -2,6 +2,7 @@
 //! SIGTERM or Ctrl-C.
 
 use clap::Parser;
+use worker::config::Task;
 use worker::{Application, Settings};
 
 /// sysexits' `EX_CONFIG`: a start refused for a reason a restart cannot fix (the unit lists it
@@ -13,21 +14,32 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("DATABASE_DSN").is_some() {
         eprintln!(
             "volume-daemon: DATABASE_DSN is the old daemon's variable and is not read: set DATABASE_URL \
-             (mysql://user:password@host:3306/database) to a database of this daemon's own, not the old \
-             daemon's (docs/configuration.md, \"A database of its own\")"
+             (mysql://user:password@host:3306/database) to a database of this daemon's own, and bring the \
+             old daemon's installation over with `volume-daemon import-legacy --from <its URL>` (docs/configuration.md)"
         );
         std::process::exit(EX_CONFIG);
     }
     let settings = Settings::parse();
     worker::telemetry::init(settings.log_format);
-    if let Some(worker::config::Task::SetHostVm { vm }) = &settings.task {
-        return match worker::app::set_host_vm(&settings, *vm).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
+    match &settings.task {
+        Some(Task::SetHostVm { vm }) => {
+            if let Err(e) = worker::app::set_host_vm(&settings, *vm).await {
                 eprintln!("volume-daemon set-host-vm: {e}");
                 std::process::exit(1)
             }
-        };
+            return Ok(());
+        }
+        Some(Task::ImportLegacy { from, dry_run }) => {
+            match worker::import::import_legacy(&settings, from, *dry_run).await {
+                Ok(report) => print!("{report}"),
+                Err(e) => {
+                    eprintln!("volume-daemon import-legacy: {e}");
+                    std::process::exit(1)
+                }
+            }
+            return Ok(());
+        }
+        None => {}
     }
     tracing::info!(?settings, "starting");
     let app = match Application::build(settings).await {

@@ -5,6 +5,7 @@
 //! - [`cancel`]: a pending operation ended `cancelled` by a `cancel`.
 //! - [`retention`]: the sweep of ended operations and published outbox rows.
 //! - [`snapshots`]: the volume snapshots the daemon took.
+//! - [`legacy`]: the old Go daemon's tables, read for `import-legacy`, and what it writes.
 //! - [`outbox`]: events waiting to be published.
 //! - [`mappings`]: `device_mappings` changes.
 //! - [`lease`]: the `execution_lease` row's SQL.
@@ -50,6 +51,7 @@ pub(crate) mod devices;
 pub(crate) mod exports;
 pub(crate) mod fence;
 pub(crate) mod lease;
+pub(crate) mod legacy;
 pub(crate) mod mappings;
 pub(crate) mod outbox;
 pub(crate) mod read;
@@ -91,7 +93,7 @@ pub enum DbError {
         source: sqlx::migrate::MigrateError,
     },
     #[error(
-        "the database at {url} is not volume-daemon's: it holds {} other table(s) ({}) and no record of this daemon's migrations; nothing was written to it. Give the daemon a database of its own (DATABASE_URL naming a new or empty database on the same server is fine); the old daemon's tables are never read or written (docs/configuration.md, section \"A database of its own\")",
+        "the database at {url} is not volume-daemon's: it holds {} other table(s) ({}) and no record of this daemon's migrations; nothing was written to it. Give the daemon a database of its own (DATABASE_URL naming a new or empty database on the same server is fine), then bring an old daemon's installation over with `volume-daemon import-legacy --from <this URL>` (docs/configuration.md, section \"Taking over the old daemon's installation\")",
         tables.len(),
         tables.join(", ")
     )]
