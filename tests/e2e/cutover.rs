@@ -12,7 +12,7 @@ use crate::helpers::{MYSQL_SERVER, TestEnv};
 
 /// A database of the test's own loaded with `fixture` (tests/e2e/fixtures), dropped on drop.
 pub(crate) struct LegacyDb {
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl LegacyDb {
@@ -330,19 +330,15 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes() {
 }
 
 /// The fixture's ids (tests/e2e/fixtures/legacy-production.sql).
-const OLD_HOST_VM: &str = "8f3a1c2e-0b4d-4e6f-9a8b-7c6d5e4f3a2b";
-const OLD_HOST_VOLUME: &str = "3106013a-e175-423e-a090-1f2c6b7d8e9f";
-const OLD_REMOTE_VM: &str = "9a1c2b3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d";
-const OLD_REMOTE_VOLUME: &str = "a0b1c2d3-e4f5-4a6b-8c7d-8e9f0a1b2c3d";
+pub(crate) const OLD_HOST_VM: &str = "8f3a1c2e-0b4d-4e6f-9a8b-7c6d5e4f3a2b";
+pub(crate) const OLD_HOST_VOLUME: &str = "3106013a-e175-423e-a090-1f2c6b7d8e9f";
+pub(crate) const OLD_REMOTE_VM: &str = "9a1c2b3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d";
+pub(crate) const OLD_REMOTE_VOLUME: &str = "a0b1c2d3-e4f5-4a6b-8c7d-8e9f0a1b2c3d";
 
-/// Acceptance 2 and 7: an old installation (production form) imported: a dry run changes
-/// nothing, the import writes each row once (a second one writes nothing), the daemon then
-/// serves the imported mapping and export (nbdkit lists the old export name), a detach of the
-/// imported host volume removes its export, and after all that (and a create and delete) the
-/// old database is byte-identical to its dump from before the import. An old database with an
-/// unfinished operation is refused.
-#[tokio::test]
-async fn an_old_installation_is_imported_served_as_before_and_never_written() {
+/// An appliance as the old daemon left it, seen from the new daemon's side: the simulator's
+/// host VM is the fixture's, both fixture volumes attached (the host one with its guest
+/// device), nbdkit serving the export directory, the daemon's settings for both (not started).
+pub(crate) async fn old_installation() -> (TestEnv, crate::exports::NbdServer, std::path::PathBuf) {
     use std::time::Duration;
     let host_vm = schema::VmId::parse(OLD_HOST_VM).expect("id");
     let mut env = TestEnv::with_sim(cloudstack_sim::SimConfig {
@@ -380,6 +376,27 @@ async fn an_old_installation_is_imported_served_as_before_and_never_written() {
         cloudstack_sim::ZONE_ID.to_string(),
     ));
 
+    // Until the host VM's guest device of the imported volume exists.
+    let volume = schema::VolumeId::parse(OLD_HOST_VOLUME).expect("id");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.device_name(volume).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no guest device");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (env, nbd, exports)
+}
+
+/// Acceptance 2 and 7: an old installation (production form) imported: a dry run changes
+/// nothing, the import writes each row once (a second one writes nothing), the daemon then
+/// serves the imported mapping and export (nbdkit lists the old export name), a detach of the
+/// imported host volume removes its export, and after all that (and a create and delete) the
+/// old database is byte-identical to its dump from before the import. An old database with an
+/// unfinished operation is refused.
+#[tokio::test]
+async fn an_old_installation_is_imported_served_as_before_and_never_written() {
+    use std::time::Duration;
+    let host_vm = schema::VmId::parse(OLD_HOST_VM).expect("id");
+    let (mut env, nbd, _exports) = old_installation().await;
     let tag = format!("{}imp", &env.db_name[8..]);
     let old = LegacyDb::load(&tag, "legacy-production.sql").await;
     let before = old.dump().await;
@@ -460,6 +477,7 @@ async fn an_old_installation_is_imported_served_as_before_and_never_written() {
         detached.data.error
     );
     assert!(nbd.list().await.is_empty(), "the detach removed the export");
+    // A full lifecycle on the new daemon: create, host attach, detach, delete.
     let created = env
         .execute(&crate::helpers::cmd::create("after-cutover", "1GiB"))
         .await;
@@ -467,7 +485,19 @@ async fn an_old_installation_is_imported_served_as_before_and_never_written() {
         .data
         .volume_id
         .unwrap_or_else(|| panic!("{:?}", created.data.error));
-    env.execute(&crate::helpers::cmd::delete(new)).await;
+    for command in [
+        crate::helpers::cmd::attach(new, host_vm),
+        crate::helpers::cmd::detach(new),
+        crate::helpers::cmd::delete(new),
+    ] {
+        let event = env.execute(&command).await;
+        assert_eq!(
+            event.data.status,
+            schema::OperationStatus::Completed,
+            "{:?}",
+            event.data.error
+        );
+    }
     assert_eq!(
         old.dump().await,
         before,

@@ -122,3 +122,26 @@ fn the_systemd_unit_verifies() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+/// The nbdkit unit docs/migrating.md starts verifies too (nbdkit as installed by Debian).
+#[test]
+fn the_nbdkit_unit_verifies() {
+    let unit = std::fs::read_to_string(deploy("nbdkit-volume-daemon.service")).expect("unit");
+    assert!(unit.contains("file dir=/var/lib/volume-daemon/exports"));
+    let dir = std::env::temp_dir().join(format!("vd-unit-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("nbdkit-volume-daemon.service");
+    std::fs::write(&path, unit).expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}

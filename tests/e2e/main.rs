@@ -19,6 +19,7 @@ mod fencing;
 mod go_client;
 mod http_flood;
 mod lifecycle;
+mod migrating;
 mod names;
 mod operator;
 mod outages;
