@@ -578,3 +578,127 @@ async fn the_documented_table_form_is_imported_and_unmappable_rows_are_reported(
     assert_eq!(history, 1);
     own.close().await;
 }
+
+/// Acceptance 3: the old callers' flow, unchanged, against the compatibility listener
+/// (`LEGACY_HTTP_ADDR`): create, poll the operation every 2 s until completed, attach to the host
+/// VM, read `/volumes/{id}/device`, detach, delete; each step reaches CloudStack exactly once,
+/// through the broker and the daemon. A failed operation's `error` is a string, as before; a
+/// route with nothing behind it answers 501 naming what to use.
+#[tokio::test]
+async fn the_old_callers_flow_runs_unchanged_against_the_compatibility_listener() {
+    use serde_json::{Value, json};
+    use std::time::Duration;
+    let mut env = TestEnv::with_host_vm(cloudstack_sim::SimConfig::default()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    env.extra_env
+        .push(("LEGACY_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    env.start_daemon().await;
+    let base = format!("http://127.0.0.1:{port}/api/v1");
+    let http = crate::helpers::http();
+    let host = env.host_vm.expect("host vm").to_string();
+
+    // What an old caller does: send, then poll every 2 s until the operation ends.
+    let step = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let mut request = http.request(method, format!("{base}{path}"));
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let answer = request.send().await.expect("the listener answers");
+            assert_eq!(answer.status().as_u16(), 201, "{path}");
+            let op: Value = answer.json().await.expect("JSON");
+            assert_eq!(op["status"], "pending", "{op}");
+            let id = op["id"].as_str().expect("an operation id").to_owned();
+            loop {
+                let polled: Value = http
+                    .get(format!("{base}/operations/{id}"))
+                    .send()
+                    .await
+                    .expect("poll")
+                    .json()
+                    .await
+                    .expect("JSON");
+                if matches!(polled["status"].as_str(), Some("completed" | "failed")) {
+                    return polled;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let created = step(
+        reqwest::Method::POST,
+        "/volumes".into(),
+        Some(json!({"name": "old-caller", "size": 2147483648u64, "disk_offering_id": "", "zone_id": ""})),
+    )
+    .await;
+    assert_eq!(created["status"], "completed", "{created}");
+    let volume = created["volume_id"]
+        .as_str()
+        .expect("the new volume")
+        .to_owned();
+    let attached = step(
+        reqwest::Method::POST,
+        format!("/volumes/{volume}/attach"),
+        Some(json!({"volume_id": volume, "vm_id": host})),
+    )
+    .await;
+    assert_eq!(attached["status"], "completed", "{attached}");
+    let device: Value = http
+        .get(format!("{base}/volumes/{volume}/device"))
+        .send()
+        .await
+        .expect("device")
+        .json()
+        .await
+        .expect("JSON");
+    let id = schema::VolumeId::parse(&volume).expect("id");
+    let name = env.sim.sim.device_name(id).expect("a guest device");
+    assert_eq!(device["device_path"], format!("/dev/{name}"), "{device}");
+    assert_eq!(device["volume_uuid"], volume.as_str(), "{device}");
+    let detached = step(
+        reqwest::Method::POST,
+        format!("/volumes/{volume}/detach"),
+        None,
+    )
+    .await;
+    assert_eq!(detached["status"], "completed", "{detached}");
+    let deleted = step(reqwest::Method::DELETE, format!("/volumes/{volume}"), None).await;
+    assert_eq!(deleted["status"], "completed", "{deleted}");
+    for call in [
+        "createVolume",
+        "attachVolume",
+        "detachVolume",
+        "deleteVolume",
+    ] {
+        assert_eq!(env.sim.sim.call_count(call), 1, "{call} exactly once");
+    }
+
+    // A failure keeps the old shape: `error` a string.
+    let missing = schema::VolumeId::new_random();
+    let failed = step(
+        reqwest::Method::POST,
+        format!("/volumes/{missing}/attach"),
+        Some(json!({"volume_id": missing, "vm_id": host})),
+    )
+    .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].is_string(), "{failed}");
+    let unserved = http
+        .post(format!("{base}/cleanup/test-failover"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(unserved.status().as_u16(), 501);
+    let body: Value = unserved.json().await.expect("JSON");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("docs/failover.md")),
+        "{body}"
+    );
+}

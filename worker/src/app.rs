@@ -114,6 +114,8 @@ pub struct Application {
     configs_pool: Option<MySqlPool>,
     broker: broker::Endpoint,
     listener: TcpListener,
+    /// The compatibility listener's socket (`LEGACY_HTTP_ADDR`), if any.
+    legacy_listener: Option<TcpListener>,
     cloud: Cloud,
 }
 
@@ -153,6 +155,14 @@ impl Application {
             host_vm: settings.host_vm_id,
         };
         let cloud = Cloud::new(Client::http()?, env, retry, settings.job_deadlines());
+        let legacy_listener = match settings.legacy_http_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             settings,
             pool,
@@ -161,6 +171,7 @@ impl Application {
             configs_pool,
             broker,
             listener,
+            legacy_listener,
             cloud,
         })
     }
@@ -185,6 +196,7 @@ impl Application {
             configs_pool,
             broker,
             listener,
+            legacy_listener,
             cloud,
         } = self;
         let http_addr = listener.local_addr().unwrap_or(settings.http_addr);
@@ -208,7 +220,7 @@ impl Application {
             status: &status,
             metrics: &metrics,
         };
-        let background = Background::spawn(shared, listener, &background_stop);
+        let background = Background::spawn(shared, listener, legacy_listener, &background_stop);
         let devices = background.devices.clone();
         tracing::info!(http_addr = %http_addr, prefix = %settings.amqp_prefix, "volume-daemon running");
 
@@ -280,10 +292,17 @@ struct Background {
     checks: tokio::task::JoinHandle<()>,
     probe: tokio::task::JoinHandle<()>,
     http: tokio::task::JoinHandle<()>,
+    /// The compatibility listener, when `LEGACY_HTTP_ADDR` is set.
+    legacy: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Background {
-    fn spawn(shared: Shared<'_>, listener: TcpListener, stop: &CancellationToken) -> Self {
+    fn spawn(
+        shared: Shared<'_>,
+        listener: TcpListener,
+        legacy: Option<TcpListener>,
+        stop: &CancellationToken,
+    ) -> Self {
         let Shared {
             settings,
             pool,
@@ -299,17 +318,7 @@ impl Background {
         if let Some(socket) = settings.uevent_socket() {
             monitor = monitor.with_uevents(socket);
         }
-        let devices = Devices::new(
-            monitor.table(),
-            monitor.events(),
-            settings.device_by_id_dir.clone(),
-            settings.device_poll_interval(),
-        )
-        .with_nodes(
-            settings.device_node_dir.clone(),
-            Duration::from_millis(settings.by_id_link_wait_ms),
-        )
-        .with_mode(monitor.mode());
+        let devices = devices_of(settings, &monitor);
         let (checks_tx, checks) = tokio::sync::watch::channel(Checks::default());
         let checker = Checker {
             cloud: cloud.clone(),
@@ -328,6 +337,7 @@ impl Background {
         });
         let http_stop = stop.clone();
         Self {
+            legacy: legacy.map(|l| spawn_legacy(l, settings, http_pool, broker, stop)),
             devices,
             monitor: tokio::spawn(monitor.run(stop.clone())),
             checks: tokio::spawn(checker.run(checks_tx, stop.clone())),
@@ -347,7 +357,46 @@ impl Background {
         report("self-checks", self.checks.await);
         report("broker probe", self.probe.await);
         report("http", self.http.await);
+        if let Some(legacy) = self.legacy {
+            report("compatibility listener", legacy.await);
+        }
     }
+}
+
+/// The handle operations use on the monitor's table and events.
+fn devices_of(settings: &Settings, monitor: &Monitor) -> Devices {
+    Devices::new(
+        monitor.table(),
+        monitor.events(),
+        settings.device_by_id_dir.clone(),
+        settings.device_poll_interval(),
+    )
+    .with_nodes(
+        settings.device_node_dir.clone(),
+        Duration::from_millis(settings.by_id_link_wait_ms),
+    )
+    .with_mode(monitor.mode())
+}
+
+/// The compatibility listener on `listener` (`LEGACY_HTTP_ADDR`), until `stop`.
+fn spawn_legacy(
+    listener: TcpListener,
+    settings: &Settings,
+    pool: &MySqlPool,
+    broker: &broker::Endpoint,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let app = http::legacy::router(http::legacy::LegacyState {
+        pool: pool.clone(),
+        broker: broker.clone(),
+        topology: settings.topology(),
+    });
+    tokio::spawn(http::serve(
+        listener,
+        app,
+        http::Limits::default(),
+        stop.clone(),
+    ))
 }
 
 /// How long the relay may take to publish what the outbox holds at shutdown.

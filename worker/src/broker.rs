@@ -161,3 +161,56 @@ pub(crate) async fn probe(
         }
     }
 }
+
+/// Publishes `command` to the commands exchange of `topology` with confirms and the mandatory
+/// flag, on a connection of its own (the compatibility listener: a few commands a minute);
+/// `Ok` once the broker confirmed it. The reason otherwise.
+pub(crate) async fn publish_command(
+    endpoint: &Endpoint,
+    topology: &schema::Topology,
+    command: &schema::Command,
+) -> Result<(), String> {
+    use lapin::BasicProperties;
+    use lapin::Confirmation;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let publish = async {
+        let conn = connect(endpoint, "volume-daemon compatibility listener")
+            .await
+            .map_err(|e| e.to_string())?;
+        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&command.to_body()).map_err(|e| e.to_string())?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(command.command_id.as_str().into())
+            .with_delivery_mode(PERSISTENT);
+        let routing_key = schema::Topology::command_routing_key(command.operation_type());
+        let confirmed = channel
+            .basic_publish(
+                topology.commands_exchange().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                props,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = conn.close(200, "published".into()).await;
+        match confirmed {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err("the broker returned it: no queue is bound".into()),
+            Confirmation::Nack(_) => Err("the broker refused it".into()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), publish)
+        .await
+        .map_err(|_| "the broker did not confirm within 10 s".to_owned())?
+}

@@ -54,6 +54,10 @@ pub struct Settings {
     /// `CLOUDSTACK_*` variables come first.
     #[arg(long, env = "OSSEA_CONFIGS_URL", hide_env_values = true)]
     pub ossea_configs_url: Option<SecretUrl>,
+    /// Address of the compatibility listener serving the old Go daemon's routes (off when
+    /// unset; during a cutover the old daemon's port, `0.0.0.0:8090`, with HTTP_ADDR elsewhere).
+    #[arg(long, env = "LEGACY_HTTP_ADDR")]
+    pub legacy_http_addr: Option<SocketAddr>,
     /// Address of the health, readiness and metrics server.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8090")]
     pub http_addr: SocketAddr,

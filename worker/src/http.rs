@@ -1,6 +1,7 @@
 //! Health, readiness and metrics (docs/http.md), and the server that serves them with the
 //! read API ([`serve`]).
 
+pub(crate) mod legacy;
 mod serve;
 
 pub(crate) use serve::{Limits, serve};

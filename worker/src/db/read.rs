@@ -337,6 +337,87 @@ pub(crate) async fn gauges(pool: &MySqlPool) -> Result<Gauges, sqlx::Error> {
         remote_mappings: n(remote),
     })
 }
+/// An operation as the old daemon's compatibility routes show it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct LegacyOperationRow {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+    pub volume_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub request: Option<String>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A mapping as the old daemon's compatibility routes show it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct LegacyMappingRow {
+    pub id: u64,
+    pub volume_id: String,
+    pub vm_id: String,
+    pub mode: String,
+    pub device_id: Option<u32>,
+    pub device_path: Option<String>,
+    pub cloudstack_state: String,
+    pub linux_state: String,
+    pub size: Option<u64>,
+    pub last_sync: Option<DateTime<Utc>>,
+    pub persistent_device_name: Option<String>,
+    pub symlink_path: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const LEGACY_OPERATION: &str = "SELECT id, CAST(type AS CHAR) AS kind, CAST(status AS CHAR) AS status, \
+     volume_id, vm_id, CAST(request AS CHAR) AS request, CAST(response AS CHAR) AS response, error, \
+     created_at, updated_at, completed_at FROM volume_operations";
+
+/// One operation, for the old daemon's `GET /api/v1/operations/{id}`.
+pub(crate) async fn legacy_operation(
+    pool: &MySqlPool,
+    id: &str,
+) -> Result<Option<LegacyOperationRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{LEGACY_OPERATION} WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The newest operation on `volume`, for the old daemon's volume status.
+pub(crate) async fn legacy_last_operation(
+    pool: &MySqlPool,
+    volume: VolumeId,
+) -> Result<Option<LegacyOperationRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{LEGACY_OPERATION} WHERE volume_id = ? ORDER BY created_at DESC, seq DESC LIMIT 1"
+    )))
+    .bind(volume.to_string())
+    .fetch_optional(pool)
+    .await
+}
+
+/// The mapping of `volume`, for the old daemon's `/volumes/{id}/device`.
+pub(crate) async fn legacy_mapping(
+    pool: &MySqlPool,
+    volume: VolumeId,
+) -> Result<Option<LegacyMappingRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, volume_id, vm_id, CAST(operation_mode AS CHAR) AS mode, \
+         cloudstack_device_id AS device_id, device_path, cloudstack_state, linux_state, size, \
+         last_sync, persistent_device_name, symlink_path, created_at, updated_at \
+         FROM device_mappings WHERE volume_id = ?",
+    )
+    .bind(volume.to_string())
+    .fetch_optional(pool)
+    .await
+}
+
 impl crate::db::store::Store {
     /// The mappings (of `vm`, else all), as a reconcile compares them with CloudStack.
     pub(crate) async fn mappings(&self, vm: Option<VmId>) -> Result<Vec<MappingView>, sqlx::Error> {
