@@ -14,3 +14,8 @@ CREATE TABLE legacy_operations (
     imported_at  DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     PRIMARY KEY (id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+-- The old daemon's ended create, attach, detach and delete operations are also operations here
+-- (the read API shows `"imported": true`), each with a stored terminal event of a stable id, so
+-- a duplicate of its command is answered like any other.
+ALTER TABLE volume_operations ADD COLUMN imported BOOLEAN NOT NULL DEFAULT FALSE;

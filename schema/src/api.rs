@@ -41,6 +41,9 @@ pub struct OperationView {
     pub request: Value,
     /// What the operation reported when it ended (null before, and for failures).
     pub response: Option<Value>,
+    /// Brought over from the old Go daemon by `volume-daemon import-legacy`.
+    #[serde(default)]
+    pub imported: bool,
 }
 
 /// A page of operations, newest first. `next_cursor` fetches the next (older) page; null on

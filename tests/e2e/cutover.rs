@@ -469,6 +469,36 @@ async fn an_old_installation_is_imported_served_as_before_and_never_written() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The old operations: history, and the ended create/attach/detach/delete ones operations of
+    // this daemon whose duplicates are answered with their stored event, not executed.
+    let (_, op) = env.get_json("/api/v1/operations/op-attach-1").await;
+    assert_eq!(
+        (op["imported"].clone(), op["status"].clone()),
+        (serde_json::json!(true), serde_json::json!("completed")),
+        "{op}"
+    );
+    let (status, _) = env.get_json("/api/v1/operations/op-cleanup-1").await;
+    assert_eq!(status, 404, "a cleanup operation is history only");
+    let attaches = env.sim.sim.call_count("attachVolume");
+    let duplicate = crate::helpers::cmd::attach(
+        schema::VolumeId::parse(OLD_HOST_VOLUME).expect("id"),
+        host_vm,
+    )
+    .with_command_id(schema::CommandId::parse("op-attach-1").expect("id"));
+    let answered = env.execute(&duplicate).await;
+    assert_eq!(answered.data.command_id.as_str(), "op-attach-1");
+    assert_eq!(answered.data.status, schema::OperationStatus::Completed);
+    assert_eq!(
+        env.execute(&duplicate).await.id,
+        answered.id,
+        "the same event each time"
+    );
+    assert_eq!(
+        env.sim.sim.call_count("attachVolume"),
+        attaches,
+        "not executed again"
+    );
+
     let volume = schema::VolumeId::parse(OLD_HOST_VOLUME).expect("id");
     let detached = env.execute(&crate::helpers::cmd::detach(volume)).await;
     assert_eq!(

@@ -10,10 +10,17 @@
 
 use std::collections::HashSet;
 
-use schema::{SecretUrl, VmId, VolumeId};
+use chrono::Utc;
+use schema::{
+    CloudEvent, CommandId, ErrorCode, EventData, EventError, EventId, OperationStatus,
+    OperationType, SecretUrl, VmId, VolumeId,
+};
 
 use crate::config::Settings;
-use crate::db::legacy::{self, Form, NewExport, NewMapping, OldMapping, OldState, Plan, Written};
+use crate::db::legacy::{
+    self, Form, ImportedOperation, NewExport, NewMapping, OldMapping, OldOperation, OldState, Plan,
+    Written,
+};
 use crate::db::{self, DbError};
 
 /// Why nothing was imported.
@@ -42,9 +49,12 @@ pub struct Report {
     pub mappings: usize,
     pub exports: usize,
     pub operations: usize,
+    /// Of which ended create, attach, detach and delete operations, also this daemon's.
+    pub imported: usize,
     pub config: bool,
-    /// Rows written (`None` for a dry run).
-    pub written: Option<[u64; 4]>,
+    /// Rows written (`None` for a dry run): mappings, exports, history, credentials, imported
+    /// operations.
+    pub written: Option<[u64; 5]>,
     /// One line per row that was not imported, and why.
     pub skipped: Vec<String>,
 }
@@ -58,17 +68,18 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "old tables: {} form; {verb} {} mapping(s), {} export(s), {} operation(s) as history, {} credentials row",
+            "old tables: {} form; {verb} {} mapping(s), {} export(s), {} operation(s) as history ({} of them as operations of this daemon), {} credentials row",
             self.form,
             self.mappings,
             self.exports,
             self.operations,
+            self.imported,
             if self.config { "its" } else { "no" }
         )?;
-        if let Some([m, e, o, c]) = self.written {
+        if let Some([m, e, o, c, i]) = self.written {
             writeln!(
                 f,
-                "rows written: {m} mapping(s), {e} export(s), {o} operation(s), {c} credentials (rows already imported are left as they are)"
+                "rows written: {m} mapping(s), {e} export(s), {o} operation(s), {c} credentials, {i} imported operation(s) (rows already imported are left as they are)"
             )?;
         }
         for line in &self.skipped {
@@ -112,6 +123,7 @@ pub async fn import_legacy(
         mappings: plan.mappings.len(),
         exports: plan.exports.len(),
         operations: plan.operations.len(),
+        imported: plan.imported.len(),
         config: plan.config.is_some(),
         written: None,
         skipped,
@@ -126,9 +138,10 @@ pub async fn import_legacy(
         mappings,
         exports,
         operations,
+        imported,
         configs,
     } = written.map_err(ImportError::Write)?;
-    report.written = Some([mappings, exports, operations, configs]);
+    report.written = Some([mappings, exports, operations, configs, imported]);
     Ok(report)
 }
 
@@ -171,10 +184,12 @@ fn plan(state: &OldState, settings: &Settings) -> (Plan, Vec<String>) {
             "ossea_configs: OSSEA_CONFIGS_URL is set, the platform's row stays where it is".into(),
         );
     }
+    let imported = state.operations.iter().filter_map(imported).collect();
     let plan = Plan {
         mappings,
         exports,
         operations: state.operations.clone(),
+        imported,
         config: state.config.clone().filter(|_| keep_config),
     };
     (plan, skipped)
@@ -228,5 +243,82 @@ fn mapping(
         size: old.size,
         persistent_name,
         symlink_path,
+    })
+}
+
+/// Namespace of the imported operations' event ids: the same old operation always gets the
+/// same event id, so a second import and a duplicate command agree.
+const IMPORTED_EVENTS: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6d1f_2c3a_9b7e_4e0f_8a5d_1c2b_3e4f_5a6b);
+
+/// An old ended operation of a command type this daemon has, as one of its own with a terminal
+/// event; `None` for the others (kept as history only).
+fn imported(o: &OldOperation) -> Option<ImportedOperation> {
+    let kind = OperationType::parse(&o.kind).filter(|t| {
+        matches!(
+            t,
+            OperationType::Create
+                | OperationType::Attach
+                | OperationType::Detach
+                | OperationType::Delete
+        )
+    })?;
+    let status = OperationStatus::parse(&o.status).filter(|s| s.is_terminal())?;
+    let id = CommandId::parse(&o.id).ok()?;
+    let created_at = o.created_at.unwrap_or_else(Utc::now);
+    let completed_at = o.completed_at.unwrap_or(created_at);
+    let error = (status == OperationStatus::Failed).then(|| {
+        EventError::new(
+            ErrorCode::Internal,
+            o.error
+                .clone()
+                .unwrap_or_else(|| "failed in the old daemon".into()),
+        )
+        .with_hint("imported from the old volume daemon, whose errors were plain text")
+    });
+    let data = EventData {
+        operation_id: id.clone(),
+        command_id: id.clone(),
+        correlation_id: id.as_str().to_owned(),
+        op_type: kind.into(),
+        status,
+        volume_id: o.volume_id.as_deref().and_then(|v| VolumeId::parse(v).ok()),
+        vm_id: o.vm_id.as_deref().and_then(|v| VmId::parse(v).ok()),
+        device_path: None,
+        by_id_path: None,
+        mode: None,
+        persistent_path: None,
+        nbd_export: None,
+        metadata: Default::default(),
+        error: error.clone(),
+        created_at,
+        completed_at,
+        duration_ms: (completed_at - created_at).num_milliseconds().max(0) as u64,
+        volume: None,
+        already_detached: None,
+        already_absent: None,
+        target: None,
+        changes: None,
+        snapshot: None,
+        snapshot_id: None,
+        previous_size: None,
+    };
+    let event_id = EventId::from_uuid(uuid::Uuid::new_v5(&IMPORTED_EVENTS, id.as_str().as_bytes()));
+    let event = CloudEvent::new(event_id, completed_at, data);
+    Some(ImportedOperation {
+        id: id.as_str().to_owned(),
+        kind: kind.as_str(),
+        status: status.as_str(),
+        volume_id: o.volume_id.clone(),
+        vm_id: o.vm_id.clone(),
+        request: o.request.clone().unwrap_or_else(|| "{}".into()),
+        response: o.response.clone(),
+        error: error.as_ref().map(|e| e.message.clone()),
+        error_code: error.as_ref().map(|e| e.code.as_str()),
+        error_detail: error.as_ref().and_then(|e| serde_json::to_string(e).ok()),
+        event_id: event_id.to_string(),
+        event_payload: serde_json::to_string(&event).unwrap_or_default(),
+        created_at,
+        completed_at: Some(completed_at),
     })
 }

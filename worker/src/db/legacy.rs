@@ -179,12 +179,34 @@ pub(crate) struct NewExport {
     pub target_path: String,
 }
 
+/// An old ended operation as one of this daemon's, with its terminal event.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ImportedOperation {
+    pub id: String,
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub volume_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub request: String,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    pub error_code: Option<&'static str>,
+    pub error_detail: Option<String>,
+    pub event_id: String,
+    pub event_payload: String,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
 /// What an import writes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Plan {
     pub mappings: Vec<NewMapping>,
     pub exports: Vec<NewExport>,
+    /// Every old operation, verbatim, as history.
     pub operations: Vec<OldOperation>,
+    /// The ended ones of a command type this daemon has, as its own operations.
+    pub imported: Vec<ImportedOperation>,
     pub config: Option<OldConfig>,
 }
 
@@ -194,6 +216,7 @@ pub(crate) struct Written {
     pub mappings: u64,
     pub exports: u64,
     pub operations: u64,
+    pub imported: u64,
     pub configs: u64,
 }
 
@@ -219,6 +242,9 @@ pub(crate) async fn write(pool: &MySqlPool, plan: &Plan) -> Result<Written, sqlx
     }
     for o in &plan.operations {
         done.operations += operation(&mut tx, o).await?;
+    }
+    for o in &plan.imported {
+        done.imported += imported(&mut tx, o).await?;
     }
     if let Some(c) = &plan.config {
         done.configs += sqlx::query(
@@ -257,6 +283,31 @@ async fn mapping(tx: &mut MySqlConnection, m: &NewMapping) -> Result<u64, sqlx::
     .bind(m.size)
     .bind(&m.persistent_name)
     .bind(&m.symlink_path)
+    .execute(tx)
+    .await?
+    .rows_affected())
+}
+
+async fn imported(tx: &mut MySqlConnection, o: &ImportedOperation) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT IGNORE INTO volume_operations (id, type, status, volume_id, vm_id, request, \
+         response, error, error_code, error_detail, event_id, event_payload, attempts, created_at, \
+         completed_at, imported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, TRUE)",
+    )
+    .bind(&o.id)
+    .bind(o.kind)
+    .bind(o.status)
+    .bind(&o.volume_id)
+    .bind(&o.vm_id)
+    .bind(&o.request)
+    .bind(&o.response)
+    .bind(&o.error)
+    .bind(o.error_code)
+    .bind(&o.error_detail)
+    .bind(&o.event_id)
+    .bind(&o.event_payload)
+    .bind(o.created_at)
+    .bind(o.completed_at)
     .execute(tx)
     .await?
     .rows_affected())

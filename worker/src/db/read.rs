@@ -27,7 +27,7 @@ macro_rules! operation_view_columns {
         "id, CAST(type AS CHAR) AS op_type, CAST(status AS CHAR) AS status, volume_id, vm_id, \
          correlation_id, error, error_code, CAST(error_detail AS CHAR) AS error_detail, \
          cloudstack_job_id, attempts, created_at, updated_at, completed_at, \
-         CAST(request AS CHAR) AS request, CAST(response AS CHAR) AS response"
+         CAST(request AS CHAR) AS request, CAST(response AS CHAR) AS response, imported"
     };
 }
 
@@ -49,6 +49,7 @@ struct OperationRow {
     completed_at: Option<DateTime<Utc>>,
     request: String,
     response: Option<String>,
+    imported: bool,
 }
 
 /// A stored value this daemon did not write (edited by hand): named, not guessed around.
@@ -90,6 +91,7 @@ impl TryFrom<OperationRow> for OperationView {
             completed_at: r.completed_at,
             request: serde_json::from_str(&r.request).unwrap_or(Value::Null),
             response: r.response.and_then(|v| serde_json::from_str(&v).ok()),
+            imported: r.imported,
         })
     }
 }
