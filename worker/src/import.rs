@@ -267,44 +267,16 @@ fn imported(o: &OldOperation) -> Option<ImportedOperation> {
     let id = CommandId::parse(&o.id).ok()?;
     let created_at = o.created_at.unwrap_or_else(Utc::now);
     let completed_at = o.completed_at.unwrap_or(created_at);
-    let error = (status == OperationStatus::Failed).then(|| {
-        EventError::new(
-            ErrorCode::Internal,
-            o.error
-                .clone()
-                .unwrap_or_else(|| "failed in the old daemon".into()),
-        )
-        .with_hint("imported from the old volume daemon, whose errors were plain text")
-    });
-    let data = EventData {
-        operation_id: id.clone(),
-        command_id: id.clone(),
-        correlation_id: id.as_str().to_owned(),
-        op_type: kind.into(),
+    let error = (status == OperationStatus::Failed).then(|| old_error(o));
+    let event = event_of(
+        o,
+        &id,
+        kind,
         status,
-        volume_id: o.volume_id.as_deref().and_then(|v| VolumeId::parse(v).ok()),
-        vm_id: o.vm_id.as_deref().and_then(|v| VmId::parse(v).ok()),
-        device_path: None,
-        by_id_path: None,
-        mode: None,
-        persistent_path: None,
-        nbd_export: None,
-        metadata: Default::default(),
-        error: error.clone(),
-        created_at,
-        completed_at,
-        duration_ms: (completed_at - created_at).num_milliseconds().max(0) as u64,
-        volume: None,
-        already_detached: None,
-        already_absent: None,
-        target: None,
-        changes: None,
-        snapshot: None,
-        snapshot_id: None,
-        previous_size: None,
-    };
-    let event_id = EventId::from_uuid(uuid::Uuid::new_v5(&IMPORTED_EVENTS, id.as_str().as_bytes()));
-    let event = CloudEvent::new(event_id, completed_at, data);
+        error.clone(),
+        (created_at, completed_at),
+    );
+    let event_id = event.id;
     Some(ImportedOperation {
         id: id.as_str().to_owned(),
         kind: kind.as_str(),
@@ -321,4 +293,54 @@ fn imported(o: &OldOperation) -> Option<ImportedOperation> {
         created_at,
         completed_at: Some(completed_at),
     })
+}
+
+/// An old failure as an error object: the old daemon kept only its text.
+fn old_error(o: &OldOperation) -> EventError {
+    let text = o
+        .error
+        .clone()
+        .unwrap_or_else(|| "failed in the old daemon".into());
+    EventError::new(ErrorCode::Internal, text)
+        .with_hint("imported from the old volume daemon, whose errors were plain text")
+}
+
+/// The terminal event of an imported operation; its id derives from the operation's.
+fn event_of(
+    o: &OldOperation,
+    id: &CommandId,
+    kind: OperationType,
+    status: OperationStatus,
+    error: Option<EventError>,
+    (created_at, completed_at): (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
+) -> CloudEvent {
+    let data = EventData {
+        operation_id: id.clone(),
+        command_id: id.clone(),
+        correlation_id: id.as_str().to_owned(),
+        op_type: kind.into(),
+        status,
+        volume_id: o.volume_id.as_deref().and_then(|v| VolumeId::parse(v).ok()),
+        vm_id: o.vm_id.as_deref().and_then(|v| VmId::parse(v).ok()),
+        device_path: None,
+        by_id_path: None,
+        mode: None,
+        persistent_path: None,
+        nbd_export: None,
+        metadata: Default::default(),
+        error,
+        created_at,
+        completed_at,
+        duration_ms: (completed_at - created_at).num_milliseconds().max(0) as u64,
+        volume: None,
+        already_detached: None,
+        already_absent: None,
+        target: None,
+        changes: None,
+        snapshot: None,
+        snapshot_id: None,
+        previous_size: None,
+    };
+    let event_id = EventId::from_uuid(uuid::Uuid::new_v5(&IMPORTED_EVENTS, id.as_str().as_bytes()));
+    CloudEvent::new(event_id, completed_at, data)
 }
