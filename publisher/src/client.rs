@@ -189,6 +189,16 @@ impl VolumeClient {
         if let Some(r) = &command.reply_to {
             props = props.with_reply_to(short(format!("reply_to of {id}"), r)?);
         }
+        if let Some(trace) = &command.trace {
+            // W3C Trace Context: the daemon's events come back in the same trace.
+            let mut headers = lapin::types::FieldTable::default();
+            let long = |v: &str| lapin::types::AMQPValue::LongString(v.to_owned().into());
+            headers.insert("traceparent".into(), long(&trace.traceparent));
+            if let Some(state) = &trace.tracestate {
+                headers.insert("tracestate".into(), long(state));
+            }
+            props = props.with_headers(headers);
+        }
         let confirm = self
             .channel
             .basic_publish(

@@ -368,6 +368,13 @@ fn build(command: Cmd) -> Result<(Command, Common), String> {
     if let Some(id) = common.command_id.clone() {
         cmd = cmd.with_command_id(id);
     }
+    // The caller's trace (W3C Trace Context), as OpenTelemetry's environment carriers name it.
+    if let Ok(parent) = std::env::var("TRACEPARENT") {
+        let state = std::env::var("TRACESTATE").ok();
+        let trace = schema::trace::TraceContext::parse(&parent, state.as_deref())
+            .map_err(|e| format!("TRACEPARENT: {e}"))?;
+        cmd = cmd.with_trace(trace);
+    }
     if let Some(c) = common.correlation_id.clone() {
         if c.len() > 255 {
             return Err("--correlation-id is longer than 255 bytes".into());

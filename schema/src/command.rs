@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::ids::{CommandId, DiskOfferingId, IdError, SnapshotId, VmId, VolumeId, ZoneId};
 use crate::size::ByteSize;
+use crate::trace::TraceContext;
 
 /// Largest accepted command body (docs/wire.md).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -92,6 +93,10 @@ pub struct MessageProps {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// The W3C `traceparent` header, if any.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` header, if any.
+    pub tracestate: Option<String>,
 }
 
 /// A validated command.
@@ -104,6 +109,9 @@ pub struct Command {
     pub reply_to: Option<String>,
     /// Free-form labels, stored and echoed in the events.
     pub metadata: BTreeMap<String, String>,
+    /// The producer's trace context (AMQP headers `traceparent`, `tracestate`); a malformed
+    /// one is left out, never a reason to refuse the command.
+    pub trace: Option<TraceContext>,
     pub action: Action,
 }
 
@@ -293,6 +301,7 @@ impl Command {
             correlation_id: None,
             reply_to: None,
             metadata: BTreeMap::new(),
+            trace: None,
             action,
         }
     }
@@ -363,6 +372,13 @@ impl Command {
             size,
             shrink_ok,
         }))
+    }
+
+    /// Sends the command with the trace context `trace` (AMQP headers `traceparent` and
+    /// `tracestate`): its events carry the same trace id.
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
     }
 
     /// Replaces the random command id: reuse an id to retry safely.
@@ -482,6 +498,10 @@ impl Command {
                 correlation_id: invalid.correlation_id,
                 reply_to: invalid.reply_to,
                 metadata,
+                trace: props
+                    .traceparent
+                    .as_deref()
+                    .and_then(|t| TraceContext::parse(t, props.tracestate.as_deref()).ok()),
                 action,
             }),
             Err(reason) => fail(invalid, reason),
@@ -773,11 +793,23 @@ mod tests {
             message_id: Some("from-props".into()),
             correlation_id: Some("corr".into()),
             reply_to: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
         };
         let body = json!({"type": "delete", "volume_id": VOL}).to_string();
         let c = Command::parse(body.as_bytes(), &props).expect("valid");
         assert_eq!(c.command_id.as_str(), "from-props");
         assert_eq!(c.correlation_id.as_deref(), Some("corr"));
+        let trace = c.trace.expect("the trace context");
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        // A malformed traceparent is left out; the command is still valid.
+        let bad = MessageProps {
+            traceparent: Some("garbage".into()),
+            ..props
+        };
+        let c = Command::parse(body.as_bytes(), &bad).expect("still valid");
+        assert_eq!(c.trace, None);
     }
 
     #[test]

@@ -353,6 +353,13 @@ pub struct CloudEvent {
     #[schemars(with = "DateTime<Utc>")]
     pub time: DateTime<Utc>,
     pub datacontenttype: String,
+    /// Distributed-tracing extension: the command's trace, with the daemon's operation span
+    /// as parent (only when the command carried a `traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The command's `tracestate`, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
     pub data: EventData,
 }
 
@@ -373,6 +380,8 @@ impl CloudEvent {
             subject: data.volume_id.map(|v| v.to_string()),
             time,
             datacontenttype: "application/json".into(),
+            traceparent: None,
+            tracestate: None,
             data,
         }
     }

@@ -27,6 +27,7 @@ pub mod ids;
 pub mod secret;
 pub mod size;
 pub mod topology;
+pub mod trace;
 pub mod wire;
 
 pub use command::{Action, Command, InvalidCommand, MessageProps, OperationType};

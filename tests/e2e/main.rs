@@ -30,4 +30,5 @@ mod rejections;
 mod resilience;
 mod scale_out;
 mod tls;
+mod trace_context;
 mod volume_api;

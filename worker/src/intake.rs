@@ -150,13 +150,26 @@ impl Intake {
 
     async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), IntakeError> {
         let p = &delivery.properties;
+        let header = |name: &str| {
+            let value = p.headers().as_ref()?.inner().get(name)?;
+            match value {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            }
+        };
         let props = MessageProps {
             message_id: p.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
             reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
         };
         match Command::parse(&delivery.data, &props) {
             Ok(mut command) => {
+                if props.traceparent.is_some() && command.trace.is_none() {
+                    tracing::warn!(operation_id = %command.command_id, traceparent = ?props.traceparent, "malformed traceparent header ignored");
+                }
                 command.reply_to = self.allowed_reply_to(&command.command_id, command.reply_to);
                 self.accept(command, delivery).await
             }

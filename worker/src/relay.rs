@@ -489,6 +489,29 @@ async fn answer(
     }
 }
 
+/// The event's trace context as AMQP headers `traceparent` and `tracestate` (docs/wire.md), when
+/// it has one.
+fn trace_headers(payload: &str) -> Option<lapin::types::FieldTable> {
+    #[derive(serde::Deserialize)]
+    struct Traced {
+        traceparent: Option<String>,
+        tracestate: Option<String>,
+    }
+    if !payload.contains("\"traceparent\"") {
+        return None;
+    }
+    let traced: Traced = serde_json::from_str(payload).ok()?;
+    let mut headers = lapin::types::FieldTable::default();
+    let mut put = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            headers.insert(name.into(), lapin::types::AMQPValue::LongString(v.into()));
+        }
+    };
+    put("traceparent", traced.traceparent);
+    put("tracestate", traced.tracestate);
+    Some(headers)
+}
+
 /// A short string, or nothing if it is too long for AMQP (never panics on stored data).
 fn short(s: &str) -> Option<ShortString> {
     ShortString::try_new(s).ok()
@@ -508,6 +531,9 @@ fn properties(row: &OutboxRow) -> BasicProperties {
     }
     if let Some(c) = row.correlation_id.as_deref().and_then(short) {
         props = props.with_correlation_id(c);
+    }
+    if let Some(headers) = trace_headers(&row.payload) {
+        props = props.with_headers(headers);
     }
     props
 }

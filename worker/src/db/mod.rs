@@ -31,7 +31,7 @@ macro_rules! fenced {
 macro_rules! operation_columns {
     () => {
         "id, CAST(request AS CHAR) AS request, correlation_id, reply_to, cloudstack_job_id, \
-         volume_id, created_at, attempts"
+         volume_id, created_at, attempts, traceparent, tracestate"
     };
 }
 

@@ -103,8 +103,9 @@ impl Store {
         // id kept in `ended_commands`); the SELECT yields no row otherwise.
         let inserted = sqlx::query(concat!(
             "INSERT INTO volume_operations \
-             (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at) \
-             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE \
+             (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at, \
+             traceparent, tracestate) \
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE \
              NOT EXISTS (SELECT 1 FROM ended_commands WHERE id = ?) AND ",
             fenced!()
         ))
@@ -117,6 +118,8 @@ impl Store {
         .bind(command.reply_to.as_deref())
         .bind(command.to_body().to_string())
         .bind(created_at)
+        .bind(command.trace.as_ref().map(|t| t.traceparent.as_str()))
+        .bind(command.trace.as_ref().and_then(|t| t.tracestate.as_deref()))
         .bind(command.command_id.as_str())
         .bind(self.fence.name())
         .bind(self.fence.epoch())
@@ -439,6 +442,8 @@ pub(in crate::db) fn operation_from_row(row: &MySqlRow) -> Result<Option<Operati
         message_id: Some(id.clone()),
         correlation_id: row.try_get("correlation_id")?,
         reply_to: row.try_get("reply_to")?,
+        traceparent: row.try_get("traceparent")?,
+        tracestate: row.try_get("tracestate")?,
     };
     let command = match Command::parse(request.as_bytes(), &props) {
         Ok(c) => c,

@@ -33,12 +33,7 @@ use outcome::Completed;
 /// Runs `op` to its end and records the outcome with its event. Returns when the outcome is
 /// committed, or when `ctx` shuts down first (the operation then resumes at the next start).
 pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
-    let span = tracing::info_span!(
-        "operation",
-        operation_id = %op.id(),
-        r#type = %op.command.operation_type(),
-        volume_id = tracing::field::Empty,
-    );
+    let span = span_of(&op);
     async move {
         let id = op.id().clone();
         match ctx
@@ -89,6 +84,24 @@ pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
     }
     .instrument(span)
     .await
+}
+
+/// The log span of `op`: its id, type, correlation id and, when its command carried one, the
+/// trace id (the volume is recorded once known).
+fn span_of(op: &Operation) -> tracing::Span {
+    let cmd = &op.command;
+    let correlation_id = cmd
+        .correlation_id
+        .as_deref()
+        .unwrap_or(cmd.command_id.as_str());
+    tracing::info_span!(
+        "operation",
+        operation_id = %op.id(),
+        r#type = %cmd.operation_type(),
+        correlation_id,
+        trace_id = cmd.trace.as_ref().map(|t| t.trace_id()),
+        volume_id = tracing::field::Empty,
+    )
 }
 
 /// A reconcile of every VM with mappings and the host VM (the periodic one; a `reconcile`

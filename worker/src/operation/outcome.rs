@@ -421,7 +421,7 @@ pub(crate) fn completed(op: &Operation, done: &Completed, at: DateTime<Utc>) -> 
     let mut data = data(op, OperationStatus::Completed, None, at);
     done.fill(&mut data);
     Terminal {
-        event: event(data),
+        event: traced(event(data), op),
         response: Some(done.response()),
         error: None,
         mapping: done.mapping_change(),
@@ -438,7 +438,10 @@ pub(crate) fn failed(
     at: DateTime<Utc>,
 ) -> Terminal {
     Terminal {
-        event: event(data(op, OperationStatus::Failed, Some(error.clone()), at)),
+        event: traced(
+            event(data(op, OperationStatus::Failed, Some(error.clone()), at)),
+            op,
+        ),
         response: None,
         error: Some(error),
         mapping,
@@ -451,7 +454,7 @@ pub(crate) fn failed(
 pub(crate) fn cancelled(op: &Operation, by: &CommandId, at: DateTime<Utc>) -> Terminal {
     let response = Response::CancelledBy { cancelled_by: by };
     Terminal {
-        event: event(data(op, OperationStatus::Cancelled, None, at)),
+        event: traced(event(data(op, OperationStatus::Cancelled, None, at)), op),
         response: serde_json::to_value(response).ok(),
         error: None,
         mapping: None,
@@ -461,6 +464,18 @@ pub(crate) fn cancelled(op: &Operation, by: &CommandId, at: DateTime<Utc>) -> Te
 
 fn event(data: EventData) -> CloudEvent {
     CloudEvent::new(EventId::new_random(), data.completed_at, data)
+}
+
+/// `event` in the trace of `op`'s command, when it carried one: the same trace id with a span
+/// of the daemon's (the operation's) as parent, `tracestate` verbatim (docs/wire.md).
+fn traced(mut event: CloudEvent, op: &Operation) -> CloudEvent {
+    if let Some(trace) = &op.command.trace {
+        let span = uuid::Uuid::new_v4().simple().to_string();
+        let child = trace.child(&span[..16]);
+        event.traceparent = Some(child.traceparent);
+        event.tracestate = child.tracestate;
+    }
+    event
 }
 
 /// The event data of `op` ending with `status`, before the command's own fields are filled.
