@@ -177,6 +177,23 @@ func TestADuplicateCommandReturnsTheOriginalEvent(t *testing.T) {
 	}
 }
 
+func TestACommandsTraceComesBackOnItsEvent(t *testing.T) {
+	d := needDaemon(t)
+	c := dial(t, d, nil)
+	const parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	e := run(t, c, &volumeclient.Create{
+		Common: volumeclient.Common{TraceParent: parent, TraceState: "congo=t61rcWkgMzE"},
+		Name:   "go-traced",
+		Size:   volumeclient.GiB,
+	})
+	if !strings.Contains(e.TraceParent, "4bf92f3577b34da6a3ce929d0e0e4736") || e.TraceParent == parent {
+		t.Fatalf("the event's traceparent %q: the same trace, the daemon's span as parent", e.TraceParent)
+	}
+	if e.TraceState != "congo=t61rcWkgMzE" {
+		t.Fatalf("tracestate %q", e.TraceState)
+	}
+}
+
 func TestAFailedCommandReturnsItsCodeAndHint(t *testing.T) {
 	d := needDaemon(t)
 	c := dial(t, d, nil)

@@ -35,6 +35,10 @@ type Common struct {
 	CorrelationID string
 	// Metadata is stored with the operation and echoed in its events.
 	Metadata map[string]string
+	// TraceParent and TraceState are the caller's W3C trace context, sent as AMQP headers: the
+	// command's events come back in the same trace (Event.TraceParent, Event.TraceState).
+	TraceParent string
+	TraceState  string
 }
 
 // Header returns the command's common fields, so that a function taking any [Command] can set

@@ -57,7 +57,11 @@ type Event struct {
 	Subject         string    `json:"subject,omitempty"`
 	Time            time.Time `json:"time"`
 	DataContentType string    `json:"datacontenttype"`
-	Data            EventData `json:"data"`
+	// TraceParent and TraceState: the command's trace, with the daemon's span as parent
+	// (CloudEvents distributed-tracing extension), when the command carried one.
+	TraceParent string    `json:"traceparent,omitempty"`
+	TraceState  string    `json:"tracestate,omitempty"`
+	Data        EventData `json:"data"`
 }
 
 // EventData is the operation's outcome. Fields that do not apply to its type are empty.

@@ -132,6 +132,12 @@ func (c *Client) Publish(ctx context.Context, cmd Command) (*Pending, error) {
 		ReplyTo:       c.replyQueue,
 		Body:          body,
 	}
+	if h.TraceParent != "" {
+		msg.Headers = amqp.Table{"traceparent": h.TraceParent}
+		if h.TraceState != "" {
+			msg.Headers["tracestate"] = h.TraceState
+		}
+	}
 	doing := fmt.Sprintf("publishing %s command %s to %s", cmd.Type(), h.CommandID, c.names.commands())
 	if err := ctx.Err(); err != nil {
 		p.Stop()

@@ -23,6 +23,7 @@ const GO_TESTS: &[&str] = &[
     "TestAWaitStartedAfterTheEventArrivedReturnsIt",
     "TestADuplicateCommandReturnsTheOriginalEvent",
     "TestAFailedCommandReturnsItsCodeAndHint",
+    "TestACommandsTraceComesBackOnItsEvent",
     "TestAReconcileOfAnUndisturbedVMReportsNoChange",
     "TestMissingTopologyAndUnroutableCommandsAreErrors",
     "TestAURLListSkipsADeadAddress",
