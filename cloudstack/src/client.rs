@@ -29,6 +29,25 @@ pub struct Credentials {
     pub secret_key: SecretString,
 }
 
+impl Credentials {
+    /// Whether requests would cross a network in plain text: an `http://` URL whose host is
+    /// not a loopback address. The body carries the api key and a signature anyone on the path
+    /// can replay until it expires, so the daemon warns about such a URL.
+    pub fn plaintext_to_remote(&self) -> bool {
+        let Ok(url) = reqwest::Url::parse(&self.api_url) else {
+            return false;
+        };
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        url.scheme() == "http" && !loopback
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
@@ -133,8 +152,8 @@ impl Client {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
-            // A signed request (its key and signature in the URL) never follows a redirect to
-            // wherever it points: a 3xx is an answer, and an error.
+            // A signed request never follows a redirect to wherever it points: a 3xx is an
+            // answer, and an error.
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| CloudStackError::Transport {
@@ -188,23 +207,33 @@ impl Client {
     }
 
     /// One signed request, no retry. Returns the inner object of `<command>response`.
+    ///
+    /// Sent as a POST with the signed parameters as its form body (CloudStack's `ApiServlet`
+    /// reads both alike), so the api key and the signature, which stays valid until `expires`,
+    /// never sit in a URL that a proxy or an access log records.
     pub async fn request_once(
         &self,
         command: &str,
         params: &[(&str, String)],
     ) -> Result<Value, CloudStackError> {
-        let url = format!(
-            "{}?{}",
-            self.creds.api_url,
-            self.signed_query(command, params)
-        );
+        let form = self.signed_query(command, params);
         let transport = |e: reqwest::Error| CloudStackError::Transport {
             command: command.to_owned(),
-            // The URL carries the api key and signature: keep it out of messages.
+            // The URL may carry userinfo: keep it out of messages.
             source: e.without_url(),
         };
         let result = async {
-            let resp = self.http.get(&url).send().await.map_err(transport)?;
+            let resp = self
+                .http
+                .post(&self.creds.api_url)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(form)
+                .send()
+                .await
+                .map_err(transport)?;
             let status = resp.status().as_u16();
             let body = resp.text().await.map_err(transport)?;
             if status == 200 {
@@ -557,5 +586,30 @@ mod credentials_tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("cloudstack:8080"), "{shown}");
+    }
+
+    /// L11: plain `http://` is flagged only when it leaves the machine.
+    #[test]
+    fn plain_http_is_flagged_only_towards_another_machine() {
+        let at = |url: &str| Credentials {
+            api_url: url.into(),
+            api_key: "k".into(),
+            secret_key: "s".to_owned().into(),
+        };
+        for remote in [
+            "http://cloudstack:8080/client/api",
+            "http://10.0.0.5/client/api",
+            "http://[2001:db8::1]:8080/client/api",
+        ] {
+            assert!(at(remote).plaintext_to_remote(), "{remote}");
+        }
+        for fine in [
+            "https://cloudstack/client/api",
+            "http://127.0.0.1:8080/client/api",
+            "http://localhost:8080/client/api",
+            "http://[::1]:8080/client/api",
+        ] {
+            assert!(!at(fine).plaintext_to_remote(), "{fine}");
+        }
     }
 }

@@ -104,6 +104,7 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
         form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
+    let in_url: Vec<String> = pairs.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
     pairs.extend(form_urlencoded::parse(&body).into_owned());
     // Names are matched case-insensitively; the signature covers them as sent.
     let params: HashMap<String, String> = pairs
@@ -129,7 +130,7 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
         (Ok(()), None) => dispatch(&sim, &lower, &params),
         (Ok(()), Some(slow)) => {
             // Recorded by the task that acts: the client may be gone before the answer.
-            let call = (command.clone(), params.clone(), at);
+            let call = (command.clone(), params.clone(), at, in_url);
             return slow_answer(slow_dispatch(&sim, call, slow).await, &command);
         }
     };
@@ -161,6 +162,7 @@ async fn api(State(sim): State<Arc<Sim>>, RawQuery(query): RawQuery, body: Bytes
         status,
         error_text,
         dropped,
+        in_url,
     });
     if dropped {
         // The call took effect; the client sees the connection break mid-answer.
@@ -257,7 +259,12 @@ fn take_slow(sim: &Arc<Sim>, command: &str) -> Option<crate::faults::SlowCall> {
 /// hangs up stops neither), and answers after `slow.answer_after_ms`.
 async fn slow_dispatch(
     sim: &Arc<Sim>,
-    (command, params, at): (String, HashMap<String, String>, chrono::DateTime<Utc>),
+    (command, params, at, in_url): (
+        String,
+        HashMap<String, String>,
+        chrono::DateTime<Utc>,
+        Vec<String>,
+    ),
     slow: crate::faults::SlowCall,
 ) -> Result<Value, ApiError> {
     let arrived = tokio::time::Instant::now();
@@ -278,6 +285,7 @@ async fn slow_dispatch(
             status,
             error_text,
             dropped: false,
+            in_url,
         });
         let _ = tx.send(result);
     });

@@ -36,6 +36,9 @@ pub struct CallRecord {
     pub error_text: Option<String>,
     /// The connection was dropped after the call was processed.
     pub dropped: bool,
+    /// The names of the parameters that came in the URL's query string (lowercased), as
+    /// opposed to a POST form body: a key or signature there ends up in proxy and access logs.
+    pub in_url: Vec<String>,
 }
 
 /// An error answered to a call: HTTP status = `errorcode`.

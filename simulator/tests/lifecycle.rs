@@ -367,3 +367,38 @@ async fn a_redirect_is_not_followed() {
         "nothing reached the API"
     );
 }
+
+/// L11: the api key and the signature (valid until `expires`) never travel in a URL, where
+/// proxies and access logs keep them: every request of a lifecycle is a POST whose signed
+/// parameters are its form body, and the simulator, which verifies signatures over the body
+/// exactly as over a query string, admits them all.
+#[tokio::test]
+async fn no_request_carries_its_key_or_signature_in_the_url() {
+    let sim = start(fast()).await;
+    let cs = client(&sim);
+    let vol = new_volume(&cs, "in-the-body").await;
+    let job = cs
+        .attach_volume(vol, DEMO_VMS[0], None)
+        .await
+        .expect("attach");
+    cs.wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("attached");
+    let job = cs.detach_volume(vol).await.expect("detach");
+    cs.wait_for_volume_job(&job, JobPolling::default())
+        .await
+        .expect("detached");
+    cs.delete_volume(vol).await.expect("delete");
+    let calls = sim.sim.calls();
+    assert!(calls.len() >= 7, "a whole lifecycle was recorded: {calls:?}");
+    for call in &calls {
+        assert_eq!(call.status, 200, "admitted: {call:?}");
+        assert!(
+            call.in_url.is_empty(),
+            "{} carried {:?} in its URL",
+            call.command,
+            call.in_url
+        );
+        assert!(call.params.contains_key("apikey"), "signed: {call:?}");
+    }
+}

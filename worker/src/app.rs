@@ -261,11 +261,21 @@ fn env_credentials(settings: &Settings) -> Result<Option<Credentials>, StartErro
         &settings.cloudstack_secret_key,
     ) {
         (None, _, _) => Ok(None),
-        (Some(url), Some(key), Some(secret)) => Ok(Some(Credentials {
-            api_url: url.expose().to_owned(),
-            api_key: schema::secret::ExposeSecret::expose_secret(key).to_owned(),
-            secret_key: secret.clone(),
-        })),
+        (Some(url), Some(key), Some(secret)) => {
+            let credentials = Credentials {
+                api_url: url.expose().to_owned(),
+                api_key: schema::secret::ExposeSecret::expose_secret(key).to_owned(),
+                secret_key: secret.clone(),
+            };
+            if credentials.plaintext_to_remote() {
+                tracing::warn!(
+                    url = %url,
+                    "CLOUDSTACK_API_URL is plain http to another machine: the api key and \
+                     replayable signatures cross the network unencrypted; use https"
+                );
+            }
+            Ok(Some(credentials))
+        }
         (Some(_), _, _) => Err(StartError::Config(
             "CLOUDSTACK_API_URL is set but CLOUDSTACK_API_KEY or CLOUDSTACK_SECRET_KEY is not"
                 .into(),
