@@ -23,6 +23,14 @@ pub struct DeadLetter {
     properties: BasicProperties,
 }
 
+/// A dead letter that was published again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// As [`DeadLetter::id`].
+    pub id: Option<String>,
+    pub routing_key: String,
+}
+
 /// Most messages looked at in one call.
 const MAX: usize = 10_000;
 
@@ -105,44 +113,65 @@ impl VolumeClient {
         Ok(channel)
     }
 
-    /// Fetches up to `MAX` dead letters without removing them: they are held unacknowledged
-    /// and returned to the queue when the channel closes.
-    async fn fetch_dead(&self, channel: &Channel) -> Result<Vec<(u64, DeadLetter)>, Error> {
+    /// The next dead letter, held unacknowledged (it returns to the queue when the channel
+    /// closes, unless acknowledged), or `None` when the queue has no more.
+    async fn next_dead(&self, channel: &Channel) -> Result<Option<(u64, DeadLetter)>, Error> {
         let queue = self.topology.dead_letter_queue();
-        let mut out = Vec::new();
-        while out.len() < MAX {
-            let got = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await
-                .map_err(missing_or(&queue, format!("reading {queue}")))?;
-            let Some(msg) = got else { break };
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .map_err(missing_or(&queue, format!("reading {queue}")))?;
+        Ok(got.map(|msg| {
             let d = msg.delivery;
-            out.push((
+            (
                 d.delivery_tag,
                 DeadLetter::from_message(d.routing_key.to_string(), d.properties, d.data),
-            ));
-        }
-        Ok(out)
+            )
+        }))
     }
 
-    /// The dead-lettered commands, oldest first. They stay in the queue.
-    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+    /// Shows `visit` every dead letter (at most `MAX`), oldest first, one at a time: each is
+    /// dropped before the next is read, so however many and however large they are, one
+    /// message is held in memory. They stay in the queue. Returns how many were shown.
+    pub async fn each_dead_letter(
+        &self,
+        mut visit: impl FnMut(&DeadLetter),
+    ) -> Result<usize, Error> {
         let channel = self.dead_channel().await?;
-        let letters = self.fetch_dead(&channel).await?;
+        let mut seen = 0;
+        while seen < MAX {
+            let Some((_, letter)) = self.next_dead(&channel).await? else {
+                break;
+            };
+            visit(&letter);
+            seen += 1;
+        }
         let _ = channel.close(200, "listed".into()).await;
-        Ok(letters.into_iter().map(|(_, l)| l).collect())
+        Ok(seen)
+    }
+
+    /// The dead-lettered commands, oldest first (at most `MAX`, all in memory: prefer
+    /// [`Self::each_dead_letter`] for a queue that may be large). They stay in the queue.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+        let mut out = Vec::new();
+        self.each_dead_letter(|l| out.push(l.clone())).await?;
+        Ok(out)
     }
 
     /// Publishes the dead letters `pick` selects to the commands exchange again (with their
     /// original routing key, without the dead-lettering headers) and removes them from the
-    /// dead-letter queue once the broker confirmed. Returns what was replayed.
+    /// dead-letter queue once the broker confirmed, one at a time (one message in memory).
+    /// Returns the id and routing key of each one replayed.
     pub async fn replay_dead_letters(
         &self,
         pick: impl Fn(&DeadLetter) -> bool,
-    ) -> Result<Vec<DeadLetter>, Error> {
+    ) -> Result<Vec<Replayed>, Error> {
         let channel = self.dead_channel().await?;
         let mut replayed = Vec::new();
-        for (tag, letter) in self.fetch_dead(&channel).await? {
+        for _ in 0..MAX {
+            let Some((tag, letter)) = self.next_dead(&channel).await? else {
+                break;
+            };
             if !pick(&letter) {
                 continue;
             }
@@ -178,7 +207,10 @@ impl VolumeClient {
                 .basic_ack(tag, BasicAckOptions::default())
                 .await
                 .map_err(amqp("removing a replayed dead letter"))?;
-            replayed.push(letter);
+            replayed.push(Replayed {
+                id: letter.id,
+                routing_key: letter.routing_key,
+            });
         }
         let _ = channel.close(200, "replayed".into()).await;
         Ok(replayed)

@@ -36,5 +36,5 @@ pub mod events;
 pub use schema::amqp as topology;
 
 pub use client::{Error, PendingCommand, VolumeClient};
-pub use dead_letters::DeadLetter;
+pub use dead_letters::{DeadLetter, Replayed};
 pub use events::{EventStream, ReceivedEvent, Subscription};

@@ -705,28 +705,27 @@ async fn dead_letters(url: &str, prefix: &str, what: DeadLetters) -> Result<Exit
     client.declare_topology().await?;
     match what {
         DeadLetters::List { json } => {
-            let letters = client.dead_letters().await?;
-            for l in &letters {
-                let body = String::from_utf8_lossy(&l.body);
-                if json {
-                    let v = serde_json::json!({"id": l.id, "routing_key": l.routing_key, "reason": l.reason, "body": body});
-                    println!("{v}");
-                } else {
-                    let preview: String = body.chars().take(120).collect();
-                    println!(
-                        "{}  {}  {}\n    {}",
-                        l.id.as_deref().unwrap_or("-"),
-                        l.routing_key,
-                        l.reason,
-                        preview
-                    );
-                }
-            }
+            // One message at a time: a queue of large messages is never held in memory.
+            let shown = client
+                .each_dead_letter(|l| {
+                    let body = String::from_utf8_lossy(&l.body);
+                    if json {
+                        let v = serde_json::json!({"id": l.id, "routing_key": l.routing_key, "reason": l.reason, "body": body});
+                        println!("{v}");
+                    } else {
+                        let preview: String = body.chars().take(120).collect();
+                        println!(
+                            "{}  {}  {}\n    {}",
+                            l.id.as_deref().unwrap_or("-"),
+                            l.routing_key,
+                            l.reason,
+                            preview
+                        );
+                    }
+                })
+                .await?;
             if !json && std::io::stderr().is_terminal() {
-                eprintln!(
-                    "{} dead-lettered command(s) in {prefix}.commands.dead",
-                    letters.len()
-                );
+                eprintln!("{shown} dead-lettered command(s) in {prefix}.commands.dead");
             }
             Ok(ExitCode::SUCCESS)
         }

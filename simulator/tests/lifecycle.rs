@@ -390,7 +390,10 @@ async fn no_request_carries_its_key_or_signature_in_the_url() {
         .expect("detached");
     cs.delete_volume(vol).await.expect("delete");
     let calls = sim.sim.calls();
-    assert!(calls.len() >= 7, "a whole lifecycle was recorded: {calls:?}");
+    assert!(
+        calls.len() >= 7,
+        "a whole lifecycle was recorded: {calls:?}"
+    );
     for call in &calls {
         assert_eq!(call.status, 200, "admitted: {call:?}");
         assert!(

@@ -390,6 +390,88 @@ async fn volumectl_lists_and_replays_dead_letters() {
     );
 }
 
+/// L16: `volumectl dead-letters` holds one message at a time: listing, and a replay that looks
+/// at every letter, of 12 dead letters of 8 MiB (96 MiB in all) each stay under half of that
+/// in resident memory (`/usr/bin/time`'s maximum RSS), and the letters stay in the queue.
+#[tokio::test]
+async fn volumectl_reads_large_dead_letters_one_at_a_time() {
+    const COUNT: usize = 12;
+    const SIZE: usize = 8 << 20;
+    let env = TestEnv::new().await;
+    let (code, _, err) = run_volumectl(&env, &["dead-letters", "list"]).await;
+    assert_eq!(code, 0, "the topology is declared: {err}");
+    let topology = Topology::new(env.prefix.clone());
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for i in 0..COUNT {
+        let mut body =
+            format!(r#"{{"command_id": "big-{i}", "type": "create", "name": ""#).into_bytes();
+        body.resize(SIZE - 2, b'x');
+        body.extend_from_slice(br#""}"#);
+        ch.basic_publish(
+            topology.dead_letter_exchange().as_str().into(),
+            "volume.create".into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_message_id(format!("big-{i}").into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let max_rss_kib = |args: &[&str]| {
+        let report = env.sysfs.join("rss");
+        let out = std::process::Command::new("/usr/bin/time")
+            .arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&report)
+            .arg(volumectl())
+            .args(args)
+            .env("AMQP_URL", &env.client_amqp_url)
+            .env("AMQP_PREFIX", &env.prefix)
+            .stdin(Stdio::null())
+            .output()
+            .expect("/usr/bin/time runs volumectl");
+        let rss: u64 = std::fs::read_to_string(&report)
+            .expect("report")
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .expect("KiB");
+        (
+            out.status.code(),
+            rss,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let limit_kib = (COUNT * SIZE / 2 / 1024) as u64;
+    let (code, listing, out) = max_rss_kib(&["dead-letters", "list"]);
+    assert_eq!(code, Some(0));
+    let listed = out.lines().filter(|l| l.starts_with("big-")).count();
+    assert_eq!(listed, COUNT, "{out:.2000}");
+    // No letter has that id: the replay reads all 12 and publishes none (exit 1).
+    let (code, replaying, _) = max_rss_kib(&["dead-letters", "replay", "--id", "big-none"]);
+    assert_eq!(code, Some(1));
+    println!("max RSS: list {listing} KiB, replay scan {replaying} KiB, limit {limit_kib} KiB");
+    assert!(listing < limit_kib, "list held {listing} KiB");
+    assert!(replaying < limit_kib, "replay held {replaying} KiB");
+    let (_, out, _) = run_volumectl(&env, &["dead-letters", "list"]).await;
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("big-")).count(),
+        COUNT,
+        "the letters stay in the queue"
+    );
+}
+
 #[tokio::test]
 async fn the_readme_python_example_prints_the_completed_event() {
     let mut env = TestEnv::new().await;
