@@ -40,6 +40,7 @@ use crate::relay::Relay;
 use crate::selfcheck::{Checker, Checks};
 use crate::status::Status;
 use crate::stop::Stop;
+use crate::supervise::Watch;
 
 /// Connections of the main pool beyond one per concurrent operation: the intake, the relay
 /// and its marking, the mapping sync.
@@ -419,6 +420,8 @@ type Started = (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>);
 enum ActiveEnd {
     Shutdown,
     LeaseLost,
+    /// One of its tasks ended before the period did ([`crate::supervise`]).
+    TaskDied,
 }
 
 /// What an active period needs.
@@ -450,45 +453,46 @@ impl Active<'_> {
                 ActiveEnd::LeaseLost => tracing::error!(
                     "execution lease lost: operations stopped; standing by to take it again"
                 ),
+                ActiveEnd::TaskDied => tracing::error!(
+                    "active period ended by a task that died: lease released; standing by to take it again"
+                ),
             }
         }
         self.status.set_active(false);
     }
 
-    /// Consumes, executes and relays while the lease is held.
     /// The store of an active period fenced by `lease`.
     fn store(&self, lease: &Lease) -> Store {
         Store::new(self.pool.clone(), self.settings.topology(), lease.fence())
             .with_configs_from(self.configs_pool.clone())
     }
 
+    /// Consumes, executes and relays while the lease is held.
     async fn run(&self, mut lease: Lease, stopping: &CancellationToken) -> ActiveEnd {
         // `halt`: shutdown or lease loss (operations watch it); the executor and the relay each
         // get a two-level `Stop` (drain: shutdown; abort: lease loss); `fenced`: a write found
         // the lease taken over.
         let halt = stopping.child_token();
+        let watch = Watch::new();
         let executor_stop = Stop::new();
         let fenced = CancellationToken::new();
         let store = self.store(&lease);
         let ctx = self.context(store.clone(), halt.clone(), fenced.clone());
         let relay_stop = Stop::new();
-        let relay = self.spawn_relay(&ctx, &lease, relay_stop.clone(), fenced.clone());
-        let sync = tokio::spawn(crate::operation::mapping_sync::run(
-            store,
-            self.devices.clone(),
-            ctx.host.clone(),
-            halt.clone(),
-            fenced.clone(),
-        ));
+        let relay = self.spawn_relay(&ctx, &lease, &watch, relay_stop.clone(), fenced.clone());
+        let sync = self.spawn_sync(store, &ctx, &watch);
         let (ops_tx, ops_rx) = mpsc::channel(usize::from(self.settings.max_concurrent_operations));
-        let executor = self.spawn_executor(&ctx, ops_rx, executor_stop.clone());
+        let executor = self.spawn_executor(&ctx, &watch, ops_rx, executor_stop.clone());
         let (end, started) = {
-            let held = hold(&mut lease, stopping, &fenced);
-            self.start_while(held, &ctx, &halt, ops_tx).await
+            let held = hold(&mut lease, stopping, &fenced, &watch);
+            self.start_while(held, &ctx, &halt, &watch, ops_tx).await
         };
+        watch.end();
         match end {
             ActiveEnd::Shutdown => executor_stop.drain(),
-            ActiveEnd::LeaseLost => {
+            // A task died: fence as on a lost lease (what the others were doing may depend on
+            // it), then give the lease up below.
+            ActiveEnd::LeaseLost | ActiveEnd::TaskDied => {
                 // Fence: another instance may hold the lease soon. Nothing of this period may
                 // act on CloudStack or publish any more; their writes are fenced anyway, so do
                 // not wait for one stuck on a dead connection.
@@ -517,7 +521,7 @@ impl Active<'_> {
         report("relay", drain_relay(relay, &relay_stop).await);
         self.status.set_intake_connected(false);
         self.status.set_relay_connected(false);
-        if let ActiveEnd::Shutdown = end {
+        if let ActiveEnd::Shutdown | ActiveEnd::TaskDied = end {
             lease.release().await;
         }
         end
@@ -532,12 +536,13 @@ impl Active<'_> {
         held: impl Future<Output = ActiveEnd>,
         ctx: &Arc<Context>,
         halt: &CancellationToken,
+        watch: &Watch,
         ops: mpsc::Sender<Operation>,
     ) -> (ActiveEnd, Option<Started>) {
         let start = async {
             reconcile_host(&ctx.store, &ctx.host, self.devices, halt).await;
-            let housekeeping = self.spawn_housekeeping(ctx, halt);
-            (housekeeping, self.spawn_intake(ctx.clone(), ops))
+            let housekeeping = self.spawn_housekeeping(ctx, halt, watch);
+            (housekeeping, self.spawn_intake(ctx.clone(), watch, ops))
         };
         tokio::pin!(start, held);
         tokio::select! {
@@ -546,11 +551,31 @@ impl Active<'_> {
         }
     }
 
+    /// The mapping sync of this period: the tables follow the device monitor's changes.
+    fn spawn_sync(
+        &self,
+        store: Store,
+        ctx: &Context,
+        watch: &Watch,
+    ) -> tokio::task::JoinHandle<()> {
+        watch.spawn(
+            "mapping sync",
+            crate::operation::mapping_sync::run(
+                store,
+                self.devices.clone(),
+                ctx.host.clone(),
+                ctx.halt.clone(),
+                ctx.fenced.clone(),
+            ),
+        )
+    }
+
     /// The retention sweep and, when configured, the periodic reconcile, until `halt`.
     fn spawn_housekeeping(
         &self,
         ctx: &Arc<Context>,
         halt: &CancellationToken,
+        watch: &Watch,
     ) -> tokio::task::JoinHandle<()> {
         let s = self.settings;
         let policy = housekeeping::Retention {
@@ -562,7 +587,7 @@ impl Active<'_> {
         let every = Duration::from_secs(s.reconcile_interval_s);
         let reconcile = (!every.is_zero())
             .then(|| housekeeping::periodic_reconcile(ctx.clone(), every, halt.clone()));
-        tokio::spawn(async move {
+        watch.spawn("housekeeping", async move {
             match reconcile {
                 Some(reconcile) => {
                     tokio::join!(retention, reconcile);
@@ -577,6 +602,7 @@ impl Active<'_> {
     fn spawn_executor(
         &self,
         ctx: &Arc<Context>,
+        watch: &Watch,
         ops: mpsc::Receiver<Operation>,
         stop: Stop,
     ) -> tokio::task::JoinHandle<()> {
@@ -584,13 +610,16 @@ impl Active<'_> {
             let ctx = ctx.clone();
             move |op| crate::operation::execute(ctx.clone(), op)
         };
-        tokio::spawn(executor::run(
-            runner,
-            ops,
-            usize::from(self.settings.max_concurrent_operations),
-            stop,
-            self.settings.shutdown_grace(),
-        ))
+        watch.spawn(
+            "executor",
+            executor::run(
+                runner,
+                ops,
+                usize::from(self.settings.max_concurrent_operations),
+                stop,
+                self.settings.shutdown_grace(),
+            ),
+        )
     }
 
     /// What every operation of this period shares.
@@ -618,10 +647,12 @@ impl Active<'_> {
         &self,
         ctx: &Context,
         lease: &Lease,
+        watch: &Watch,
         stop: Stop,
         fenced: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(
+        watch.spawn(
+            "relay",
             Relay {
                 pool: self.pool.clone(),
                 broker: self.broker.clone(),
@@ -641,6 +672,7 @@ impl Active<'_> {
     fn spawn_intake(
         &self,
         ctx: Arc<Context>,
+        watch: &Watch,
         ops: mpsc::Sender<Operation>,
     ) -> tokio::task::JoinHandle<()> {
         let intake = Intake {
@@ -652,7 +684,7 @@ impl Active<'_> {
             status: self.status.clone(),
             reply_to_allowed: self.settings.reply_to_allowed(),
         };
-        tokio::spawn(async move {
+        watch.spawn("intake", async move {
             resume(&ctx, &ops).await;
             drop(ops);
             intake.run().await;
@@ -670,16 +702,19 @@ fn intake_prefetch(max_concurrent_operations: u16) -> u16 {
 
 /// Renews the lease every [`lease::RENEW_EVERY`] until shutdown, or until it is lost: taken
 /// over, a write found it fenced, or no renewal succeeded before the fence deadline (the
-/// renewal in progress is cut short by that deadline too).
+/// renewal in progress is cut short by that deadline too); or until a task of the period died.
 async fn hold(
     lease: &mut Lease,
     stopping: &CancellationToken,
     fenced: &CancellationToken,
+    watch: &Watch,
 ) -> ActiveEnd {
     loop {
         tokio::select! {
+            biased;
             () = stopping.cancelled() => return ActiveEnd::Shutdown,
             () = fenced.cancelled() => return ActiveEnd::LeaseLost,
+            () = watch.died() => return ActiveEnd::TaskDied,
             () = tokio::time::sleep(lease::RENEW_EVERY) => {}
         }
         let deadline = lease.fence_deadline();

@@ -35,6 +35,7 @@ pub(crate) mod retry;
 pub(crate) mod selfcheck;
 pub(crate) mod status;
 pub(crate) mod stop;
+pub(crate) mod supervise;
 pub mod telemetry;
 
 pub use app::Application;
