@@ -512,6 +512,17 @@ impl Client {
         response::parse_list("listVolumes", "volume", &inner)
     }
 
+    /// `listVolumes` without `listall`: only the caller's own account's volumes, so a look-up
+    /// by name for what the caller's createVolume made never finds another account's volume
+    /// of that name.
+    pub async fn list_own_volumes(
+        &self,
+        filters: &[(&str, String)],
+    ) -> Result<Vec<Volume>, CloudStackError> {
+        let inner = self.request("listVolumes", filters, false).await?;
+        response::parse_list("listVolumes", "volume", &inner)
+    }
+
     pub async fn list_virtual_machines(
         &self,
         filters: &[(&str, String)],

@@ -37,6 +37,9 @@ pub struct Faults {
     /// answers `answer_after_ms` after it arrived, as a loaded CloudStack does: it acts even
     /// when the client has gone by then. Used once.
     pub slow_next: BTreeMap<String, SlowCall>,
+    /// CloudStack's clock minus the real one, in ms: a volume made by createVolume reports
+    /// `created` shifted by it (a management server whose clock is behind is negative).
+    pub clock_offset_ms: i64,
 }
 
 /// When a slow call acts and when it answers, from its arrival.

@@ -85,7 +85,13 @@ struct SimVolume {
     device_id: Option<u32>,
     attached: Option<DateTime<Utc>>,
     last_job: Option<String>,
+    /// The account that owns it: listVolumes without `listall=true` shows only the caller's
+    /// ([`CALLER_ACCOUNT`]), as CloudStack does.
+    account: String,
 }
+
+/// The account the simulator's api key belongs to.
+pub const CALLER_ACCOUNT: &str = "admin";
 
 #[derive(Debug, Clone)]
 struct SimVm {
@@ -213,6 +219,7 @@ fn root_disk(config: &SimConfig, vm: VmId, n: usize) -> SimVolume {
         device_id: Some(0),
         attached: Some(now),
         last_job: None,
+        account: CALLER_ACCOUNT.to_owned(),
     }
 }
 
@@ -412,6 +419,22 @@ impl Sim {
 
     /// [`Sim::seed_volume`] with a given id (a volume an installation already knows).
     pub fn seed_volume_as(&self, id: VolumeId, name: &str, size_bytes: u64) -> VolumeId {
+        self.seed_volume_with(id, CALLER_ACCOUNT, name, size_bytes)
+    }
+
+    /// A volume that belongs to another `account` (made by another tenant or tool): listed
+    /// only with `listall=true`.
+    pub fn seed_volume_in(&self, account: &str, name: &str, size_bytes: u64) -> VolumeId {
+        self.seed_volume_with(VolumeId::new_random(), account, name, size_bytes)
+    }
+
+    fn seed_volume_with(
+        &self,
+        id: VolumeId,
+        account: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> VolumeId {
         let vol = SimVolume {
             id,
             kind: DATADISK,
@@ -425,6 +448,7 @@ impl Sim {
             device_id: None,
             attached: None,
             last_job: None,
+            account: account.to_owned(),
         };
         self.lock().volumes.insert(id, vol);
         id
@@ -508,6 +532,7 @@ impl Sim {
 
         let id = VolumeId::new_random();
         let mut inner = self.lock();
+        let created = Utc::now() + chrono::TimeDelta::milliseconds(inner.faults.clock_offset_ms);
         let job_id = new_job(
             &mut inner,
             "org.apache.cloudstack.api.command.user.volume.CreateVolumeCmd",
@@ -523,11 +548,15 @@ impl Sim {
                 offering,
                 size_bytes,
                 state: "Allocated",
-                created: Utc::now(),
+                created,
                 vm: None,
                 device_id: None,
                 attached: None,
                 last_job: Some(job_id.clone()),
+                account: p
+                    .get("account")
+                    .cloned()
+                    .unwrap_or_else(|| CALLER_ACCOUNT.to_owned()),
             },
         );
         let fails = inner.faults.job_fails();
@@ -780,6 +809,12 @@ impl Sim {
             .filter(|v| vm.is_none_or(|vm| v.vm == Some(vm)))
             .filter(|v| p.get("name").is_none_or(|n| &v.name == n))
             .filter(|v| p.get("zoneid").is_none_or(|z| v.zone.to_string() == *z))
+            // Without `listall=true`, only the caller's own resources.
+            .filter(|v| {
+                p.get("listall")
+                    .is_some_and(|a| a.eq_ignore_ascii_case("true"))
+                    || v.account == CALLER_ACCOUNT
+            })
             .collect();
         found.sort_by_key(|v| v.created);
         if found.is_empty() {
@@ -955,7 +990,7 @@ fn volume_json(v: &SimVolume, inner: &Inner) -> Value {
         "type": v.kind, "size": v.size_bytes, "state": v.state,
         "diskofferingid": v.offering, "diskofferingname": if v.offering == CUSTOM_OFFERING_ID { "Custom" } else { "Small" },
         "storagetype": "shared", "provisioningtype": "thin", "hypervisor": "KVM",
-        "created": cs_time(v.created), "tags": [],
+        "created": cs_time(v.created), "tags": [], "account": v.account,
     });
     if let Some(obj) = out.as_object_mut() {
         if let (Some(vm), Some(dev)) = (v.vm, v.device_id) {

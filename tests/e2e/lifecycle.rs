@@ -283,6 +283,48 @@ async fn a_connection_dropped_after_createvolume_leaves_exactly_one_volume() {
     assert_eq!(event.data.volume_id, Some(id));
 }
 
+/// M3: the look-up after a lost createVolume answer finds the command's own volume when
+/// CloudStack's clock is 3 s behind the daemon's (its `created` comes before the acceptance),
+/// and never another account's volume of the same name made moments before, which only a
+/// `listall=true` listing shows.
+#[tokio::test]
+async fn the_lookup_after_a_lost_create_answer_finds_its_own_volume_and_no_other() {
+    let mut faults = Faults {
+        clock_offset_ms: -3_000,
+        ..Faults::default()
+    };
+    faults.drop_next.insert("createvolume".into(), 1);
+    let mut env = TestEnv::with_sim(SimConfig {
+        faults: faults.clone(),
+        ..SimConfig::default()
+    })
+    .await;
+    env.start_daemon().await;
+
+    let event = run(&env, &cmd::create("behind-clock", "1GiB")).await;
+    completed(&event, "create");
+    assert_eq!(env.sim.sim.volume_count(), 1, "exactly one volume");
+    assert_eq!(env.sim.sim.call_count("createVolume"), 1, "not re-created");
+    let (id, _) = env.sim.sim.volumes()[0];
+    assert_eq!(event.data.volume_id, Some(id));
+
+    let foreign = env
+        .sim
+        .sim
+        .seed_volume_in("tenant-b", "shared-name", 1 << 30);
+    faults.clock_offset_ms = 0;
+    env.sim.sim.set_faults(faults);
+    let event = run(&env, &cmd::create("shared-name", "1GiB")).await;
+    completed(&event, "create");
+    let own = event.data.volume_id.expect("a volume");
+    assert_ne!(own, foreign, "another account's volume was adopted");
+    assert_eq!(env.sim.sim.call_count("createVolume"), 2);
+    assert!(
+        env.sim.sim.volumes().iter().any(|(v, _)| *v == own),
+        "the event names the volume the command made"
+    );
+}
+
 /// M1: three createVolume requests lost on their way (nothing happened, no answer): the volume
 /// is looked for after each, the last included, and the create ends `TIMEOUT`, not retryable,
 /// with a hint naming what to look for (CloudStack may still act), never a retryable

@@ -35,11 +35,28 @@ where
     }
 }
 
+/// What an operation waits behind: earlier operations on its volume, or, for a create, earlier
+/// creates of the same name. A create that lost its answer looks for its volume by name
+/// (`mutate::find_created`); with one create of a name at CloudStack at a time, the volume it
+/// finds cannot be another create's that has not been recorded yet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Lane {
+    Volume(VolumeId),
+    CreateNamed(String),
+}
+
+fn lane(op: &Operation) -> Option<Lane> {
+    match &op.command.action {
+        schema::command::Action::Create(c) => Some(Lane::CreateNamed(c.name.clone())),
+        action => action.volume_id().map(Lane::Volume),
+    }
+}
+
 struct Lanes<R> {
-    /// Operations per volume, the running one at the front.
-    waiting: HashMap<VolumeId, VecDeque<Operation>>,
-    /// Which operation and volume each running task belongs to.
-    running: HashMap<Id, (CommandId, Option<VolumeId>)>,
+    /// Operations per lane, the running one at the front.
+    waiting: HashMap<Lane, VecDeque<Operation>>,
+    /// Which operation and lane each running task belongs to.
+    running: HashMap<Id, (CommandId, Option<Lane>)>,
     /// Every operation in hand (running or waiting): a second copy of one is ignored.
     held: HashSet<CommandId>,
     tasks: JoinSet<()>,
@@ -49,7 +66,7 @@ struct Lanes<R> {
 
 impl<R: Runner> Lanes<R> {
     fn spawn(&mut self, op: Operation) {
-        let volume = op.command.action.volume_id();
+        let lane = lane(&op);
         let id = op.id().clone();
         let (runner, permits) = (self.runner.clone(), self.permits.clone());
         let handle = self.tasks.spawn(async move {
@@ -58,7 +75,7 @@ impl<R: Runner> Lanes<R> {
             };
             runner.run(op).await;
         });
-        self.running.insert(handle.id(), (id, volume));
+        self.running.insert(handle.id(), (id, lane));
     }
 
     /// Queues `op` behind earlier operations on its volume, or starts it. An operation already
@@ -69,10 +86,10 @@ impl<R: Runner> Lanes<R> {
             tracing::debug!(operation_id = %op.id(), "already in hand");
             return;
         }
-        match op.command.action.volume_id() {
+        match lane(&op) {
             None => self.spawn(op),
-            Some(v) => {
-                let lane = self.waiting.entry(v).or_default();
+            Some(l) => {
+                let lane = self.waiting.entry(l).or_default();
                 lane.push_back(op.clone());
                 if lane.len() == 1 {
                     self.spawn(op);
@@ -81,16 +98,16 @@ impl<R: Runner> Lanes<R> {
         }
     }
 
-    /// A task ended: start the next operation on its volume.
+    /// A task ended: start the next operation of its lane.
     fn finished(&mut self, id: Id, advance: bool) {
-        let Some((op, volume)) = self.running.remove(&id) else {
+        let Some((op, key)) = self.running.remove(&id) else {
             return;
         };
         self.held.remove(&op);
-        let Some(volume) = volume else {
+        let Some(key) = key else {
             return;
         };
-        let Some(lane) = self.waiting.get_mut(&volume) else {
+        let Some(lane) = self.waiting.get_mut(&key) else {
             return;
         };
         lane.pop_front();
@@ -98,7 +115,7 @@ impl<R: Runner> Lanes<R> {
             Some(next) if advance => self.spawn(next),
             Some(_) => {}
             None => {
-                self.waiting.remove(&volume);
+                self.waiting.remove(&key);
             }
         }
     }
@@ -323,6 +340,28 @@ mod tests {
         let log = run_all(ops, 3, Duration::from_millis(10)).await;
         assert_eq!(peak(&log), 3, "the concurrency cap");
         assert_eq!(log.len(), 20);
+    }
+
+    /// M3: creates of one name run one at a time, in arrival order; other names beside them.
+    #[tokio::test(start_paused = true)]
+    async fn creates_of_one_name_run_one_at_a_time() {
+        let create = |name: &str| op(Command::create(name, "1GiB".parse().expect("size")));
+        let same: Vec<Operation> = (0..3).map(|_| create("twin")).collect();
+        let ids: Vec<String> = same.iter().map(|o| o.id().to_string()).collect();
+        let mut ops = same;
+        ops.push(create("other"));
+        let log = run_all(ops, 4, Duration::from_millis(10)).await;
+        let twins: Vec<&(String, &str)> = log.iter().filter(|(id, _)| ids.contains(id)).collect();
+        assert_eq!(
+            peak(&twins.iter().map(|&e| e.clone()).collect::<Vec<_>>()),
+            1
+        );
+        let order: Vec<String> = started(&log)
+            .into_iter()
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(order, ids, "arrival order");
+        assert_eq!(peak(&log), 2, "another name runs beside them");
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use chrono::{DurationRound, TimeDelta};
+use chrono::TimeDelta;
 
 use cloudstack::{Client, CloudStackError, JobId, JobPolling, Snapshot, Volume};
 use schema::command::{AttachVolume, CreateVolume};
@@ -458,9 +458,16 @@ fn unanswered(create: &CreateVolume, last: &CloudStackError) -> EventError {
     ))
 }
 
+/// How far CloudStack's clock may be behind the daemon's when a volume's `created` is compared
+/// with the time its command was accepted (an earlier volume of the name cannot be the
+/// command's; one within this much is taken to be, unless another operation claims it).
+const CLOCK_SKEW_ALLOWED: TimeDelta = TimeDelta::seconds(5);
+
 /// The volume the create operation `id` (accepted at `accepted`) made, if CloudStack has it:
-/// same name and zone, created after the command was accepted (CloudStack's timestamps have
-/// whole seconds), not another operation's.
+/// same name and zone, in the daemon's own account, created after the command was accepted
+/// (give or take [`CLOCK_SKEW_ALLOWED`]), not another operation's. Creates of one name never
+/// run at once (the executor's lanes), so an unrecorded volume of the name is this one's.
+
 pub(super) async fn find_created(
     cloud: Cloud<'_>,
     id: &schema::CommandId,
@@ -468,13 +475,12 @@ pub(super) async fn find_created(
     create: &CreateVolume,
     zone: ZoneId,
 ) -> Result<Option<Volume>, Halt> {
-    let since = accepted
-        .duration_trunc(TimeDelta::seconds(1))
-        .unwrap_or(accepted);
+    // CloudStack's `created` is whole seconds on its own clock: allow for both.
+    let since = accepted - CLOCK_SKEW_ALLOWED;
     let filter = [("name", create.name.clone()), ("zoneid", zone.to_string())];
     let listed = cloud
         .client
-        .list_volumes(&filter)
+        .list_own_volumes(&filter)
         .await
         .map_err(|e| classify(&e))?;
     for v in listed {
