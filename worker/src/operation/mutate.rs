@@ -467,7 +467,6 @@ const CLOCK_SKEW_ALLOWED: TimeDelta = TimeDelta::seconds(5);
 /// same name and zone, in the daemon's own account, created after the command was accepted
 /// (give or take [`CLOCK_SKEW_ALLOWED`]), not another operation's. Creates of one name never
 /// run at once (the executor's lanes), so an unrecorded volume of the name is this one's.
-
 pub(super) async fn find_created(
     cloud: Cloud<'_>,
     id: &schema::CommandId,
