@@ -296,3 +296,42 @@ async fn ready_says_uevents_on_the_kernels_sysfs_and_polling_when_switched_off_o
     let (status, body) = env.get_json("/ready").await;
     assert_eq!((status, mode(&body)), (200, "polling".into()), "{body}");
 }
+
+/// L10: a sysfs read that never returns (a FIFO as a device's `size`, as a hung device would
+/// behave) holds one blocking thread, not the daemon: `/health` answers within a second all
+/// along, a create completes, and SIGTERM still ends the process in time.
+#[tokio::test]
+async fn a_hung_sysfs_read_stalls_neither_the_daemon_nor_its_exit() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let hung = env.sysfs.join("block").join("vdz");
+    std::fs::create_dir_all(&hung).expect("device dir");
+    let made = std::process::Command::new("mkfifo")
+        .arg(hung.join("size"))
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo");
+    // A few scan periods: the next scan is stuck reading the FIFO.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("client");
+    for _ in 0..20 {
+        let health = http
+            .get(format!("http://{}/health", env.http_addr))
+            .send()
+            .await
+            .expect("/health answers within a second");
+        assert!(health.status().is_success(), "{health:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = env
+        .execute(&cmd::create("beside-a-hung-read", "1GiB"))
+        .await;
+    assert_eq!(event.data.status, OperationStatus::Completed, "{event:?}");
+
+    let took = env.stop_daemon().await;
+    assert!(took < Duration::from_secs(15), "SIGTERM took {took:?}");
+}

@@ -9,8 +9,20 @@ use worker::{Application, Settings};
 /// in `RestartPreventExitStatus=`, so systemd does not loop).
 const EX_CONFIG: i32 = 78;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long the exit waits for blocking work still running (a sysfs read of a hung device
+/// never returns: the process must end all the same).
+const BLOCKING_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run());
+    runtime.shutdown_timeout(BLOCKING_EXIT_WAIT);
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     if std::env::var_os("DATABASE_DSN").is_some() {
         eprintln!(
             "volume-daemon: DATABASE_DSN is the old daemon's variable and is not read: set DATABASE_URL \

@@ -180,6 +180,15 @@ impl Monitor {
         }
     }
 
+    /// One scan, unless shutdown comes first: a scan stuck in a hung sysfs read holds one
+    /// blocking thread, never the monitor's stop. `false` on shutdown.
+    async fn step_until(&mut self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            _ = self.step_off_runtime() => true,
+        }
+    }
+
     /// Updates the table from one scan, publishes it and the events, and returns the events.
     fn apply(&mut self, result: super::scan::Scan) -> Vec<DeviceEvent> {
         if result.unreadable {
@@ -289,11 +298,15 @@ impl Monitor {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    self.step_off_runtime().await;
+                    if !self.step_until(&shutdown).await {
+                        return;
+                    }
                 }
                 got = next_uevent(&uevents) => match got {
                     Ok(()) => {
-                        self.step_off_runtime().await;
+                        if !self.step_until(&shutdown).await {
+                            return;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the uevent socket failed; the device monitor polls from now on");
