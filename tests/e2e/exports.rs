@@ -90,6 +90,11 @@ impl Drop for NbdServer {
 
 /// A test environment on a host VM with exports on: its own export directory and server.
 pub(crate) async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
+    exporting_env_with(|_| {}).await
+}
+
+/// [`exporting_env`], with `adjust` applied to the environment before its daemon starts.
+async fn exporting_env_with(adjust: impl FnOnce(&mut TestEnv)) -> (TestEnv, NbdServer, PathBuf) {
     let mut env = TestEnv::with_host_vm(SimConfig {
         job_latency: Duration::from_millis(100),
         ..SimConfig::default()
@@ -101,6 +106,7 @@ pub(crate) async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
     env.extra_env
         .push(("NBD_EXPORT_DIR".into(), dir.display().to_string()));
     env.extra_env.push(("NBD_URL".into(), nbd.url.clone()));
+    adjust(&mut env);
     env.start_daemon().await;
     (env, nbd, dir)
 }
@@ -644,4 +650,72 @@ async fn the_host_repair_runs_after_five_takeovers_in_a_row() {
 #[tokio::test]
 async fn the_host_repair_runs_after_five_takeovers_behind_a_mysql8_idle_timeout() {
     the_host_repair_runs_after_every_takeover(true).await;
+}
+
+/// S5 (N5): a device claimed in one active period is free after a standby period. X attaches
+/// A to the host; X loses MySQL (a frozen link) and Y takes over; Y detaches A; Y stops
+/// (SIGTERM) and X, its link back, takes over again; X attaches B, which the kernel names as
+/// it named A: B completes on that device within the correlation timeout, with its export.
+#[tokio::test]
+async fn a_device_claimed_before_a_standby_period_is_free_after_it() {
+    let link = crate::helpers::TcpProxy::start("127.0.0.1:3306".parse().expect("addr")).await;
+    let via_link = |env: &mut TestEnv| {
+        env.daemon_database_url = Some(format!("mysql://root@{}/{}", link.addr, env.db_name));
+    };
+    let (mut env, nbd, dir) = exporting_env_with(via_link).await;
+    let x = env.http_addr;
+    let host = env.host_vm.expect("host vm");
+    let a = env.sim.sim.seed_volume("claimed-by-x", 16 << 20);
+    let b = env
+        .sim
+        .sim
+        .seed_volume("after-the-standby-period", 16 << 20);
+    attach(&env, a, host).await;
+    let a_device = env.sim.sim.device_name(a).expect("A's device");
+
+    let y = env
+        .spawn_other_with(&[("DATABASE_URL", env.database_url())])
+        .await;
+    wait_for(y, "standby").await;
+    link.freeze();
+    wait_for(y, "active").await;
+    detach(&env, a).await;
+    link.restore();
+    wait_for(x, "standby").await;
+
+    let y_pid = env.others[0].id().expect("Y runs");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &y_pid.to_string()])
+        .status();
+    tokio::time::timeout(WAIT, env.others[0].wait())
+        .await
+        .expect("Y exits after SIGTERM")
+        .expect("wait");
+    env.wait_active(WAIT).await;
+
+    let event = attach(&env, b, host).await;
+    assert_eq!(
+        env.sim.sim.device_name(b).as_deref(),
+        Some(a_device.as_str()),
+        "the kernel gave B A's former name (else this test shows nothing)"
+    );
+    assert_eq!(event.data.device_path, Some(format!("/dev/{a_device}")));
+    let export = NbdExport::name_of(b);
+    assert!(dir.join(&export).exists(), "B's export entry");
+    assert!(nbd.list().await.contains(&export), "B's export is served");
+    assert!(
+        !dir.join(NbdExport::name_of(a)).exists(),
+        "A's export is gone"
+    );
+}
+
+async fn wait_for(addr: std::net::SocketAddr, role: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while crate::helpers::get_json(addr, "/ready").await.1["role"] != role {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon at {addr} did not become {role}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
