@@ -719,3 +719,95 @@ async fn wait_for(addr: std::net::SocketAddr, role: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// S6 (N6): a new active whose database answers 400 ms late per round trip keeps its lease
+/// while it repairs the host files. The active holds six host mappings (the most a VM takes)
+/// and is SIGKILLed with commands waiting; for 10 s every answer on the standby's database
+/// link is held 400 ms. The standby takes over once (the epoch rises by exactly 1), never
+/// fences itself for a late renewal, keeps every export, and ends every waiting command once.
+#[tokio::test]
+async fn a_takeover_over_a_slow_database_link_keeps_its_lease_through_the_repair() {
+    let (mut env, _nbd, dir) = exporting_env().await;
+    let host = env.host_vm.expect("host vm");
+    let mut volumes = Vec::new();
+    for i in 0..6 {
+        let v = env
+            .sim
+            .sim
+            .seed_volume(&format!("slow-repair-{i}"), 16 << 20);
+        attach(&env, v, host).await;
+        volumes.push(v);
+    }
+    let epoch = |pool: sqlx::MySqlPool| async move {
+        sqlx::query_scalar::<_, u64>("SELECT epoch FROM execution_lease")
+            .fetch_one(&pool)
+            .await
+            .expect("epoch")
+    };
+    let before = epoch(env.db().await).await;
+    let slow = crate::helpers::DelayProxy::start("127.0.0.1:3306".parse().expect("addr")).await;
+    let url = format!("mysql://root@{}/{}", slow.addr, env.db_name);
+    let standby = env.spawn_other_with(&[("DATABASE_URL", url)]).await;
+    wait_for(standby, "standby").await;
+
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    slow.set_delay(Duration::from_millis(400));
+    let slow_until = chrono::Utc::now() + chrono::TimeDelta::seconds(10);
+    env.kill_daemon().await;
+    let client = env.client().await;
+    let waiting: Vec<schema::Command> = (0..5)
+        .map(|i| cmd::create(&format!("waiting-{i}"), "1GiB"))
+        .collect();
+    for c in &waiting {
+        client.publish_only(c).await.expect("published");
+    }
+    env.promote_other(0, standby);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    slow.set_delay(Duration::ZERO);
+
+    let ids: Vec<String> = waiting.iter().map(|c| c.command_id.to_string()).collect();
+    let events = collector.wait_all(&ids, Duration::from_secs(90)).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.data.status == schema::OperationStatus::Completed),
+        "{events:?}"
+    );
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        5,
+        "each create once"
+    );
+    assert_eq!(
+        epoch(env.db().await).await,
+        before + 1,
+        "one takeover, no flapping"
+    );
+    let log = env.daemon_log();
+    let took_over = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["message"] == "execution lease acquired; this instance is active"
+                && l["epoch"] == before + 1
+        })
+        .and_then(|l| {
+            l["timestamp"]
+                .as_str()?
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .ok()
+        })
+        .expect("the takeover is logged");
+    assert!(
+        took_over < slow_until,
+        "the standby took over at {took_over}, after the slow period ({slow_until}): the repair \
+         never ran over the slow link\n{log}"
+    );
+    assert!(
+        !log.contains("no lease renewal succeeded in time"),
+        "the new active fenced itself:\n{log}"
+    );
+    for v in volumes {
+        assert!(dir.join(NbdExport::name_of(v)).exists(), "export of {v}");
+    }
+}

@@ -954,6 +954,70 @@ enum Link {
     Frozen,
 }
 
+/// A TCP proxy that holds everything the server sends for the current delay before passing
+/// it on: each round trip through it takes that much longer (a slow or distant database).
+pub struct DelayProxy {
+    pub addr: SocketAddr,
+    delay: watch::Sender<Duration>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (delay, _) = watch::channel(Duration::ZERO);
+        let delay_rx = delay.subscribe();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let delay = delay_rx.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = inbound.into_split();
+                    let (mut server_rx, mut server_tx) = outbound.into_split();
+                    let up = tokio::io::copy(&mut client_rx, &mut server_tx);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match server_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let hold = *delay.borrow();
+                            tokio::time::sleep(hold).await;
+                            if client_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        () = down => {}
+                    }
+                });
+            }
+        });
+        Self { addr, delay, task }
+    }
+
+    /// From now on, every answer waits `delay` more.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay.send_replace(delay);
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 pub struct TcpProxy {
     pub addr: SocketAddr,
     up: watch::Sender<Link>,

@@ -107,3 +107,81 @@ async fn an_unreadable_ossea_configs_interrupts_an_operation_instead_of_failing_
         event.data.error
     );
 }
+
+/// S8 (N8): a database that answers a connection idle past 5 s with MySQL 8's error 4031 and
+/// closes it, in front of an idle daemon. Every 5.5 s, for six rounds: `/ready` is asked, one
+/// invalid command with a readable command id is published, and the host volume's device goes
+/// (or comes back) behind the daemon's back. `/ready` answers 200 every time, each invalid
+/// command gets its INVALID_COMMAND event, and the mapping follows every device change.
+#[tokio::test]
+async fn a_database_that_drops_idle_connections_loses_no_answer_event_or_device_change() {
+    let idle = crate::helpers::IdleKillProxy::start(
+        "127.0.0.1:3306".parse().expect("addr"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut env = TestEnv::with_host_vm(cloudstack_sim::SimConfig {
+        job_latency: Duration::from_millis(100),
+        ..cloudstack_sim::SimConfig::default()
+    })
+    .await;
+    env.daemon_database_url = Some(format!("mysql://root@{}/{}", idle.addr, env.db_name));
+    env.start_daemon().await;
+    let host = env.host_vm.expect("host vm");
+    let volume = env.sim.sim.seed_volume("follows-its-device", 16 << 20);
+    let attached = env.execute(&crate::helpers::cmd::attach(volume, host)).await;
+    assert_eq!(attached.data.status.as_str(), "completed", "{attached:?}");
+    let params = |vm: Option<schema::VmId>| {
+        let mut p = std::collections::HashMap::from([("id".to_owned(), volume.to_string())]);
+        if let Some(vm) = vm {
+            p.insert("virtualmachineid".to_owned(), vm.to_string());
+        }
+        p
+    };
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    let mut ids = Vec::new();
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        let (status, body) = env.get_json("/ready").await;
+        assert_eq!(status, 200, "round {round}: /ready {body}");
+
+        let id = format!("idle-{round}-{}", uuid::Uuid::new_v4().simple());
+        let bad = format!(r#"{{"command_id": "{id}", "type": "create", "name": "x", "size": 0}}"#);
+        crate::rejections::publish_raw(&env.prefix, "volume.create", bad.as_bytes(), None).await;
+        ids.push(id);
+
+        let present = round % 2 == 1;
+        match present {
+            false => env.sim.sim.detach_volume(&params(None)),
+            true => env.sim.sim.attach_volume(&params(Some(host))),
+        }
+        .expect("the device changes behind the daemon's back");
+        let want = if present { "present" } else { "missing" };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let pool = env.db().await;
+            let state: String = sqlx::query_scalar(
+                "SELECT CAST(linux_state AS CHAR) FROM device_mappings WHERE volume_id = ?",
+            )
+            .bind(volume.to_string())
+            .fetch_one(&pool)
+            .await
+            .expect("mapping");
+            if state == want {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the mapping says {state}, the device is {want}\n{}",
+                env.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let events = collector.wait_all(&ids, Duration::from_secs(30)).await;
+    for e in &events {
+        let code = e.data.error.as_ref().map(|x| x.code);
+        assert_eq!(code, Some(schema::ErrorCode::InvalidCommand), "{e:?}");
+    }
+    eprintln!("connections answered with 4031: {}", idle.kills());
+}

@@ -700,7 +700,7 @@ fn intake_prefetch(max_concurrent_operations: u16) -> u16 {
     max_concurrent_operations.clamp(1, 2)
 }
 
-/// Renews the lease every [`lease::RENEW_EVERY`] until shutdown, or until it is lost: taken
+/// Renews the lease when due ([`Lease::next_renewal`]) until shutdown, or until it is lost: taken
 /// over, a write found it fenced, or no renewal succeeded before the fence deadline (the
 /// renewal in progress is cut short by that deadline too); or until a task of the period died.
 async fn hold(
@@ -715,7 +715,7 @@ async fn hold(
             () = stopping.cancelled() => return ActiveEnd::Shutdown,
             () = fenced.cancelled() => return ActiveEnd::LeaseLost,
             () = watch.died() => return ActiveEnd::TaskDied,
-            () = tokio::time::sleep(lease::RENEW_EVERY) => {}
+            () = tokio::time::sleep_until(lease.next_renewal()) => {}
         }
         let deadline = lease.fence_deadline();
         let renewal = tokio::select! {

@@ -57,7 +57,12 @@ pub(crate) struct Lease {
     fence: Fence,
     /// When the last successful renewal (or the acquisition) was sent.
     renewed: Instant,
+    /// When the last renewal, successful or not, was sent.
+    attempted: Instant,
 }
+
+/// The least time between two renewal attempts, so failing ones do not spin.
+const RETRY_GAP: Duration = Duration::from_millis(250);
 
 /// What a renewal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +114,7 @@ impl Lease {
                         holder: holder.to_owned(),
                         fence: Fence::new(name, epoch),
                         renewed: sent,
+                        attempted: sent,
                     });
                 }
                 Ok(None) => {
@@ -151,9 +157,18 @@ impl Lease {
         self.renewed + FENCE_AFTER
     }
 
-    /// Pushes the expiry ahead. Call every [`RENEW_EVERY`].
+    /// When the next renewal is due: [`RENEW_EVERY`] after the last successful one was *sent*
+    /// (not after its answer came: on a slow link the answers come late, and the fence
+    /// deadline counts from the sending too), and at least [`RETRY_GAP`] after the last attempt.
+    /// Right after the acquisition this may be now.
+    pub(crate) fn next_renewal(&self) -> Instant {
+        (self.renewed + RENEW_EVERY).max(self.attempted + RETRY_GAP)
+    }
+
+    /// Pushes the expiry ahead. Call at [`Self::next_renewal`].
     pub(crate) async fn renew(&mut self) -> Renewal {
         let sent = Instant::now();
+        self.attempted = sent;
         let renewed = bounded(db::lease::renew(
             &self.pool,
             self.fence.name(),

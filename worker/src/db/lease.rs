@@ -18,22 +18,42 @@ pub(crate) async fn epoch_shared(
 
 /// Takes the lease for `holder` if it has expired (or was released): the new epoch, or `None`
 /// while another holder's lease runs.
+///
+/// One autocommitted UPDATE, one round trip: the new epoch comes back through
+/// `LAST_INSERT_ID(expr)` in the statement's own answer. A standby on a slow link (hundreds of
+/// ms per round trip) thus takes the lease within its query bound, and its first renewal is
+/// due soon after it sent the take. Only when no row exists yet is it inserted (expired) and
+/// the take tried once more.
 pub(crate) async fn take_if_expired(
     pool: &MySqlPool,
     name: &str,
     holder: &str,
     ttl_micros: u64,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(
+    if let Some(epoch) = take(pool, name, holder, ttl_micros).await? {
+        return Ok(Some(epoch));
+    }
+    let created = sqlx::query(
         "INSERT IGNORE INTO execution_lease (name, holder, epoch, expires_at) \
          VALUES (?, '', 0, '1970-01-01 00:00:01')",
     )
     .bind(name)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
+    if created.rows_affected() == 0 {
+        return Ok(None);
+    }
+    take(pool, name, holder, ttl_micros).await
+}
+
+async fn take(
+    pool: &MySqlPool,
+    name: &str,
+    holder: &str,
+    ttl_micros: u64,
+) -> Result<Option<u64>, sqlx::Error> {
     let taken = sqlx::query(
-        "UPDATE execution_lease SET holder = ?, epoch = epoch + 1, \
+        "UPDATE execution_lease SET holder = ?, epoch = LAST_INSERT_ID(epoch + 1), \
          expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND, \
          acquired_at = UTC_TIMESTAMP(3), renewed_at = UTC_TIMESTAMP(3) \
          WHERE name = ? AND expires_at < UTC_TIMESTAMP(3)",
@@ -41,18 +61,9 @@ pub(crate) async fn take_if_expired(
     .bind(holder)
     .bind(ttl_micros)
     .bind(name)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    if taken.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    let epoch: u64 = sqlx::query_scalar("SELECT epoch FROM execution_lease WHERE name = ?")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Some(epoch))
+    Ok((taken.rows_affected() == 1).then(|| taken.last_insert_id()))
 }
 
 /// Pushes the expiry `ttl_micros` ahead if `holder` still holds `epoch`; `false` otherwise.
