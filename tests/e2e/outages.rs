@@ -129,7 +129,9 @@ async fn a_database_that_drops_idle_connections_loses_no_answer_event_or_device_
     env.start_daemon().await;
     let host = env.host_vm.expect("host vm");
     let volume = env.sim.sim.seed_volume("follows-its-device", 16 << 20);
-    let attached = env.execute(&crate::helpers::cmd::attach(volume, host)).await;
+    let attached = env
+        .execute(&crate::helpers::cmd::attach(volume, host))
+        .await;
     assert_eq!(attached.data.status.as_str(), "completed", "{attached:?}");
     let params = |vm: Option<schema::VmId>| {
         let mut p = std::collections::HashMap::from([("id".to_owned(), volume.to_string())]);

@@ -425,3 +425,70 @@ async fn never_more_jobs_in_flight_at_the_cloud_than_max_concurrent_operations()
         "jobs in flight at the cloud at most (and at some point) the cap"
     );
 }
+
+/// M8: restarts while the executor is full never bring a valid command to the queue's delivery
+/// limit. With two operations at a time and 8 s jobs, sixteen creates leave a recorded command
+/// waiting for the executor and one sent ahead by the broker; the daemon is stopped (SIGTERM)
+/// and started again seven times, more than `DELIVERY_LIMIT`. Each stop records and
+/// acknowledges what it holds instead of returning it (each return counts against the limit):
+/// nothing is dead-lettered and every create runs once.
+#[tokio::test]
+async fn restarts_with_a_full_executor_never_dead_letter_a_valid_command() {
+    let mut env = TestEnv::with_sim(cloudstack_sim::SimConfig {
+        job_latency: Duration::from_secs(8),
+        ..cloudstack_sim::SimConfig::default()
+    })
+    .await;
+    env.extra_env
+        .push(("MAX_CONCURRENT_OPERATIONS".into(), "2".into()));
+    env.start_daemon().await;
+    let collector = crate::helpers::Collector::start(&env.prefix).await;
+    let client = env.client().await;
+    let creates: Vec<schema::Command> = (0..16)
+        .map(|i| crate::helpers::cmd::create(&format!("behind-a-full-executor-{i}"), "1GiB"))
+        .collect();
+    for c in &creates {
+        client.publish_only(c).await.expect("published");
+    }
+    let restarts = usize::try_from(schema::topology::DELIVERY_LIMIT).expect("limit") + 2;
+    for _ in 0..restarts {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let took = env.stop_daemon().await;
+        let started = tokio::time::Instant::now();
+        env.start_daemon().await;
+        eprintln!("stop {took:?}, start {:?}", started.elapsed());
+    }
+    // The backlog then runs all at once.
+    env.stop_daemon().await;
+    env.extra_env
+        .retain(|(k, _)| k.as_str() != "MAX_CONCURRENT_OPERATIONS");
+    env.start_daemon().await;
+    let ids: Vec<String> = creates.iter().map(|c| c.command_id.to_string()).collect();
+    let waiting = tokio::time::Instant::now();
+    let events = collector.wait_all(&ids, Duration::from_secs(180)).await;
+    eprintln!("all ended {:?} after the last start", waiting.elapsed());
+    assert!(
+        events
+            .iter()
+            .all(|e| e.data.status == schema::OperationStatus::Completed),
+        "{events:?}"
+    );
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        16,
+        "each create once"
+    );
+    let conn = lapin::Connection::connect(
+        crate::helpers::AMQP_URL,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    let dead = schema::Topology::new(env.prefix.clone()).dead_letter_queue();
+    assert_eq!(
+        crate::helpers::queue_depth(&ch, dead.as_str()).await,
+        0,
+        "a valid command was dead-lettered"
+    );
+}

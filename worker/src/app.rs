@@ -485,7 +485,7 @@ impl Active<'_> {
         let executor = self.spawn_executor(&ctx, &watch, ops_rx, executor_stop.clone());
         let (end, started) = {
             let held = hold(&mut lease, stopping, &fenced, &watch);
-            self.start_while(held, &ctx, &halt, &watch, ops_tx).await
+            self.start_while(held, &ctx, stopping, &watch, ops_tx).await
         };
         watch.end();
         match end {
@@ -535,14 +535,15 @@ impl Active<'_> {
         &self,
         held: impl Future<Output = ActiveEnd>,
         ctx: &Arc<Context>,
-        halt: &CancellationToken,
+        stopping: &CancellationToken,
         watch: &Watch,
         ops: mpsc::Sender<Operation>,
     ) -> (ActiveEnd, Option<Started>) {
         let start = async {
-            reconcile_host(&ctx.store, &ctx.host, self.devices, halt).await;
-            let housekeeping = self.spawn_housekeeping(ctx, halt, watch);
-            (housekeeping, self.spawn_intake(ctx.clone(), watch, ops))
+            reconcile_host(&ctx.store, &ctx.host, self.devices, &ctx.halt).await;
+            let housekeeping = self.spawn_housekeeping(ctx, &ctx.halt, watch);
+            let intake = self.spawn_intake(ctx.clone(), stopping.clone(), watch, ops);
+            (housekeeping, intake)
         };
         tokio::pin!(start, held);
         tokio::select! {
@@ -672,11 +673,13 @@ impl Active<'_> {
     fn spawn_intake(
         &self,
         ctx: Arc<Context>,
+        stopping: CancellationToken,
         watch: &Watch,
         ops: mpsc::Sender<Operation>,
     ) -> tokio::task::JoinHandle<()> {
         let intake = Intake {
             ctx: ctx.clone(),
+            stopping,
             broker: self.broker.clone(),
             topology: self.settings.topology(),
             prefetch: intake_prefetch(self.settings.max_concurrent_operations),

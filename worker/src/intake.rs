@@ -66,10 +66,36 @@ async fn settle<T>(
         .map_err(IntakeError::from)
 }
 
+/// What of a delivery's AMQP properties a command reads.
+fn message_props(delivery: &Delivery) -> MessageProps {
+    let p = &delivery.properties;
+    let header = |name: &str| {
+        let value = p.headers().as_ref()?.inner().get(name)?;
+        match value {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    };
+    MessageProps {
+        message_id: p.message_id().as_ref().map(|s| s.to_string()),
+        correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+        reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
+        traceparent: header("traceparent"),
+        tracestate: header("tracestate"),
+    }
+}
+
+/// How long a clean stop waits for each further delivery the broker sent ahead.
+const SENT_AHEAD_WAIT: Duration = Duration::from_millis(200);
+
 /// The intake's configuration and handles.
 #[derive(Debug)]
 pub(crate) struct Intake {
     pub ctx: Arc<Context>,
+    /// The daemon's shutdown (SIGTERM), as opposed to the end of the active period by a lost
+    /// lease: only a clean stop stores the deliveries the broker sent ahead.
+    pub stopping: tokio_util::sync::CancellationToken,
     pub broker: Endpoint,
     pub topology: Topology,
     /// Unacknowledged deliveries the broker may send ahead (per consumer: quorum queues reject
@@ -133,6 +159,9 @@ impl Intake {
                     }
                 }
                 () = self.ctx.halt.cancelled() => {
+                    if self.stopping.is_cancelled() {
+                        self.store_sent_ahead(&channel, &mut consumer).await;
+                    }
                     // Unacknowledged deliveries go back to the queue with the connection.
                     if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
                         tracing::debug!(error = %e, "closing the intake connection");
@@ -149,22 +178,7 @@ impl Intake {
     }
 
     async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), IntakeError> {
-        let p = &delivery.properties;
-        let header = |name: &str| {
-            let value = p.headers().as_ref()?.inner().get(name)?;
-            match value {
-                AMQPValue::LongString(s) => Some(s.to_string()),
-                AMQPValue::ShortString(s) => Some(s.to_string()),
-                _ => None,
-            }
-        };
-        let props = MessageProps {
-            message_id: p.message_id().as_ref().map(|s| s.to_string()),
-            correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
-            reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
-            traceparent: header("traceparent"),
-            tracestate: header("tracestate"),
-        };
+        let props = message_props(&delivery);
         match Command::parse(&delivery.data, &props) {
             Ok(mut command) => {
                 if props.traceparent.is_some() && command.trace.is_none() {
@@ -205,11 +219,8 @@ impl Intake {
                 self.ctx.metrics.command_received("accepted");
                 tracing::info!(operation_id = %id, r#type = %op.command.operation_type(), "command accepted");
                 // Handed over before the ack: if the ack is lost, the redelivery finds the row
-                // pending and this executor already has it. If the executor is gone we are
-                // stopping: the row is pending and resumes, and the delivery returns unacked.
-                if self.ops.send(*op).await.is_err() {
-                    return Ok(());
-                }
+                // pending and this executor already has it.
+                self.hand_over(*op).await;
             }
             Accepted::InFlight(op) => {
                 self.ctx.metrics.command_received("duplicate");
@@ -217,9 +228,7 @@ impl Intake {
                 // acknowledgement (the INSERT committed, its answer never came) it does not:
                 // handing it over is what keeps the command from being acked and forgotten.
                 tracing::info!(operation_id = %id, "duplicate of an operation in flight; making sure it runs");
-                if self.ops.send(*op).await.is_err() {
-                    return Ok(());
-                }
+                self.hand_over(*op).await;
             }
             Accepted::Ended => {
                 self.ctx.metrics.command_received("duplicate");
@@ -228,6 +237,64 @@ impl Intake {
         }
         settle(delivery.acker.ack(BasicAckOptions::default())).await?;
         Ok(())
+    }
+
+    /// Gives `op` to the executor, unless the period ends first. Either way the command is
+    /// recorded, so the caller acknowledges it: a row that is pending resumes at the next start
+    /// (here or at the next holder). Returning it instead would count against its delivery
+    /// limit at every stop while the executor is full.
+    async fn hand_over(&self, op: Operation) {
+        tokio::select! {
+            sent = self.ops.send(op) => {
+                if sent.is_err() {
+                    tracing::debug!("the executor has stopped; the recorded command resumes at the next start");
+                }
+            }
+            () = self.ctx.halt.cancelled() => {
+                tracing::debug!("stopping while the executor is full; the recorded command resumes at the next start");
+            }
+        }
+    }
+
+    /// At a clean stop: the deliveries the broker sent ahead (up to the prefetch) are
+    /// recorded and acknowledged instead of going back to the queue, where each return counts
+    /// against the delivery limit (restarts alone would otherwise dead-letter a valid command
+    /// that waited behind a full executor). One bounded attempt each; what cannot be recorded
+    /// (or is invalid) returns to the queue as before. They run at the next start.
+    async fn store_sent_ahead(&self, channel: &Channel, consumer: &mut lapin::Consumer) {
+        let tag = consumer.tag();
+        if let Err(e) = channel
+            .basic_cancel(tag, lapin::options::BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(error = %e, "cancelling the intake's consumer");
+            return;
+        }
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(SENT_AHEAD_WAIT, consumer.next()).await
+        {
+            let Ok(mut command) = Command::parse(&delivery.data, &message_props(&delivery)) else {
+                continue;
+            };
+            let id = command.command_id.clone();
+            command.reply_to = self.allowed_reply_to(&id, command.reply_to);
+            let stored = tokio::time::timeout(ACCEPT_TIMEOUT, self.ctx.store.accept(command)).await;
+            match stored {
+                Ok(Ok(_)) => {
+                    self.ctx.metrics.command_received("accepted");
+                    tracing::info!(operation_id = %id, "command accepted at shutdown; it runs at the next start");
+                    if let Err(e) = settle(delivery.acker.ack(BasicAckOptions::default())).await {
+                        tracing::warn!(operation_id = %id, error = %e, "acknowledging a command recorded at shutdown");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(operation_id = %id, error = %e, "command not recorded at shutdown; it returns to the queue")
+                }
+                Err(_) => {
+                    tracing::warn!(operation_id = %id, "recording a command at shutdown timed out; it returns to the queue")
+                }
+            }
+        }
     }
 
     /// Commits `command` with the persistent retry policy, each attempt bounded, and raced
