@@ -72,7 +72,9 @@ impl ErrorCode {
             }
             Self::CloudstackInvalidParameter => "check the zone, disk offering and VM ids",
             Self::CloudstackUnauthorized => {
-                "check the API and secret keys (CLOUDSTACK_* or the active ossea_configs row)"
+                "check the API and secret keys (CLOUDSTACK_* or the active ossea_configs row), \
+                 and that this machine's clock is within 10 minutes of CloudStack's (a signed \
+                 request expires 10 minutes after this clock's now)"
             }
             Self::CloudstackLimit => {
                 "the account hit a CloudStack resource limit: free resources or raise the limit"
