@@ -110,5 +110,10 @@ ensure_systemd_analyze
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 ensure_py_module openapi_spec_validator openapi-spec-validator python3-openapi-spec-validator
+# The Python client (clients/python): installed from the checkout with setuptools, its tests
+# check commands with jsonschema.
+ensure_py_module setuptools setuptools python3-setuptools
+ensure_py_module wheel wheel python3-wheel
+ensure_py_module jsonschema jsonschema python3-jsonschema
 ensure_py_module yaml pyyaml python3-yaml
 log "RabbitMQ and MariaDB are up"

@@ -241,7 +241,7 @@ fn completed(event: CloudEvent) -> CloudEvent {
 /// Drains `tap`, checks every message against `schemas/<kind>.schema.json` and writes each
 /// valid one to `dir`. The only invalid message allowed is the command of unknown type sent
 /// on purpose (it is left out). Returns how many were saved.
-async fn save_valid(tap: &mut EventTap, kind: &str, dir: &PathBuf) -> usize {
+pub(crate) async fn save_valid(tap: &mut EventTap, kind: &str, dir: &PathBuf) -> usize {
     let validator = schema_validator(&format!("{kind}.schema.json"));
     std::fs::create_dir_all(dir).expect("examples dir");
     let mut saved = 0;

@@ -24,6 +24,7 @@ mod names;
 mod operator;
 mod outages;
 mod producers;
+mod python_client;
 mod reconcile_races;
 mod refusals;
 mod rejections;
