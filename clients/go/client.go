@@ -30,23 +30,38 @@ type Options struct {
 	// ConnectTimeout bounds each address's TCP, TLS and AMQP handshake (default 10 s), within
 	// the context given to [Dial].
 	ConnectTimeout time.Duration
+	// NoReconnect: when the connection closes, end every wait with [ErrClosed] instead of
+	// reconnecting (see [Client]).
+	NoReconnect bool
 }
 
 // Client publishes commands to one daemon (one AMQP prefix) and delivers their events. It is
-// safe for concurrent use. It does not reconnect: when the connection closes, Publish and
-// Wait return errors wrapping [ErrClosed]; make a new client and publish again with the same
-// CommandID (the daemon executes a command id once and re-sends its event).
+// safe for concurrent use.
+//
+// When its connection is lost (a broker restart, a network cut) it reconnects, trying the URLs
+// in order with backoff, until [Client.Close]: it opens a new reply queue, bound to the events
+// exchange as well (the daemon still answers to the old reply queue, which died with the
+// connection), and publishes every command still waited for again, same CommandID, which is
+// safe: the daemon executes a command id once and answers a repeat with the original event.
+// So a [Pending.Wait] started before the loss returns the event. Publish waits for the
+// connection meanwhile (bounded by its context). With [Options.NoReconnect] a lost connection
+// ends every wait with [ErrClosed] instead.
 type Client struct {
+	urls  string
+	opts  Options
+	names names
+	pub   publisher
+
+	mu         sync.Mutex
 	conn       *amqp.Connection
 	address    string // the URL connected to, password hidden
-	names      names
 	replyQueue string
-	pub        publisher
-
-	mu       sync.Mutex
-	waiting  map[string][]*Pending
-	done     chan struct{} // closed when the connection is
-	closeErr error
+	up         chan struct{} // closed while connected; a new one while reconnecting
+	waiting    map[string][]*Pending
+	stop       chan struct{} // closed by Close
+	stopOnce   sync.Once
+	done       chan struct{} // closed when the client is closed for good
+	closeErr   error
 }
 
 // names are the broker names of one prefix (the daemon's docs/wire.md).
@@ -78,18 +93,20 @@ func Dial(ctx context.Context, urls, prefix string, opts *Options) (*Client, err
 		return nil, err
 	}
 	c := &Client{
-		conn:    conn,
-		address: address,
+		urls:    urls,
+		opts:    *opts,
 		names:   names{prefix},
+		up:      make(chan struct{}),
 		waiting: map[string][]*Pending{},
+		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	c.pub.conn = conn
-	if err := c.openReplies(opts); err != nil {
+	closed := conn.NotifyClose(make(chan *amqp.Error, 1))
+	if err := c.attach(conn, address, opts.BindEvents); err != nil {
 		conn.Close()
 		return nil, err
 	}
-	go c.watchClose(conn.NotifyClose(make(chan *amqp.Error, 1)))
+	go c.supervise(closed)
 	return c, nil
 }
 
@@ -160,35 +177,35 @@ func Redact(u string) string {
 	return u
 }
 
-// Address is the broker URL the client connected to, with its password hidden.
-func (c *Client) Address() string { return c.address }
+// Address is the broker URL the client is (or was last) connected to, password hidden.
+func (c *Client) Address() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.address
+}
 
 // Prefix is the daemon's AMQP prefix this client talks to.
 func (c *Client) Prefix() string { return c.names.prefix }
 
-// ReplyQueue is the queue the daemon sends this client's events to (the commands' reply_to).
-func (c *Client) ReplyQueue() string { return c.replyQueue }
+// ReplyQueue is the queue the daemon sends this client's events to (the commands' reply_to);
+// a new one after each reconnection.
+func (c *Client) ReplyQueue() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.replyQueue
+}
 
-// Close closes the connection. Waiting calls return errors wrapping [ErrClosed].
+// Close closes the connection for good. Waiting calls return errors wrapping [ErrClosed].
 func (c *Client) Close() error {
-	err := c.conn.Close()
+	c.stopOnce.Do(func() { close(c.stop) })
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	err := conn.Close()
 	if errors.Is(err, amqp.ErrClosed) {
 		return nil
 	}
 	return err
-}
-
-// watchClose ends every wait when the connection closes.
-func (c *Client) watchClose(closed chan *amqp.Error) {
-	reason, ok := <-closed
-	err := ErrClosed
-	if ok && reason != nil {
-		err = fmt.Errorf("%w: %s", ErrClosed, reason.Error())
-	}
-	c.mu.Lock()
-	c.closeErr = err
-	c.mu.Unlock()
-	close(c.done)
 }
 
 func (c *Client) closedErr() error {
@@ -203,7 +220,10 @@ func (c *Client) closedErr() error {
 // withChannel runs f on a channel of its own, so that a broker error (which closes the
 // channel) cannot disturb publishing or the reply queue.
 func (c *Client) withChannel(doing string, f func(*amqp.Channel) error) error {
-	ch, err := c.conn.Channel()
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	ch, err := conn.Channel()
 	if err != nil {
 		return &BrokerError{Doing: doing, Err: c.classify(err)}
 	}

@@ -20,6 +20,13 @@ type publisher struct {
 	closed   chan *amqp.Error
 }
 
+// reset points the publisher at a new connection (after a reconnection).
+func (p *publisher) reset(conn *amqp.Connection) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.conn, p.ch = conn, nil
+}
+
 // channel returns the open confirm channel, opening a new one after a broker error closed
 // the last (a missing exchange closes the channel it was published on).
 func (p *publisher) channel() (*amqp.Channel, error) {
@@ -123,13 +130,11 @@ func (c *Client) Publish(ctx context.Context, cmd Command) (*Pending, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := c.expect(h.CommandID, cmd.Type())
 	msg := amqp.Publishing{
 		ContentType:   "application/json",
 		DeliveryMode:  amqp.Persistent,
 		MessageId:     h.CommandID,
 		CorrelationId: h.CorrelationID,
-		ReplyTo:       c.replyQueue,
 		Body:          body,
 	}
 	if h.TraceParent != "" {
@@ -138,16 +143,24 @@ func (c *Client) Publish(ctx context.Context, cmd Command) (*Pending, error) {
 			msg.Headers["tracestate"] = h.TraceState
 		}
 	}
+	p := c.expect(h.CommandID, cmd.Type(), msg)
 	doing := fmt.Sprintf("publishing %s command %s to %s", cmd.Type(), h.CommandID, c.names.commands())
-	if err := ctx.Err(); err != nil {
+	if err := c.connected(ctx); err != nil {
 		p.Stop()
 		return nil, &BrokerError{Doing: doing, Err: err}
 	}
-	if err := c.pub.publish(ctx, c.names.commands(), "volume."+cmd.Type(), msg); err != nil {
+	if err := c.send(ctx, p); err != nil {
 		p.Stop()
 		return nil, &BrokerError{Doing: doing, Err: c.classify(err)}
 	}
 	return p, nil
+}
+
+// send publishes p's command with the current reply queue as its reply_to.
+func (c *Client) send(ctx context.Context, p *Pending) error {
+	msg := p.msg
+	msg.ReplyTo = c.ReplyQueue()
+	return c.pub.publish(ctx, c.names.commands(), "volume."+p.typ, msg)
 }
 
 // Pending is a published command whose terminal event is on its way.
@@ -155,7 +168,8 @@ type Pending struct {
 	c         *Client
 	commandID string
 	typ       string
-	events    chan *Event // capacity 1: the first copy of the event; later copies are dropped
+	msg       amqp.Publishing // published again after a reconnection
+	events    chan *Event     // capacity 1: the first copy of the event; later copies are dropped
 }
 
 // CommandID is the published command's id.
@@ -215,42 +229,42 @@ func (p *Pending) Stop() {
 }
 
 // expect registers a Pending before its command is published.
-func (c *Client) expect(commandID, typ string) *Pending {
-	p := &Pending{c: c, commandID: commandID, typ: typ, events: make(chan *Event, 1)}
+func (c *Client) expect(commandID, typ string, msg amqp.Publishing) *Pending {
+	p := &Pending{c: c, commandID: commandID, typ: typ, msg: msg, events: make(chan *Event, 1)}
 	c.mu.Lock()
 	c.waiting[commandID] = append(c.waiting[commandID], p)
 	c.mu.Unlock()
 	return p
 }
 
-// openReplies declares the client's exclusive reply queue and starts delivering what arrives
-// on it to the Pending of each command.
-func (c *Client) openReplies(opts *Options) error {
-	ch, err := c.conn.Channel()
+// openReplies declares an exclusive reply queue on conn (bound to the events exchange as well
+// when bind is set) and starts delivering what arrives on it to the Pending of each command.
+// It returns the queue's name.
+func (c *Client) openReplies(conn *amqp.Connection, bind bool) (string, error) {
+	ch, err := conn.Channel()
 	if err != nil {
-		return &BrokerError{Doing: "opening the reply channel", Err: err}
+		return "", &BrokerError{Doing: "opening the reply channel", Err: err}
 	}
-	q, err := ch.QueueDeclare(opts.ReplyQueue, false, true, true, false, nil)
+	q, err := ch.QueueDeclare(c.opts.ReplyQueue, false, true, true, false, nil)
 	if err != nil {
-		return &BrokerError{Doing: fmt.Sprintf("declaring the reply queue %q", opts.ReplyQueue), Err: c.classify(err)}
+		return "", &BrokerError{Doing: fmt.Sprintf("declaring the reply queue %q", c.opts.ReplyQueue), Err: c.classify(err)}
 	}
-	c.replyQueue = q.Name
-	if opts.BindEvents {
+	if bind {
 		if err := ch.QueueBind(q.Name, "volume.#", c.names.events(), false, nil); err != nil {
-			return &BrokerError{Doing: "binding the reply queue to " + c.names.events(), Err: c.classify(err)}
+			return "", &BrokerError{Doing: "binding the reply queue to " + c.names.events(), Err: c.classify(err)}
 		}
 	}
 	deliveries, err := ch.Consume(q.Name, "", true, true, false, false, nil)
 	if err != nil {
-		return &BrokerError{Doing: "consuming the reply queue " + q.Name, Err: c.classify(err)}
+		return "", &BrokerError{Doing: "consuming the reply queue " + q.Name, Err: c.classify(err)}
 	}
-	go c.deliver(deliveries)
-	return nil
+	go c.deliver(deliveries, conn)
+	return q.Name, nil
 }
 
 // deliver hands each event to the Pendings of its command id; messages that are not events,
 // and events nobody waits for, are dropped. It ends when the channel closes.
-func (c *Client) deliver(deliveries <-chan amqp.Delivery) {
+func (c *Client) deliver(deliveries <-chan amqp.Delivery, conn *amqp.Connection) {
 	for d := range deliveries {
 		ev, err := ParseEvent(d.Body)
 		if err != nil {
@@ -265,7 +279,7 @@ func (c *Client) deliver(deliveries <-chan amqp.Delivery) {
 		}
 		c.mu.Unlock()
 	}
-	// The reply channel is gone (the broker closed it): without it no event can arrive, so the
-	// client is closed and every wait says so.
-	c.conn.Close()
+	// The reply channel is gone: without it no event arrives, so the connection is closed
+	// (and, unless the client is closing, made again).
+	conn.Close()
 }

@@ -65,7 +65,10 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscri
 	if prefetch <= 0 {
 		prefetch = 32
 	}
-	ch, err := c.conn.Channel()
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	ch, err := conn.Channel()
 	if err != nil {
 		return nil, &BrokerError{Doing: "opening a channel for events", Err: c.classify(err)}
 	}

@@ -261,3 +261,50 @@ pub(crate) async fn save_valid(tap: &mut EventTap, kind: &str, dir: &PathBuf) ->
     }
     saved
 }
+
+/// The Go client survives a restart of its broker (a RabbitMQ node of this test's own, never
+/// the machine's shared broker): a `Pending.Wait` started before `rabbitmqctl stop_app` and
+/// `start_app` returns the event (the client reconnects, listens on the events exchange too,
+/// and publishes the waited-for command again), and the re-published command is not executed
+/// twice: one createVolume per create.
+#[tokio::test]
+async fn the_go_client_survives_a_restart_of_its_broker_node() {
+    prepare_module().await;
+    let cluster = crate::cluster::RabbitCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let mut env = TestEnv::with_sim(cloudstack_sim::SimConfig {
+        job_latency: Duration::from_secs(3),
+        ..cloudstack_sim::SimConfig::default()
+    })
+    .await;
+    env.daemon_amqp_url = node.url();
+    env.client_amqp_url = node.url();
+    env.start_daemon().await;
+    let vm = DEMO_VMS[0].to_string();
+    let test = "TestAWaitStartedBeforeABrokerRestartReturnsTheEvent";
+    let out = go(
+        &[
+            "test",
+            "-tags",
+            "brokerrestart",
+            "-count=1",
+            "-v",
+            "-run",
+            &format!("^{test}$"),
+            ".",
+        ],
+        &[
+            ("AMQP_URL", &node.url()),
+            ("AMQP_PREFIX", &env.prefix),
+            ("VM_ID", &vm),
+            ("RESTART_NODE", &node.name),
+        ],
+    )
+    .await;
+    assert!(out.contains(&format!("--- PASS: {test} ")), "{out}");
+    assert_eq!(
+        env.sim.sim.call_count("createVolume"),
+        2,
+        "each create executed once\n{out}"
+    );
+}
