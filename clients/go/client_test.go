@@ -338,3 +338,48 @@ func TestAWaitEndsWhenTheClientCloses(t *testing.T) {
 		t.Fatalf("Publish after Close: %v", err)
 	}
 }
+
+// The read API shows what the commands did: the operations, the volume's mapping, the
+// daemon's role; an unknown id is nil, a malformed one a ReadError naming the status.
+func TestTheReadAPIShowsWhatTheCommandsDid(t *testing.T) {
+	d := needDaemon(t)
+	base := os.Getenv("VOLUME_API_URL")
+	if base == "" {
+		t.Fatal("VOLUME_API_URL must name the daemon's HTTP address (tests/e2e/go_client.rs)")
+	}
+	c := dial(t, d, nil)
+	api := volumeclient.NewReadAPI(base, nil)
+	ctx := timeout(t)
+	created := run(t, c, &volumeclient.Create{Name: "go-read-api", Size: 1 << 30})
+	volume := created.Data.Volume.ID
+	run(t, c, &volumeclient.Attach{VolumeID: volume, VMID: d.vm})
+
+	op, err := api.Operation(ctx, created.Data.CommandID)
+	if err != nil || op == nil || op.Status != volumeclient.StatusCompleted || op.Type != "create" {
+		t.Fatalf("operation %+v, %v", op, err)
+	}
+	view, err := api.Volume(ctx, volume)
+	if err != nil || view == nil || view.Mapping == nil || view.Mapping.VMID != d.vm {
+		t.Fatalf("volume %+v, %v", view, err)
+	}
+	ops, err := api.Operations(ctx, volumeclient.OperationFilter{VolumeID: volume, PageSize: 1})
+	if err != nil || len(ops) != 2 {
+		t.Fatalf("operations of %s (one per page): %+v, %v", volume, ops, err)
+	}
+	if _, err := api.Exports(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ready, err := api.Status(ctx)
+	if err != nil || ready.Role != "active" || ready.Components["database"] != "up" {
+		t.Fatalf("readiness %+v, %v", ready, err)
+	}
+	if none, err := api.Operation(ctx, "go-no-such-operation"); none != nil || err != nil {
+		t.Fatalf("unknown operation: %+v, %v", none, err)
+	}
+	var bad *volumeclient.ReadError
+	if _, err := api.Volume(ctx, "not-a-uuid"); !errors.As(err, &bad) || bad.Status != 400 || bad.Code != "BAD_REQUEST" {
+		t.Fatalf("malformed volume id: %v", err)
+	}
+	run(t, c, &volumeclient.Detach{VolumeID: volume})
+	run(t, c, &volumeclient.Delete{VolumeID: volume})
+}

@@ -25,6 +25,7 @@ const GO_TESTS: &[&str] = &[
     "TestAFailedCommandReturnsItsCodeAndHint",
     "TestACommandsTraceComesBackOnItsEvent",
     "TestAReconcileOfAnUndisturbedVMReportsNoChange",
+    "TestTheReadAPIShowsWhatTheCommandsDid",
     "TestMissingTopologyAndUnroutableCommandsAreErrors",
     "TestAURLListSkipsADeadAddress",
     "TestAWaitEndsWhenTheClientCloses",
@@ -98,6 +99,7 @@ async fn the_go_client_passes_its_tests_against_the_daemon() {
             ("HOST_VM_ID", &host_vm),
             ("TEST_VM_ID", &test_vm),
             ("VOLUME_EXAMPLES_DIR", &examples.display().to_string()),
+            ("VOLUME_API_URL", &format!("http://{}", env.http_addr)),
         ],
     )
     .await;
