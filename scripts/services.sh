@@ -115,5 +115,7 @@ ensure_py_module openapi_spec_validator openapi-spec-validator python3-openapi-s
 ensure_py_module setuptools setuptools python3-setuptools
 ensure_py_module wheel wheel python3-wheel
 ensure_py_module jsonschema jsonschema python3-jsonschema
+# The OTLP receiver of the trace tests decodes with the official protobuf definitions.
+ensure_py_module opentelemetry.proto opentelemetry-proto python3-opentelemetry-proto
 ensure_py_module yaml pyyaml python3-yaml
 log "RabbitMQ and MariaDB are up"

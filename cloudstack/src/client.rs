@@ -206,11 +206,13 @@ impl Client {
             .join("&")
     }
 
-    /// One signed request, no retry. Returns the inner object of `<command>response`.
+    /// One signed request, no retry (a `cloudstack.request` span). Returns the inner object of
+    /// `<command>response`.
     ///
     /// Sent as a POST with the signed parameters as its form body (CloudStack's `ApiServlet`
     /// reads both alike), so the api key and the signature, which stays valid until `expires`,
     /// never sit in a URL that a proxy or an access log records.
+    #[tracing::instrument(name = "cloudstack.request", skip_all, fields(command = %command))]
     pub async fn request_once(
         &self,
         command: &str,
@@ -441,8 +443,9 @@ impl Client {
         response::parse_async_job(&inner)
     }
 
-    /// Polls a job until it ends: its `jobresult` on success, `JobFailed` / `JobCancelled`
+    /// Polls a job until it ends (a `cloudstack.job` span): its `jobresult` on success, `JobFailed` / `JobCancelled`
     /// otherwise, `Deadline` when it is still running after `polling.deadline`.
+    #[tracing::instrument(name = "cloudstack.job", skip_all, fields(job_id = %job))]
     pub async fn wait_for_job(
         &self,
         job: &JobId,

@@ -61,6 +61,16 @@ impl TraceContext {
         &self.traceparent[3..35]
     }
 
+    /// The parent span id (16 hex digits).
+    pub fn parent_id(&self) -> &str {
+        &self.traceparent[36..52]
+    }
+
+    /// The trace flags (2 hex digits; `01`: sampled).
+    pub fn flags(&self) -> &str {
+        &self.traceparent[53..55]
+    }
+
     /// The same trace with `span` (16 hex digits, not all zero) as the parent: what the
     /// daemon's operation span passes on. `tracestate` is kept verbatim.
     pub fn child(&self, span: &str) -> Self {

@@ -94,7 +94,9 @@ pub(crate) async fn exporting_env() -> (TestEnv, NbdServer, PathBuf) {
 }
 
 /// [`exporting_env`], with `adjust` applied to the environment before its daemon starts.
-async fn exporting_env_with(adjust: impl FnOnce(&mut TestEnv)) -> (TestEnv, NbdServer, PathBuf) {
+pub(crate) async fn exporting_env_with(
+    adjust: impl FnOnce(&mut TestEnv),
+) -> (TestEnv, NbdServer, PathBuf) {
     let mut env = TestEnv::with_host_vm(SimConfig {
         job_latency: Duration::from_millis(100),
         ..SimConfig::default()

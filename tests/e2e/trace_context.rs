@@ -102,3 +102,173 @@ async fn a_commands_trace_comes_back_on_its_event_survives_a_sigkill_and_stays_o
     );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("TRACEPARENT"));
 }
+
+/// Issue 29, OTLP export: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a receiver built on the
+/// official protobuf definitions (`otlp_receiver.py`) gets one `operation` span per operation,
+/// in the command's trace with the producer's span as parent, whose span id is the parent id the
+/// event carries; under it one `cloudstack.request` span per request the simulator received
+/// for that operation (the self-checks are held off, operations run one at a time), the job
+/// waits, the device correlation and the export step of a host attach.
+#[tokio::test]
+async fn exported_spans_follow_each_operation_inside_the_commands_trace() {
+    use std::io::BufRead as _;
+    let spans_file = std::env::temp_dir().join(format!("otlp-{}.jsonl", uuid::Uuid::new_v4()));
+    let mut receiver = KillOnDrop(
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/e2e/otlp_receiver.py"
+            ))
+            .arg(&spans_file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the receiver (scripts/test installs opentelemetry-proto)"),
+    );
+    let mut port = String::new();
+    std::io::BufReader::new(receiver.0.stdout.take().expect("stdout"))
+        .read_line(&mut port)
+        .expect("the receiver prints its port");
+    let endpoint = format!("http://127.0.0.1:{}", port.trim());
+    let (mut env, _nbd, _exports) = crate::exports::exporting_env_with(|env| {
+        env.extra_env
+            .push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
+        env.extra_env
+            .push(("SELF_CHECK_INTERVAL_S".into(), "3600".into()));
+    })
+    .await;
+    let host = env.host_vm.expect("host vm");
+    tokio::time::sleep(Duration::from_secs(1)).await; // the start-up self-check
+    let calls = |env: &TestEnv| env.sim.sim.calls().len();
+
+    let traces = [
+        TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("vendor=a"),
+        )
+        .expect("trace"),
+        TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        )
+        .expect("trace"),
+    ];
+    let before = calls(&env);
+    let created = env
+        .execute(&cmd::create("exported", "1GiB").with_trace(traces[0].clone()))
+        .await;
+    let volume = created.data.volume_id.expect("volume");
+    let middle = calls(&env);
+    let attached = env
+        .execute(&cmd::attach(volume, host).with_trace(traces[1].clone()))
+        .await;
+    assert_eq!(attached.data.status.as_str(), "completed", "{attached:?}");
+    let after = calls(&env);
+    env.stop_daemon().await; // flushes the exporter
+    drop(receiver);
+    let spans: Vec<serde_json::Value> = std::fs::read_to_string(&spans_file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let _ = std::fs::remove_file(&spans_file);
+
+    for (trace, event, requests) in [
+        (&traces[0], &created, middle - before),
+        (&traces[1], &attached, after - middle),
+    ] {
+        let operations: Vec<&serde_json::Value> = spans
+            .iter()
+            .filter(|s| s["name"] == "operation" && s["trace_id"] == trace.trace_id())
+            .collect();
+        assert_eq!(
+            operations.len(),
+            1,
+            "one operation span in {}: {spans:#?}",
+            trace.trace_id()
+        );
+        let op = operations[0];
+        assert_eq!(
+            op["parent_span_id"],
+            trace.parent_id(),
+            "the producer's span is the parent"
+        );
+        assert_eq!(op["service"], "volume-daemon");
+        assert_eq!(op["path"], "/v1/traces");
+        let event_parent =
+            event.traceparent.as_deref().expect("the event is traced")[36..52].to_owned();
+        assert_eq!(
+            op["span_id"], event_parent,
+            "the event's parent is the exported span"
+        );
+        let below = descendants(&spans, op["span_id"].as_str().expect("span id"));
+        let count = |name: &str| below.iter().filter(|s| s["name"] == name).count();
+        assert_eq!(
+            count("cloudstack.request"),
+            requests,
+            "one span per CloudStack request of {} ({} received by the simulator)",
+            event.data.op_type,
+            requests
+        );
+        assert!(count("cloudstack.job") >= 1, "the job wait");
+        if event.data.op_type.as_str() == "attach" {
+            assert_eq!(count("device.correlate"), 1, "the device correlation");
+            assert_eq!(count("nbd.export"), 1, "the export step");
+        }
+        println!(
+            "{}: {} spans under the operation, {requests} CloudStack requests",
+            event.data.op_type,
+            below.len()
+        );
+    }
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every span below `root` (children, their children, ...).
+fn descendants<'a>(spans: &'a [serde_json::Value], root: &str) -> Vec<&'a serde_json::Value> {
+    let mut found = Vec::new();
+    let mut parents = vec![root.to_owned()];
+    while let Some(parent) = parents.pop() {
+        for s in spans
+            .iter()
+            .filter(|s| s["parent_span_id"] == parent.as_str())
+        {
+            parents.push(s["span_id"].as_str().unwrap_or_default().to_owned());
+            found.push(s);
+        }
+    }
+    found
+}
+
+/// Export never holds the daemon up: with a collector that accepts connections and never
+/// answers, operations complete and a SIGTERM still stops the daemon promptly (the last
+/// export is abandoned after 5 s; the helper allows 20).
+#[tokio::test]
+async fn a_collector_that_never_answers_holds_up_neither_operations_nor_the_stop() {
+    let frozen = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let endpoint = format!("http://{}", frozen.local_addr().expect("address"));
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));
+    env.start_daemon().await;
+    for i in 0..3 {
+        let done = env
+            .execute(&cmd::create(&format!("frozen-{i}"), "1GiB"))
+            .await;
+        assert_eq!(done.data.status.as_str(), "completed", "{done:?}");
+    }
+    let took = env.stop_daemon().await;
+    assert!(
+        took < Duration::from_secs(12),
+        "the stop took {took:?} with a frozen collector"
+    );
+    drop(frozen);
+}

@@ -32,7 +32,7 @@ async fn run() -> anyhow::Result<()> {
         std::process::exit(EX_CONFIG);
     }
     let settings = Settings::parse();
-    worker::telemetry::init(settings.log_format);
+    let telemetry = worker::telemetry::init(settings.log_format);
     match &settings.task {
         Some(Task::SetHostVm { vm }) => {
             if let Err(e) = worker::app::set_host_vm(&settings, *vm).await {
@@ -63,7 +63,9 @@ async fn run() -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    app.run_until_stopped(shutdown_signal()).await?;
+    let stopped = app.run_until_stopped(shutdown_signal()).await;
+    telemetry.shutdown().await;
+    stopped?;
     Ok(())
 }
 

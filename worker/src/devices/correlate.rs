@@ -239,6 +239,7 @@ impl Devices {
     }
 
     /// Waits up to `timeout` for the device. `Err` names the candidates that were seen.
+    #[tracing::instrument(name = "device.correlate", skip_all, fields(volume_id = %exp.volume))]
     pub async fn correlate(
         &self,
         exp: &Expectation,

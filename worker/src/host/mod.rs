@@ -298,6 +298,7 @@ impl HostFiles {
     /// Points the persistent name `name` of `volume` at `target` and, with exports on, makes
     /// the export entry point at the persistent name. Idempotent: a resumed attach, a re-attach
     /// and the reconcile all call it.
+    #[tracing::instrument(name = "nbd.export", skip_all, fields(volume_id = %volume))]
     pub async fn link(
         &self,
         volume: VolumeId,
@@ -325,6 +326,7 @@ impl HostFiles {
 
     /// Removes `volume`'s export entry (first: no client can open it once its target is gone)
     /// and its persistent name `name`. Nothing else is touched.
+    #[tracing::instrument(name = "nbd.unexport", skip_all, fields(volume_id = %volume))]
     pub async fn unlink(&self, volume: VolumeId, name: Option<&str>) -> Result<(), HostError> {
         if let Some(dir) = &self.export_dir {
             let entry = dir.join(NbdExport::name_of(volume));

@@ -94,14 +94,18 @@ fn span_of(op: &Operation) -> tracing::Span {
         .correlation_id
         .as_deref()
         .unwrap_or(cmd.command_id.as_str());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "operation",
         operation_id = %op.id(),
         r#type = %cmd.operation_type(),
         correlation_id,
         trace_id = cmd.trace.as_ref().map(|t| t.trace_id()),
         volume_id = tracing::field::Empty,
-    )
+    );
+    if let Some(trace) = &cmd.trace {
+        crate::telemetry::continue_trace(&span, trace);
+    }
+    span
 }
 
 /// A reconcile of every VM with mappings and the host VM (the periodic one; a `reconcile`

@@ -470,8 +470,9 @@ fn event(data: EventData) -> CloudEvent {
 /// of the daemon's (the operation's) as parent, `tracestate` verbatim (docs/wire.md).
 fn traced(mut event: CloudEvent, op: &Operation) -> CloudEvent {
     if let Some(trace) = &op.command.trace {
-        let span = uuid::Uuid::new_v4().simple().to_string();
-        let child = trace.child(&span[..16]);
+        let span = crate::telemetry::current_span_id()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_owned());
+        let child = trace.child(&span);
         event.traceparent = Some(child.traceparent);
         event.tracestate = child.tracestate;
     }
