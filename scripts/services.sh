@@ -94,6 +94,12 @@ ensure_systemd_analyze() {
 
 # The Go client (clients/go) builds offline (scripts/test calls this; the daemon needs no Go) from Debian's packages: the Go toolchain and the
 # RabbitMQ team's amqp091-go, which vendor-debian.sh points clients/go/vendor at.
+# The alert rules are checked and tested by promtool (Debian's prometheus package has it; the
+# server it also installs is not started).
+ensure_promtool() {
+  command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+}
+
 ensure_go() {
   command -v go >/dev/null || apt_install golang-go
   [ -f /usr/share/gocode/src/github.com/rabbitmq/amqp091-go/go.mod ] || apt_install golang-github-rabbitmq-amqp091-go-dev
@@ -107,6 +113,7 @@ ensure_tls_tools
 ensure_nbd_tools
 ensure_faketime
 ensure_systemd_analyze
+ensure_promtool
 ensure_py_module pika pika python3-pika
 ensure_py_module prometheus_client prometheus-client python3-prometheus-client
 ensure_py_module openapi_spec_validator openapi-spec-validator python3-openapi-spec-validator

@@ -26,7 +26,7 @@ const COMMANDS: usize = 40;
 type Arrival = (String, String, chrono::DateTime<chrono::Utc>);
 
 /// Queue arguments of a queue that holds at most `max` messages and refuses the rest.
-fn refusing(max: i64) -> FieldTable {
+pub(crate) fn refusing(max: i64) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         ShortString::from("x-max-length"),

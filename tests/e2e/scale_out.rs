@@ -104,8 +104,15 @@ async fn the_commands_queue_leader_stops_under_load(cluster: &RabbitCluster) {
     eprintln!(
         "the daemon consumed commands again {reconnected:?} after `stop_app` of the leader node began ({from_loss:?} after its intake saw the connection close)"
     );
+    // The daemon's own share is measured from the moment its connection closed: how long
+    // `stop_app` takes to close connections is the broker's (seen here: 0.4 s alone, 5.7 s with
+    // the rest of the suite loading both cores).
     assert!(
-        reconnected < Duration::from_secs(5),
+        from_loss < Duration::from_secs(5),
+        "reconnected {from_loss:?} after the connection closed"
+    );
+    assert!(
+        reconnected < Duration::from_secs(15),
         "reconnected after {reconnected:?}"
     );
     every_command_ended_once(

@@ -25,7 +25,7 @@ fn header(props: &lapin::BasicProperties, name: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn a_commands_trace_comes_back_on_its_event_survives_a_sigkill_and_stays_on_duplicates() {
+async fn a_commands_trace_comes_back_on_its_event_survives_a_takeover_and_stays_on_duplicates() {
     let mut env = TestEnv::with_sim(SimConfig {
         job_latency: Duration::from_millis(1500),
         ..SimConfig::default()
@@ -37,13 +37,52 @@ async fn a_commands_trace_comes_back_on_its_event_survives_a_sigkill_and_stays_o
     let command = cmd::create("traced", "1GiB").with_trace(trace.clone());
     let id = command.command_id.as_str().to_owned();
     let client = env.client().await;
+    let standby = env.spawn_other().await;
     let pending = client.publish(&command).await.expect("published");
-    // Killed once the operation is under way: the next daemon must still know the trace.
+    // Killed once the operation is under way: the standby that takes over must still know
+    // the trace.
     env.wait_for_operation(&id, WAIT, |r| r.status == "executing")
         .await;
     env.kill_daemon().await;
-    env.start_daemon().await;
+    env.promote_other(0, standby);
     let event = pending.wait(WAIT).await.expect("the event");
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT traceparent, tracestate FROM volume_operations WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&env.db().await)
+            .await
+            .expect("the operation row");
+    assert_eq!(
+        stored,
+        (
+            Some(PARENT.to_owned()),
+            Some("congo=t61rcWkgMzE".to_owned())
+        ),
+        "the operation row keeps the command's trace context"
+    );
+    // Every JSON log line of this operation, from the killed daemon and from the standby that
+    // finished it, carries the trace id on the operation's span.
+    let log = env.daemon_log();
+    let per_daemon: Vec<Vec<serde_json::Value>> = log
+        .split("=== ")
+        .skip(1)
+        .map(|file| {
+            file.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["span"]["operation_id"] == id.as_str())
+                .collect()
+        })
+        .collect();
+    assert_eq!(per_daemon.len(), 2, "two daemons ran");
+    for (daemon, lines) in per_daemon.iter().enumerate() {
+        assert!(
+            !lines.is_empty(),
+            "daemon {daemon} logged operation {id}:\n{log}"
+        );
+        for line in lines {
+            assert_eq!(line["span"]["trace_id"], trace.trace_id(), "{line}");
+        }
+    }
     assert_eq!(
         event.event_type, "volume.create.completed",
         "{:?}",

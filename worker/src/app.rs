@@ -203,6 +203,10 @@ impl Application {
         let http_addr = listener.local_addr().unwrap_or(settings.http_addr);
         let status = Arc::new(Status::default());
         let metrics = Arc::new(Metrics::new());
+        metrics.set_appliance(
+            &settings.amqp_prefix,
+            settings.host_vm_id.map(|vm| vm.to_string()).as_deref(),
+        );
         let stopping = CancellationToken::new();
         let watch_shutdown = async {
             shutdown.await;
@@ -352,7 +356,13 @@ impl Background {
             devices,
             monitor: tokio::spawn(monitor.run(stop.clone())),
             checks: tokio::spawn(checker.run(checks_tx, stop.clone())),
-            probe: tokio::spawn(broker::probe(broker.clone(), status.clone(), stop.clone())),
+            probe: tokio::spawn(broker::probe(
+                broker.clone(),
+                settings.topology().dead_letter_queue(),
+                status.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )),
             http: tokio::spawn(http::serve(
                 listener,
                 app,

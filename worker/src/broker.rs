@@ -117,37 +117,30 @@ impl Backoff {
     }
 }
 
+/// How often the probe counts the dead-letter queue's messages.
+const DEAD_LETTER_COUNT_EVERY: Duration = Duration::from_secs(5);
+
 /// Keeps one idle connection to the broker and reports whether it is up: how a standby (which
-/// neither consumes nor publishes) knows the broker is reachable.
+/// neither consumes nor publishes) knows the broker is reachable. Every
+/// [`DEAD_LETTER_COUNT_EVERY`] it also counts `dead_queue`'s messages (a passive declare, which
+/// creates nothing) for `volume_daemon_dead_letters`.
 pub(crate) async fn probe(
     url: Endpoint,
+    dead_queue: String,
     status: std::sync::Arc<crate::status::Status>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    use futures_util::StreamExt;
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         match connect(&url, "volume-daemon probe").await {
             Ok(conn) => {
                 status.set_broker_reachable(true);
                 backoff.reset();
-                let mut events = conn.events_listener();
-                // Until the connection reports an error (or shutdown).
-                loop {
-                    tokio::select! {
-                        () = shutdown.cancelled() => {
-                            let _ = conn.close(200, "shutting down".into()).await;
-                            return;
-                        }
-                        event = events.next() => match event {
-                            Some(lapin::Event::Error(e)) => {
-                                tracing::debug!(error = %e, "broker probe lost its connection");
-                                break;
-                            }
-                            Some(_) => {}
-                            None => break,
-                        },
-                    }
+                let closed = watch_probe(&conn, &dead_queue, &metrics, &shutdown).await;
+                if !closed {
+                    let _ = conn.close(200, "shutting down".into()).await;
+                    return;
                 }
                 status.set_broker_reachable(false);
             }
@@ -160,6 +153,59 @@ pub(crate) async fn probe(
             return;
         }
     }
+}
+
+/// Holds the probe's connection until it fails (`true`) or `shutdown` (`false`), counting the
+/// dead letters meanwhile.
+async fn watch_probe(
+    conn: &lapin::Connection,
+    dead_queue: &str,
+    metrics: &crate::metrics::Metrics,
+    shutdown: &CancellationToken,
+) -> bool {
+    use futures_util::StreamExt;
+    let mut events = conn.events_listener();
+    let mut count = tokio::time::interval(DEAD_LETTER_COUNT_EVERY);
+    count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) => {
+                    tracing::debug!(error = %e, "broker probe lost its connection");
+                    return true;
+                }
+                Some(_) => {}
+                None => return true,
+            },
+            _ = count.tick() => {
+                if let Some(n) = count_messages(conn, dead_queue).await {
+                    metrics.set_dead_letters(n);
+                }
+            }
+        }
+    }
+}
+
+/// The messages in `queue`, from a passive declare on a channel of its own (a missing queue
+/// closes that channel, not the connection); `None` when it cannot be read within 5 s.
+async fn count_messages(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let count = async {
+        let channel = conn.create_channel().await.ok()?;
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+            .await;
+        let _ = channel.close(200, "counted".into()).await;
+        declared.ok().map(|q| q.message_count())
+    };
+    tokio::time::timeout(Duration::from_secs(5), count)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Publishes `command` to the commands exchange of `topology` with confirms and the mandatory

@@ -128,7 +128,9 @@ async fn ready(State(s): State<HttpState>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics(State(s): State<HttpState>) -> Response {
+/// The outbox, exports, operations and mappings gauges, read from the database (each read
+/// bounded; a slow one leaves the last value).
+async fn read_shared_gauges(s: &HttpState) {
     if let Ok(Ok(b)) = tokio::time::timeout(DB_ANSWER, outbox::backlog(&s.pool)).await {
         let age = b
             .oldest
@@ -142,10 +144,18 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     if let Ok(Ok(g)) = tokio::time::timeout(DB_ANSWER, crate::db::read::gauges(&s.pool)).await {
         s.metrics.set_gauges(&g);
     }
-    s.metrics.set_role(s.status.active());
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let active = s.status.active();
+    // The database's figures are the appliance's, reported by its active instance only.
+    if active {
+        read_shared_gauges(&s).await;
+    }
+    s.metrics.set_role(active);
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        s.metrics.encode(),
+        s.metrics.encode(active),
     )
         .into_response()
 }

@@ -76,6 +76,12 @@ struct DestinationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApplianceLabels {
+    prefix: String,
+    host_vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -88,14 +94,14 @@ pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0
 #[derive(Debug)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// [`SharedMetrics`]' families: encoded only by the active instance.
+    shared_registry: Mutex<Registry>,
+    shared: SharedMetrics,
     operations: Family<OperationLabels, Counter>,
     duration: Family<TypeLabels, Histogram>,
     commands: Family<ResultLabels, Counter>,
     events_published: Counter,
     events_refused: Family<DestinationLabels, Counter>,
-    outbox_backlog: Gauge,
-    outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
-    nbd_exports: Gauge,
     device_events: Family<ResultLabels, Counter>,
     correlation: Histogram,
     cloudstack_calls: Family<CallLabels, Counter>,
@@ -219,6 +225,16 @@ mod names {
     /// `volume_daemon_reconcile_changes`.
     pub(super) const RECONCILE: (&str, &str) =
         ("reconcile_changes", "Repairs made by reconciles, by kind");
+    /// `volume_daemon_dead_letters`.
+    pub(super) const DEAD_LETTERS: (&str, &str) = (
+        "dead_letters",
+        "Messages in the commands' dead-letter queue (<prefix>.commands.dead)",
+    );
+    /// `volume_daemon_appliance_info`.
+    pub(super) const APPLIANCE: (&str, &str) = (
+        "appliance",
+        "The appliance this instance serves: its AMQP prefix and host VM (always 1)",
+    );
     /// `volume_daemon_build_info`.
     pub(super) const BUILD: (&str, &str) = ("build_info", "The daemon's version (always 1)");
 }
@@ -232,8 +248,6 @@ const SELF_CHECK_STATES: [(&str, &[&str]); 2] = [
 /// The families of the daemon's state (read at scrape time or set by the housekeeping).
 #[derive(Debug)]
 struct StateMetrics {
-    in_flight: Family<StatusLabels, Gauge>,
-    mappings: Family<ModeLabels, Gauge>,
     role: Family<RoleLabels, Gauge>,
     self_check: Family<CheckLabels, Gauge>,
     retention_deleted: Family<TableLabels, Counter>,
@@ -243,12 +257,6 @@ struct StateMetrics {
 impl StateMetrics {
     /// Registers them.
     fn register(r: &mut Registry) -> Self {
-        let in_flight = registered(
-            r,
-            names::IN_FLIGHT,
-            Family::<StatusLabels, Gauge>::default(),
-        );
-        let mappings = registered(r, names::MAPPINGS, Family::<ModeLabels, Gauge>::default());
         let role = registered(r, names::ROLE, Family::<RoleLabels, Gauge>::default());
         let self_check = registered(
             r,
@@ -264,8 +272,6 @@ impl StateMetrics {
             })
             .set(1);
         let state = Self {
-            in_flight,
-            mappings,
             role,
             self_check,
             retention_deleted,
@@ -278,25 +284,11 @@ impl StateMetrics {
     /// Every label value a dashboard expects, present (at 0) from the first scrape.
     fn zero_series(&self) {
         let Self {
-            in_flight,
-            mappings,
             self_check,
             retention_deleted,
             reconcile_changes,
             ..
         } = self;
-        for status in ["pending", "executing"] {
-            in_flight
-                .get_or_create(&StatusLabels {
-                    status: status.into(),
-                })
-                .set(0);
-        }
-        for mode in ["oma", "failover"] {
-            mappings
-                .get_or_create(&ModeLabels { mode: mode.into() })
-                .set(0);
-        }
         for (check, states) in SELF_CHECK_STATES {
             for state in states {
                 self_check
@@ -324,6 +316,48 @@ impl StateMetrics {
     }
 }
 
+/// The families read from what an appliance's instances share (its database and broker): the
+/// same figures whichever instance reads them, so only the active reports them and a sum over
+/// an appliance's instances never counts them twice (docs/http.md).
+#[derive(Debug)]
+struct SharedMetrics {
+    outbox_backlog: Gauge,
+    outbox_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    nbd_exports: Gauge,
+    in_flight: Family<StatusLabels, Gauge>,
+    mappings: Family<ModeLabels, Gauge>,
+    dead_letters: Gauge,
+}
+
+impl SharedMetrics {
+    /// Registers them, every series present (at 0) from the first scrape.
+    fn register(r: &mut Registry) -> Self {
+        let shared = Self {
+            outbox_backlog: registered(r, names::OUTBOX_BACKLOG, Gauge::default()),
+            outbox_oldest_age: registered(r, names::OUTBOX_OLDEST_AGE, Gauge::default()),
+            nbd_exports: registered(r, names::NBD_EXPORTS, Gauge::default()),
+            in_flight: registered(r, names::IN_FLIGHT, Family::default()),
+            mappings: registered(r, names::MAPPINGS, Family::default()),
+            dead_letters: registered(r, names::DEAD_LETTERS, Gauge::default()),
+        };
+        for status in ["pending", "executing"] {
+            shared
+                .in_flight
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(0);
+        }
+        for mode in ["oma", "failover"] {
+            shared
+                .mappings
+                .get_or_create(&ModeLabels { mode: mode.into() })
+                .set(0);
+        }
+        shared
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("volume_daemon");
@@ -338,13 +372,6 @@ impl Metrics {
         let commands = registered(&mut r, names::COMMANDS, Counters::<ResultLabels>::default());
         let events_published = registered(&mut r, names::EVENTS_PUBLISHED, Counter::default());
         let events_refused = counters::<DestinationLabels>(&mut r, names::EVENTS_REFUSED);
-        let outbox_backlog = registered(&mut r, names::OUTBOX_BACKLOG, Gauge::default());
-        let outbox_oldest_age = registered(
-            &mut r,
-            names::OUTBOX_OLDEST_AGE,
-            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
-        );
-        let nbd_exports = registered(&mut r, names::NBD_EXPORTS, Gauge::default());
         let device_events = counters::<ResultLabels>(&mut r, names::DEVICE_EVENTS);
         let correlation = registered(
             &mut r,
@@ -354,9 +381,13 @@ impl Metrics {
         let cloudstack_calls = counters::<CallLabels>(&mut r, names::CLOUDSTACK_CALLS);
         let cloudstack_retries = counters::<CommandLabels>(&mut r, names::CLOUDSTACK_RETRIES);
         let state = StateMetrics::register(&mut r);
+        let mut shared_registry = Registry::with_prefix("volume_daemon");
+        let shared = SharedMetrics::register(&mut shared_registry);
         Self {
             state,
             registry: Mutex::new(r),
+            shared_registry: Mutex::new(shared_registry),
+            shared,
             cloudstack_calls,
             cloudstack_retries,
             device_events,
@@ -366,9 +397,6 @@ impl Metrics {
             commands,
             events_published,
             events_refused,
-            outbox_backlog,
-            outbox_oldest_age,
-            nbd_exports,
         }
     }
 
@@ -402,10 +430,10 @@ impl Metrics {
                 })
                 .set(v as i64);
         };
-        set(&self.state.in_flight, "pending", g.pending);
-        set(&self.state.in_flight, "executing", g.executing);
+        set(&self.shared.in_flight, "pending", g.pending);
+        set(&self.shared.in_flight, "executing", g.executing);
         for (mode, v) in [("oma", g.host_mappings), ("failover", g.remote_mappings)] {
-            self.state
+            self.shared
                 .mappings
                 .get_or_create(&ModeLabels { mode: mode.into() })
                 .set(v as i64);
@@ -504,21 +532,50 @@ impl Metrics {
     }
 
     pub fn set_outbox(&self, backlog: u64, oldest_age_seconds: f64) {
-        self.outbox_backlog
+        self.shared
+            .outbox_backlog
             .set(i64::try_from(backlog).unwrap_or(i64::MAX));
-        self.outbox_oldest_age.set(oldest_age_seconds);
+        self.shared.outbox_oldest_age.set(oldest_age_seconds);
     }
 
     pub fn set_nbd_exports(&self, active: u64) {
-        self.nbd_exports
+        self.shared
+            .nbd_exports
             .set(i64::try_from(active).unwrap_or(i64::MAX));
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// Messages in the dead-letter queue (a passive declare by the broker probe).
+    pub fn set_dead_letters(&self, messages: u32) {
+        self.shared.dead_letters.set(i64::from(messages));
+    }
+
+    /// Which appliance this instance serves (`volume_daemon_appliance_info`): for joins with
+    /// the scrape's `appliance` target label. Call once, at start.
+    pub fn set_appliance(&self, prefix: &str, host_vm: Option<&str>) {
+        let info = prometheus_client::metrics::info::Info::new(ApplianceLabels {
+            prefix: prefix.into(),
+            host_vm: host_vm.unwrap_or_default().into(),
+        });
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let (name, help) = names::APPLIANCE;
+        registry.register(name, help, info);
+    }
+
+    /// The text exposition: this instance's own families, and the shared ones when `active`.
+    pub fn encode(&self, active: bool) -> String {
+        use prometheus_client::encoding::text;
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        let own = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = text::encode_registry(&mut out, &own);
+        drop(own);
+        if active {
+            let shared = self
+                .shared_registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            done = done.and_then(|()| text::encode_registry(&mut out, &shared));
+        }
+        if let Err(e) = done.and_then(|()| text::encode_eof(&mut out)) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
