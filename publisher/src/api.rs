@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use schema::api::{ApiError, DeviceView, OperationPage, OperationView, VmVolumes, VolumeView};
+use schema::api::{
+    ApiError, DeviceView, ExportList, OperationPage, OperationView, VmVolumes, VolumeView,
+};
 use schema::{CommandId, OperationStatus, OperationType, VmId, VolumeId};
 
 /// Why a query got no answer.
@@ -100,6 +102,33 @@ impl ApiClient {
 
     pub async fn devices(&self) -> Result<Vec<DeviceView>, ApiClientError> {
         self.get("/api/v1/devices", &[]).await
+    }
+
+    /// The active NBD exports.
+    pub async fn exports(&self) -> Result<ExportList, ApiClientError> {
+        self.get("/api/v1/exports", &[]).await
+    }
+
+    /// `GET /ready`: its status code (200 ready, 503 not) and its JSON body.
+    pub async fn ready(&self) -> Result<(u16, serde_json::Value), ApiClientError> {
+        let url = format!("{}/ready", self.base);
+        let unreachable = |source| ApiClientError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let response = self.http.get(&url).send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(unreachable)?;
+        let json = serde_json::from_slice(&body).map_err(|e| ApiClientError::Decode {
+            url: url.clone(),
+            detail: format!("/ready answered {status} with a body that is not JSON: {e}"),
+        })?;
+        Ok((status, json))
+    }
+
+    /// The daemon's URL, as given.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn get<T: serde::de::DeserializeOwned>(

@@ -215,4 +215,56 @@ impl VolumeClient {
         let _ = channel.close(200, "replayed".into()).await;
         Ok(replayed)
     }
+
+    /// How many messages the dead-letter queue holds (a passive declare: creates nothing).
+    pub async fn dead_letter_count(&self) -> Result<u32, Error> {
+        let queue = self.topology.dead_letter_queue();
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel to count dead letters"))?;
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(missing_or(&queue, format!("counting {queue}")))?;
+        let _ = channel.close(200, "counted".into()).await;
+        Ok(declared.message_count())
+    }
+
+    /// Removes the dead letters `pick` selects from the dead-letter queue, one at a time, for
+    /// good (the others stay). Returns the id and routing key of each one removed.
+    pub async fn discard_dead_letters(
+        &self,
+        pick: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<Vec<Replayed>, Error> {
+        let channel = self.dead_channel().await?;
+        let mut discarded = Vec::new();
+        for _ in 0..MAX {
+            let Some((tag, letter)) = self.next_dead(&channel).await? else {
+                break;
+            };
+            if !pick(&letter) {
+                continue;
+            }
+            channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(amqp("removing a dead letter"))?;
+            discarded.push(Replayed {
+                id: letter.id,
+                routing_key: letter.routing_key,
+            });
+        }
+        // The ones not picked, still unacknowledged, return to the queue.
+        let _ = channel.close(200, "discarded".into()).await;
+        Ok(discarded)
+    }
 }

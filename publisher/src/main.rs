@@ -4,6 +4,7 @@
 //! Exit status: 0 completed (or done), 1 the operation failed (or the id is unknown), 2 usage,
 //! 3 timed out, 4 broker error, 5 read API unreachable or refusing.
 
+mod status;
 mod tables;
 
 use std::io::IsTerminal;
@@ -40,14 +41,17 @@ struct Cli {
     /// Prefix of the daemon's exchanges and queues.
     #[arg(long, env = "AMQP_PREFIX", default_value = "volume", global = true)]
     prefix: String,
-    /// The daemon's read API (its HTTP_ADDR), for get, ops, volume, vm and devices.
+    /// The daemon's read API (its HTTP_ADDR), for get, ops, volume, vm, devices, exports and
+    /// status; `status` takes several (repeat it, or separate with commas: every instance of
+    /// the appliance), the others use the first.
     #[arg(
         long,
         env = "VOLUME_API_URL",
-        default_value_t = default_api_url(),
+        default_values_t = [default_api_url()],
+        value_delimiter = ',',
         global = true
     )]
-    api_url: String,
+    api_url: Vec<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -224,6 +228,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the active NBD exports: volume, export name, URL, target (read API).
+    Exports {
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Is the appliance healthy and what is it doing: every instance's role and components
+    /// (give each with --api-url), outbox, operations pending and executing, dead letters, the
+    /// last failures, and the problems found. Exit 0 when an instance is active and ready, 1
+    /// otherwise, 5 when no instance answers.
+    Status {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print completion events as they arrive (Ctrl-C stops).
     Watch {
         /// Routing-key pattern: volume.# (all), volume.attach.*, volume.*.failed ...
@@ -251,9 +270,24 @@ enum DeadLetters {
     },
     /// Publish dead-lettered commands again and remove them from the dead-letter queue.
     Replay {
-        /// Only the one with this message id / command id (default: all).
+        /// Only the one with this message id / command id (default: all, after a confirmation).
         #[arg(long)]
         id: Option<String>,
+        /// Replay all without asking (needed when not at a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove dead-lettered commands for good (they are not executed).
+    Discard {
+        /// Only the one with this message id / command id.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Every dead letter (after a confirmation).
+        #[arg(long)]
+        all: bool,
+        /// Discard all without asking (needed when not at a terminal).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -284,12 +318,16 @@ async fn main() -> ExitCode {
             watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await
         }
         Cmd::DeadLetters(d) => dead_letters(&cli.amqp_url, &cli.prefix, d).await,
+        Cmd::Status { json } => {
+            return status::run(&cli.api_url, &cli.amqp_url, &cli.prefix, json).await;
+        }
         query @ (Cmd::Get { .. }
+        | Cmd::Exports { .. }
         | Cmd::Ops { .. }
         | Cmd::Volume { .. }
         | Cmd::Snapshots { .. }
         | Cmd::Vm { .. }
-        | Cmd::Devices { .. }) => return read(&cli.api_url, query).await,
+        | Cmd::Devices { .. }) => return read(first(&cli.api_url), query).await,
         command => {
             let (command, common) = match build(command) {
                 Ok(c) => c,
@@ -523,6 +561,11 @@ fn human(event: &CloudEvent) -> String {
     line
 }
 
+/// The first of the `--api-url`s (there is always one: the default).
+fn first(urls: &[String]) -> &str {
+    urls.first().map_or("", String::as_str)
+}
+
 /// `HTTP_ADDR` when set (the daemon's own setting), else its default.
 fn default_api_url() -> String {
     let addr = std::env::var("HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8090".into());
@@ -619,6 +662,14 @@ async fn run_query(api: &ApiClient, query: Cmd) -> Result<String, ApiClientError
                 pretty(&v)
             } else {
                 tables::mappings(&v.items)
+            }
+        }
+        Cmd::Exports { json } => {
+            let e = api.exports().await?;
+            if json {
+                pretty(&e)
+            } else {
+                tables::exports(&e.items)
             }
         }
         Cmd::Devices { json } => {
@@ -729,27 +780,79 @@ async fn dead_letters(url: &str, prefix: &str, what: DeadLetters) -> Result<Exit
             }
             Ok(ExitCode::SUCCESS)
         }
-        DeadLetters::Replay { id } => {
+        DeadLetters::Replay { id, yes } => {
+            if id.is_none()
+                && !confirmed("Replay every dead-lettered command", yes, &client).await?
+            {
+                return Ok(ExitCode::from(2));
+            }
             let replayed = client
                 .replay_dead_letters(|l| {
                     id.as_deref()
                         .is_none_or(|want| l.id.as_deref() == Some(want))
                 })
                 .await?;
-            for l in &replayed {
-                println!(
-                    "replayed {}  {}",
-                    l.id.as_deref().unwrap_or("-"),
-                    l.routing_key
-                );
+            done_with("replayed", &replayed, id.as_deref())
+        }
+        DeadLetters::Discard { id, all, yes } => {
+            if all
+                && !confirmed("Discard every dead-lettered command for good", yes, &client).await?
+            {
+                return Ok(ExitCode::from(2));
             }
-            if replayed.is_empty() && id.is_some() {
-                eprintln!("error: no dead letter with id {}", id.unwrap_or_default());
-                return Ok(ExitCode::from(1));
-            }
-            Ok(ExitCode::SUCCESS)
+            let discarded = client
+                .discard_dead_letters(|l| {
+                    id.as_deref()
+                        .is_none_or(|want| l.id.as_deref() == Some(want))
+                })
+                .await?;
+            done_with("discarded", &discarded, id.as_deref())
         }
     }
+}
+
+/// Prints each dead letter `what` was done to; exit 1 when `id` named one that is not there.
+fn done_with(
+    what: &str,
+    letters: &[publisher::Replayed],
+    id: Option<&str>,
+) -> Result<ExitCode, Error> {
+    for l in letters {
+        println!(
+            "{what} {}  {}",
+            l.id.as_deref().unwrap_or("-"),
+            l.routing_key
+        );
+    }
+    if let (true, Some(id)) = (letters.is_empty(), id) {
+        eprintln!("error: no dead letter with id {id}");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks at the terminal before acting on every dead letter (`--yes` skips the question; away
+/// from a terminal it is required). Says how many there are.
+async fn confirmed(action: &str, yes: bool, client: &VolumeClient) -> Result<bool, Error> {
+    if yes {
+        return Ok(true);
+    }
+    let n = client.dead_letter_count().await?;
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "error: {action}: {n} message(s) in {}; not at a terminal to confirm, pass --yes",
+            client.topology().dead_letter_queue()
+        );
+        return Ok(false);
+    }
+    eprint!("{action}: {n} message(s)? [y/N] ");
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+    if !yes {
+        eprintln!("nothing done");
+    }
+    Ok(yes)
 }
 
 #[cfg(test)]

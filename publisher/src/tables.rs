@@ -184,6 +184,25 @@ pub fn devices(items: &[DeviceView]) -> String {
     table(&["NAME", "SIZE", "SERIAL", "CONTROLLER", "VOLUME"], &rows)
 }
 
+pub fn exports(items: &[schema::api::ExportView]) -> String {
+    if items.is_empty() {
+        return "no active NBD export".into();
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            vec![
+                e.volume_id.to_string(),
+                e.name.clone(),
+                e.url.clone(),
+                e.target_path.clone(),
+                time(e.created_at),
+            ]
+        })
+        .collect();
+    table(&["VOLUME", "EXPORT", "URL", "TARGET", "CREATED"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

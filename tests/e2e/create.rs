@@ -232,12 +232,25 @@ async fn health_ready_and_metrics_answer() {
     env.execute(&create("m", "1GiB")).await;
 
     let (status, health) = env.get_json("/health").await;
-    assert_eq!((status, health), (200, serde_json::json!({"status": "ok"})));
+    assert_eq!(
+        (status, health),
+        (
+            200,
+            serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})
+        )
+    );
     let (status, ready) = env.get_json("/ready").await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["role"], "active");
     assert_eq!(ready["components"]["database"], "up");
     assert_eq!(ready["outbox"]["backlog"], 0);
+    assert_eq!(ready["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(ready["operations"]["pending"], 0, "{ready}");
+    assert_eq!(ready["operations"]["executing"], 0, "{ready}");
+    assert_eq!(
+        ready["schema"]["database"], ready["schema"]["binary"],
+        "{ready}"
+    );
 
     let metrics = crate::helpers::http()
         .get(format!("http://{}/metrics", env.http_addr))

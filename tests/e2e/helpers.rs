@@ -65,6 +65,9 @@ pub struct TestEnv {
     pub daemon_database_url: Option<String>,
     /// More daemons on the same prefix and database (hot standbys).
     pub others: Vec<Child>,
+    /// The daemon binary the next processes run: this build's unless set (the rolling upgrade
+    /// test's old build).
+    pub daemon_binary: Option<PathBuf>,
     /// The daemon built in this process by [`TestEnv::spawn_app`].
     app: Option<InProcess>,
 }
@@ -122,6 +125,7 @@ impl TestEnv {
             host_vm,
             cloudstack_from_db: false,
             daemon_database_url: None,
+            daemon_binary: None,
             others: Vec::new(),
             app: None,
         }
@@ -307,7 +311,11 @@ impl TestEnv {
             path
         };
         let log = std::fs::File::create(&log_path).expect("daemon log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+        let binary = self
+            .daemon_binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_volume-daemon")));
+        let mut cmd = Command::new(binary);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "info,worker=debug")

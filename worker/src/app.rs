@@ -71,7 +71,7 @@ pub enum StartError {
 /// `volume-daemon set-host-vm <vm>`: records `vm` as the appliance's host VM in the database
 /// `settings` name (refused while a daemon holds its lease), and logs the change.
 pub async fn set_host_vm(settings: &Settings, vm: schema::VmId) -> Result<(), SetHostVmError> {
-    let pool = db::connect_and_migrate(&settings.database_url, 1).await?;
+    let (pool, _) = db::connect(&settings.database_url, 1).await?;
     let name = lease::lease_name(&settings.amqp_prefix);
     let old = db::appliance::set_host_vm(&pool, &name, vm).await;
     pool.close().await;
@@ -125,7 +125,8 @@ impl Application {
         let env_creds = env_credentials(&settings)?;
         let max_connections =
             u32::from(settings.max_concurrent_operations) + CONNECTIONS_BESIDE_OPERATIONS;
-        let pool = db::connect_and_migrate(&settings.database_url, max_connections).await?;
+        let (pool, schema) = db::connect(&settings.database_url, max_connections).await?;
+        schema.report();
         let me = db::appliance::Appliance {
             prefix: settings.amqp_prefix.clone(),
             host_vm: settings.host_vm_id,
@@ -202,11 +203,7 @@ impl Application {
         } = self;
         let http_addr = listener.local_addr().unwrap_or(settings.http_addr);
         let status = Arc::new(Status::default());
-        let metrics = Arc::new(Metrics::new());
-        metrics.set_appliance(
-            &settings.amqp_prefix,
-            settings.host_vm_id.map(|vm| vm.to_string()).as_deref(),
-        );
+        let metrics = metrics_of(&settings);
         let stopping = CancellationToken::new();
         let watch_shutdown = async {
             shutdown.await;
@@ -249,6 +246,16 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The metrics of this instance, naming its appliance.
+fn metrics_of(settings: &Settings) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_appliance(
+        &settings.amqp_prefix,
+        settings.host_vm_id.map(|vm| vm.to_string()).as_deref(),
+    );
+    metrics
 }
 
 /// Closes every pool: their connections end cleanly instead of being dropped.
@@ -423,6 +430,59 @@ fn spawn_legacy(
 /// How long the relay may take to publish what the outbox holds at shutdown.
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// After a failed migration, how long the lease is left to others before this instance
+/// tries again.
+const MIGRATION_RETRY: Duration = Duration::from_secs(5);
+
+/// Why an instance that took the lease cannot start its period.
+#[derive(Debug, thiserror::Error)]
+enum MigrationError {
+    #[error("migrating the schema to version {version}: {source}")]
+    Migrate {
+        version: i64,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("recording the schema version in the lease row: {0}")]
+    Record(#[source] sqlx::Error),
+    #[error("the execution lease was lost while migrating")]
+    LeaseLost,
+    #[error("stopped while migrating")]
+    Stopped,
+}
+
+/// Applies this binary's pending migrations while `lease` is held and renewed (a long
+/// `ALTER TABLE` must not let it lapse), then records the schema version in the lease row.
+/// Only the holder migrates: a standby of a newer build never changes the schema under a
+/// running active of an older one (docs/upgrading.md).
+async fn migrate_holding(
+    pool: &MySqlPool,
+    lease: &mut Lease,
+    stopping: &CancellationToken,
+) -> Result<(), MigrationError> {
+    let version = db::migrations::binary_version();
+    let migrate = db::migrations::migrate(pool);
+    tokio::pin!(migrate);
+    loop {
+        tokio::select! {
+            done = &mut migrate => {
+                done.map_err(|source| MigrationError::Migrate { version, source })?;
+                break;
+            }
+            () = tokio::time::sleep_until(lease.next_renewal()) => {
+                if let Renewal::Lost = lease.renew().await {
+                    return Err(MigrationError::LeaseLost);
+                }
+            }
+            () = stopping.cancelled() => return Err(MigrationError::Stopped),
+        }
+    }
+    let fence = lease.fence();
+    db::migrations::record_in_lease(pool, fence.name(), fence.epoch())
+        .await
+        .map_err(MigrationError::Record)
+}
+
 /// The housekeeping and intake tasks of an active period, once its repair ended.
 type Started = (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>);
 
@@ -454,9 +514,18 @@ impl Active<'_> {
         loop {
             self.status.set_active(false);
             let prefix = &self.settings.amqp_prefix;
-            let Some(lease) = Lease::acquire(lease_pool, prefix, &holder, stopping).await else {
+            let Some(mut lease) = Lease::acquire(lease_pool, prefix, &holder, stopping).await
+            else {
                 break;
             };
+            if let Err(e) = migrate_holding(self.pool, &mut lease, stopping).await {
+                tracing::error!(error = %e, "the schema could not be migrated: lease released; standing by to try again");
+                lease.release().await;
+                tokio::select! {
+                    () = stopping.cancelled() => break,
+                    () = tokio::time::sleep(MIGRATION_RETRY) => continue,
+                }
+            }
             self.status.set_active(true);
             match self.run(lease, stopping).await {
                 ActiveEnd::Shutdown => break,

@@ -53,7 +53,7 @@ pub(crate) fn router(state: HttpState) -> Router {
 
 /// Liveness: the process runs.
 async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
 
 /// The outbox backlog, `None` when the database does not answer within 2 s. One more try on a
@@ -74,19 +74,35 @@ async fn backlog(pool: &MySqlPool) -> Option<outbox::Backlog> {
     read.ok().and_then(Result::ok)
 }
 
+/// The operations pending and executing and the schema version the database holds (`None`
+/// for what cannot be read within [`DB_ANSWER`]).
+async fn operations_and_schema(pool: &MySqlPool) -> (Option<crate::db::read::Gauges>, Option<i64>) {
+    let read = async {
+        let gauges = crate::db::read::gauges(pool).await.ok();
+        (gauges, crate::db::migrations::database_version(pool).await)
+    };
+    tokio::time::timeout(DB_ANSWER, read)
+        .await
+        .unwrap_or((None, None))
+}
+
 /// Readiness: the database answers, the broker connections are up, the device monitor scans.
 async fn ready(State(s): State<HttpState>) -> Response {
     let backlog = backlog(&s.pool).await;
     let db_ok = backlog.is_some();
-    let intake = s.status.intake_connected();
-    let relay = s.status.relay_connected();
-    let probe = s.status.broker_reachable();
-    let monitor_state = s.devices.state();
-    let monitor = monitor_state == crate::devices::MonitorState::Running;
-    let checks = *s.checks.borrow();
+    let (gauges, schema_version) = if db_ok {
+        operations_and_schema(&s.pool).await
+    } else {
+        (None, None)
+    };
     let active = s.status.active();
     // A standby neither consumes nor publishes: it needs the broker reachable, no more.
-    let broker_ok = if active { intake && relay } else { probe };
+    let broker_ok = if active {
+        s.status.intake_connected() && s.status.relay_connected()
+    } else {
+        s.status.broker_reachable()
+    };
+    let monitor = s.devices.state() == crate::devices::MonitorState::Running;
     let ready = db_ok && broker_ok && monitor;
     let oldest_age_s = backlog
         .and_then(|b| b.oldest)
@@ -94,30 +110,22 @@ async fn ready(State(s): State<HttpState>) -> Response {
     if let Some(b) = backlog {
         s.metrics.set_outbox(b.count, oldest_age_s.unwrap_or(0.0));
     }
-    let up = |ok: bool| if ok { "up" } else { "down" };
-    // Reported, not gating: exports are one consumer of the appliance among others.
-    let nbd = if !s.host.exports_on() {
-        "off"
-    } else {
-        up(s.host.nbd_url().reachable().await)
-    };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "role": s.status.role(),
-        "components": {
-            "database": up(db_ok),
-            "broker": up(probe),
-            "broker_intake": if active { up(intake) } else { "idle" },
-            "broker_relay": if active { up(relay) } else { "idle" },
-            "device_monitor": monitor_state.as_str(),
-            "device_monitor_mode": s.devices.mode().as_str(),
-            "nbd": nbd,
-            "cloudstack": checks.cloudstack.as_str(),
-            "host_vm": checks.host_vm.as_str(),
-        },
+        "components": components(&s, db_ok).await,
         "outbox": {
             "backlog": backlog.map(|b| b.count),
             "oldest_unpublished_age_s": oldest_age_s,
+        },
+        "operations": {
+            "pending": gauges.as_ref().map(|g| g.pending),
+            "executing": gauges.as_ref().map(|g| g.executing),
+        },
+        "version": env!("CARGO_PKG_VERSION"),
+        "schema": {
+            "database": schema_version,
+            "binary": crate::db::migrations::binary_version(),
         },
     });
     let code = if ready {
@@ -126,6 +134,30 @@ async fn ready(State(s): State<HttpState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// `/ready`'s `components`: each one's state.
+async fn components(s: &HttpState, db_ok: bool) -> serde_json::Value {
+    let up = |ok: bool| if ok { "up" } else { "down" };
+    let active = s.status.active();
+    let checks = *s.checks.borrow();
+    // Reported, not gating: exports are one consumer of the appliance among others.
+    let nbd = if !s.host.exports_on() {
+        "off"
+    } else {
+        up(s.host.nbd_url().reachable().await)
+    };
+    json!({
+        "database": up(db_ok),
+        "broker": up(s.status.broker_reachable()),
+        "broker_intake": if active { up(s.status.intake_connected()) } else { "idle" },
+        "broker_relay": if active { up(s.status.relay_connected()) } else { "idle" },
+        "device_monitor": s.devices.state().as_str(),
+        "device_monitor_mode": s.devices.mode().as_str(),
+        "nbd": nbd,
+        "cloudstack": checks.cloudstack.as_str(),
+        "host_vm": checks.host_vm.as_str(),
+    })
 }
 
 /// The outbox, exports, operations and mappings gauges, read from the database (each read

@@ -1,5 +1,6 @@
-//! The persistence layer: the only module that runs SQL. The database is created when missing
-//! and migrated at start (migrations are embedded from the workspace's `migrations/`).
+//! The persistence layer: the only module that runs SQL. The database is created when missing;
+//! a fresh one is migrated at start, any other by the instance that holds the lease
+//! ([`migrations`]; migrations are embedded from the workspace's `migrations/`).
 //!
 //! - [`store`]: `volume_operations` (accept, progress, finish with the outbox row), fenced.
 //! - [`cancel`]: a pending operation ended `cancelled` by a `cancel`.
@@ -14,6 +15,7 @@
 //! - [`devices`]: the mapping sync's updates of host mappings.
 //! - [`exports`]: `nbd_exports` and the persistent names of host mappings.
 //! - [`read`]: the read API's queries.
+//! - [`migrations`]: the schema's version and its migration (rolling upgrades).
 
 // Defined before the modules, so each of them can use it.
 /// The fence as part of one statement: `AND` this makes an UPDATE change nothing unless the
@@ -53,6 +55,7 @@ pub(crate) mod fence;
 pub(crate) mod lease;
 pub(crate) mod legacy;
 pub(crate) mod mappings;
+pub(crate) mod migrations;
 pub(crate) mod outbox;
 pub(crate) mod read;
 pub(crate) mod retention;
@@ -210,11 +213,62 @@ pub(crate) fn is_permanent(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Connects to `url`, creating the database if it does not exist, and applies migrations.
+/// Connects to `url`, creating the database if it does not exist, and applies every pending
+/// migration (`import-legacy` and tests: no daemon runs on that database).
 pub(crate) async fn connect_and_migrate(
     url: &SecretUrl,
     max_connections: u32,
 ) -> Result<MySqlPool, DbError> {
+    let (pool, _) = connect(url, max_connections).await?;
+    migrations::migrate(&pool)
+        .await
+        .map_err(|source| DbError::Migrate {
+            url: url.redacted().to_owned(),
+            source,
+        })?;
+    Ok(pool)
+}
+
+/// Connects to `url`, creating the database if it does not exist; migrates it only when it is
+/// fresh (no migration applied: nobody can be active on it). Any other is migrated by the
+/// instance that holds the lease ([`migrations::migrate`]). Refuses another program's database.
+pub(crate) async fn connect(
+    url: &SecretUrl,
+    max_connections: u32,
+) -> Result<(MySqlPool, migrations::SchemaState), DbError> {
+    let shown = url.redacted().to_owned();
+    let pool = open(url, max_connections).await?;
+    // Before anything is written: sqlx would create `_sqlx_migrations` and fail half-way on a
+    // table of the same name, leaving a database that refuses every later start.
+    if let Err(tables) = check_ours(&pool).await {
+        pool.close().await;
+        return Err(DbError::Foreign { url: shown, tables });
+    }
+    let read_state = || async {
+        migrations::state(&pool)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: shown.clone(),
+                source,
+            })
+    };
+    let mut state = read_state().await?;
+    if state.database.is_none() {
+        // Two instances starting on a fresh database at once: sqlx's migration lock makes
+        // one wait for the other, which then finds nothing to do.
+        migrations::migrate(&pool)
+            .await
+            .map_err(|source| DbError::Migrate {
+                url: shown.clone(),
+                source,
+            })?;
+        state = read_state().await?;
+    }
+    Ok((pool, state))
+}
+
+/// The main pool on `url`, the database created first when missing.
+async fn open(url: &SecretUrl, max_connections: u32) -> Result<MySqlPool, DbError> {
     let shown = url.redacted().to_owned();
     let url = url.expose();
     let exists = MySql::database_exists(url)
@@ -232,7 +286,7 @@ pub(crate) async fn connect_and_migrate(
             }
         }
     }
-    let pool = MySqlPoolOptions::new()
+    MySqlPoolOptions::new()
         .max_connections(max_connections)
         // No ping before each use (a round trip per statement or transaction): a connection
         // the server dropped fails its statement with a transient error, which every caller
@@ -244,21 +298,7 @@ pub(crate) async fn connect_and_migrate(
         .after_connect(|conn, _| Box::pin(bound_session(conn, MAIN_SESSION)))
         .connect(url)
         .await
-        .map_err(|source| DbError::Connect {
-            url: shown.clone(),
-            source,
-        })?;
-    // Before anything is written: sqlx would create `_sqlx_migrations` and fail half-way on a
-    // table of the same name, leaving a database that refuses every later start.
-    if let Err(tables) = check_ours(&pool).await {
-        pool.close().await;
-        return Err(DbError::Foreign { url: shown, tables });
-    }
-    MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| DbError::Migrate { url: shown, source })?;
-    Ok(pool)
+        .map_err(|source| DbError::Connect { url: shown, source })
 }
 
 /// The execution lease's own pool: two connections, quick to give up, connected lazily (a
