@@ -258,6 +258,14 @@ enum Cmd {
     /// Inspect or replay dead-lettered commands.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) for volumectl.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), as the package installs it.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +321,26 @@ struct Common {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(*shell, &mut command, "volumectl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Manpage => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                eprintln!("error: rendering the manual page: {e}");
+                return ExitCode::from(4);
+            }
+            // A reader that stops early (`| head`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &page);
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let result = match cli.command {
         Cmd::Watch { pattern, json, max } => {
             watch(&cli.amqp_url, &cli.prefix, pattern, json, max).await

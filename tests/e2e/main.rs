@@ -23,6 +23,7 @@ mod migrating;
 mod names;
 mod operator;
 mod outages;
+mod package;
 mod producers;
 mod python_client;
 mod reconcile_races;

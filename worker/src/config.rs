@@ -232,6 +232,14 @@ pub enum Task {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) for volume-daemon.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), as the package installs it.
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows

@@ -32,6 +32,28 @@ async fn run() -> anyhow::Result<()> {
         std::process::exit(EX_CONFIG);
     }
     let settings = Settings::parse();
+    match &settings.task {
+        Some(Task::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut command = Settings::command();
+            clap_complete::generate(
+                *shell,
+                &mut command,
+                "volume-daemon",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Some(Task::Manpage) => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Settings::command()).render(&mut page)?;
+            // A reader that stops early (`| head`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &page);
+            return Ok(());
+        }
+        _ => {}
+    }
     let telemetry = worker::telemetry::init(settings.log_format);
     match &settings.task {
         Some(Task::SetHostVm { vm }) => {
@@ -51,7 +73,8 @@ async fn run() -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        None => {}
+        // Handled above, before logging starts.
+        Some(Task::Completions { .. } | Task::Manpage) | None => {}
     }
     tracing::info!(?settings, "starting");
     let app = match Application::build(settings).await {
