@@ -32,27 +32,8 @@ async fn run() -> anyhow::Result<()> {
         std::process::exit(EX_CONFIG);
     }
     let settings = Settings::parse();
-    match &settings.task {
-        Some(Task::Completions { shell }) => {
-            use clap::CommandFactory;
-            let mut command = Settings::command();
-            clap_complete::generate(
-                *shell,
-                &mut command,
-                "volume-daemon",
-                &mut std::io::stdout(),
-            );
-            return Ok(());
-        }
-        Some(Task::Manpage) => {
-            use clap::CommandFactory;
-            let mut page = Vec::new();
-            clap_mangen::Man::new(Settings::command()).render(&mut page)?;
-            // A reader that stops early (`| head`) is not an error.
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), &page);
-            return Ok(());
-        }
-        _ => {}
+    if print_generated(settings.task.as_ref())? {
+        return Ok(());
     }
     let telemetry = worker::telemetry::init(settings.log_format);
     match &settings.task {
@@ -112,4 +93,30 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `completions <shell>` and `manpage`: printed before logging starts. `true` when `task` was
+/// one of them.
+fn print_generated(task: Option<&Task>) -> anyhow::Result<bool> {
+    use clap::CommandFactory;
+    match task {
+        Some(Task::Completions { shell }) => {
+            let mut command = Settings::command();
+            clap_complete::generate(
+                *shell,
+                &mut command,
+                "volume-daemon",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
+        Some(Task::Manpage) => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Settings::command()).render(&mut page)?;
+            // A reader that stops early (`| head`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &page);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
