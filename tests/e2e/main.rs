@@ -18,6 +18,7 @@ mod exports;
 mod fencing;
 mod go_client;
 mod http_flood;
+mod image;
 mod lifecycle;
 mod migrating;
 mod names;

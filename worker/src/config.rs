@@ -240,6 +240,10 @@ pub enum Task {
     /// Print the manual page (roff), as the package installs it.
     #[command(hide = true)]
     Manpage,
+    /// Ask the daemon running with these settings whether it is ready (`GET /ready` on
+    /// HTTP_ADDR, a wildcard address asked on loopback): exit 0 when it answers 200 within 5 s,
+    /// 1 otherwise. The container image's health check.
+    Healthcheck,
 }
 
 /// `AMQP_URL`: one or more comma-separated `amqp://` / `amqps://` URLs. The error never shows

@@ -35,6 +35,9 @@ async fn run() -> anyhow::Result<()> {
     if print_generated(settings.task.as_ref())? {
         return Ok(());
     }
+    if let Some(Task::Healthcheck) = settings.task {
+        std::process::exit(healthcheck(settings.http_addr).await);
+    }
     let telemetry = worker::telemetry::init(settings.log_format);
     match &settings.task {
         Some(Task::SetHostVm { vm }) => {
@@ -55,7 +58,7 @@ async fn run() -> anyhow::Result<()> {
             return Ok(());
         }
         // Handled above, before logging starts.
-        Some(Task::Completions { .. } | Task::Manpage) | None => {}
+        Some(Task::Completions { .. } | Task::Manpage | Task::Healthcheck) | None => {}
     }
     tracing::info!(?settings, "starting");
     let app = match Application::build(settings).await {
@@ -118,5 +121,35 @@ fn print_generated(task: Option<&Task>) -> anyhow::Result<bool> {
             Ok(true)
         }
         _ => Ok(false),
+    }
+}
+
+/// `volume-daemon healthcheck`: 0 when `/ready` on `addr` answers 200 within 5 s, else 1 (and
+/// why, on stderr).
+async fn healthcheck(addr: std::net::SocketAddr) -> i32 {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/ready");
+    let asked = async {
+        let http = cloudstack::Client::http().map_err(|e| e.to_string())?;
+        let answer = http.get(&url).send().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(answer.status().as_u16())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
+        Ok(Ok(200)) => 0,
+        Ok(Ok(code)) => {
+            eprintln!("volume-daemon healthcheck: {url} answered {code}");
+            1
+        }
+        Ok(Err(e)) => {
+            eprintln!("volume-daemon healthcheck: {url}: {e}");
+            1
+        }
+        Err(_) => {
+            eprintln!("volume-daemon healthcheck: {url} did not answer within 5 s");
+            1
+        }
     }
 }
