@@ -192,17 +192,17 @@ pub fn openapi() -> Value {
     let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": refs["ApiError"]}}});
     let path_param = |name: &str, description: &str| json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}});
     let query = |name: &str, description: &str, schema: Value| json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema});
-    let get = |summary: &str, params: Vec<Value>, body: Value, not_found: bool| {
+    let get = |id: &str, summary: &str, params: Vec<Value>, body: Value, not_found: bool| {
         let mut responses = json!({"200": body, "400": error("a malformed id or parameter")});
         if not_found {
             responses["404"] = error("no such id");
         }
         responses["503"] = error("the database is unreachable");
-        json!({"get": {"summary": summary, "parameters": params, "responses": responses}})
+        json!({"get": {"operationId": id, "summary": summary, "parameters": params, "responses": responses}})
     };
     let paths = json!({
-        "/api/v1/operations/{id}": get("One operation", vec![path_param("id", "the command id")], ok("OperationView", "the operation"), true),
-        "/api/v1/operations": get("Operations, newest first", vec![
+        "/api/v1/operations/{id}": get("getOperation", "One operation", vec![path_param("id", "the command id")], ok("OperationView", "the operation"), true),
+        "/api/v1/operations": get("listOperations", "Operations, newest first", vec![
             query("status", "pending, executing, completed, failed or cancelled", json!({"type": "string"})),
             query("type", "create, attach, detach, delete, cancel or reconcile", json!({"type": "string"})),
             query("volume_id", "a volume id", json!({"type": "string", "format": "uuid"})),
@@ -210,11 +210,12 @@ pub fn openapi() -> Value {
             query("limit", "page size", json!({"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE})),
             query("cursor", "the previous page's next_cursor", json!({"type": "string"})),
         ], ok("OperationPage", "a page of operations"), false),
-        "/api/v1/volumes/{id}": get("A volume's mapping, export and last operation", vec![path_param("id", "the volume id")], ok("VolumeView", "the volume"), true),
-        "/api/v1/vms/{id}/volumes": get("A VM's mapped volumes", vec![path_param("id", "the VM id")], ok("VmVolumes", "the VM's mappings"), false),
-        "/api/v1/devices": get("The device monitor's table", vec![], ok("DeviceList", "the devices"), false),
-        "/api/v1/devices/{name}/volume": get("The mapping of the volume on a host device", vec![path_param("name", "a device name such as vdb")], ok("MappingView", "the mapping"), true),
-        "/api/v1/exports": get("The active NBD exports", vec![], ok("ExportList", "the exports"), false),
+        "/api/v1/volumes/{id}": get("getVolume", "A volume's mapping, export and last operation", vec![path_param("id", "the volume id")], ok("VolumeView", "the volume"), true),
+        "/api/v1/vms/{id}/volumes": get("listVmVolumes", "A VM's mapped volumes", vec![path_param("id", "the VM id")], ok("VmVolumes", "the VM's mappings"), false),
+        "/api/v1/devices": get("listDevices", "The device monitor's table", vec![], ok("DeviceList", "the devices"), false),
+        "/api/v1/devices/{name}/volume": get("getDeviceVolume", "The mapping of the volume on a host device", vec![path_param("name", "a device name such as vdb")], ok("MappingView", "the mapping"), true),
+        "/api/v1/exports": get("listExports", "The active NBD exports", vec![], ok("ExportList", "the exports"), false),
+        "/api/v1/openapi.json": {"get": {"operationId": "getOpenApi", "summary": "This document", "responses": {"200": {"description": "the OpenAPI document", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     });
     json!({
         "openapi": "3.1.0",

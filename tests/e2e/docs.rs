@@ -271,3 +271,35 @@ fn sources_cite_the_projects_own_docs() {
         "files citing the developers' reference: {citing:?}"
     );
 }
+
+/// The AsyncAPI document names the draft the JSON Schemas it references are written in.
+#[test]
+fn the_asyncapi_schema_format_is_the_schemas_draft() {
+    let asyncapi = std::fs::read_to_string(repo().join("asyncapi.yaml")).expect("asyncapi");
+    let formats: Vec<&str> = asyncapi
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("schemaFormat: "))
+        .collect();
+    assert_eq!(
+        formats.len(),
+        2,
+        "the command and the event payloads: {formats:?}"
+    );
+    for file in ["schemas/command.schema.json", "schemas/event.schema.json"] {
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(repo().join(file)).expect("schema"))
+                .expect("JSON");
+        let draft = schema["$schema"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("https://json-schema.org/draft/"))
+            .and_then(|s| s.strip_suffix("/schema"))
+            .expect("a $schema of json-schema.org");
+        for format in &formats {
+            assert_eq!(
+                *format,
+                format!("application/schema+json;version={draft}"),
+                "{file} is draft {draft}"
+            );
+        }
+    }
+}

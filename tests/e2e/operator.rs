@@ -925,6 +925,29 @@ async fn the_openapi_document_validates_and_describes_the_served_responses() {
             "{path} does not match the document: {errors:?}\n{body}"
         );
     }
+    // The daemon serves the committed document, and every operation has an id.
+    let (code, served) = env.get_json("/api/v1/openapi.json").await;
+    assert_eq!(
+        (code, &served),
+        (200, &doc),
+        "the daemon serves openapi.json as committed"
+    );
+    let ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .filter_map(|p| p["get"]["operationId"].as_str())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        doc["paths"].as_object().expect("paths").len(),
+        "{ids:?}"
+    );
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        ids.len(),
+        "unique: {ids:?}"
+    );
     // The schemas are not vacuous: a wrong body is refused.
     let validator = schema_of("/api/v1/volumes/{id}", "200");
     assert!(!validator.is_valid(&serde_json::json!({"volume_id": 7})));

@@ -44,6 +44,7 @@ pub(crate) fn routes(state: ApiState) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{name}/volume", get(device_volume))
         .route("/api/v1/exports", get(exports))
+        .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { Failure::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -307,6 +308,11 @@ async fn exports(State(s): State<ApiState>) -> Answer<ExportList> {
     )
     .await?;
     Ok(Json(ExportList { items }))
+}
+
+/// The OpenAPI document of this API (the one committed as `openapi.json`).
+async fn openapi() -> Json<serde_json::Value> {
+    Json(schema::api::openapi())
 }
 
 #[cfg(test)]
