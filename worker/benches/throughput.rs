@@ -16,6 +16,22 @@
 //!    to the same exchange. Target ≥ 0.5.
 //! 5. the daemon's peak RSS (VmHWM) while it works through the 1,000 commands of phase 1.
 //!    Target ≤ 64 MiB.
+//!
+//! Then what a user of a real cloud sees: a simulator that answers every API request after
+//! [`REQUEST_DELAY`] (a management server with a database behind it), and limits that obey the
+//! daemon's rules (at most `MAX_CONCURRENT_OPERATIONS` at once, one attach per VM at a time,
+//! the daemon's job-polling schedule):
+//!
+//! 6. 200 attaches over 25 VMs with 2 s jobs: makespan against the ideal
+//!    2 s × max(⌈200/16⌉, 200/25), and a bare client's makespan. Target ≤ 1.10 × the ideal.
+//! 7. a steady 100 creates/s with 50 ms jobs: the daemon's publish → event p99 against the p99
+//!    of a bare client making the same calls at the same pace. Target ≤ 1.5 ×.
+//! 8. CPU per command of phase 1 (daemon + database + broker) against an in-run floor loop: a
+//!    publish, consume and ack through a quorum queue, one confirmed publish, one INSERT and
+//!    one UPDATE commit, per command. Target ≤ 2 ×.
+//!
+//! Phases 6 and 7 also print the cloud's cost: job polls per job and API requests per
+//! operation, from the simulator's call record.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +53,8 @@ use tokio::process::{Child, Command as Process};
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const MYSQL: &str = "mysql://root@127.0.0.1:3306";
 const CONCURRENCY: usize = 16;
+/// How long the slow cloud of phases 6 and 7 takes to answer each API request.
+const REQUEST_DELAY: Duration = Duration::from_millis(20);
 const WAIT: Duration = Duration::from_secs(120);
 
 /// One phase's world: a simulator, a database, a prefix, a daemon.
@@ -477,7 +495,7 @@ const ROUNDS: usize = 3;
 
 /// 1 and 5: in each round the daemon's creates/s, then the bare client's; the daemon's peak
 /// RSS over all of them. Returns the rounds and the RSS.
-async fn zero_latency() -> (Vec<(f64, f64)>, u64) {
+async fn zero_latency() -> (Vec<(f64, f64)>, u64, f64) {
     let config = SimConfig {
         job_latency: Duration::ZERO,
         ..SimConfig::default()
@@ -509,7 +527,14 @@ async fn zero_latency() -> (Vec<(f64, f64)>, u64) {
         busy.questions as f64 / (n * ROUNDS) as f64
     );
     world.clean().await;
-    (rounds, rss)
+    // Daemon, database and broker: what the floor loop of figure 8 is compared with.
+    let serving: f64 = busy
+        .cpu
+        .iter()
+        .filter(|(what, _)| matches!(*what, "daemon" | "MariaDB" | "RabbitMQ"))
+        .map(|(_, s)| per(*s))
+        .sum();
+    (rounds, rss, serving)
 }
 
 /// The limit of figure 1: `n` createVolume + job polls against `sim`, `CONCURRENCY` at a time,
@@ -680,6 +705,323 @@ async fn relay() -> (f64, f64) {
     (n as f64 / relay_s, bare)
 }
 
+/// The cloud's cost in a phase: job polls per job and API requests per operation, from the
+/// simulator's call record.
+fn cloud_cost(sim: &cloudstack_sim::Sim, operations: usize) -> String {
+    let calls = sim.calls();
+    let jobs = calls
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.command.as_str(),
+                "createVolume" | "attachVolume" | "detachVolume"
+            )
+        })
+        .count()
+        .max(1);
+    let polls = calls
+        .iter()
+        .filter(|c| c.command == "queryAsyncJobResult")
+        .count();
+    format!(
+        "{:.1} job polls per job, {:.1} API requests per operation",
+        polls as f64 / jobs as f64,
+        calls.len() as f64 / operations.max(1) as f64
+    )
+}
+
+/// Makes `sim` answer every request after [`REQUEST_DELAY`].
+fn slow_cloud(sim: &cloudstack_sim::Sim) {
+    sim.set_faults(cloudstack_sim::Faults {
+        latency_ms: u64::try_from(REQUEST_DELAY.as_millis()).unwrap_or(u64::MAX),
+        ..sim.faults()
+    });
+}
+
+/// A CloudStack client of `sim` alone (no broker, no database): the limits' client.
+fn bare_client(sim: &cloudstack_sim::RunningSim) -> Client {
+    let (key, secret) = sim.sim.keys();
+    Client::new(
+        Client::http().expect("http"),
+        Credentials {
+            api_url: sim.api_url(),
+            api_key: key,
+            secret_key: secret.into(),
+        },
+        RetryPolicy::default(),
+    )
+}
+
+/// 6: 200 attaches over 25 VMs with 2 s jobs on the slow cloud: the daemon's makespan, a bare
+/// client's (the same rules: 16 at a time, one per VM at a time, the same polling), and the
+/// cloud's cost of the daemon's run.
+async fn slow_attaches() -> (Duration, Duration, String) {
+    let vms: Vec<VmId> = (0..25).map(|_| VmId::new_random()).collect();
+    let config = SimConfig {
+        job_latency: Duration::from_secs(2),
+        vms: vms.clone(),
+        max_data_disks: 8,
+        ..SimConfig::default()
+    };
+    let world = World::new(config.clone()).await;
+    slow_cloud(&world.sim.sim);
+    let volumes: Vec<VolumeId> = (0..200)
+        .map(|i| world.sim.sim.seed_volume(&format!("a{i}"), 1 << 30))
+        .collect();
+    let commands = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Command::attach(*v, vms[i % vms.len()]))
+        .collect();
+    let t = world.run(commands, None).await;
+    let cost = cloud_cost(&world.sim.sim, 200);
+    world.clean().await;
+
+    let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
+        .await
+        .expect("simulator");
+    slow_cloud(&sim.sim);
+    let volumes: Vec<VolumeId> = (0..200)
+        .map(|i| sim.sim.seed_volume(&format!("b{i}"), 1 << 30))
+        .collect();
+    let client = bare_client(&sim);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let started = Instant::now();
+    // One task per VM, its attaches in order; the semaphore caps them all at 16.
+    let per_vm = vms.iter().enumerate().map(|(k, vm)| {
+        let (client, slots, vm) = (client.clone(), slots.clone(), *vm);
+        let mine: Vec<VolumeId> = volumes.iter().skip(k).step_by(vms.len()).copied().collect();
+        tokio::spawn(async move {
+            for v in mine {
+                let _slot = slots.acquire().await.expect("semaphore");
+                let job = client
+                    .attach_volume(v, vm, None)
+                    .await
+                    .expect("attachVolume");
+                client
+                    .wait_for_volume_job(&job, JobPolling::default())
+                    .await
+                    .expect("job");
+            }
+        })
+    });
+    for w in futures_util::future::join_all(per_vm).await {
+        w.expect("worker");
+    }
+    (t.makespan(), started.elapsed(), cost)
+}
+
+/// 7: a steady 100 creates/s with 50 ms jobs on the slow cloud: the daemon's publish → event
+/// latencies, a bare client's createVolume + job latencies at the same pace (16 at a time),
+/// and the cloud's cost of the daemon's run.
+async fn slow_steady() -> (Vec<Duration>, Vec<Duration>, String) {
+    let config = SimConfig {
+        job_latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    };
+    let world = World::new(config.clone()).await;
+    slow_cloud(&world.sim.sim);
+    let n = 300;
+    let t = world
+        .run(creates(n, "ss"), Some(Duration::from_millis(10)))
+        .await;
+    let cost = cloud_cost(&world.sim.sim, n);
+    world.clean().await;
+
+    let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
+        .await
+        .expect("simulator");
+    slow_cloud(&sim.sim);
+    let client = bare_client(&sim);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut each = Vec::with_capacity(n);
+    for _ in 0..n {
+        tick.tick().await;
+        let (client, slots) = (client.clone(), slots.clone());
+        let asked = Instant::now();
+        each.push(tokio::spawn(async move {
+            let _slot = slots.acquire().await.expect("semaphore");
+            let (_, job) = client
+                .create_volume("bare", ZONE_ID, CUSTOM_OFFERING_ID, Some(1))
+                .await
+                .expect("createVolume");
+            client
+                .wait_for_volume_job(&job, JobPolling::default())
+                .await
+                .expect("job");
+            asked.elapsed()
+        }));
+    }
+    let mut bare: Vec<Duration> = futures_util::future::join_all(each)
+        .await
+        .into_iter()
+        .map(|r| r.expect("worker"))
+        .collect();
+    bare.sort();
+    (t.latencies(), bare, cost)
+}
+
+/// 8's floor: per command, a publish, consume and ack through a quorum queue, one confirmed
+/// publish to an exchange, one INSERT and one UPDATE commit; 16 at a time. CPU seconds per
+/// command of the bench process, MariaDB and RabbitMQ together.
+async fn floor_loop() -> f64 {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    let n = 1000;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let admin = MySqlPool::connect(MYSQL).await.expect("MariaDB");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE vd_floor_{tag}"
+    )))
+    .execute(&admin)
+    .await
+    .expect("database");
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(CONCURRENCY as u32)
+        .connect(&format!("{MYSQL}/vd_floor_{tag}"))
+        .await
+        .expect("database");
+    sqlx::query("CREATE TABLE floor (id VARCHAR(64) PRIMARY KEY, status VARCHAR(16), body JSON)")
+        .execute(&pool)
+        .await
+        .expect("table");
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let queue = format!("floor{tag}");
+    let exchange = format!("floor{tag}.events");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("quorum queue");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let consumer_ch = conn.create_channel().await.expect("channel");
+    consumer_ch
+        .basic_qos(CONCURRENCY as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = consumer_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let body = serde_json::to_vec(&creates(1, "floor")[0].to_body()).expect("json");
+    let me = std::process::id().to_string();
+    let reading = || {
+        cpu_seconds(&me)
+            + pids_of("mariadbd")
+                .iter()
+                .map(|p| cpu_seconds(p))
+                .sum::<f64>()
+            + pids_of("beam.smp")
+                .iter()
+                .map(|p| cpu_seconds(p))
+                .sum::<f64>()
+    };
+    let before = reading();
+    // Publishers: 16 at a time, each message confirmed.
+    let publish = async {
+        for chunk in (0..n).collect::<Vec<usize>>().chunks(CONCURRENCY) {
+            let confirms = futures_util::future::join_all(chunk.iter().map(|_| {
+                ch.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+            }))
+            .await;
+            for c in confirms {
+                c.expect("publish").await.expect("confirm");
+            }
+        }
+    };
+    // The consumer: per message an INSERT, an UPDATE and a confirmed event, then the ack.
+    let consume = async {
+        let mut done = 0;
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        while done < n {
+            tokio::select! {
+                Some(delivery) = consumer.next(), if in_flight.len() < CONCURRENCY => {
+                    let delivery = delivery.expect("delivery");
+                    let (pool, ch, exchange, body) = (pool.clone(), ch.clone(), exchange.clone(), body.clone());
+                    in_flight.push(async move {
+                        let id = uuid::Uuid::new_v4().to_string();
+                        sqlx::query("INSERT INTO floor (id, status, body) VALUES (?, 'pending', ?)")
+                            .bind(&id)
+                            .bind(&body)
+                            .execute(&pool)
+                            .await
+                            .expect("insert");
+                        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+                        sqlx::query("UPDATE floor SET status = 'completed' WHERE id = ?")
+                            .bind(&id)
+                            .execute(&pool)
+                            .await
+                            .expect("update");
+                        ch.basic_publish(
+                            exchange.as_str().into(),
+                            "volume.create.completed".into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("confirm");
+                    });
+                }
+                Some(()) = in_flight.next() => done += 1,
+            }
+        }
+    };
+    tokio::join!(publish, consume);
+    let spent = reading() - before;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE vd_floor_{tag}")))
+        .execute(&admin)
+        .await;
+    spent * 1000.0 / n as f64
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -688,7 +1030,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         println!("volume-daemon end-to-end benchmark (MAX_CONCURRENT_OPERATIONS={CONCURRENCY})");
-        let (mut rounds, rss) = zero_latency().await;
+        let (mut rounds, rss, serving) = zero_latency().await;
         rounds.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
         let (daemon, bare) = rounds[rounds.len() / 2];
         let all: Vec<String> = rounds.iter().map(|(d, b)| format!("{:.2}", d / b)).collect();
@@ -721,6 +1063,32 @@ fn main() {
         println!(
             "5. peak RSS through 1,000 commands: {:.1} MiB  (target ≤ 64 MiB)",
             rss as f64 / (1 << 20) as f64
+        );
+        let delay = ms(REQUEST_DELAY);
+        let (makespan, bare, cost) = slow_attaches().await;
+        let ideal = 2.0 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
+        println!(
+            "6. cloud answering in {delay:.0} ms, 200 attaches over 25 VMs, 2 s jobs: makespan {:.2} s, ideal {ideal:.2} s, ratio {:.2}  (target ≤ 1.10); a bare client with the same rules {:.2} s ({:.2} × ideal)",
+            makespan.as_secs_f64(),
+            makespan.as_secs_f64() / ideal,
+            bare.as_secs_f64(),
+            bare.as_secs_f64() / ideal
+        );
+        println!("   the cloud's cost: {cost}");
+        let (daemon, bare, cost) = slow_steady().await;
+        println!(
+            "7. cloud answering in {delay:.0} ms, steady 100 creates/s, 50 ms jobs: daemon p50 {:.1} ms, p99 {:.1} ms; bare client p50 {:.1} ms, p99 {:.1} ms; p99 ratio {:.2}  (target ≤ 1.50)",
+            ms(percentile(&daemon, 0.5)),
+            ms(percentile(&daemon, 0.99)),
+            ms(percentile(&bare, 0.5)),
+            ms(percentile(&bare, 0.99)),
+            ms(percentile(&daemon, 0.99)) / ms(percentile(&bare, 0.99))
+        );
+        println!("   the cloud's cost: {cost}");
+        let floor = floor_loop().await;
+        println!(
+            "8. CPU per command of phase 1 (daemon + MariaDB + RabbitMQ) {serving:.2} ms, floor loop (quorum publish/consume/ack, confirmed publish, INSERT + UPDATE) {floor:.2} ms, ratio {:.2}  (target ≤ 2.00)",
+            serving / floor
         );
     });
 }

@@ -430,13 +430,18 @@ fn spawn_legacy(
 /// How long the relay may take to publish what the outbox holds at shutdown.
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
-/// After a failed migration, how long the lease is left to others before this instance
-/// tries again.
+/// After a migration that failed for good, how long the lease is left to others before this
+/// instance tries again.
 const MIGRATION_RETRY: Duration = Duration::from_secs(5);
+/// Tries of each step of the activation's schema check (a connection the server dropped, a
+/// killed session: transient; anything else ends it at once).
+const MIGRATION_ATTEMPTS: usize = 5;
 
 /// Why an instance that took the lease cannot start its period.
 #[derive(Debug, thiserror::Error)]
 enum MigrationError {
+    #[error("reading the schema's version: {0}")]
+    Read(#[source] sqlx::Error),
     #[error("migrating the schema to version {version}: {source}")]
     Migrate {
         version: i64,
@@ -451,22 +456,52 @@ enum MigrationError {
     Stopped,
 }
 
+/// Whether a migration error may pass on a second try (the database's, not the migration's).
+fn transient_migration(e: &sqlx::migrate::MigrateError) -> bool {
+    match e {
+        sqlx::migrate::MigrateError::Execute(e) => crate::retry::transient_db(e),
+        _ => false,
+    }
+}
+
 /// Applies this binary's pending migrations while `lease` is held and renewed (a long
 /// `ALTER TABLE` must not let it lapse), then records the schema version in the lease row.
 /// Only the holder migrates: a standby of a newer build never changes the schema under a
-/// running active of an older one (docs/upgrading.md).
+/// running active of an older one (docs/upgrading.md). Transient database errors are tried
+/// again at once: the activation must not wait (operations wait on it).
 async fn migrate_holding(
     pool: &MySqlPool,
     lease: &mut Lease,
     stopping: &CancellationToken,
 ) -> Result<(), MigrationError> {
     let version = db::migrations::binary_version();
-    let migrate = db::migrations::migrate(pool);
-    tokio::pin!(migrate);
+    let check = async {
+        let state = crate::retry::bounded(
+            "read the schema's version",
+            MIGRATION_ATTEMPTS,
+            crate::retry::transient_db,
+            || db::migrations::state(pool),
+        )
+        .await
+        .map_err(MigrationError::Read)?;
+        if state.pending > 0 {
+            tracing::info!(from = ?state.database, to = version, "migrating the schema");
+            crate::retry::bounded(
+                "migrate the schema",
+                MIGRATION_ATTEMPTS,
+                transient_migration,
+                || db::migrations::migrate(pool),
+            )
+            .await
+            .map_err(|source| MigrationError::Migrate { version, source })?;
+        }
+        Ok(())
+    };
+    tokio::pin!(check);
     loop {
         tokio::select! {
-            done = &mut migrate => {
-                done.map_err(|source| MigrationError::Migrate { version, source })?;
+            done = &mut check => {
+                done?;
                 break;
             }
             () = tokio::time::sleep_until(lease.next_renewal()) => {
@@ -478,9 +513,14 @@ async fn migrate_holding(
         }
     }
     let fence = lease.fence();
-    db::migrations::record_in_lease(pool, fence.name(), fence.epoch())
-        .await
-        .map_err(MigrationError::Record)
+    crate::retry::bounded(
+        "record the schema version in the lease row",
+        MIGRATION_ATTEMPTS,
+        crate::retry::transient_db,
+        || db::migrations::record_in_lease(pool, fence.name(), fence.epoch()),
+    )
+    .await
+    .map_err(MigrationError::Record)
 }
 
 /// The housekeeping and intake tasks of an active period, once its repair ended.
