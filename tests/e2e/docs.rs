@@ -33,11 +33,12 @@ fn local_links(text: &str) -> Vec<String> {
 fn documentation_links_resolve_inside_the_repository() {
     let mut broken = Vec::new();
     let mut links = 0;
+    let outside = format!("../{}", "shared");
     for doc in documents() {
         let text = std::fs::read_to_string(&doc).expect("readable");
         assert!(
-            !text.contains("../shared"),
-            "{} points outside the repository (../shared)",
+            !text.contains(&outside),
+            "{} points outside the repository ({outside})",
             doc.display()
         );
         for link in local_links(&text) {
@@ -60,8 +61,8 @@ fn documentation_links_resolve_inside_the_repository() {
 
 #[test]
 fn the_link_parser_sees_links_and_skips_urls() {
-    let text = "see [a](docs/wire.md#x), [b](https://example.org) and [c](../shared/X.md)";
-    assert_eq!(local_links(text), ["docs/wire.md", "../shared/X.md"]);
+    let text = "see [a](docs/wire.md#x), [b](https://example.org) and [c](../other/X.md)";
+    assert_eq!(local_links(text), ["docs/wire.md", "../other/X.md"]);
 }
 
 /// Every command example of the AsyncAPI document is a valid command: by the committed JSON
@@ -234,8 +235,7 @@ fn sources_cite_the_projects_own_docs() {
             } else if matches!(
                 path.extension().and_then(|e| e.to_str()),
                 Some("rs" | "go" | "json" | "yaml")
-            ) && name != "docs.rs"
-            {
+            ) {
                 out.push(path);
             }
         }
@@ -255,13 +255,15 @@ fn sources_cite_the_projects_own_docs() {
     }
     files.push(repo().join("openapi.json"));
     files.push(repo().join("asyncapi.yaml"));
+    // The needles are built, so that this file does not cite what it looks for.
+    let section = format!("{} §", "CONTRACT");
+    let shared = format!("{}/", "shared");
+    let cloudstack_notes = format!("{}.md", "CLOUDSTACK");
     let citing: Vec<String> = files
         .iter()
         .filter(|f| {
             let text = std::fs::read_to_string(f).unwrap_or_default();
-            text.contains("CONTRACT §")
-                || text.contains("shared/")
-                || text.contains("CLOUDSTACK.md")
+            text.contains(&section) || text.contains(&shared) || text.contains(&cloudstack_notes)
         })
         .map(|f| f.display().to_string())
         .collect();
