@@ -67,11 +67,7 @@ pub(crate) async fn run(api_urls: &[String], amqp_url: &str, prefix: &str, json:
         Err(e) => Err(e.to_string()),
     };
     // The failures from an instance that answers (the active's database is everyone's).
-    let reader = instances
-        .iter()
-        .find(|i| i.role() == "active")
-        .or_else(|| instances.iter().find(|i| i.body().is_some()));
-    let failures = match reader {
+    let failures = match main_instance(&instances) {
         Some(i) => failures_from(&i.url).await,
         None => Err("no instance answers".into()),
     };
@@ -92,6 +88,14 @@ pub(crate) async fn run(api_urls: &[String], amqp_url: &str, prefix: &str, json:
     report.exit_code()
 }
 
+/// The instance whose view of the database is shown: the active, else any that answers.
+fn main_instance(instances: &[Instance]) -> Option<&Instance> {
+    instances
+        .iter()
+        .find(|i| i.role() == "active")
+        .or_else(|| instances.iter().find(|i| i.body().is_some()))
+}
+
 async fn failures_from(url: &str) -> Result<Vec<OperationView>, String> {
     let api = ApiClient::new(url).map_err(|e| e.to_string())?;
     let q = OperationQuery {
@@ -105,13 +109,9 @@ async fn failures_from(url: &str) -> Result<Vec<OperationView>, String> {
 }
 
 impl Report {
-    /// The instance whose view of the database is shown: the active, else any that answers.
+    /// The main instance's `/ready` body.
     fn main_view(&self) -> Option<&Value> {
-        self.instances
-            .iter()
-            .find(|i| i.role() == "active")
-            .or_else(|| self.instances.iter().find(|i| i.body().is_some()))
-            .and_then(Instance::body)
+        main_instance(&self.instances).and_then(Instance::body)
     }
 
     /// What an operator should look at, one line each.

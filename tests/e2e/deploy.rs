@@ -101,22 +101,13 @@ async fn the_dashboard_and_the_alert_rules_name_only_metrics_of_a_real_scrape() 
     );
 }
 
-/// `systemd-analyze verify` accepts the unit (pointed at the binary this suite built).
-#[test]
-fn the_systemd_unit_verifies() {
-    let unit = std::fs::read_to_string(deploy("volume-daemon.service")).expect("unit");
-    assert!(unit.contains("User=volume-daemon") && !unit.contains("User=root"));
+/// `systemd-analyze verify` on `unit` written as `name` in a directory of its own: what it
+/// said when it failed or said anything.
+fn verify_unit(name: &str, unit: &str) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("vd-unit-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("volume-daemon.service");
-    std::fs::write(
-        &path,
-        unit.replace(
-            "/usr/local/bin/volume-daemon",
-            env!("CARGO_BIN_EXE_volume-daemon"),
-        ),
-    )
-    .expect("write");
+    let path = dir.join(name);
+    std::fs::write(&path, unit).expect("write");
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
@@ -128,7 +119,25 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
+/// `systemd-analyze verify` accepts the unit (pointed at the binary this suite built).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(deploy("volume-daemon.service")).expect("unit");
+    assert!(unit.contains("User=volume-daemon") && !unit.contains("User=root"));
+    let unit = unit.replace(
+        "/usr/local/bin/volume-daemon",
+        env!("CARGO_BIN_EXE_volume-daemon"),
+    );
+    if let Err(said) = verify_unit("volume-daemon.service", &unit) {
+        panic!("{said}");
+    }
 }
 
 /// The nbdkit unit docs/migrating.md starts verifies too (nbdkit as installed by Debian).
@@ -136,22 +145,9 @@ fn the_systemd_unit_verifies() {
 fn the_nbdkit_unit_verifies() {
     let unit = std::fs::read_to_string(deploy("nbdkit-volume-daemon.service")).expect("unit");
     assert!(unit.contains("file dir=/var/lib/volume-daemon/exports"));
-    let dir = std::env::temp_dir().join(format!("vd-unit-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("nbdkit-volume-daemon.service");
-    std::fs::write(&path, unit).expect("write");
-    let out = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .expect("systemd-analyze runs");
-    let _ = std::fs::remove_dir_all(&dir);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    if let Err(said) = verify_unit("nbdkit-volume-daemon.service", &unit) {
+        panic!("{said}");
+    }
 }
 
 /// `promtool` on `deploy/prometheus`: the rules and the scrape configuration check, the rule

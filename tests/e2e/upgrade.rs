@@ -32,6 +32,23 @@ fn build_at(commit: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
 }
 
+fn create_name(i: usize) -> String {
+    format!("rolling-{i}")
+}
+
+/// Publishes the creates `rolling-<i>` for `range`; what waits for their events.
+async fn publish_creates(
+    client: &publisher::VolumeClient,
+    range: std::ops::Range<usize>,
+) -> Vec<publisher::PendingCommand> {
+    let mut pending = Vec::new();
+    for name in range.map(create_name) {
+        let command = cmd::create(&name, "1GiB");
+        pending.push(client.publish(&command).await.expect("published"));
+    }
+    pending
+}
+
 async fn applied(env: &mut TestEnv) -> Vec<i64> {
     sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
         .fetch_all(&env.db().await)
@@ -92,17 +109,7 @@ async fn a_newer_standby_leaves_the_schema_alone_and_migrates_when_it_takes_over
 
     let client = env.client().await;
     let mut pending = Vec::new();
-    let mut names = Vec::new();
-    for i in 0..10 {
-        let name = format!("rolling-{i}");
-        pending.push(
-            client
-                .publish(&cmd::create(&name, "1GiB"))
-                .await
-                .expect("published"),
-        );
-        names.push(name);
-    }
+    pending.extend(publish_creates(&client, 0..10).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         applied(&mut env).await,
@@ -121,29 +128,11 @@ async fn a_newer_standby_leaves_the_schema_alone_and_migrates_when_it_takes_over
     );
 
     // More commands while the old one stops and the new one takes over.
-    for i in 10..20 {
-        let name = format!("rolling-{i}");
-        pending.push(
-            client
-                .publish(&cmd::create(&name, "1GiB"))
-                .await
-                .expect("published"),
-        );
-        names.push(name);
-    }
+    pending.extend(publish_creates(&client, 10..20).await);
     env.stop_daemon().await;
     env.promote_other(0, standby);
     env.wait_active(WAIT).await;
-    for i in 20..30 {
-        let name = format!("rolling-{i}");
-        pending.push(
-            client
-                .publish(&cmd::create(&name, "1GiB"))
-                .await
-                .expect("published"),
-        );
-        names.push(name);
-    }
+    pending.extend(publish_creates(&client, 20..30).await);
     for p in pending {
         let event = p.wait(WAIT).await.expect("every command's event");
         assert_eq!(event.event_type, "volume.create.completed", "{event:?}");
@@ -170,10 +159,10 @@ async fn a_newer_standby_leaves_the_schema_alone_and_migrates_when_it_takes_over
 
     // Nothing lost or doubled.
     let calls = env.sim.sim.calls();
-    for name in &names {
+    for name in (0..30).map(create_name) {
         let creates = calls
             .iter()
-            .filter(|c| c.command == "createVolume" && c.params.get("name") == Some(name))
+            .filter(|c| c.command == "createVolume" && c.params.get("name") == Some(&name))
             .count();
         assert_eq!(creates, 1, "createVolume calls for {name}");
     }

@@ -540,16 +540,7 @@ async fn zero_latency() -> (Vec<(f64, f64)>, u64, f64) {
 /// The limit of figure 1: `n` createVolume + job polls against `sim`, `CONCURRENCY` at a time,
 /// by the CloudStack client alone (no broker, no database): creates/s.
 async fn bare_creates(sim: &cloudstack_sim::RunningSim, n: usize) -> f64 {
-    let (key, secret) = sim.sim.keys();
-    let client = Client::new(
-        Client::http().expect("http"),
-        Credentials {
-            api_url: sim.api_url(),
-            api_key: key,
-            secret_key: secret.into(),
-        },
-        RetryPolicy::default(),
-    );
+    let client = bare_client(sim);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers = (0..CONCURRENCY).map(|_| {
@@ -588,17 +579,21 @@ async fn steady() -> (Vec<Duration>, String) {
     (t.latencies(), stages)
 }
 
-/// 3: the makespan of 200 attaches over 25 VMs with 500 ms jobs.
-async fn attaches() -> Duration {
+/// The attach phases' cloud: 25 VMs taking 8 data disks each, jobs of `job`.
+fn attach_cloud(job: Duration) -> (Vec<VmId>, SimConfig) {
     let vms: Vec<VmId> = (0..25).map(|_| VmId::new_random()).collect();
-    let world = World::new(SimConfig {
-        job_latency: Duration::from_millis(500),
+    let config = SimConfig {
+        job_latency: job,
         vms: vms.clone(),
         // 8 per VM: a hypervisor whose limit allows it (the simulator's default is 6).
         max_data_disks: 8,
         ..SimConfig::default()
-    })
-    .await;
+    };
+    (vms, config)
+}
+
+/// 200 attaches over `vms` through the daemon of `world`: its timings.
+async fn run_attaches(world: &World, vms: &[VmId]) -> Timings {
     let volumes: Vec<VolumeId> = (0..200)
         .map(|i| world.sim.sim.seed_volume(&format!("a{i}"), 1 << 30))
         .collect();
@@ -607,7 +602,14 @@ async fn attaches() -> Duration {
         .enumerate()
         .map(|(i, v)| Command::attach(*v, vms[i % vms.len()]))
         .collect();
-    let t = world.run(commands, None).await;
+    world.run(commands, None).await
+}
+
+/// 3: the makespan of 200 attaches over 25 VMs with 500 ms jobs.
+async fn attaches() -> Duration {
+    let (vms, config) = attach_cloud(Duration::from_millis(500));
+    let world = World::new(config).await;
+    let t = run_attaches(&world, &vms).await;
     world.clean().await;
     t.makespan()
 }
@@ -756,24 +758,10 @@ fn bare_client(sim: &cloudstack_sim::RunningSim) -> Client {
 /// client's (the same rules: 16 at a time, one per VM at a time, the same polling), and the
 /// cloud's cost of the daemon's run.
 async fn slow_attaches() -> (Duration, Duration, String) {
-    let vms: Vec<VmId> = (0..25).map(|_| VmId::new_random()).collect();
-    let config = SimConfig {
-        job_latency: Duration::from_secs(2),
-        vms: vms.clone(),
-        max_data_disks: 8,
-        ..SimConfig::default()
-    };
+    let (vms, config) = attach_cloud(Duration::from_secs(2));
     let world = World::new(config.clone()).await;
     slow_cloud(&world.sim.sim);
-    let volumes: Vec<VolumeId> = (0..200)
-        .map(|i| world.sim.sim.seed_volume(&format!("a{i}"), 1 << 30))
-        .collect();
-    let commands = volumes
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Command::attach(*v, vms[i % vms.len()]))
-        .collect();
-    let t = world.run(commands, None).await;
+    let t = run_attaches(&world, &vms).await;
     let cost = cloud_cost(&world.sim.sim, 200);
     world.clean().await;
 

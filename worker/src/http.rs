@@ -104,9 +104,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
     };
     let monitor = s.devices.state() == crate::devices::MonitorState::Running;
     let ready = db_ok && broker_ok && monitor;
-    let oldest_age_s = backlog
-        .and_then(|b| b.oldest)
-        .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+    let oldest_age_s = backlog.as_ref().and_then(oldest_age_s);
     if let Some(b) = backlog {
         s.metrics.set_outbox(b.count, oldest_age_s.unwrap_or(0.0));
     }
@@ -160,15 +158,18 @@ async fn components(s: &HttpState, db_ok: bool) -> serde_json::Value {
     })
 }
 
+/// How old the oldest unpublished event is, in seconds (`None`: there is none).
+fn oldest_age_s(b: &outbox::Backlog) -> Option<f64> {
+    b.oldest
+        .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+}
+
 /// The outbox, exports, operations and mappings gauges, read from the database (each read
 /// bounded; a slow one leaves the last value).
 async fn read_shared_gauges(s: &HttpState) {
     if let Ok(Ok(b)) = tokio::time::timeout(DB_ANSWER, outbox::backlog(&s.pool)).await {
-        let age = b
-            .oldest
-            .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        s.metrics.set_outbox(b.count, age);
+        s.metrics
+            .set_outbox(b.count, oldest_age_s(&b).unwrap_or(0.0));
     }
     if let Ok(Ok(n)) = tokio::time::timeout(DB_ANSWER, exports::active_count(&s.pool)).await {
         s.metrics.set_nbd_exports(n);

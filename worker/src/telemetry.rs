@@ -46,9 +46,10 @@ pub fn init(format: LogFormat) -> Telemetry {
     let (filter, legacy) = log_filter();
     // Colours only for a person at a terminal: journald and files store the escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (provider, export_error) = match otlp_endpoint() {
+    let endpoint = otlp_endpoint();
+    let (provider, export_error) = match &endpoint {
         None => (None, None),
-        Some(endpoint) => match exporter(&endpoint) {
+        Some(endpoint) => match exporter(endpoint) {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         },
@@ -71,10 +72,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     if let Some(e) = export_error {
         tracing::error!(error = %e, "OTEL_EXPORTER_OTLP_ENDPOINT is set but no span exporter could be built: spans are not exported");
     } else if provider.is_some() {
-        tracing::info!(
-            endpoint = otlp_endpoint().unwrap_or_default(),
-            "exporting spans over OTLP/HTTP"
-        );
+        tracing::info!(endpoint, "exporting spans over OTLP/HTTP");
     }
     legacy.warn();
     Telemetry { provider }

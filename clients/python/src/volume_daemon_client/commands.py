@@ -226,12 +226,11 @@ class Snapshot(_Common):
 
 
 @dataclass
-class RevertSnapshot(_Common):
+class _OnSnapshot(_Common):
+    """A command naming a volume and one of its snapshots."""
+
     volume_id: str = ""
     snapshot_id: str = ""
-
-    def __post_init__(self) -> None:
-        self.type = "revert_snapshot"
 
     def _check(self) -> None:
         self._uuid("volume_id", self.volume_id, True)
@@ -242,19 +241,15 @@ class RevertSnapshot(_Common):
 
 
 @dataclass
-class DeleteSnapshot(_Common):
-    volume_id: str = ""
-    snapshot_id: str = ""
+class RevertSnapshot(_OnSnapshot):
+    def __post_init__(self) -> None:
+        self.type = "revert_snapshot"
 
+
+@dataclass
+class DeleteSnapshot(_OnSnapshot):
     def __post_init__(self) -> None:
         self.type = "delete_snapshot"
-
-    def _check(self) -> None:
-        self._uuid("volume_id", self.volume_id, True)
-        self._uuid("snapshot_id", self.snapshot_id, True)
-
-    def _fields(self) -> Dict[str, Any]:
-        return {"volume_id": self.volume_id, "snapshot_id": self.snapshot_id}
 
 
 @dataclass
