@@ -15,7 +15,7 @@
 //! 4. relay throughput on a pre-filled outbox (events/s), next to a bare confirmed-publish loop
 //!    to the same exchange. Target ≥ 0.5.
 //! 5. the daemon's peak RSS (VmHWM) while it works through the 1,000 commands of phase 1.
-//!    Target ≤ 64 MiB.
+//!    Target ≤ 40 MiB.
 //!
 //! Then what a user of a real cloud sees: a simulator that answers every API request after
 //! [`REQUEST_DELAY`] (a management server with a database behind it), and limits that obey the
@@ -31,7 +31,8 @@
 //!    one UPDATE commit, per command. Target ≤ 2 ×.
 //!
 //! Phases 6 and 7 also print the cloud's cost: job polls per job and API requests per
-//! operation, from the simulator's call record.
+//! operation, from the simulator's call record. `BENCH_PHASES=1,8` runs only the phases it
+//! lists (5 and 8 run phase 1, whose figures they read).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -1010,6 +1011,18 @@ async fn floor_loop() -> f64 {
     spent * 1000.0 / n as f64
 }
 
+/// Whether phase `n` runs: all of them, unless `BENCH_PHASES` lists some (`1,8`; 5 and 8
+/// come with 1, whose figures they read).
+fn wanted(n: u8) -> bool {
+    match std::env::var("BENCH_PHASES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .filter_map(|p| p.trim().parse::<u8>().ok())
+            .any(|p| p == n || (n == 1 && (p == 5 || p == 8))),
+        _ => true,
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1018,7 +1031,12 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         println!("volume-daemon end-to-end benchmark (MAX_CONCURRENT_OPERATIONS={CONCURRENCY})");
-        let (mut rounds, rss, serving) = zero_latency().await;
+        let (mut rounds, rss, serving) = if wanted(1) {
+            zero_latency().await
+        } else {
+            (Vec::new(), 0, 0.0)
+        };
+        if wanted(1) {
         rounds.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
         let (daemon, bare) = rounds[rounds.len() / 2];
         let all: Vec<String> = rounds.iter().map(|(d, b)| format!("{:.2}", d / b)).collect();
@@ -1027,6 +1045,8 @@ fn main() {
             daemon / bare,
             all.join(", ")
         );
+        }
+        if wanted(2) {
         let (l, stages) = steady().await;
         let job = 50.0;
         println!(
@@ -1036,6 +1056,8 @@ fn main() {
             ms(percentile(&l, 0.99)) / job
         );
         println!("   medians of its stages: {stages}");
+        }
+        if wanted(3) {
         let makespan = attaches().await;
         let ideal = 0.5 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
         println!(
@@ -1043,16 +1065,22 @@ fn main() {
             makespan.as_secs_f64(),
             makespan.as_secs_f64() / ideal
         );
+        }
+        if wanted(4) {
         let (relay, bare_publish) = relay().await;
         println!(
             "4. relay: {relay:.0} events/s from a pre-filled outbox (first to last publish), bare confirmed publish {bare_publish:.0}/s, ratio {:.2}  (target ≥ 0.50)",
             relay / bare_publish
         );
+        }
+        if wanted(5) {
         println!(
-            "5. peak RSS through 1,000 commands: {:.1} MiB  (target ≤ 64 MiB)",
+            "5. peak RSS through 1,000 commands: {:.1} MiB  (target ≤ 40 MiB)",
             rss as f64 / (1 << 20) as f64
         );
+        }
         let delay = ms(REQUEST_DELAY);
+        if wanted(6) {
         let (makespan, bare, cost) = slow_attaches().await;
         let ideal = 2.0 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
         println!(
@@ -1063,6 +1091,8 @@ fn main() {
             bare.as_secs_f64() / ideal
         );
         println!("   the cloud's cost: {cost}");
+        }
+        if wanted(7) {
         let (daemon, bare, cost) = slow_steady().await;
         println!(
             "7. cloud answering in {delay:.0} ms, steady 100 creates/s, 50 ms jobs: daemon p50 {:.1} ms, p99 {:.1} ms; bare client p50 {:.1} ms, p99 {:.1} ms; p99 ratio {:.2}  (target ≤ 1.50)",
@@ -1073,10 +1103,13 @@ fn main() {
             ms(percentile(&daemon, 0.99)) / ms(percentile(&bare, 0.99))
         );
         println!("   the cloud's cost: {cost}");
+        }
+        if wanted(8) {
         let floor = floor_loop().await;
         println!(
             "8. CPU per command of phase 1 (daemon + MariaDB + RabbitMQ) {serving:.2} ms, floor loop (quorum publish/consume/ack, confirmed publish, INSERT + UPDATE) {floor:.2} ms, ratio {:.2}  (target ≤ 2.00)",
             serving / floor
         );
+        }
     });
 }

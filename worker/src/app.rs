@@ -814,12 +814,15 @@ impl Active<'_> {
     }
 }
 
-/// Deliveries the broker may send ahead of the intake. The intake handles one at a time, so a
-/// few are enough to keep it busy; more only cost memory (each may be as large as the broker's
-/// `max_message_size`) and delivery attempts when a connection drops (each unacked delivery
-/// counts against the queue's delivery limit).
+/// Deliveries the broker may send ahead of the intake: the most one batch records in one
+/// statement. As many as operations may run at once (what arrives while a batch is being
+/// recorded is the next batch), at most [`crate::db::group::MAX_GROUP`]: more only cost
+/// memory (each may be as large as the broker's `max_message_size`) and delivery attempts when
+/// a connection drops (each unacked delivery counts against the queue's delivery limit; the
+/// intake records every delivery as it comes, whether or not the executor has room).
 fn intake_prefetch(max_concurrent_operations: u16) -> u16 {
-    max_concurrent_operations.clamp(1, 2)
+    let most = crate::db::group::MAX_GROUP as u16;
+    max_concurrent_operations.clamp(1, most)
 }
 
 /// Renews the lease when due ([`Lease::next_renewal`]) until shutdown, or until it is lost: taken

@@ -9,7 +9,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use cloudstack::response::JobId;
-use schema::{VmId, VolumeId};
+use schema::{CommandId, VmId, VolumeId};
 
 use crate::cloud::{Cloud, Session};
 use crate::db::store::{Store, StoreError};
@@ -90,14 +90,23 @@ impl Context {
         volume: Option<VolumeId>,
         job: &JobId,
     ) -> Result<(), Halt> {
-        let id = op.id().clone();
-        self.db(&format!("record job {job}"), || {
-            self.store.record_job(&id, volume, job)
-        })
-        .await?;
+        self.store_job(op.id(), volume, job).await?;
         op.job_id = Some(job.clone());
         op.volume_id = volume.or(op.volume_id);
         Ok(())
+    }
+
+    /// Commits `job` (and `volume`) as operation `id`'s, with the persistent retry policy.
+    pub(crate) async fn store_job(
+        &self,
+        id: &CommandId,
+        volume: Option<VolumeId>,
+        job: &JobId,
+    ) -> Result<(), Halt> {
+        self.db(&format!("record job {job}"), || {
+            self.store.record_job(id, volume, job)
+        })
+        .await
     }
 
     /// Waits for `vm`'s attach/detach lock.

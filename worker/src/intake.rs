@@ -1,14 +1,16 @@
-//! The intake: consumes the commands queue, validates each message, commits it as a `pending`
-//! operation, hands it to the executor, and only then acknowledges it.
+//! The intake: consumes the commands queue, validates each message, commits the valid ones as
+//! `pending` operations (the deliveries that arrived together in one statement), acknowledges
+//! them, and hands them to the executor as it makes room.
 //!
 //! A message is acknowledged only after its operation row is committed (docs/wire.md (processing rule 1)).
 //! An invalid message is dead-lettered with its reason and, when its command id could be read,
 //! answered with a failed `INVALID_COMMAND` event (rule 3).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -86,6 +88,58 @@ fn message_props(delivery: &Delivery) -> MessageProps {
     }
 }
 
+/// Recorded commands the intake keeps for the executor at most; past it, it stops taking
+/// deliveries until the executor makes room (the broker then holds at most the prefetch
+/// unrecorded for it).
+const BACKLOG: usize = 256;
+
+/// One connection's state.
+struct Session<'a> {
+    channel: &'a Channel,
+    backlog: &'a mut VecDeque<Operation>,
+    /// Whether every delivery so far was acknowledged or returned: then a batch is
+    /// acknowledged by one `multiple` ack of its last delivery.
+    all_settled: bool,
+}
+
+impl Session<'_> {
+    /// Acknowledges `deliveries` (in the order they came): one frame when nothing before them
+    /// is still unsettled, else one each.
+    async fn ack(&mut self, deliveries: Vec<Delivery>) -> Result<(), IntakeError> {
+        if self.all_settled {
+            if let Some(last) = deliveries.last() {
+                let all = BasicAckOptions { multiple: true };
+                settle(last.acker.ack(all)).await?;
+            }
+            return Ok(());
+        }
+        for delivery in deliveries {
+            settle(delivery.acker.ack(BasicAckOptions::default())).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `first` and the deliveries that already arrived behind it, up to `max` in all; and what
+/// ended the stream meanwhile, if something did (an error, or `Ok` for the consumer's end),
+/// to be returned after the batch is handled.
+fn gather(
+    first: Delivery,
+    consumer: &mut lapin::Consumer,
+    max: usize,
+) -> (Vec<Delivery>, Option<Result<(), lapin::Error>>) {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match consumer.next().now_or_never() {
+            Some(Some(Ok(delivery))) => batch.push(delivery),
+            Some(Some(Err(e))) => return (batch, Some(Err(e))),
+            Some(None) => return (batch, Some(Ok(()))),
+            None => break,
+        }
+    }
+    (batch, None)
+}
+
 /// How long a clean stop waits for each further delivery the broker sent ahead.
 const SENT_AHEAD_WAIT: Duration = Duration::from_millis(200);
 
@@ -111,8 +165,10 @@ impl Intake {
     /// Consumes until shutdown, reconnecting with backoff whenever the broker goes away.
     pub(crate) async fn run(self) {
         let mut backoff = Backoff::default();
+        // Recorded and acknowledged, not yet taken by the executor: kept across reconnects.
+        let mut backlog = VecDeque::new();
         while !self.ctx.halt.is_cancelled() {
-            match self.session(&mut backoff).await {
+            match self.session(&mut backoff, &mut backlog).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.status.set_intake_connected(false);
@@ -126,29 +182,23 @@ impl Intake {
         self.status.set_intake_connected(false);
     }
 
-    /// One connection's life: declare, consume, handle deliveries one at a time.
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), IntakeError> {
-        let conn = broker::connect(&self.broker, "volume-daemon intake").await?;
-        let channel = conn.create_channel().await?;
-        schema::amqp::declare(&channel, &self.topology).await?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions { global: false })
-            .await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                self.topology.commands_queue().into(),
-                format!("volume-daemon-{}", std::process::id()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    /// One connection's life: declare, consume, record what arrives in batches and hand it to
+    /// the executor as it makes room.
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        backlog: &mut VecDeque<Operation>,
+    ) -> Result<(), IntakeError> {
+        let (conn, channel, mut consumer) = self.consume().await?;
         self.status.set_intake_connected(true);
         backoff.reset();
-        tracing::info!(queue = %self.topology.commands_queue(), "consuming commands");
+        tracing::info!(queue = %self.topology.commands_queue(), prefetch = self.prefetch, "consuming commands");
         let mut check = tokio::time::interval(CONNECTION_CHECK);
+        let mut session = Session {
+            channel: &channel,
+            backlog,
+            all_settled: true,
+        };
         loop {
             tokio::select! {
                 _ = check.tick() => {
@@ -168,8 +218,23 @@ impl Intake {
                     }
                     return Ok(());
                 }
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.handle(&channel, delivery).await?,
+                permit = self.ops.reserve(), if !session.backlog.is_empty() => match permit {
+                    Ok(permit) => permit.send(session.backlog.pop_front().expect("not empty")),
+                    Err(_) => {
+                        tracing::debug!("the executor has stopped; the recorded commands resume at the next start");
+                        session.backlog.clear();
+                    }
+                },
+                delivery = consumer.next(), if session.backlog.len() < BACKLOG => match delivery {
+                    Some(Ok(first)) => {
+                        let (batch, after) = gather(first, &mut consumer, usize::from(self.prefetch));
+                        self.handle(&mut session, batch).await?;
+                        match after {
+                            Some(Err(e)) => return Err(e.into()),
+                            Some(Ok(())) => return Err(IntakeError::ConsumerEnded),
+                            None => {}
+                        }
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(IntakeError::ConsumerEnded),
                 },
@@ -177,22 +242,59 @@ impl Intake {
         }
     }
 
-    async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), IntakeError> {
-        let props = message_props(&delivery);
-        match Command::parse(&delivery.data, &props) {
-            Ok(mut command) => {
-                if props.traceparent.is_some() && command.trace.is_none() {
-                    tracing::warn!(operation_id = %command.command_id, traceparent = ?props.traceparent, "malformed traceparent header ignored");
+    /// A connection, its channel (prefetch set, confirms on) and a consumer of the commands
+    /// queue, the topology declared first.
+    async fn consume(&self) -> Result<(lapin::Connection, Channel, lapin::Consumer), IntakeError> {
+        let conn = broker::connect(&self.broker, "volume-daemon intake").await?;
+        let channel = conn.create_channel().await?;
+        schema::amqp::declare(&channel, &self.topology).await?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                self.topology.commands_queue().into(),
+                format!("volume-daemon-{}", std::process::id()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((conn, channel, consumer))
+    }
+
+    /// Rejects the invalid messages of `batch`, then records the valid ones together and
+    /// acknowledges them.
+    async fn handle(
+        &self,
+        session: &mut Session<'_>,
+        batch: Vec<Delivery>,
+    ) -> Result<(), IntakeError> {
+        let mut valid = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let props = message_props(&delivery);
+            match Command::parse(&delivery.data, &props) {
+                Ok(mut command) => {
+                    if props.traceparent.is_some() && command.trace.is_none() {
+                        tracing::warn!(operation_id = %command.command_id, traceparent = ?props.traceparent, "malformed traceparent header ignored");
+                    }
+                    command.reply_to = self.allowed_reply_to(&command.command_id, command.reply_to);
+                    valid.push((command, delivery));
                 }
-                command.reply_to = self.allowed_reply_to(&command.command_id, command.reply_to);
-                self.accept(command, delivery).await
-            }
-            Err(mut invalid) => {
-                let id = invalid.command_id.clone();
-                invalid.reply_to = id.and_then(|id| self.allowed_reply_to(&id, invalid.reply_to));
-                self.reject(channel, delivery, invalid).await
+                Err(mut invalid) => {
+                    let id = invalid.command_id.clone();
+                    invalid.reply_to =
+                        id.and_then(|id| self.allowed_reply_to(&id, invalid.reply_to));
+                    self.reject(session.channel, delivery, invalid).await?;
+                }
             }
         }
+        if valid.is_empty() {
+            return Ok(());
+        }
+        self.accept(session, valid).await
     }
 
     /// `reply_to` if `REPLY_TO_ALLOWED` allows it. Any other queue gets no copy (a producer must
@@ -207,20 +309,90 @@ impl Intake {
         None
     }
 
-    /// Commits the command, then acknowledges it. While the database is unreachable the
-    /// delivery stays unacknowledged and is retried; at shutdown it returns to the queue.
-    async fn accept(&self, command: Command, delivery: Delivery) -> Result<(), IntakeError> {
+    /// Commits the commands (one statement when they are new), then acknowledges them. While
+    /// the database is unreachable the deliveries stay unacknowledged and are retried; at
+    /// shutdown or after a fence they return to the queue. A batch the database refuses for
+    /// good is recorded one command at a time, so only the command at fault is returned.
+    async fn accept(
+        &self,
+        session: &mut Session<'_>,
+        valid: Vec<(Command, Delivery)>,
+    ) -> Result<(), IntakeError> {
+        let commands: Vec<Command> = valid.iter().map(|(c, _)| c.clone()).collect();
+        let recorded = retry::persistent(
+            "record the commands",
+            &self.ctx.halt,
+            Some(ACCEPT_TIMEOUT),
+            || async {
+                (self
+                    .ctx
+                    .store
+                    .accept_all(commands.clone())
+                    .await
+                    .into_iter())
+                .collect::<Result<Vec<Accepted>, _>>()
+            },
+        )
+        .await;
+        match recorded {
+            Ok(accepted) => {
+                for (accepted, (command, _)) in accepted.into_iter().zip(&valid) {
+                    self.take(session.backlog, &command.command_id, accepted);
+                }
+                let deliveries: Vec<Delivery> = valid.into_iter().map(|(_, d)| d).collect();
+                session.ack(deliveries).await
+            }
+            // The deliveries return to the queue (for the next holder) when this consumer's
+            // channel closes.
+            Err(GaveUp::Stopped) => {
+                session.all_settled = false;
+                Ok(())
+            }
+            Err(GaveUp::Fenced(f)) => {
+                tracing::error!(commands = valid.len(), error = %f, "commands not recorded: fenced");
+                self.ctx.fenced.cancel();
+                session.all_settled = false;
+                Ok(())
+            }
+            Err(GaveUp::Permanent(e)) => {
+                tracing::warn!(commands = valid.len(), error = %e, "a batch of commands could not be recorded; recording them one at a time");
+                for (command, delivery) in valid {
+                    self.accept_one(session, command, delivery).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Intake::accept`] of one command: acknowledged once recorded, returned to the queue
+    /// (counting against its delivery limit) when the database refuses it for good.
+    async fn accept_one(
+        &self,
+        session: &mut Session<'_>,
+        command: Command,
+        delivery: Delivery,
+    ) -> Result<(), IntakeError> {
         let id = command.command_id.clone();
         let Some(accepted) = self.record(command, &delivery).await? else {
+            session.all_settled = false;
             return Ok(());
         };
+        self.take(session.backlog, &id, accepted);
+        settle(delivery.acker.ack(BasicAckOptions::default())).await?;
+        Ok(())
+    }
+
+    /// What a recorded command becomes: an operation for the executor (in arrival order), or
+    /// nothing (a duplicate of an ended one, whose event was queued again). Kept until the
+    /// executor takes it; if the period ends first, the row is pending and resumes at the
+    /// next start (here or at the next holder): recorded commands are acknowledged either
+    /// way, since returning one would count against its delivery limit at every stop.
+    fn take(&self, backlog: &mut VecDeque<Operation>, id: &CommandId, accepted: Accepted) {
         match accepted {
             Accepted::New(op) => {
                 self.ctx.metrics.command_received("accepted");
                 tracing::info!(operation_id = %id, r#type = %op.command.operation_type(), "command accepted");
-                // Handed over before the ack: if the ack is lost, the redelivery finds the row
-                // pending and this executor already has it.
-                self.hand_over(*op).await;
+                backlog.push_back(*op);
             }
             Accepted::InFlight(op) => {
                 self.ctx.metrics.command_received("duplicate");
@@ -228,30 +400,11 @@ impl Intake {
                 // acknowledgement (the INSERT committed, its answer never came) it does not:
                 // handing it over is what keeps the command from being acked and forgotten.
                 tracing::info!(operation_id = %id, "duplicate of an operation in flight; making sure it runs");
-                self.hand_over(*op).await;
+                backlog.push_back(*op);
             }
             Accepted::Ended => {
                 self.ctx.metrics.command_received("duplicate");
                 tracing::info!(operation_id = %id, "duplicate of an ended operation; its event is published again");
-            }
-        }
-        settle(delivery.acker.ack(BasicAckOptions::default())).await?;
-        Ok(())
-    }
-
-    /// Gives `op` to the executor, unless the period ends first. Either way the command is
-    /// recorded, so the caller acknowledges it: a row that is pending resumes at the next start
-    /// (here or at the next holder). Returning it instead would count against its delivery
-    /// limit at every stop while the executor is full.
-    async fn hand_over(&self, op: Operation) {
-        tokio::select! {
-            sent = self.ops.send(op) => {
-                if sent.is_err() {
-                    tracing::debug!("the executor has stopped; the recorded command resumes at the next start");
-                }
-            }
-            () = self.ctx.halt.cancelled() => {
-                tracing::debug!("stopping while the executor is full; the recorded command resumes at the next start");
             }
         }
     }

@@ -50,6 +50,9 @@ impl From<StoreError> for RelayError {
         match e {
             StoreError::Db(e) => Self::Db(e),
             StoreError::Fenced(f) => Self::Fenced(f),
+            // The relay's writes are not grouped; should one ever be, a stalled batch is
+            // what its retry makes of it.
+            StoreError::Abandoned => Self::Stalled,
         }
     }
 }

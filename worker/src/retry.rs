@@ -74,7 +74,7 @@ where
                 }
                 tracing::warn!(error = %e, "cannot {what}; retrying");
             }
-            Some(Err(StoreError::Db(e))) => {
+            Some(Err(e @ (StoreError::Db(_) | StoreError::Abandoned))) => {
                 permanent = 0;
                 tracing::warn!(error = %e, "cannot {what}; retrying");
             }
@@ -115,7 +115,11 @@ where
 /// Whether a store error may pass if the call is tried again: a database error that is not
 /// permanent (a dropped connection, a killed session, a lock wait). Fenced: never.
 pub(crate) fn transient(e: &StoreError) -> bool {
-    matches!(e, StoreError::Db(e) if transient_db(e))
+    match e {
+        StoreError::Db(e) => transient_db(e),
+        StoreError::Abandoned => true,
+        StoreError::Fenced(_) => false,
+    }
 }
 
 /// Whether a database error may pass if the call is tried again (see [`transient`]).

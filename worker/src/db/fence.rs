@@ -30,6 +30,12 @@ pub(crate) enum StoreError {
     Db(#[from] sqlx::Error),
     #[error(transparent)]
     Fenced(#[from] Fenced),
+    /// The write was grouped with others whose writer was cancelled before it answered: it
+    /// may or may not have committed. Transient: written again, it changes nothing twice.
+    #[error(
+        "the group this write went with was abandoned by its cancelled writer before it answered"
+    )]
+    Abandoned,
 }
 
 impl Fence {

@@ -3,6 +3,8 @@
 //! ([`migrations`]; migrations are embedded from the workspace's `migrations/`).
 //!
 //! - [`store`]: `volume_operations` (accept, progress, finish with the outbox row), fenced.
+//! - [`group`], [`grouped`]: group commit of the operations' writes (accept, executing, job,
+//!   end) that arrive together.
 //! - [`cancel`]: a pending operation ended `cancelled` by a `cancel`.
 //! - [`retention`]: the sweep of ended operations and published outbox rows.
 //! - [`snapshots`]: the volume snapshots the daemon took.
@@ -52,6 +54,8 @@ pub(crate) mod configs;
 pub(crate) mod devices;
 pub(crate) mod exports;
 pub(crate) mod fence;
+pub(crate) mod group;
+pub(crate) mod grouped;
 pub(crate) mod lease;
 pub(crate) mod legacy;
 pub(crate) mod mappings;

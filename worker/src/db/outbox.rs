@@ -50,6 +50,44 @@ pub(crate) async fn insert(
     Ok(())
 }
 
+/// An outbox row to add: an event, where it goes, and the copy to its `reply_to`.
+pub(crate) struct NewRow<'a> {
+    pub event: &'a CloudEvent,
+    pub exchange: &'a str,
+    pub reply_to: Option<&'a str>,
+}
+
+/// Adds every row of `rows` to the outbox in one INSERT, inside the caller's transaction (ids
+/// in the order given).
+pub(crate) async fn insert_all(
+    conn: &mut MySqlConnection,
+    rows: &[NewRow<'_>],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // Only `?` placeholders are put into the text; the values are bound.
+    let sql = format!(
+        "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
+         VALUES {}",
+        vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for row in rows {
+        let payload =
+            serde_json::to_string(row.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        query = query
+            .bind(row.event.id.to_string())
+            .bind(row.exchange)
+            .bind(&row.event.event_type)
+            .bind(payload)
+            .bind(row.event.amqp_correlation_id())
+            .bind(row.reply_to);
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
 /// Deletes up to `batch` rows the broker confirmed before `cutoff` (the retention sweep).
 /// Unpublished rows are never deleted, however old.
 pub(crate) async fn delete_published_before(

@@ -21,6 +21,7 @@ use schema::{CloudEvent, Command, CommandId, MessageProps, OperationStatus, Topo
 
 pub(crate) use crate::db::fence::StoreError;
 use crate::db::fence::{Fence, Fenced};
+use crate::db::group::{Group, MAX_GROUP};
 use crate::db::mappings;
 use crate::db::outbox;
 use crate::mappings::MappingChange;
@@ -49,6 +50,66 @@ pub(crate) struct Store {
     pub(in crate::db) bell: Arc<Notify>,
     /// Where `ossea_configs` is read (`OSSEA_CONFIGS_URL`), when not this database.
     pub(in crate::db) configs: Option<MySqlPool>,
+    /// The writes of one operation's life that go to the database in groups.
+    groups: Arc<Groups>,
+}
+
+/// The group-commit queues of the grouped writes (written in `db/grouped.rs`).
+#[derive(Debug)]
+struct Groups {
+    executing: Group<CommandId, bool>,
+    jobs: Group<(CommandId, Option<VolumeId>, JobId), ()>,
+    endings: Group<Ending, ()>,
+}
+
+/// An operation to end, owned (groups are written by whichever caller has the turn).
+#[derive(Debug, Clone)]
+pub(crate) struct Ending {
+    pub id: CommandId,
+    pub reply_to: Option<String>,
+    pub terminal: Terminal,
+}
+
+impl Ending {
+    pub(crate) fn of(op: &Operation, terminal: &Terminal) -> Self {
+        Self {
+            id: op.id().clone(),
+            reply_to: op.command.reply_to.clone(),
+            terminal: terminal.clone(),
+        }
+    }
+}
+
+/// The terminal columns of one operation, as the single and the grouped UPDATE write them.
+pub(in crate::db) struct EndColumns {
+    pub status: &'static str,
+    pub volume_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    pub error_code: Option<&'static str>,
+    pub error_detail: Option<String>,
+    pub event_id: String,
+    pub event_payload: Option<String>,
+    pub completed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl EndColumns {
+    pub(in crate::db) fn of(terminal: &Terminal) -> Self {
+        let (event, error) = (&terminal.event, terminal.error.as_ref());
+        Self {
+            status: terminal.status().as_str(),
+            volume_id: event.data.volume_id.map(|v| v.to_string()),
+            vm_id: event.data.vm_id.map(|v| v.to_string()),
+            response: terminal.response.as_ref().map(|r| r.to_string()),
+            error: error.map(|e| e.message.clone()),
+            error_code: error.map(|e| e.code.as_str()),
+            error_detail: error.and_then(|e| serde_json::to_string(e).ok()),
+            event_id: event.id.to_string(),
+            event_payload: serde_json::to_string(event).ok(),
+            completed_at: event.data.completed_at,
+        }
+    }
 }
 
 /// Timestamps are stored with millisecond precision; keep the in-memory copy identical.
@@ -64,6 +125,11 @@ impl Store {
             fence,
             bell: Arc::new(Notify::new()),
             configs: None,
+            groups: Arc::new(Groups {
+                executing: Group::new(MAX_GROUP),
+                jobs: Group::new(MAX_GROUP),
+                endings: Group::new(MAX_GROUP),
+            }),
         }
     }
 
@@ -195,7 +261,10 @@ impl Store {
     /// A command whose operation ended and was swept by retention: its event, kept in
     /// `ended_commands`, is queued again (same event id), to the events exchange and to this
     /// duplicate's `reply_to`. `None`: the command is not there.
-    async fn swept_duplicate(&self, command: &Command) -> Result<Option<Accepted>, StoreError> {
+    pub(in crate::db) async fn swept_duplicate(
+        &self,
+        command: &Command,
+    ) -> Result<Option<Accepted>, StoreError> {
         let kept: Option<Option<String>> =
             sqlx::query_scalar("SELECT event_payload FROM ended_commands WHERE id = ?")
                 .bind(command.command_id.as_str())
@@ -252,9 +321,20 @@ impl Store {
         Ok(row.is_some())
     }
 
-    /// Marks the operation executing (one more attempt), in one fenced statement. `false`: it
-    /// is no longer pending or executing (it ended meanwhile): not ours to execute.
+    /// Marks the operation executing (one more attempt), in one fenced statement (shared with
+    /// the operations marked at the same time). `false`: it is no longer pending or executing
+    /// (it ended meanwhile): not ours to execute.
     pub(crate) async fn mark_executing(&self, id: &CommandId) -> Result<bool, StoreError> {
+        (self.groups.executing)
+            .submit(id.clone(), |ids| self.mark_executing_all(ids))
+            .await
+    }
+
+    /// [`Store::mark_executing`] of one operation alone.
+    pub(in crate::db) async fn mark_executing_one(
+        &self,
+        id: &CommandId,
+    ) -> Result<bool, StoreError> {
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?) WHERE id = ? AND ",
@@ -276,9 +356,24 @@ impl Store {
         Ok(false)
     }
 
-    /// Records the CloudStack job (and, for a create, the new volume) before polling it, so a
-    /// restart resumes from the job instead of starting a second one. One fenced statement.
+    /// Records the CloudStack job (and, for a create, the new volume), so a restart resumes
+    /// from the job instead of starting a second one. One fenced statement (shared with the
+    /// jobs recorded at the same time).
     pub(crate) async fn record_job(
+        &self,
+        id: &CommandId,
+        volume: Option<VolumeId>,
+        job: &JobId,
+    ) -> Result<(), StoreError> {
+        (self.groups.jobs)
+            .submit((id.clone(), volume, job.clone()), |jobs| {
+                self.record_jobs(jobs)
+            })
+            .await
+    }
+
+    /// [`Store::record_job`] of one operation alone.
+    pub(in crate::db) async fn record_job_one(
         &self,
         id: &CommandId,
         volume: Option<VolumeId>,
@@ -328,17 +423,26 @@ impl Store {
 
     /// Ends `op` as `terminal` says: the row's terminal state, the change to
     /// `device_mappings` and the outbox row of its event, in one transaction, fenced by its
-    /// first statement. An operation that already ended is left as it is.
+    /// first statement (shared with the operations that end at the same time). An operation
+    /// that already ended is left as it is.
     pub(crate) async fn finish(
         &self,
         op: &Operation,
         terminal: &Terminal,
     ) -> Result<(), StoreError> {
+        (self.groups.endings)
+            .submit(Ending::of(op, terminal), |endings| self.finish_all(endings))
+            .await
+    }
+
+    /// [`Store::finish`] of one operation alone.
+    pub(in crate::db) async fn finish_one(&self, ending: &Ending) -> Result<(), StoreError> {
+        let (id, terminal) = (&ending.id, &ending.terminal);
         let mut tx = self.pool.begin().await?;
-        if !self.end_row(&mut tx, op.id(), terminal).await? {
+        if !self.end_row(&mut tx, id, terminal).await? {
             tx.rollback().await?;
             self.unless_fenced().await?;
-            tracing::warn!(operation_id = %op.id(), "operation had already ended; keeping its first outcome");
+            tracing::warn!(operation_id = %id, "operation had already ended; keeping its first outcome");
             return Ok(());
         }
         // The UPDATE's fence holds a shared lock on the lease row until this commits: a
@@ -349,10 +453,21 @@ impl Store {
         if let Some(change) = &terminal.snapshot {
             crate::db::snapshots::apply(&mut tx, change, terminal.event.data.completed_at).await?;
         }
-        self.queue_event(&mut tx, op, &terminal.event).await?;
+        outbox::insert(
+            &mut tx,
+            &terminal.event,
+            &self.topology.events_exchange(),
+            ending.reply_to.as_deref(),
+        )
+        .await?;
         tx.commit().await?;
         self.bell.notify_one();
         Ok(())
+    }
+
+    /// The events exchange outbox rows go to.
+    pub(in crate::db) fn events_exchange(&self) -> String {
+        self.topology.events_exchange()
     }
 
     /// Writes the terminal columns of the unended operation `id`, fenced. `false`: it had
@@ -363,8 +478,7 @@ impl Store {
         id: &CommandId,
         terminal: &Terminal,
     ) -> Result<bool, sqlx::Error> {
-        let event = &terminal.event;
-        let error = terminal.error.as_ref();
+        let c = EndColumns::of(terminal);
         let updated = sqlx::query(concat!(
             "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
@@ -373,16 +487,16 @@ impl Store {
             " AND ",
             fenced!()
         ))
-        .bind(terminal.status().as_str())
-        .bind(event.data.volume_id.map(|v| v.to_string()))
-        .bind(event.data.vm_id.map(|v| v.to_string()))
-        .bind(terminal.response.as_ref().map(|r| r.to_string()))
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.and_then(|e| serde_json::to_string(e).ok()))
-        .bind(event.id.to_string())
-        .bind(serde_json::to_string(event).ok())
-        .bind(event.data.completed_at)
+        .bind(c.status)
+        .bind(c.volume_id)
+        .bind(c.vm_id)
+        .bind(c.response)
+        .bind(c.error)
+        .bind(c.error_code)
+        .bind(c.error_detail)
+        .bind(c.event_id)
+        .bind(c.event_payload)
+        .bind(c.completed_at)
         .bind(id.as_str())
         .bind(self.fence.name())
         .bind(self.fence.epoch())

@@ -69,6 +69,7 @@ impl ReconcileError {
     pub(crate) fn is_transient(&self) -> bool {
         match self {
             Self::Db(e) | Self::Store(StoreError::Db(e)) => crate::retry::transient_db(e),
+            Self::Store(StoreError::Abandoned) => true,
             _ => false,
         }
     }

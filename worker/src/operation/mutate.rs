@@ -101,8 +101,17 @@ where
         }
     };
     let (job, volume) = job;
-    cloud.ctx.record_job(op, Some(volume), &job).await?;
-    wait(job).await
+    // The job's id is committed while its first poll is already on its way: both end before
+    // the outcome is recorded, so a job id is always committed before the outcome. A crash
+    // before it was committed resumes as after a lost answer (`look` finds the job).
+    let (recorded, waited) = tokio::join!(
+        cloud.ctx.store_job(op.id(), Some(volume), &job),
+        wait(job.clone())
+    );
+    recorded?;
+    op.job_id = Some(job);
+    op.volume_id = Some(volume);
+    waited
 }
 
 /// How a volume job (attach, detach, create, resize) is waited for: the volume it ends with.
