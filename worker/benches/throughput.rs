@@ -458,6 +458,8 @@ fn pids_of(name: &str) -> Vec<String> {
 struct Profile {
     cpu: Vec<(&'static str, f64)>,
     questions: i64,
+    /// Statements the server prepared (each new statement text on a connection costs one).
+    prepares: i64,
 }
 
 impl Profile {
@@ -470,15 +472,23 @@ impl Profile {
             }
         }
         self.questions += end.questions - start.questions;
+        self.prepares += end.prepares - start.prepares;
     }
 }
 
 async fn profile(daemon_pid: u32, pool: &MySqlPool) -> Profile {
     let sum = |pids: Vec<String>| pids.iter().map(|p| cpu_seconds(p)).sum::<f64>();
-    let questions: (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Questions'")
+    let status = |name: &'static str| async move {
+        let value: String = sqlx::query_scalar(
+            "SELECT CAST(VARIABLE_VALUE AS CHAR) FROM information_schema.GLOBAL_STATUS \
+             WHERE VARIABLE_NAME = ?",
+        )
+        .bind(name)
         .fetch_one(pool)
         .await
         .expect("status");
+        value.parse::<i64>().unwrap_or(0)
+    };
     Profile {
         cpu: vec![
             ("daemon", cpu_seconds(&daemon_pid.to_string())),
@@ -486,7 +496,8 @@ async fn profile(daemon_pid: u32, pool: &MySqlPool) -> Profile {
             ("RabbitMQ", sum(pids_of("beam.smp"))),
             ("simulator + bench clients", cpu_seconds("self")),
         ],
-        questions: questions.1.parse().unwrap_or(0),
+        questions: status("Questions").await,
+        prepares: status("Com_stmt_prepare").await,
     }
 }
 
@@ -523,9 +534,10 @@ async fn zero_latency() -> (Vec<(f64, f64)>, u64, f64) {
         .map(|(what, seconds)| format!("{what} {:.2} ms", per(*seconds)))
         .collect();
     println!(
-        "   profile of phase 1, per command: CPU {}; {:.1} SQL statements (the server's Questions)",
+        "   profile of phase 1, per command: CPU {}; {:.1} SQL statements (the server's Questions), {:.2} statement prepares",
         cpu.join(", "),
-        busy.questions as f64 / (n * ROUNDS) as f64
+        busy.questions as f64 / (n * ROUNDS) as f64,
+        busy.prepares as f64 / (n * ROUNDS) as f64
     );
     world.clean().await;
     // Daemon, database and broker: what the floor loop of figure 8 is compared with.

@@ -9,6 +9,7 @@
 //! aborts its operations at once and competes for the lease again; whoever holds it next
 //! resumes every unfinished operation from MySQL.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -807,19 +808,19 @@ impl Active<'_> {
             reply_to_allowed: self.settings.reply_to_allowed(),
         };
         watch.spawn("intake", async move {
-            resume(&ctx, &ops).await;
+            let resumed = resume(&ctx).await;
             drop(ops);
-            intake.run().await;
+            intake.run(resumed).await;
         })
     }
 }
 
-/// Deliveries the broker may send ahead of the intake: the most one batch records in one
-/// statement. As many as operations may run at once (what arrives while a batch is being
-/// recorded is the next batch), at most [`crate::db::group::MAX_GROUP`]: more only cost
-/// memory (each may be as large as the broker's `max_message_size`) and delivery attempts when
-/// a connection drops (each unacked delivery counts against the queue's delivery limit; the
-/// intake records every delivery as it comes, whether or not the executor has room).
+/// The most deliveries the broker may send ahead of the intake, and so the most one batch
+/// records in one statement: as many as operations may run at once, at most
+/// [`crate::db::group::MAX_GROUP`]. The intake starts each burst at two (its memory follows
+/// the deliveries it holds, each as large as the broker's `max_message_size`), goes up to this
+/// once a batch filled its prefetch with commands, and back to two after an oversized message
+/// or 2 s without one (`intake::next_prefetch`).
 fn intake_prefetch(max_concurrent_operations: u16) -> u16 {
     let most = crate::db::group::MAX_GROUP as u16;
     max_concurrent_operations.clamp(1, most)
@@ -856,8 +857,10 @@ async fn hold(
     }
 }
 
-/// Hands every `pending` and `executing` operation to the executor, oldest first.
-async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
+/// Every `pending` and `executing` operation, oldest first: the intake hands them to the
+/// executor before anything it consumes (it consumes meanwhile, so the instance is ready at
+/// once, however long the executor takes to work through them).
+async fn resume(ctx: &Context) -> VecDeque<Operation> {
     // Raced with shutdown: a half-open connection must not keep this period alive.
     let listed =
         crate::retry::persistent("list unfinished operations", &ctx.halt, None, || async {
@@ -865,16 +868,12 @@ async fn resume(ctx: &Context, ops: &mpsc::Sender<Operation>) {
         })
         .await;
     let Ok(resumed) = listed else {
-        return;
+        return VecDeque::new();
     };
     if !resumed.is_empty() {
         tracing::info!(count = resumed.len(), "resuming unfinished operations");
     }
-    for op in resumed {
-        if ops.send(op).await.is_err() {
-            return;
-        }
-    }
+    resumed.into()
 }
 
 /// Makes the host appliance's directories and tables agree before commands are taken (only

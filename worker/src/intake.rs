@@ -93,6 +93,50 @@ fn message_props(delivery: &Delivery) -> MessageProps {
 /// unrecorded for it).
 const BACKLOG: usize = 256;
 
+/// The prefetch of a consumer that knows nothing yet of what arrives: small, so a burst of
+/// oversized messages (up to the broker's `max_message_size` each) is held two at a time.
+const COLD_PREFETCH: u16 = 2;
+
+/// No delivery for this long: the next burst starts cold again.
+const IDLE: Duration = Duration::from_secs(2);
+
+/// The prefetch for what comes after a batch of deliveries of `batch` bytes each, taken with
+/// `current`: the cold one after an
+/// oversized message (every valid command is at most `MAX_COMMAND_BYTES`); `most` once a
+/// batch filled the prefetch with commands (a stream: the broker had more ready); else as is.
+fn next_prefetch(current: u16, most: u16, batch: &[usize]) -> u16 {
+    if batch
+        .iter()
+        .any(|&bytes| bytes > schema::command::MAX_COMMAND_BYTES)
+    {
+        COLD_PREFETCH.min(most)
+    } else if batch.len() >= usize::from(current) {
+        most
+    } else {
+        current
+    }
+}
+
+/// An error unless `conn` is still open: a consumer whose connection was reset is not always
+/// told (seen with a cluster node stopped under load).
+fn still_connected(conn: &lapin::Connection) -> Result<(), IntakeError> {
+    let status = conn.status();
+    if status.connected() {
+        return Ok(());
+    }
+    let state = if status.errored() {
+        "errored"
+    } else {
+        "closed or reconnecting"
+    };
+    Err(IntakeError::ConnectionLost(state.to_owned()))
+}
+
+/// The tag of this process's `n`th consumer on a connection.
+fn consumer_tag(n: u32) -> String {
+    format!("volume-daemon-{}-{n}", std::process::id())
+}
+
 /// One connection's state.
 struct Session<'a> {
     channel: &'a Channel,
@@ -100,6 +144,12 @@ struct Session<'a> {
     /// Whether every delivery so far was acknowledged or returned: then a batch is
     /// acknowledged by one `multiple` ack of its last delivery.
     all_settled: bool,
+    /// The prefetch the current consumer was created with.
+    prefetch: u16,
+    /// Consumers created on this connection (each has its own tag).
+    consumers: u32,
+    /// When the last delivery came.
+    last_delivery: tokio::time::Instant,
 }
 
 impl Session<'_> {
@@ -152,8 +202,8 @@ pub(crate) struct Intake {
     pub stopping: tokio_util::sync::CancellationToken,
     pub broker: Endpoint,
     pub topology: Topology,
-    /// Unacknowledged deliveries the broker may send ahead (per consumer: quorum queues reject
-    /// a global prefetch).
+    /// The most unacknowledged deliveries the broker may send ahead (per consumer: quorum
+    /// queues reject a global prefetch); each burst starts at [`COLD_PREFETCH`].
     pub prefetch: u16,
     pub ops: mpsc::Sender<Operation>,
     pub status: Arc<Status>,
@@ -163,10 +213,12 @@ pub(crate) struct Intake {
 
 impl Intake {
     /// Consumes until shutdown, reconnecting with backoff whenever the broker goes away.
-    pub(crate) async fn run(self) {
+    /// `resumed`: the operations an earlier period left unfinished, handed to the executor
+    /// first.
+    pub(crate) async fn run(self, resumed: VecDeque<Operation>) {
         let mut backoff = Backoff::default();
-        // Recorded and acknowledged, not yet taken by the executor: kept across reconnects.
-        let mut backlog = VecDeque::new();
+        // Recorded (and acknowledged), not yet taken by the executor: kept across reconnects.
+        let mut backlog = resumed;
         while !self.ctx.halt.is_cancelled() {
             match self.session(&mut backoff, &mut backlog).await {
                 Ok(()) => break,
@@ -192,30 +244,26 @@ impl Intake {
         let (conn, channel, mut consumer) = self.consume().await?;
         self.status.set_intake_connected(true);
         backoff.reset();
-        tracing::info!(queue = %self.topology.commands_queue(), prefetch = self.prefetch, "consuming commands");
+        tracing::info!(queue = %self.topology.commands_queue(), most_prefetch = self.prefetch, "consuming commands");
         let mut check = tokio::time::interval(CONNECTION_CHECK);
         let mut session = Session {
             channel: &channel,
             backlog,
             all_settled: true,
+            prefetch: COLD_PREFETCH.min(self.prefetch),
+            consumers: 1,
+            last_delivery: tokio::time::Instant::now(),
         };
         loop {
             tokio::select! {
                 _ = check.tick() => {
-                    let status = conn.status();
-                    if !status.connected() {
-                        let state = if status.errored() { "errored" } else { "closed or reconnecting" };
-                        return Err(IntakeError::ConnectionLost(state.to_owned()));
+                    still_connected(&conn)?;
+                    if session.prefetch > COLD_PREFETCH && session.last_delivery.elapsed() > IDLE {
+                        consumer = self.reconsume(&mut session, consumer, COLD_PREFETCH).await?;
                     }
                 }
                 () = self.ctx.halt.cancelled() => {
-                    if self.stopping.is_cancelled() {
-                        self.store_sent_ahead(&channel, &mut consumer).await;
-                    }
-                    // Unacknowledged deliveries go back to the queue with the connection.
-                    if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
-                        tracing::debug!(error = %e, "closing the intake connection");
-                    }
+                    self.close(&conn, &channel, consumer).await;
                     return Ok(());
                 }
                 permit = self.ops.reserve(), if !session.backlog.is_empty() => match permit {
@@ -227,12 +275,18 @@ impl Intake {
                 },
                 delivery = consumer.next(), if session.backlog.len() < BACKLOG => match delivery {
                     Some(Ok(first)) => {
-                        let (batch, after) = gather(first, &mut consumer, usize::from(self.prefetch));
+                        let (batch, after) = gather(first, &mut consumer, usize::from(session.prefetch));
+                        let sizes: Vec<usize> = batch.iter().map(|d| d.data.len()).collect();
+                        let want = next_prefetch(session.prefetch, self.prefetch, &sizes);
+                        session.last_delivery = tokio::time::Instant::now();
                         self.handle(&mut session, batch).await?;
                         match after {
                             Some(Err(e)) => return Err(e.into()),
                             Some(Ok(())) => return Err(IntakeError::ConsumerEnded),
                             None => {}
+                        }
+                        if want != session.prefetch {
+                            consumer = self.reconsume(&mut session, consumer, want).await?;
                         }
                     }
                     Some(Err(e)) => return Err(e.into()),
@@ -242,6 +296,63 @@ impl Intake {
         }
     }
 
+    /// The end of a session at shutdown: at a clean stop, what the broker sent ahead is
+    /// recorded; unacknowledged deliveries go back to the queue with the connection.
+    async fn close(
+        &self,
+        conn: &lapin::Connection,
+        channel: &Channel,
+        mut consumer: lapin::Consumer,
+    ) {
+        if self.stopping.is_cancelled() {
+            self.store_sent_ahead(channel, &mut consumer).await;
+        }
+        if let Err(e) = conn.close(200, "volume-daemon shutting down".into()).await {
+            tracing::debug!(error = %e, "closing the intake connection");
+        }
+    }
+
+    /// Replaces `consumer` by one created with `prefetch` (RabbitMQ gives a consumer the
+    /// prefetch in force when it is created): cancels it, handles what it had been sent (the
+    /// stream yields that, then ends), then consumes again.
+    async fn reconsume(
+        &self,
+        session: &mut Session<'_>,
+        mut consumer: lapin::Consumer,
+        prefetch: u16,
+    ) -> Result<lapin::Consumer, IntakeError> {
+        let cancel = lapin::options::BasicCancelOptions::default();
+        session.channel.basic_cancel(consumer.tag(), cancel).await?;
+        let mut sent = Vec::new();
+        loop {
+            match tokio::time::timeout(ACK_TIMEOUT, consumer.next()).await {
+                Ok(Some(delivery)) => sent.push(delivery?),
+                Ok(None) => break,
+                Err(_) => {
+                    let what = "a cancelled consumer did not end";
+                    return Err(IntakeError::ConnectionLost(what.to_owned()));
+                }
+            }
+        }
+        if !sent.is_empty() {
+            self.handle(session, sent).await?;
+        }
+        let qos = BasicQosOptions { global: false };
+        session.channel.basic_qos(prefetch, qos).await?;
+        session.consumers += 1;
+        session.prefetch = prefetch;
+        tracing::debug!(prefetch, "consuming commands with a new prefetch");
+        Ok(session
+            .channel
+            .basic_consume(
+                self.topology.commands_queue().into(),
+                consumer_tag(session.consumers).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
+    }
+
     /// A connection, its channel (prefetch set, confirms on) and a consumer of the commands
     /// queue, the topology declared first.
     async fn consume(&self) -> Result<(lapin::Connection, Channel, lapin::Consumer), IntakeError> {
@@ -249,7 +360,10 @@ impl Intake {
         let channel = conn.create_channel().await?;
         schema::amqp::declare(&channel, &self.topology).await?;
         channel
-            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .basic_qos(
+                COLD_PREFETCH.min(self.prefetch),
+                BasicQosOptions { global: false },
+            )
             .await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -257,7 +371,7 @@ impl Intake {
         let consumer = channel
             .basic_consume(
                 self.topology.commands_queue().into(),
-                format!("volume-daemon-{}", std::process::id()).into(),
+                consumer_tag(1).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -707,4 +821,27 @@ fn rejection_event(invalid: &InvalidCommand, routing_key: &str) -> Option<CloudE
         now,
     );
     Some(CloudEvent::new(EventId::new_random(), now, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{COLD_PREFETCH, next_prefetch};
+
+    /// A burst starts at two; a batch that fills the prefetch with commands opens it to the
+    /// most; one oversized message closes it again; a batch that did not fill it changes
+    /// nothing.
+    #[test]
+    fn the_prefetch_opens_for_a_stream_of_commands_and_closes_for_an_oversized_message() {
+        let command = 300;
+        let big = 10 << 20;
+        assert_eq!(next_prefetch(COLD_PREFETCH, 16, &[command, command]), 16);
+        assert_eq!(next_prefetch(COLD_PREFETCH, 16, &[command]), COLD_PREFETCH);
+        assert_eq!(next_prefetch(16, 16, &[command; 5]), 16);
+        assert_eq!(
+            next_prefetch(16, 16, &[command, big, command]),
+            COLD_PREFETCH
+        );
+        assert_eq!(next_prefetch(COLD_PREFETCH, 16, &[big, big]), COLD_PREFETCH);
+        assert_eq!(next_prefetch(1, 1, &[command]), 1, "never above the most");
+    }
 }

@@ -58,7 +58,7 @@ impl Store {
             return Ok(CancelFound::Unknown);
         };
         let terminal = ended(&op);
-        if !self.end_row(&mut tx, target, &terminal).await? {
+        if !self.end_row(&mut tx, target, None, &terminal).await? {
             tx.rollback().await?;
             return Err(self.refused().await);
         }

@@ -13,18 +13,18 @@ use cloudstack::response::JobId;
 
 use crate::db::fence::StoreError;
 use crate::db::store::{Accepted, EndColumns, Ending, Store, now};
-use crate::db::{mappings, outbox, snapshots};
+use crate::db::{bucket, mappings, outbox, padded, snapshots};
 use crate::model::Operation;
 
-/// `?, ?, …` for `n` bound values (only placeholders go into the SQL text).
+/// `?, ?, …` for the [`bucket`] of `n` bound values (only placeholders go into the SQL text).
 fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
+    vec!["?"; bucket(n)].join(", ")
 }
 
-/// `CASE id WHEN ? THEN ? … END` for `n` operations: each row's own value, bound as
-/// (id, value) pairs in the order of the group.
+/// `CASE id WHEN ? THEN ? … END` for the [`bucket`] of `n` operations: each row's own value,
+/// bound as (id, value) pairs in the order of the group, [`padded`].
 fn case_by_id(n: usize) -> String {
-    format!("CASE id {} END", vec!["WHEN ? THEN ?"; n].join(" "))
+    format!("CASE id {} END", vec!["WHEN ? THEN ?"; bucket(n)].join(" "))
 }
 
 impl Store {
@@ -101,8 +101,9 @@ impl Store {
         commands: &'q [Command],
         created_at: chrono::DateTime<chrono::Utc>,
     ) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+        // The first `?` of a row says whether it is one of the group's or padding.
         let row = concat!(
-            "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE \
+            "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM DUAL WHERE ? AND \
              NOT EXISTS (SELECT 1 FROM ended_commands WHERE id = ?) AND ",
             fenced!()
         );
@@ -110,10 +111,10 @@ impl Store {
             "INSERT INTO volume_operations \
              (id, type, status, volume_id, vm_id, correlation_id, reply_to, request, created_at, \
              traceparent, tracestate) {}",
-            vec![row; commands.len()].join(" UNION ALL ")
+            vec![row; bucket(commands.len())].join(" UNION ALL ")
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for c in commands {
+        for (i, c) in padded(commands).enumerate() {
             query = query
                 .bind(c.command_id.as_str())
                 .bind(c.operation_type().as_str())
@@ -126,6 +127,7 @@ impl Store {
                 .bind(created_at)
                 .bind(c.trace.as_ref().map(|t| t.traceparent.as_str()))
                 .bind(c.trace.as_ref().and_then(|t| t.tracestate.as_deref()))
+                .bind(i < commands.len())
                 .bind(c.command_id.as_str())
                 .bind(self.fence.name())
                 .bind(self.fence.epoch());
@@ -154,7 +156,7 @@ impl Store {
         let mut query = sqlx::query(AssertSqlSafe(sql))
             .bind(OperationStatus::Executing.as_str())
             .bind(now());
-        for id in &ids {
+        for id in padded(&ids) {
             query = query.bind(id.as_str());
         }
         let query = query.bind(self.fence.name()).bind(self.fence.epoch());
@@ -237,13 +239,13 @@ impl Store {
             placeholders(n)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (id, _, job) in &jobs {
+        for (id, _, job) in padded(&jobs) {
             query = query.bind(id.as_str()).bind(&job.0);
         }
-        for (id, volume, _) in &jobs {
+        for (id, volume, _) in padded(&jobs) {
             query = query.bind(id.as_str()).bind(volume.map(|v| v.to_string()));
         }
-        for (id, _, _) in &jobs {
+        for (id, _, _) in padded(&jobs) {
             query = query.bind(id.as_str());
         }
         let query = query.bind(self.fence.name()).bind(self.fence.epoch());
@@ -299,7 +301,7 @@ impl Store {
         let n = endings.len();
         let columns: Vec<(&CommandId, EndColumns)> = endings
             .iter()
-            .map(|e| (&e.id, EndColumns::of(&e.terminal)))
+            .map(|e| (&e.id, EndColumns::of(&e.terminal, e.job.as_ref())))
             .collect();
         let query = self.end_query(&columns);
         let mut tx = self.pool.begin().await?;
@@ -340,7 +342,8 @@ impl Store {
         let case = case_by_id(n);
         let sql = format!(
             concat!(
-                "UPDATE volume_operations SET status = {c}, volume_id = COALESCE({c}, volume_id), \
+                "UPDATE volume_operations SET status = {c}, \
+                 cloudstack_job_id = COALESCE({c}, cloudstack_job_id), volume_id = COALESCE({c}, volume_id), \
                  vm_id = COALESCE({c}, vm_id), response = {c}, error = {c}, error_code = {c}, \
                  error_detail = {c}, event_id = {c}, event_payload = {c}, completed_at = {c} \
                  WHERE id IN ({ids}) AND ",
@@ -354,12 +357,13 @@ impl Store {
         let mut query = sqlx::query(AssertSqlSafe(sql));
         macro_rules! arms {
             ($field:ident) => {
-                for (id, c) in columns {
+                for (id, c) in padded(columns) {
                     query = query.bind(id.as_str()).bind(c.$field.clone());
                 }
             };
         }
         arms!(status);
+        arms!(job);
         arms!(volume_id);
         arms!(vm_id);
         arms!(response);
@@ -369,7 +373,7 @@ impl Store {
         arms!(event_id);
         arms!(event_payload);
         arms!(completed_at);
-        for (id, _) in columns {
+        for (id, _) in padded(columns) {
             query = query.bind(id.as_str());
         }
         query.bind(self.fence.name()).bind(self.fence.epoch())

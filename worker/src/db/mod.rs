@@ -48,6 +48,25 @@ macro_rules! unended {
     };
 }
 
+/// How many rows a statement over `n` rows names: the next power of two. A statement's text
+/// depends on how many rows it names, and the server and each connection prepare every text
+/// once: a few sizes serve every group and batch instead of one text per size (a prepare, an
+/// eviction from the connection's cache of 100 and a close each).
+pub(in crate::db) fn bucket(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `items` and then its last item again up to [`bucket`] in all (nothing when empty): for
+/// where naming a row twice changes nothing, `IN` lists and `CASE` arms.
+pub(in crate::db) fn padded<T>(items: &[T]) -> impl Iterator<Item = &T> {
+    let extra = bucket(items.len()) - items.len();
+    let last = items
+        .last()
+        .into_iter()
+        .flat_map(move |l| std::iter::repeat_n(l, extra));
+    items.iter().chain(last)
+}
+
 pub(crate) mod appliance;
 pub(crate) mod cancel;
 pub(crate) mod configs;
@@ -341,6 +360,17 @@ fn side_pool(url: &SecretUrl, max: u32, session: &'static str) -> Result<MySqlPo
 mod tests {
     use super::*;
     use crate::db::testdb::TestDb;
+
+    #[test]
+    fn statements_name_a_power_of_two_of_rows_the_last_repeated() {
+        assert_eq!(bucket(0), 1);
+        assert_eq!(bucket(5), 8);
+        assert_eq!(bucket(32), 32);
+        let five: Vec<u32> = padded(&[1, 2, 3, 4, 5]).copied().collect();
+        assert_eq!(five, vec![1, 2, 3, 4, 5, 5, 5, 5]);
+        assert_eq!(padded(&[7]).count(), 1);
+        assert_eq!(padded::<u32>(&[]).count(), 0);
+    }
 
     /// A connection that sat idle longer than [`MAX_IDLE_HANDED_OUT`] is never handed out (the
     /// server may have dropped it: MySQL 8 answers with error 4031): the next acquire gets a

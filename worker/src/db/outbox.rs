@@ -12,6 +12,7 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 use schema::CloudEvent;
 
 use crate::db::fence::{Fence, StoreError};
+use crate::db::{bucket, padded};
 
 /// An event to publish, as stored.
 #[derive(Debug, Clone)]
@@ -66,14 +67,14 @@ pub(crate) async fn insert_all(
     if rows.is_empty() {
         return Ok(());
     }
-    // Only `?` placeholders are put into the text; the values are bound.
+    // Only `?` placeholders are put into the text; the values are bound. A row's last `?`
+    // says whether it is one of `rows` or padding (see `bucket`).
     let sql = format!(
-        "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) \
-         VALUES {}",
-        vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+        "INSERT INTO outbox (event_id, exchange, routing_key, payload, correlation_id, reply_to) {}",
+        vec!["SELECT ?, ?, ?, ?, ?, ? FROM DUAL WHERE ?"; bucket(rows.len())].join(" UNION ALL ")
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for row in rows {
+    for (i, row) in padded(rows).enumerate() {
         let payload =
             serde_json::to_string(row.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         query = query
@@ -82,7 +83,8 @@ pub(crate) async fn insert_all(
             .bind(&row.event.event_type)
             .bind(payload)
             .bind(row.event.amqp_correlation_id())
-            .bind(row.reply_to);
+            .bind(row.reply_to)
+            .bind(i < rows.len());
     }
     query.execute(conn).await?;
     Ok(())
@@ -120,11 +122,11 @@ pub(crate) async fn unpublished_except(
     let sql = if except.is_empty() {
         format!("{COLUMNS} ORDER BY id LIMIT ?")
     } else {
-        let placeholders = vec!["?"; except.len()].join(", ");
+        let placeholders = vec!["?"; bucket(except.len())].join(", ");
         format!("{COLUMNS} AND id NOT IN ({placeholders}) ORDER BY id LIMIT ?")
     };
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for id in except {
+    for id in padded(except) {
         query = query.bind(*id);
     }
     let rows = query.bind(limit).fetch_all(pool).await?;
@@ -157,7 +159,7 @@ pub(crate) async fn mark_all_published(
         return Ok(0);
     }
     // Only `?` placeholders are put into the text; the ids are bound.
-    let placeholders = vec!["?"; ids.len()].join(", ");
+    let placeholders = vec!["?"; bucket(ids.len())].join(", ");
     let sql = format!(
         concat!(
             "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE published_at IS NULL \
@@ -167,7 +169,7 @@ pub(crate) async fn mark_all_published(
         placeholders
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for id in ids {
+    for id in padded(ids) {
         query = query.bind(*id);
     }
     let done = query.bind(lease).bind(epoch).execute(pool).await?;

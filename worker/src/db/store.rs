@@ -67,6 +67,9 @@ struct Groups {
 pub(crate) struct Ending {
     pub id: CommandId,
     pub reply_to: Option<String>,
+    /// The operation's CloudStack job, written with the outcome (a job that ended before its
+    /// first poll was not recorded on its own).
+    pub job: Option<JobId>,
     pub terminal: Terminal,
 }
 
@@ -75,6 +78,7 @@ impl Ending {
         Self {
             id: op.id().clone(),
             reply_to: op.command.reply_to.clone(),
+            job: op.job_id.clone(),
             terminal: terminal.clone(),
         }
     }
@@ -83,6 +87,7 @@ impl Ending {
 /// The terminal columns of one operation, as the single and the grouped UPDATE write them.
 pub(in crate::db) struct EndColumns {
     pub status: &'static str,
+    pub job: Option<String>,
     pub volume_id: Option<String>,
     pub vm_id: Option<String>,
     pub response: Option<String>,
@@ -95,10 +100,11 @@ pub(in crate::db) struct EndColumns {
 }
 
 impl EndColumns {
-    pub(in crate::db) fn of(terminal: &Terminal) -> Self {
+    pub(in crate::db) fn of(terminal: &Terminal, job: Option<&JobId>) -> Self {
         let (event, error) = (&terminal.event, terminal.error.as_ref());
         Self {
             status: terminal.status().as_str(),
+            job: job.map(|j| j.0.clone()),
             volume_id: event.data.volume_id.map(|v| v.to_string()),
             vm_id: event.data.vm_id.map(|v| v.to_string()),
             response: terminal.response.as_ref().map(|r| r.to_string()),
@@ -439,7 +445,10 @@ impl Store {
     pub(in crate::db) async fn finish_one(&self, ending: &Ending) -> Result<(), StoreError> {
         let (id, terminal) = (&ending.id, &ending.terminal);
         let mut tx = self.pool.begin().await?;
-        if !self.end_row(&mut tx, id, terminal).await? {
+        if !self
+            .end_row(&mut tx, id, ending.job.as_ref(), terminal)
+            .await?
+        {
             tx.rollback().await?;
             self.unless_fenced().await?;
             tracing::warn!(operation_id = %id, "operation had already ended; keeping its first outcome");
@@ -476,11 +485,13 @@ impl Store {
         &self,
         tx: &mut MySqlTransaction<'_>,
         id: &CommandId,
+        job: Option<&JobId>,
         terminal: &Terminal,
     ) -> Result<bool, sqlx::Error> {
-        let c = EndColumns::of(terminal);
+        let c = EndColumns::of(terminal, job);
         let updated = sqlx::query(concat!(
-            "UPDATE volume_operations SET status = ?, volume_id = COALESCE(?, volume_id), \
+            "UPDATE volume_operations SET status = ?, \
+             cloudstack_job_id = COALESCE(?, cloudstack_job_id), volume_id = COALESCE(?, volume_id), \
              vm_id = COALESCE(?, vm_id), response = ?, error = ?, error_code = ?, error_detail = ?, \
              event_id = ?, event_payload = ?, completed_at = ? WHERE id = ? AND ",
             unended!(),
@@ -488,6 +499,7 @@ impl Store {
             fenced!()
         ))
         .bind(c.status)
+        .bind(c.job)
         .bind(c.volume_id)
         .bind(c.vm_id)
         .bind(c.response)

@@ -101,16 +101,20 @@ where
         }
     };
     let (job, volume) = job;
-    // The job's id is committed while its first poll is already on its way: both end before
-    // the outcome is recorded, so a job id is always committed before the outcome. A crash
-    // before it was committed resumes as after a lost answer (`look` finds the job).
-    let (recorded, waited) = tokio::join!(
-        cloud.ctx.store_job(op.id(), Some(volume), &job),
-        wait(job.clone())
-    );
-    recorded?;
-    op.job_id = Some(job);
+    op.job_id = Some(job.clone());
     op.volume_id = Some(volume);
+    // A job that ended by its first poll needs no record of its own: its id is committed with
+    // the outcome. Any other's id is committed while it is polled, and always before the
+    // outcome. A crash before either resumes as after a lost answer (`look` finds the job).
+    let waiting = wait(job.clone());
+    tokio::pin!(waiting);
+    let first_poll = cloud.polling.min_interval * 2;
+    if let Ok(ended) = tokio::time::timeout(first_poll, &mut waiting).await {
+        return ended;
+    }
+    let (recorded, waited) =
+        tokio::join!(cloud.ctx.store_job(op.id(), Some(volume), &job), waiting);
+    recorded?;
     waited
 }
 
