@@ -492,3 +492,41 @@ async fn restarts_with_a_full_executor_never_dead_letter_a_valid_command() {
         "a valid command was dead-lettered"
     );
 }
+
+/// The daemon's broker connections ask for frames of 32 KiB: lapin keeps 32 frames of receive
+/// and of send buffer per connection, 8 MiB each at the broker's default of 128 KiB. (Messages
+/// larger than a frame still pass: the dead-letter tests send 10 MiB ones through.)
+#[tokio::test]
+async fn the_daemons_broker_connections_use_32_kib_frames() {
+    let mut env = TestEnv::new().await;
+    env.start_daemon().await;
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "client_properties",
+            "frame_max",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        listed.status.success(),
+        "rabbitmqctl list_connections failed"
+    );
+    let connections: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let ours: Vec<&serde_json::Value> = (connections.iter())
+        .filter(|c| {
+            let c = c.to_string();
+            c.contains("volume-daemon intake") || c.contains("volume-daemon relay")
+        })
+        .collect();
+    assert!(
+        ours.len() >= 2,
+        "the intake and relay connections: {connections:?}"
+    );
+    for c in &ours {
+        assert_eq!(c["frame_max"], 32768, "{c}");
+    }
+}

@@ -54,6 +54,12 @@ pub(crate) async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connectio
     )))
 }
 
+/// The largest AMQP frame the daemon's connections ask for, unless the URL sets `frame_max`.
+/// lapin keeps a receive and a send buffer of 32 frames for each connection, written through:
+/// at RabbitMQ's default of 128 KiB that is 8 MiB of memory per connection, three per
+/// instance. A command (at most 64 KiB) or an event fits in one or two frames of 32 KiB.
+const FRAME_MAX: u32 = 32 * 1024;
+
 async fn connect_one(
     endpoint: &Endpoint,
     url: &SecretUrl,
@@ -65,7 +71,10 @@ async fn connect_one(
         cert_chain: endpoint.ca_pem.clone(),
     };
     let runtime = lapin::runtime::default_runtime()?;
-    let connecting = Connection::connect_with_config(url.expose(), props, tls, runtime);
+    let mut uri: lapin::uri::AMQPUri = (url.expose().parse())
+        .map_err(|e: String| io_error(format!("the broker URL does not parse: {e}")))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    let connecting = Connection::connect_uri_with_config(uri, props, tls, runtime);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(connected) => connected,
         Err(_) => Err(io_error(format!(
