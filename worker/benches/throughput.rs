@@ -13,7 +13,7 @@
 //! 3. makespan of 200 attaches over 25 VMs with 500 ms jobs, against the ideal
 //!    0.5 s × max(⌈200/16⌉, 200/25). Target ≤ 1.10 ×.
 //! 4. relay throughput on a pre-filled outbox (events/s), next to a bare confirmed-publish loop
-//!    to the same exchange. Target ≥ 0.5.
+//!    to the same exchange, three rounds taking turns, the median counts. Target ≥ 0.5.
 //! 5. the daemon's peak RSS (VmHWM) while it works through the 1,000 commands of phase 1.
 //!    Target ≤ 40 MiB.
 //!
@@ -632,7 +632,6 @@ async fn attaches() -> Duration {
 async fn relay() -> (f64, f64) {
     let n = 5000;
     let mut world = World::new(SimConfig::default()).await;
-    world.stop().await;
     let exchange = format!("{}.events", world.prefix());
     let payload = serde_json::to_string(&schema::CloudEvent::new(
         schema::EventId::new_random(),
@@ -646,6 +645,26 @@ async fn relay() -> (f64, f64) {
         ),
     ))
     .expect("payload");
+    // Rounds of the relay, then the bare loop, as in figure 1: the median round counts.
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        world.stop().await;
+        let relay = relay_round(&mut world, n, &exchange, &payload).await;
+        let bare = bare_publish(n, &exchange, &payload).await;
+        rounds.push((relay, bare));
+    }
+    world.clean().await;
+    rounds.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
+    rounds[rounds.len() / 2]
+}
+
+/// One round of figure 4: `n` events put in the outbox of the stopped daemon of `world`, the
+/// daemon started, events/s from its first confirmed publish to its last.
+async fn relay_round(world: &mut World, n: usize, exchange: &str, payload: &str) -> f64 {
+    sqlx::query("DELETE FROM outbox")
+        .execute(&world.pool)
+        .await
+        .expect("empty the outbox");
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let values: Vec<String> = chunk
             .iter()
@@ -683,8 +702,11 @@ async fn relay() -> (f64, f64) {
     .fetch_one(&world.pool)
     .await
     .expect("span");
-    let relay_s = (micros.max(1) as f64) / 1e6;
+    n as f64 / ((micros.max(1) as f64) / 1e6)
+}
 
+/// Figure 4's limit: `n` confirmed publishes of `payload` to `exchange` (256 in flight), per s.
+async fn bare_publish(n: usize, exchange: &str, payload: &str) -> f64 {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -697,7 +719,7 @@ async fn relay() -> (f64, f64) {
     for _ in 0..n {
         let confirm = ch
             .basic_publish(
-                exchange.as_str().into(),
+                exchange.into(),
                 "volume.create.failed".into(),
                 BasicPublishOptions::default(),
                 payload.as_bytes(),
@@ -716,8 +738,8 @@ async fn relay() -> (f64, f64) {
         c.await.expect("confirm");
     }
     let bare = n as f64 / bare_started.elapsed().as_secs_f64();
-    world.clean().await;
-    (n as f64 / relay_s, bare)
+    let _ = conn.close(200, "done".into()).await;
+    bare
 }
 
 /// The cloud's cost in a phase: job polls per job and API requests per operation, from the
@@ -1081,7 +1103,7 @@ fn main() {
         if wanted(4) {
         let (relay, bare_publish) = relay().await;
         println!(
-            "4. relay: {relay:.0} events/s from a pre-filled outbox (first to last publish), bare confirmed publish {bare_publish:.0}/s, ratio {:.2}  (target ≥ 0.50)",
+            "4. relay (median of {ROUNDS} rounds): {relay:.0} events/s from a pre-filled outbox (first to last publish), bare confirmed publish {bare_publish:.0}/s, ratio {:.2}  (target ≥ 0.50)",
             relay / bare_publish
         );
         }
