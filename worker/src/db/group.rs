@@ -86,23 +86,34 @@ mod tests {
 
     use super::*;
 
+    type Written = Result<u32, StoreError>;
+
+    /// A writer that records each group's size, takes 10 ms, and answers `answer(item)`.
+    fn recording(
+        sizes: &Arc<Mutex<Vec<usize>>>,
+        answer: fn(u32) -> u32,
+    ) -> impl Fn(Vec<u32>) -> std::pin::Pin<Box<dyn Future<Output = Vec<Written>> + Send>>
+    + Clone
+    + Send
+    + 'static {
+        let sizes = sizes.clone();
+        move |items: Vec<u32>| {
+            let sizes = sizes.clone();
+            Box::pin(async move {
+                sizes.lock().expect("sizes").push(items.len());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                items.into_iter().map(|i| Ok(answer(i))).collect()
+            })
+        }
+    }
+
     /// Eight writes that arrive while one is being written go together in the next group,
     /// and each caller gets its own item's result.
     #[tokio::test(start_paused = true)]
     async fn writes_arriving_during_a_write_go_together_and_each_gets_its_own_result() {
         let group = Arc::new(Group::<u32, u32>::new(16));
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        let write = {
-            let sizes = sizes.clone();
-            move |items: Vec<u32>| {
-                let sizes = sizes.clone();
-                async move {
-                    sizes.lock().expect("sizes").push(items.len());
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    items.into_iter().map(|i| Ok(i * 2)).collect()
-                }
-            }
-        };
+        let write = recording(&sizes, |i| i * 2);
         let first = {
             let (group, write) = (group.clone(), write.clone());
             tokio::spawn(async move { group.submit(100, write).await })
@@ -126,17 +137,7 @@ mod tests {
     async fn a_group_never_exceeds_its_maximum() {
         let group = Arc::new(Group::<u32, u32>::new(3));
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        let write = {
-            let sizes = sizes.clone();
-            move |items: Vec<u32>| {
-                let sizes = sizes.clone();
-                async move {
-                    sizes.lock().expect("sizes").push(items.len());
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    items.into_iter().map(Ok).collect()
-                }
-            }
-        };
+        let write = recording(&sizes, |i| i);
         let tasks: Vec<_> = (0..10)
             .map(|i| {
                 let (group, write) = (group.clone(), write.clone());

@@ -27,6 +27,18 @@ fn case_by_id(n: usize) -> String {
     format!("CASE id {} END", vec!["WHEN ? THEN ?"; bucket(n)].join(" "))
 }
 
+/// What each of `n` items of a group gets when the check after it failed with `e`: the
+/// fence's refusal as it is; any other error (not `Clone`) as `Abandoned`, which is transient,
+/// so each caller writes its item again and meets the error itself.
+fn all_refused<T>(n: usize, e: &StoreError) -> Vec<Result<T, StoreError>> {
+    (0..n)
+        .map(|_| match e {
+            StoreError::Fenced(f) => Err(StoreError::Fenced(f.clone())),
+            _ => Err(StoreError::Abandoned),
+        })
+        .collect()
+}
+
 impl Store {
     /// Accepts `commands` as [`Store::accept`] would, one at a time, in one fenced statement
     /// when they are new (the usual case): one result per command, in order. Their rows get
@@ -78,11 +90,7 @@ impl Store {
         // Fewer rows: the fence refused them all, or some ended long ago (swept by retention,
         // kept in `ended_commands`): exactly those were not inserted.
         if let Err(e) = self.unless_fenced().await {
-            let refused = |_| match &e {
-                StoreError::Fenced(f) => Err(StoreError::Fenced(f.clone())),
-                _ => Err(StoreError::Abandoned),
-            };
-            return Ok(Some(commands.iter().map(refused).collect()));
+            return Ok(Some(all_refused(commands.len(), &e)));
         }
         let mut results = Vec::with_capacity(commands.len());
         for c in commands {
@@ -180,16 +188,8 @@ impl Store {
     /// After a grouped mark changed fewer rows than it named: `true` for the rows it marked
     /// (now executing), `false` for those that had ended; all fenced if the lease moved on.
     async fn which_executing(&self, ids: &[CommandId]) -> Vec<Result<bool, StoreError>> {
-        let all = |e: &StoreError| -> Vec<Result<bool, StoreError>> {
-            ids.iter()
-                .map(|_| match e {
-                    StoreError::Fenced(f) => Err(StoreError::Fenced(f.clone())),
-                    _ => Err(StoreError::Abandoned),
-                })
-                .collect()
-        };
         if let Err(e) = self.unless_fenced().await {
-            return all(&e);
+            return all_refused(ids.len(), &e);
         }
         let sql = format!(
             concat!(
@@ -199,7 +199,7 @@ impl Store {
             placeholders(ids.len())
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in ids {
+        for id in padded(ids) {
             query = query.bind(id.as_str());
         }
         match query.fetch_all(&self.pool).await {
@@ -212,7 +212,7 @@ impl Store {
                     .map(|id| Ok(marked.contains(id.as_str())))
                     .collect()
             }
-            Err(e) => all(&StoreError::Db(e)),
+            Err(e) => all_refused(ids.len(), &StoreError::Db(e)),
         }
     }
 
@@ -254,8 +254,7 @@ impl Store {
             // As the single form: fewer rows changed is fine unless the fence refused.
             Ok(_) => match self.unless_fenced().await {
                 Ok(()) => jobs.iter().map(|_| Ok(())).collect(),
-                Err(StoreError::Fenced(f)) => jobs.iter().map(|_| Err(f.clone().into())).collect(),
-                Err(_) => jobs.iter().map(|_| Err(StoreError::Abandoned)).collect(),
+                Err(e) => all_refused(n, &e),
             },
             Err(e) => {
                 tracing::debug!(error = %e, "recording a group of jobs failed; one at a time");
@@ -320,14 +319,20 @@ impl Store {
             }
         }
         let exchange = self.events_exchange();
-        let rows: Vec<outbox::NewRow<'_>> = endings
-            .iter()
-            .map(|e| outbox::NewRow {
-                event: &e.terminal.event,
-                exchange: &exchange,
-                reply_to: e.reply_to.as_deref(),
+        // The event's JSON as the UPDATE stored it: serialized once.
+        let rows = (endings.iter().zip(&columns))
+            .map(|(e, (_, c))| {
+                let payload = c.event_payload.as_deref().ok_or_else(|| {
+                    sqlx::Error::Encode(format!("event {} does not serialize", c.event_id).into())
+                })?;
+                Ok(outbox::NewRow {
+                    event: &e.terminal.event,
+                    payload,
+                    exchange: &exchange,
+                    reply_to: e.reply_to.as_deref(),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
         outbox::insert_all(&mut tx, &rows).await?;
         tx.commit().await?;
         Ok(true)
@@ -386,7 +391,7 @@ mod tests {
 
     use super::*;
     use crate::db::testdb::TestDb;
-    use crate::mappings::{CloudStackState, DeviceMapping, LinuxState, MappingChange};
+    use crate::mappings::MappingChange;
 
     fn detaches(n: usize) -> Vec<Command> {
         (0..n)
@@ -526,21 +531,31 @@ mod tests {
         }
     }
 
+    /// A group of three (its statements name four rows) with one ended among them: the
+    /// read after the shortfall names the same padded rows as the mark.
+    #[tokio::test]
+    async fn a_group_of_three_with_an_ended_one_is_answered_row_by_row() {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let mut ops = Vec::new();
+        for a in store.accept_all(detaches(3)).await {
+            let Ok(Accepted::New(op)) = a else {
+                panic!("new")
+            };
+            ops.push(*op);
+        }
+        let error = EventError::new(ErrorCode::Internal, "x");
+        let failed = crate::operation::outcome::failed(&ops[2], error, None, now());
+        store.finish(&ops[2], &failed).await.expect("ended");
+        let ids: Vec<CommandId> = ops.iter().map(|o| o.id().clone()).collect();
+        let marked: Vec<bool> = (store.mark_executing_all(ids).await.into_iter())
+            .map(|r| r.expect("marked"))
+            .collect();
+        assert_eq!(marked, vec![true, true, false]);
+    }
+
     fn mapping_of(volume: VolumeId, vm: VmId) -> MappingChange {
-        MappingChange::Upsert(DeviceMapping {
-            volume_id: volume,
-            vm_id: vm,
-            mode: schema::event::AttachMode::Remote,
-            device_path: None,
-            by_id_path: None,
-            serial: None,
-            cloudstack_device_id: Some(1),
-            cloudstack_state: CloudStackState::Attached,
-            linux_state: LinuxState::Remote,
-            size: None,
-            last_sync: now(),
-            host: None,
-        })
+        MappingChange::Upsert(crate::db::testdb::remote_mapping(volume, vm))
     }
 
     /// A group's jobs and endings: each row gets its own job, volume, status, event and
@@ -690,13 +705,7 @@ mod tests {
             };
             ops.push(*op);
         }
-        crate::db::lease::expire(&db.pool, &crate::lease::lease_name("unit"))
-            .await
-            .expect("expire");
-        let stop = tokio_util::sync::CancellationToken::new();
-        let _new = crate::lease::Lease::acquire(&db.pool, "unit", "the-new-holder", &stop)
-            .await
-            .expect("taken over");
+        let _new = db.take_over().await;
         fn fenced<T>(r: &Result<T, StoreError>) -> bool {
             matches!(r, Err(StoreError::Fenced(_)))
         }

@@ -51,9 +51,11 @@ pub(crate) async fn insert(
     Ok(())
 }
 
-/// An outbox row to add: an event, where it goes, and the copy to its `reply_to`.
+/// An outbox row to add: an event, its JSON (as the operation's row stores it too), where it
+/// goes, and the copy to its `reply_to`.
 pub(crate) struct NewRow<'a> {
     pub event: &'a CloudEvent,
+    pub payload: &'a str,
     pub exchange: &'a str,
     pub reply_to: Option<&'a str>,
 }
@@ -75,13 +77,11 @@ pub(crate) async fn insert_all(
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for (i, row) in padded(rows).enumerate() {
-        let payload =
-            serde_json::to_string(row.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         query = query
             .bind(row.event.id.to_string())
             .bind(row.exchange)
             .bind(&row.event.event_type)
-            .bind(payload)
+            .bind(row.payload)
             .bind(row.event.amqp_correlation_id())
             .bind(row.reply_to)
             .bind(i < rows.len());

@@ -595,7 +595,6 @@ pub(in crate::db) fn operation_from_row(row: &MySqlRow) -> Result<Option<Operati
 mod tests {
     use super::*;
     use crate::db::testdb::TestDb;
-    use crate::mappings::{CloudStackState, LinuxState};
     use schema::VolumeId;
 
     #[test]
@@ -675,20 +674,7 @@ mod tests {
                 size: None,
             },
             attachment: Attachment::Remote,
-            mapping: Box::new(crate::mappings::DeviceMapping {
-                volume_id: volume,
-                vm_id: vm,
-                mode: schema::event::AttachMode::Remote,
-                device_path: None,
-                by_id_path: None,
-                serial: None,
-                cloudstack_device_id: Some(1),
-                cloudstack_state: CloudStackState::Attached,
-                linux_state: LinuxState::Remote,
-                size: None,
-                last_sync: now(),
-                host: None,
-            }),
+            mapping: Box::new(crate::db::testdb::remote_mapping(volume, vm)),
         };
         crate::operation::outcome::completed(op, &done, now())
     }
@@ -900,13 +886,7 @@ mod tests {
         let Accepted::New(op) = old.accept(command).await.expect("accept") else {
             panic!("new")
         };
-        crate::db::lease::expire(&db.pool, &crate::lease::lease_name("unit"))
-            .await
-            .expect("expire");
-        let stop = tokio_util::sync::CancellationToken::new();
-        let _new = crate::lease::Lease::acquire(&db.pool, "unit", "the-new-holder", &stop)
-            .await
-            .expect("taken over");
+        let _new = db.take_over().await;
 
         let fenced = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Fenced(_)));
         assert!(matches!(

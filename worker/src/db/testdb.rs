@@ -71,6 +71,18 @@ impl TestDb {
             .expect("the lease of a fresh database")
     }
 
+    /// Another instance takes the lease over (expired first): every store of an earlier
+    /// holding is fenced from now on. The new holding is returned (keep it).
+    pub(crate) async fn take_over(&self) -> crate::lease::Lease {
+        crate::db::lease::expire(&self.pool, &crate::lease::lease_name("unit"))
+            .await
+            .expect("expire");
+        let stop = tokio_util::sync::CancellationToken::new();
+        crate::lease::Lease::acquire(&self.pool, "unit", "the-new-holder", &stop)
+            .await
+            .expect("taken over")
+    }
+
     /// A store fenced by a lease this test holds (prefix `unit`).
     pub(crate) async fn store(&self) -> crate::db::store::Store {
         let lease = self.lease().await;
@@ -133,5 +145,27 @@ impl Drop for TestDb {
         if !matches!(dropped, Ok(Some(_))) {
             eprintln!("could not drop test database {}", self.name);
         }
+    }
+}
+
+/// The mapping of `volume` attached to `vm`, a remote VM, in slot 1.
+pub(crate) fn remote_mapping(
+    volume: schema::VolumeId,
+    vm: schema::VmId,
+) -> crate::mappings::DeviceMapping {
+    use crate::mappings::{CloudStackState, LinuxState};
+    crate::mappings::DeviceMapping {
+        volume_id: volume,
+        vm_id: vm,
+        mode: schema::event::AttachMode::Remote,
+        device_path: None,
+        by_id_path: None,
+        serial: None,
+        cloudstack_device_id: Some(1),
+        cloudstack_state: CloudStackState::Attached,
+        linux_state: LinuxState::Remote,
+        size: None,
+        last_sync: crate::db::store::now(),
+        host: None,
     }
 }
