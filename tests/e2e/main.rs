@@ -27,6 +27,7 @@ mod outages;
 mod package;
 mod producers;
 mod python_client;
+mod read_ahead;
 mod reconcile_races;
 mod refusals;
 mod rejections;

@@ -767,6 +767,72 @@ fn cloud_cost(sim: &cloudstack_sim::Sim, operations: usize) -> String {
     )
 }
 
+/// Where an attach run's time goes, from the simulator's call record: how long after `started`
+/// the first request came, the median hand-off per slot (the answer that showed a job ended →
+/// the `attachVolume` of the operation taking its slot, pairing the k-th end with the
+/// (k + 16)-th attach), the median from an operation's first request (its read, if any) to its
+/// `attachVolume`, and the last job's end → `finished`.
+fn timeline(
+    sim: &cloudstack_sim::Sim,
+    started: chrono::DateTime<chrono::Utc>,
+    finished: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let calls = sim.calls();
+    let mut first: HashMap<&str, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut attach: HashMap<&str, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut ends: HashMap<&str, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for c in &calls {
+        match (
+            c.command.as_str(),
+            c.params.get("id"),
+            c.params.get("jobid"),
+        ) {
+            ("listVolumes" | "attachVolume", Some(v), _) => {
+                first.entry(v).or_insert(c.at);
+                if c.command == "attachVolume" {
+                    attach.insert(v, c.at);
+                }
+            }
+            ("queryAsyncJobResult", _, Some(j)) => {
+                let end = ends.entry(j).or_insert(c.answered_at);
+                *end = (*end).max(c.answered_at);
+            }
+            _ => {}
+        }
+    }
+    let ms_between = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
+        (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut begins: Vec<_> = first.values().copied().collect();
+    let mut attaches: Vec<_> = attach.values().copied().collect();
+    let mut ended: Vec<_> = ends.values().copied().collect();
+    begins.sort();
+    attaches.sort();
+    ended.sort();
+    let handoff = median(
+        ended
+            .iter()
+            .zip(attaches.iter().skip(CONCURRENCY))
+            .map(|(e, b)| ms_between(*e, *b))
+            .collect(),
+    );
+    let to_attach = median(
+        attach
+            .iter()
+            .map(|(v, a)| ms_between(first[v], *a))
+            .collect(),
+    );
+    format!(
+        "first request {:.1} ms after the first publish; per slot, a job seen ended → the next attachVolume {handoff:.1} ms (median); an operation's first request → its attachVolume {to_attach:.1} ms (median); last job seen ended → last event {:.1} ms",
+        begins.first().map_or(f64::NAN, |b| ms_between(started, *b)),
+        ended.last().map_or(f64::NAN, |e| ms_between(*e, finished)),
+    )
+}
+
 /// Makes `sim` answer every request after [`REQUEST_DELAY`].
 fn slow_cloud(sim: &cloudstack_sim::Sim) {
     sim.set_faults(cloudstack_sim::Faults {
@@ -792,12 +858,17 @@ fn bare_client(sim: &cloudstack_sim::RunningSim) -> Client {
 /// 6: 200 attaches over 25 VMs with 2 s jobs on the slow cloud: the daemon's makespan, a bare
 /// client's (the same rules: 16 at a time, one per VM at a time, the same polling), and the
 /// cloud's cost of the daemon's run.
-async fn slow_attaches() -> (Duration, Duration, String) {
+async fn slow_attaches() -> (Duration, Duration, String, String) {
     let (vms, config) = attach_cloud(Duration::from_secs(2));
     let world = World::new(config.clone()).await;
     slow_cloud(&world.sim.sim);
     let t = run_attaches(&world, &vms).await;
     let cost = cloud_cost(&world.sim.sim, 200);
+    let daemon_time = timeline(
+        &world.sim.sim,
+        t.started_wall,
+        t.wall(t.started + t.makespan()),
+    );
     world.clean().await;
 
     let sim = cloudstack_sim::spawn("127.0.0.1:0".parse().expect("addr"), config)
@@ -809,7 +880,7 @@ async fn slow_attaches() -> (Duration, Duration, String) {
         .collect();
     let client = bare_client(&sim);
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let started = Instant::now();
+    let (started, started_wall) = (Instant::now(), chrono::Utc::now());
     // One task per VM, its attaches in order; the semaphore caps them all at 16.
     let per_vm = vms.iter().enumerate().map(|(k, vm)| {
         let (client, slots, vm) = (client.clone(), slots.clone(), *vm);
@@ -831,7 +902,14 @@ async fn slow_attaches() -> (Duration, Duration, String) {
     for w in futures_util::future::join_all(per_vm).await {
         w.expect("worker");
     }
-    (t.makespan(), started.elapsed(), cost)
+    let bare = started.elapsed();
+    let bare_time = timeline(
+        &sim.sim,
+        started_wall,
+        started_wall + chrono::TimeDelta::from_std(bare).unwrap_or_default(),
+    );
+    let times = format!("daemon: {daemon_time}\n   bare client: {bare_time}");
+    (t.makespan(), bare, cost, times)
 }
 
 /// 7: a steady 100 creates/s with 50 ms jobs on the slow cloud: the daemon's publish → event
@@ -1115,7 +1193,7 @@ fn main() {
         }
         let delay = ms(REQUEST_DELAY);
         if wanted(6) {
-        let (makespan, bare, cost) = slow_attaches().await;
+        let (makespan, bare, cost, times) = slow_attaches().await;
         let ideal = 2.0 * f64::max((200.0_f64 / CONCURRENCY as f64).ceil(), 200.0 / 25.0);
         println!(
             "6. cloud answering in {delay:.0} ms, 200 attaches over 25 VMs, 2 s jobs: makespan {:.2} s, ideal {ideal:.2} s, ratio {:.2}  (target ≤ 1.10); a bare client with the same rules {:.2} s ({:.2} × ideal)",
@@ -1125,6 +1203,7 @@ fn main() {
             bare.as_secs_f64() / ideal
         );
         println!("   the cloud's cost: {cost}");
+        println!("   where the time goes, {times}");
         }
         if wanted(7) {
         let (daemon, bare, cost) = slow_steady().await;

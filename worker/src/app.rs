@@ -727,14 +727,10 @@ impl Active<'_> {
         ops: mpsc::Receiver<Operation>,
         stop: Stop,
     ) -> tokio::task::JoinHandle<()> {
-        let runner = {
-            let ctx = ctx.clone();
-            move |op| crate::operation::execute(ctx.clone(), op)
-        };
         watch.spawn(
             "executor",
             executor::run(
-                runner,
+                Operations(ctx.clone()),
                 ops,
                 usize::from(self.settings.max_concurrent_operations),
                 stop,
@@ -938,5 +934,26 @@ fn report(task: &str, result: Result<(), tokio::task::JoinError>) {
         Ok(()) => tracing::debug!(task, "task stopped"),
         Err(e) if e.is_panic() => tracing::error!(task, error = %e, "task panicked"),
         Err(e) => tracing::warn!(task, error = %e, "task was cancelled"),
+    }
+}
+
+/// The daemon's operations as the executor runs them: prepared while they wait for a slot
+/// ([`crate::operation::prepare`]), then executed ([`crate::operation::execute`]).
+#[derive(Clone)]
+struct Operations(Arc<Context>);
+
+impl executor::Runner for Operations {
+    type Prepared = crate::operation::Prepared;
+
+    fn prepare(&self, op: Operation) -> impl Future<Output = Self::Prepared> + Send + 'static {
+        crate::operation::prepare(self.0.clone(), op)
+    }
+
+    fn run(
+        &self,
+        prepared: Self::Prepared,
+        slot: executor::Slot,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        crate::operation::execute(self.0.clone(), prepared, slot)
     }
 }

@@ -2,6 +2,11 @@
 //! same volume one after another in arrival order (docs/wire.md (processing rule 4)). Attach and detach on
 //! the same VM also take that VM's lock inside the operation ([`crate::context::Context::lock_vm`]).
 //!
+//! The next in line are prepared while they wait for a slot ([`Runner::prepare`]: the daemon
+//! reads an attach's volume then, so that its turn starts with the attach itself); at most
+//! `MAX_CONCURRENT_OPERATIONS` of them at a time, in arrival order, and nothing they do changes
+//! anything.
+//!
 //! The intake (and recovery) send operations through a bounded channel. The executor holds at
 //! most twice the concurrency in hand (running or waiting behind their volume); beyond that it
 //! stops receiving, the channel fills, the intake stops acknowledging, and the broker's
@@ -13,16 +18,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::stop::Stop;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{Id, JoinSet};
 
 use schema::{CommandId, VolumeId};
 
 use crate::model::Operation;
 
-/// What runs one operation to its end (in the daemon, [`crate::operation::execute`]).
+/// What runs one operation to its end (in the daemon, `app::Operations`). A closure is a
+/// runner that prepares nothing.
 pub(crate) trait Runner: Clone + Send + 'static {
-    fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static;
+    /// What an operation carries from its preparation into its run.
+    type Prepared: Send + 'static;
+
+    /// Done while the operation waits for a slot: only what changes nothing (it may wait long
+    /// after, or never run in this period).
+    fn prepare(&self, op: Operation) -> impl Future<Output = Self::Prepared> + Send + 'static;
+
+    /// The operation, once it holds `slot`; it may give the slot up before it ends (once it
+    /// is done with CloudStack), and does at the latest when it ends.
+    fn run(
+        &self,
+        prepared: Self::Prepared,
+        slot: Slot,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// One of the `MAX_CONCURRENT_OPERATIONS` slots, held by an operation acting at CloudStack;
+/// dropping it lets the next in line start.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
 }
 
 impl<F, Fut> Runner for F
@@ -30,8 +56,18 @@ where
     F: Fn(Operation) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    fn run(&self, op: Operation) -> impl Future<Output = ()> + Send + 'static {
-        self(op)
+    type Prepared = Operation;
+
+    fn prepare(&self, op: Operation) -> impl Future<Output = Operation> + Send + 'static {
+        std::future::ready(op)
+    }
+
+    fn run(&self, op: Operation, slot: Slot) -> impl Future<Output = ()> + Send + 'static {
+        let work = self(op);
+        async move {
+            work.await;
+            drop(slot);
+        }
     }
 }
 
@@ -60,7 +96,10 @@ struct Lanes<R> {
     /// Every operation in hand (running or waiting): a second copy of one is ignored.
     held: HashSet<CommandId>,
     tasks: JoinSet<()>,
+    /// The slots: operations running at once.
     permits: Arc<Semaphore>,
+    /// Operations being prepared or prepared and waiting for a slot.
+    next_in_line: Arc<Semaphore>,
     runner: R,
 }
 
@@ -69,11 +108,17 @@ impl<R: Runner> Lanes<R> {
         let lane = lane(&op);
         let id = op.id().clone();
         let (runner, permits) = (self.runner.clone(), self.permits.clone());
+        let next_in_line = self.next_in_line.clone();
         let handle = self.tasks.spawn(async move {
-            let Ok(_permit) = permits.acquire_owned().await else {
+            let Ok(in_line) = next_in_line.acquire_owned().await else {
                 return;
             };
-            runner.run(op).await;
+            let prepared = runner.prepare(op).await;
+            let Ok(permit) = permits.acquire_owned().await else {
+                return;
+            };
+            drop(in_line);
+            runner.run(prepared, Slot { _permit: permit }).await;
         });
         self.running.insert(handle.id(), (id, lane));
     }
@@ -144,6 +189,7 @@ pub(crate) async fn run<R: Runner>(
         held: HashSet::new(),
         tasks: JoinSet::new(),
         permits: Arc::new(Semaphore::new(max_concurrent)),
+        next_in_line: Arc::new(Semaphore::new(max_concurrent)),
         runner,
     };
     let limit = max_concurrent * 2;
@@ -325,6 +371,84 @@ mod tests {
         assert_eq!(started(&log), ids, "FIFO per volume");
         assert_eq!(peak(&log), 1, "never two at once on one volume");
         assert_eq!(log.len(), 10, "all ended");
+    }
+
+    /// A runner that logs "prepare" when it prepares an operation, then works 100 ms like
+    /// [`runner`].
+    #[derive(Clone)]
+    struct Preparing(Log);
+
+    impl Runner for Preparing {
+        type Prepared = Operation;
+
+        fn prepare(&self, op: Operation) -> impl Future<Output = Operation> + Send + 'static {
+            let log = self.0.clone();
+            async move {
+                log.lock()
+                    .expect("log")
+                    .push((op.id().to_string(), "prepare"));
+                op
+            }
+        }
+
+        fn run(&self, op: Operation, slot: Slot) -> impl Future<Output = ()> + Send + 'static {
+            let log = self.0.clone();
+            async move {
+                let _slot = slot;
+                let id = op.id().to_string();
+                log.lock().expect("log").push((id.clone(), "start"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                log.lock().expect("log").push((id, "end"));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_in_line_are_prepared_while_the_running_ones_work() {
+        let ops: Vec<Operation> = (0..6)
+            .map(|_| op(Command::detach(schema::VolumeId::new_random())))
+            .collect();
+        let ids: Vec<String> = ops.iter().map(|o| o.id().to_string()).collect();
+        let log: Log = Default::default();
+        let (tx, rx) = mpsc::channel(8);
+        for o in ops {
+            tx.send(o).await.expect("send");
+        }
+        let stop = Stop::new();
+        let executor = tokio::spawn(run(
+            Preparing(log.clone()),
+            rx,
+            2,
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.drain();
+        executor.await.expect("executor");
+        let log = log.lock().expect("log").clone();
+        let at = |id: &str, what: &str| {
+            log.iter()
+                .position(|(i, e)| i == id && *e == what)
+                .unwrap_or_else(|| panic!("{id} never logged {what}: {log:?}"))
+        };
+        let first_end = log.iter().position(|(_, e)| *e == "end").expect("an end");
+        for id in &ids {
+            assert!(at(id, "prepare") < at(id, "start"), "prepared first");
+        }
+        // Two running and two prepared, waiting: the third and fourth before the first end.
+        assert!(at(&ids[2], "prepare") < first_end, "{log:?}");
+        assert!(at(&ids[3], "prepare") < first_end, "{log:?}");
+        // No more than two waiting: the fifth only once a slot freed.
+        assert!(at(&ids[4], "prepare") > first_end, "{log:?}");
+        assert_eq!(
+            peak(
+                &log.iter()
+                    .filter(|(_, e)| *e != "prepare")
+                    .cloned()
+                    .collect::<Vec<_>>()
+            ),
+            2
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,8 +9,9 @@ use schema::command::AttachVolume;
 use schema::event::AttachMode;
 use schema::{ErrorCode, EventError, OperationType, VmId, VolumeId};
 
+use super::jobs::{self, EarlyRead};
 use super::outcome::{AttachedVolume, Attachment, Completed};
-use super::{Halt, Operation, jobs, mutate};
+use super::{Halt, Operation, mutate};
 use crate::context::Context;
 use crate::db::store::now;
 use crate::devices::Found;
@@ -21,6 +22,7 @@ pub(super) async fn run(
     ctx: &Context,
     op: &mut Operation,
     attach: &AttachVolume,
+    early: Option<EarlyRead>,
 ) -> Result<Completed, Halt> {
     let cs = ctx.session().await?;
     let polling = cs.polling(OperationType::Attach);
@@ -29,10 +31,27 @@ pub(super) async fn run(
     // One attach or detach of this VM at a time, until this one's outcome is committed.
     ctx.hold_vm(op, vm).await;
 
-    let listed = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
+    // Seen detached and idle while this operation waited for its turn: attached at once.
+    let early = early.and_then(EarlyRead::idle_and_detached);
+    let listed = match &early {
+        Some(listed) => listed.clone(),
+        None => jobs::settled(ctx, op, &cs.client, polling, volume_id).await?,
+    };
     // Registered before the attach is sent: a device that appears early is not missed.
     let expectation = host.then(|| ctx.devices.expect(volume_id, listed.size));
-    let volume = ensure_attached(ctx, op, &cs.client, polling, attach, listed).await?;
+    let volume = match ensure_attached(ctx, op, &cs.client, polling, attach, listed).await {
+        // Refused before any job started, on a read from before this turn: read again.
+        Err(refused @ Halt::Fail(..)) if early.is_some() && op.job_id.is_none() => {
+            let now = jobs::settled(ctx, op, &cs.client, polling, volume_id).await?;
+            if now.virtualmachineid.is_none() {
+                // As it was read: the refusal stands.
+                return Err(refused);
+            }
+            tracing::info!("the volume was attached while this operation waited for its turn");
+            ensure_attached(ctx, op, &cs.client, polling, attach, now).await?
+        }
+        attached => attached?,
+    };
     match expectation {
         None => Ok(Completed::Attached {
             volume: AttachedVolume::from(&volume),

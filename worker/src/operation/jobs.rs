@@ -1,5 +1,8 @@
 //! Reading a volume and waiting for CloudStack's jobs on it: before an operation acts
-//! ([`settled`]), and after it started one ([`wait`]). Starting one is `mutate`'s.
+//! ([`settled`], or [`EarlyRead`] while it waited for its turn), and after it started one
+//! ([`wait`]). Starting one is `mutate`'s.
+
+use std::time::Instant;
 
 use cloudstack::{Client, JobId, JobPolling, Volume};
 use schema::{ErrorCode, EventError, VolumeId};
@@ -22,6 +25,46 @@ pub(crate) async fn current(client: &Client, volume: VolumeId) -> Result<Volume,
         .await
         .map_err(|e| classify(&e))?
         .ok_or_else(|| not_found(volume).into())
+}
+
+/// The volume as `listVolumes` showed it while its operation waited for a slot, on the
+/// operation's first attempt (so no job of its own can be running), before it was marked
+/// executing. It may be seconds old: an operation acts on it only where CloudStack checks the
+/// same state itself when it is sent the call ([`EarlyRead::idle_and_detached`]: `attachVolume`
+/// refuses a volume attached meanwhile), and reads again after a refusal; anything else reads
+/// the volume when its turn comes ([`settled`]).
+pub(crate) struct EarlyRead {
+    volume: Volume,
+    at: Instant,
+}
+
+impl EarlyRead {
+    /// Reads `volume` now; `None` when that fails (the operation reads again in its turn).
+    pub(crate) async fn of(client: &Client, volume: VolumeId) -> Option<Self> {
+        match current(client, volume).await {
+            Ok(listed) => Some(Self {
+                volume: listed,
+                at: Instant::now(),
+            }),
+            Err(e) => {
+                tracing::debug!(error = ?e, "no early read of the volume; it is read in its turn");
+                None
+            }
+        }
+    }
+
+    /// The volume when it was attached to no VM and no job ran on it.
+    pub(crate) fn idle_and_detached(self) -> Option<Volume> {
+        let usable = self.volume.virtualmachineid.is_none() && self.volume.running_job().is_none();
+        if usable {
+            let age_ms = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+            tracing::debug!(
+                age_ms,
+                "acting on the volume as read while waiting for a slot"
+            );
+        }
+        usable.then_some(self.volume)
+    }
 }
 
 /// The volume once no job runs on it. First the job this operation stored before a restart

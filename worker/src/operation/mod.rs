@@ -27,12 +27,42 @@ use tracing::Instrument;
 use schema::Action;
 
 use crate::context::Context;
+use crate::executor::Slot;
 pub(crate) use crate::model::{Halt, Operation};
 use outcome::Completed;
 
-/// Runs `op` to its end and records the outcome with its event. Returns when the outcome is
-/// committed, or when `ctx` shuts down first (the operation then resumes at the next start).
-pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
+/// An operation about to take its turn, with what was read for it while it waited.
+pub(crate) struct Prepared {
+    op: Operation,
+    early: Option<jobs::EarlyRead>,
+}
+
+/// Done while `op` waits for a slot (`executor::Runner::prepare`): the first attempt of an
+/// attach reads its volume, so that its turn can start with the `attachVolume` itself
+/// ([`jobs::EarlyRead`]). Reads only; a failure just means no early read.
+pub(crate) async fn prepare(ctx: Arc<Context>, op: Operation) -> Prepared {
+    let first_attempt = op.job_id.is_none() && op.prior_attempts == 0;
+    let early = match &op.command.action {
+        Action::Attach(attach) if first_attempt => match ctx.session().await {
+            Ok(cs) => {
+                jobs::EarlyRead::of(&cs.client, attach.volume_id)
+                    .instrument(span_of(&op))
+                    .await
+            }
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    Prepared { op, early }
+}
+
+/// Runs the prepared operation to its end and records the outcome with its event. Returns
+/// when the outcome is committed, or when `ctx` shuts down first (the operation then resumes
+/// at the next start). `slot` is given up once CloudStack's part is done, before the commit:
+/// the next in line starts meanwhile (the VM's lock and the volume's lane are held until the
+/// commit).
+pub(crate) async fn execute(ctx: Arc<Context>, prepared: Prepared, slot: Slot) {
+    let Prepared { mut op, early } = prepared;
     let span = span_of(&op);
     async move {
         let id = op.id().clone();
@@ -51,7 +81,7 @@ pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
             // Stopped or fenced first: the row is still pending and resumes later.
             Err(_) => return,
         }
-        let mut result = run(&ctx, &mut op).await;
+        let mut result = run(&ctx, &mut op, early).await;
         if let Err(Halt::Fail(e, _)) = &result
             && e.cloudstack_error_code == Some(401)
         {
@@ -59,7 +89,7 @@ pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
             tracing::warn!(
                 "CloudStack refused the credentials; reading them again and retrying once"
             );
-            result = run(&ctx, &mut op).await;
+            result = run(&ctx, &mut op, None).await;
         }
         let at = crate::db::store::now();
         let terminal = match result {
@@ -79,6 +109,7 @@ pub(crate) async fn execute(ctx: Arc<Context>, mut op: Operation) {
                 return;
             }
         };
+        drop(slot);
         ctx.metrics.operation_ended(&op, &terminal);
         ctx.finish(&op, terminal).await;
     }
@@ -117,11 +148,15 @@ pub(crate) async fn reconcile_all(
     reconcile::reconcile(ctx, cs, None).await
 }
 
-/// The command's own module.
-async fn run(ctx: &Context, op: &mut Operation) -> Result<Completed, Halt> {
+/// The command's own module (`early`: what was read while it waited, see [`prepare`]).
+async fn run(
+    ctx: &Context,
+    op: &mut Operation,
+    early: Option<jobs::EarlyRead>,
+) -> Result<Completed, Halt> {
     match op.command.action.clone() {
         Action::Create(create) => create::run(ctx, op, &create).await,
-        Action::Attach(attach) => attach::run(ctx, op, &attach).await,
+        Action::Attach(attach) => attach::run(ctx, op, &attach, early).await,
         Action::Detach { volume_id } => detach::run(ctx, op, volume_id).await,
         Action::Delete { volume_id } => delete::run(ctx, op, volume_id).await,
         Action::Cancel { target } => cancel::run(ctx, op, &target).await,
