@@ -160,7 +160,13 @@ async fn a_volume_attached_meanwhile_by_someone_else_is_read_again_after_the_ref
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never attached outside"
+            "never attached outside; calls: {:?}",
+            env.sim
+                .sim
+                .calls()
+                .iter()
+                .map(|c| (c.command.as_str(), c.params.get("id"), c.at, c.status))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -113,8 +113,10 @@ impl<R: Runner> Lanes<R> {
             let Ok(in_line) = next_in_line.acquire_owned().await else {
                 return;
             };
-            let prepared = runner.prepare(op).await;
-            let Ok(permit) = permits.acquire_owned().await else {
+            // In line for a slot while it prepares, so slots go in arrival order however long
+            // each preparation takes (a slot that comes first waits for the preparation).
+            let (prepared, permit) = tokio::join!(runner.prepare(op), permits.acquire_owned());
+            let Ok(permit) = permit else {
                 return;
             };
             drop(in_line);
@@ -373,17 +375,21 @@ mod tests {
         assert_eq!(log.len(), 10, "all ended");
     }
 
-    /// A runner that logs "prepare" when it prepares an operation, then works 100 ms like
-    /// [`runner`].
+    /// A runner that logs "prepare" when it prepared an operation (those in `slow` take 50 ms
+    /// to), then works 100 ms like [`runner`].
     #[derive(Clone)]
-    struct Preparing(Log);
+    struct Preparing(Log, Vec<String>);
 
     impl Runner for Preparing {
         type Prepared = Operation;
 
         fn prepare(&self, op: Operation) -> impl Future<Output = Operation> + Send + 'static {
             let log = self.0.clone();
+            let slow = self.1.contains(&op.id().to_string());
             async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 log.lock()
                     .expect("log")
                     .push((op.id().to_string(), "prepare"));
@@ -403,9 +409,10 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_next_in_line_are_prepared_while_the_running_ones_work() {
-        let ops: Vec<Operation> = (0..6)
+    /// Runs `n` operations on volumes of their own through a [`Preparing`] runner (those whose
+    /// index is in `slow` prepare for 50 ms), two at a time; their ids and the log.
+    async fn run_prepared(n: usize, slow: &[usize]) -> (Vec<String>, Vec<(String, &'static str)>) {
+        let ops: Vec<Operation> = (0..n)
             .map(|_| op(Command::detach(schema::VolumeId::new_random())))
             .collect();
         let ids: Vec<String> = ops.iter().map(|o| o.id().to_string()).collect();
@@ -415,8 +422,9 @@ mod tests {
             tx.send(o).await.expect("send");
         }
         let stop = Stop::new();
+        let slow = slow.iter().map(|i| ids[*i].clone()).collect();
         let executor = tokio::spawn(run(
-            Preparing(log.clone()),
+            Preparing(log.clone(), slow),
             rx,
             2,
             stop.clone(),
@@ -426,11 +434,32 @@ mod tests {
         stop.drain();
         executor.await.expect("executor");
         let log = log.lock().expect("log").clone();
-        let at = |id: &str, what: &str| {
-            log.iter()
-                .position(|(i, e)| i == id && *e == what)
-                .unwrap_or_else(|| panic!("{id} never logged {what}: {log:?}"))
-        };
+        (ids, log)
+    }
+
+    /// Where `id` logged `what` first.
+    fn at(log: &[(String, &'static str)], id: &str, what: &str) -> usize {
+        log.iter()
+            .position(|(i, e)| i == id && *e == what)
+            .unwrap_or_else(|| panic!("{id} never logged {what}: {log:?}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_go_in_arrival_order_however_long_each_preparation_takes() {
+        // The third prepares for 50 ms, the fourth at once: when the first slot frees (at
+        // 100 ms) both are ready, and the third, in line first, starts first.
+        let (ids, log) = run_prepared(4, &[2]).await;
+        assert!(at(&log, &ids[3], "prepare") < at(&log, &ids[2], "prepare"));
+        assert!(
+            at(&log, &ids[2], "start") < at(&log, &ids[3], "start"),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_in_line_are_prepared_while_the_running_ones_work() {
+        let (ids, log) = run_prepared(6, &[]).await;
+        let at = |id: &str, what: &str| at(&log, id, what);
         let first_end = log.iter().position(|(_, e)| *e == "end").expect("an end");
         for id in &ids {
             assert!(at(id, "prepare") < at(id, "start"), "prepared first");

@@ -31,29 +31,32 @@ use crate::executor::Slot;
 pub(crate) use crate::model::{Halt, Operation};
 use outcome::Completed;
 
-/// An operation about to take its turn, with what was read for it while it waited.
+/// An operation about to take its turn, with what was read for it while it waited and its
+/// log span (one span from its preparation to its end).
 pub(crate) struct Prepared {
     op: Operation,
     early: Option<jobs::EarlyRead>,
+    span: tracing::Span,
 }
 
 /// Done while `op` waits for a slot (`executor::Runner::prepare`): the first attempt of an
 /// attach reads its volume, so that its turn can start with the `attachVolume` itself
 /// ([`jobs::EarlyRead`]). Reads only; a failure just means no early read.
 pub(crate) async fn prepare(ctx: Arc<Context>, op: Operation) -> Prepared {
+    let span = span_of(&op);
     let first_attempt = op.job_id.is_none() && op.prior_attempts == 0;
     let early = match &op.command.action {
-        Action::Attach(attach) if first_attempt => match ctx.session().await {
-            Ok(cs) => {
-                jobs::EarlyRead::of(&cs.client, attach.volume_id)
-                    .instrument(span_of(&op))
-                    .await
+        Action::Attach(attach) if first_attempt => {
+            async {
+                let cs = ctx.session().await.ok()?;
+                jobs::EarlyRead::of(&cs.client, attach.volume_id).await
             }
-            Err(_) => None,
-        },
+            .instrument(span.clone())
+            .await
+        }
         _ => None,
     };
-    Prepared { op, early }
+    Prepared { op, early, span }
 }
 
 /// Runs the prepared operation to its end and records the outcome with its event. Returns
@@ -62,8 +65,11 @@ pub(crate) async fn prepare(ctx: Arc<Context>, op: Operation) -> Prepared {
 /// the next in line starts meanwhile (the VM's lock and the volume's lane are held until the
 /// commit).
 pub(crate) async fn execute(ctx: Arc<Context>, prepared: Prepared, slot: Slot) {
-    let Prepared { mut op, early } = prepared;
-    let span = span_of(&op);
+    let Prepared {
+        mut op,
+        early,
+        span,
+    } = prepared;
     async move {
         let id = op.id().clone();
         match ctx
