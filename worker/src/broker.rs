@@ -180,6 +180,11 @@ async fn watch_probe(
         tokio::select! {
             () = shutdown.cancelled() => return false,
             event = events.next() => match event {
+                // A channel the broker closed (the count's passive declare of a queue not
+                // declared yet): the connection is fine.
+                Some(lapin::Event::Error(e)) if channel_error(&e) => {
+                    tracing::debug!(error = %e, "a channel of the broker probe was closed");
+                }
                 Some(lapin::Event::Error(e)) => {
                     tracing::debug!(error = %e, "broker probe lost its connection");
                     return true;
@@ -194,6 +199,15 @@ async fn watch_probe(
             }
         }
     }
+}
+
+/// Whether `e` is the broker closing one channel (a soft AMQP error), not the connection.
+fn channel_error(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+    )
 }
 
 /// The messages in `queue`, from a passive declare on a channel of its own (a missing queue
@@ -268,4 +282,51 @@ pub(crate) async fn publish_command(
     tokio::time::timeout(Duration::from_secs(10), publish)
         .await
         .map_err(|_| "the broker did not confirm within 10 s".to_owned())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dead-letter count's passive declare of a queue that does not exist (yet: a daemon
+    /// whose topology another instance declares) closes its channel; the probe keeps its
+    /// connection and the broker stays reachable (the status test saw "broker: down" once).
+    #[tokio::test]
+    async fn a_missing_dead_letter_queue_does_not_make_the_broker_unreachable() {
+        let url = std::env::var("TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let endpoint = Endpoint {
+            url: url.as_str().into(),
+            ca_pem: None,
+        };
+        let status = std::sync::Arc::new(crate::status::Status::default());
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let stop = CancellationToken::new();
+        let missing = format!("vd-unit-{}.dead", uuid::Uuid::new_v4().simple());
+        let probe = tokio::spawn(probe(
+            endpoint,
+            missing,
+            status.clone(),
+            metrics,
+            stop.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !status.broker_reachable() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "unit tests of the probe need RabbitMQ (scripts/test starts it)"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The first count runs at once; a reconnect would show as "down" for 200 ms or more.
+        for _ in 0..150 {
+            assert!(
+                status.broker_reachable(),
+                "the probe dropped its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        probe.await.expect("probe");
+    }
 }
