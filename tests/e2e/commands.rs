@@ -4,7 +4,6 @@
 //! command-specific fields (docs/wire.md) and the mapping change, all made from one outcome.
 //! What needs a process boundary (SIGKILL, SIGTERM, a cut TCP link) stays in the other modules.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -242,14 +241,7 @@ async fn reconcile_records_an_attachment_made_outside_and_reports_it_in_response
     let vm = DEMO_VMS[1];
     let volume = env.sim.sim.seed_volume("inproc-reconcile", 1 << 30);
     // Attached behind the daemon's back, as another tool would.
-    let params = HashMap::from([
-        ("id".to_owned(), volume.to_string()),
-        ("virtualmachineid".to_owned(), vm.to_string()),
-    ]);
-    env.sim
-        .sim
-        .attach_volume(&params)
-        .expect("attached outside");
+    crate::helpers::attach_outside(&env.sim.sim, volume, vm);
     attached_in_sim(&env, volume, vm).await;
 
     let (event, row) = run(&mut env, &Command::reconcile(Some(vm))).await;

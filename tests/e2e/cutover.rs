@@ -357,12 +357,7 @@ pub(crate) async fn old_installation() -> (TestEnv, crate::exports::NbdServer, s
     ] {
         let id = schema::VolumeId::parse(volume).expect("id");
         sim.seed_volume_as(id, volume, size);
-        let params = std::collections::HashMap::from([
-            ("id".to_owned(), volume.to_owned()),
-            ("virtualmachineid".to_owned(), vm.to_owned()),
-        ]);
-        sim.attach_volume(&params)
-            .expect("attached by the old daemon");
+        crate::helpers::attach_outside(&sim, volume, vm);
     }
     let exports = env.sysfs.join("exports");
     std::fs::create_dir_all(&exports).expect("export dir");

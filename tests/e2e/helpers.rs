@@ -764,6 +764,22 @@ pub fn schema_validator(file: &str) -> jsonschema::Validator {
         .expect("a valid schema")
 }
 
+/// Starts an `attachVolume` of `volume` to `vm` in the simulator directly, behind the
+/// daemon's back, as another tool (or the old daemon) would; its job ends after the
+/// simulator's job latency.
+pub fn attach_outside(
+    sim: &std::sync::Arc<cloudstack_sim::Sim>,
+    volume: impl std::fmt::Display,
+    vm: impl std::fmt::Display,
+) {
+    let params = std::collections::HashMap::from([
+        ("id".to_owned(), volume.to_string()),
+        ("virtualmachineid".to_owned(), vm.to_string()),
+    ]);
+    sim.attach_volume(&params)
+        .expect("attached outside the daemon");
+}
+
 /// An HTTP client (rustls needs its crypto provider installed first, which this does).
 pub fn http() -> reqwest::Client {
     cloudstack::Client::http().expect("HTTP client")

@@ -3,7 +3,6 @@
 //! meanwhile is refused by CloudStack, read again, and answered as if it had been read in turn
 //! (docs/cloudstack.md, "Reading before acting").
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use cloudstack_sim::{CallRecord, DeviceBehaviour, SimConfig};
@@ -145,14 +144,7 @@ async fn a_volume_attached_meanwhile_by_someone_else_is_read_again_after_the_ref
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for (v, vm) in [(moved, elsewhere), (same, wanted)] {
-        let params = HashMap::from([
-            ("id".to_owned(), v.to_string()),
-            ("virtualmachineid".to_owned(), vm.to_string()),
-        ]);
-        env.sim
-            .sim
-            .attach_volume(&params)
-            .expect("attached outside");
+        crate::helpers::attach_outside(&env.sim.sim, v, vm);
     }
     while [(moved, elsewhere), (same, wanted)]
         .iter()

@@ -399,6 +399,16 @@ mod tests {
             .collect()
     }
 
+    /// `n` detaches accepted by `store` in one group, each new: their operations.
+    async fn accepted_detaches(store: &Store, n: usize) -> Vec<Operation> {
+        (store.accept_all(detaches(n)).await.into_iter())
+            .map(|a| match a {
+                Ok(Accepted::New(op)) => *op,
+                other => panic!("new: {other:?}"),
+            })
+            .collect()
+    }
+
     async fn column(pool: &sqlx::MySqlPool, sql: &'static str, id: &CommandId) -> Option<String> {
         sqlx::query_scalar(sql)
             .bind(id.as_str())
@@ -537,13 +547,7 @@ mod tests {
     async fn a_group_of_three_with_an_ended_one_is_answered_row_by_row() {
         let db = TestDb::new().await;
         let store = db.store().await;
-        let mut ops = Vec::new();
-        for a in store.accept_all(detaches(3)).await {
-            let Ok(Accepted::New(op)) = a else {
-                panic!("new")
-            };
-            ops.push(*op);
-        }
+        let ops = accepted_detaches(&store, 3).await;
         let error = EventError::new(ErrorCode::Internal, "x");
         let failed = crate::operation::outcome::failed(&ops[2], error, None, now());
         store.finish(&ops[2], &failed).await.expect("ended");
@@ -648,13 +652,7 @@ mod tests {
     async fn a_group_with_an_ended_operation_ends_the_others_and_keeps_the_first_outcome() {
         let db = TestDb::new().await;
         let store = db.store().await;
-        let mut ops = Vec::new();
-        for a in store.accept_all(detaches(3)).await {
-            let Ok(Accepted::New(op)) = a else {
-                panic!("new")
-            };
-            ops.push(*op);
-        }
+        let ops = accepted_detaches(&store, 3).await;
         let fail = |op: &Operation, why: &str| {
             crate::operation::outcome::failed(
                 op,
@@ -698,13 +696,7 @@ mod tests {
     async fn every_grouped_write_of_a_taken_over_epoch_is_refused() {
         let db = TestDb::new().await;
         let old = db.store().await;
-        let mut ops = Vec::new();
-        for a in old.accept_all(detaches(2)).await {
-            let Ok(Accepted::New(op)) = a else {
-                panic!("new")
-            };
-            ops.push(*op);
-        }
+        let ops = accepted_detaches(&old, 2).await;
         let _new = db.take_over().await;
         fn fenced<T>(r: &Result<T, StoreError>) -> bool {
             matches!(r, Err(StoreError::Fenced(_)))
